@@ -1,0 +1,168 @@
+"""Linear evaluation of a SimCLR model: a logistic-regression probe on frozen features.
+
+    python linear_evaluation.py DATAPATH MODELPATH RESPATH -bs 125 -c --multiple_gpus \
+        --remove_top_layers N
+
+DATAPATH holds ImageFolder train/ and test/ with the same class folders. MODELPATH is the
+model.pth or checkpoint.pth main.py wrote. --remove_top_layers N removes the top N Linear layers
+of the projection head (each with its BatchNorm/ReLU): N = head depth (the default) evaluates the
+encoder output h, as the SimCLR paper does; N = 0 evaluates the projection z.
+"""
+import argparse
+import csv
+import os
+
+import numpy as np
+import torch
+from sklearn.metrics import classification_report, confusion_matrix
+
+from utils.checkpoint import atomic_torch_save, load_pretrained
+from utils.cli import (UserError, add_data_loading_args, ensure_writable_dir, json_dump,
+                       print_args, run_main, select_device)
+from utils.data import ImageDataset, find_split, make_loader
+from utils.linear_probe import LinearProbe, extract_features
+from utils.model import build_model, head_depth, load_state_strict, truncate_head
+from utils.plotfuncs import plot_accuracy_vs_layer, plot_confusion_matrix
+from utils.transforms import EvalTransform
+
+
+def get_args_parser():
+    parser = argparse.ArgumentParser(
+        description="Linear evaluation: logistic regression on frozen SimCLR features.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    parser.add_argument("datapath", metavar="DATAPATH",
+                        help="folder with train/ and test/, each with one subfolder per class")
+    parser.add_argument("modelpath", metavar="MODELPATH",
+                        help="model.pth or checkpoint.pth written by main.py")
+    parser.add_argument("respath", metavar="RESPATH", help="folder for the report and figures")
+    add_data_loading_args(parser, batch_size=125)
+    parser.add_argument("--remove_top_layers", "--remove-top-layers", dest="remove_top_layers",
+                        type=int, default=None,
+                        help="projection-head Linear layers to remove (each with its activation); "
+                             "default: all of them, i.e. the encoder output h; 0 gives z")
+    parser.add_argument("--epochs", type=int, default=500,
+                        help="full-batch L-BFGS iterations of the probe over the cached features")
+    parser.add_argument("--weight-decay", "--wd", dest="weight_decay", type=float, default=1e-4,
+                        help="L2 penalty of the probe on standardised features")
+    parser.add_argument("--sweep", action="store_true",
+                        help="evaluate every cut point of the head; writes acc_vs_layer.png/.csv")
+    parser.add_argument("--reference", choices=("random", "pixels"), default=None,
+                        help="evaluate a reference instead of the trained weights: 'random' = "
+                             "the same architecture randomly initialised (--seed), 'pixels' = "
+                             "the normalised pixels themselves")
+    return parser
+
+
+class Flatten(torch.nn.Module):
+    """(B, C, H, W) -> (B, C*H*W): the 'pixels' reference encoder."""
+
+    def forward(self, x):
+        return x.flatten(1)
+
+
+def load_model(args):
+    """The pretrained SimCLR model (or the requested reference) and its metadata."""
+    state_dict, meta = load_pretrained(args.modelpath)
+    torch.manual_seed(args.seed)
+    model = build_model(meta["arch"], meta["in_channels"], meta["stem"], meta["proj_dims"])
+    if args.reference is None:
+        load_state_strict(model, state_dict, args.modelpath)
+    return model, meta
+
+
+def labelled_splits(datapath):
+    """(train ImageList, test ImageList); both must have the same class folders."""
+    train = find_split(datapath, "train", require_labels=True)
+    test = find_split(datapath, "test", require_labels=True)
+    if train.classes != test.classes:
+        raise UserError(f"train/ and test/ of {datapath} have different class folders "
+                        f"({len(train.classes)} vs {len(test.classes)}); they must match")
+    return train, test
+
+
+def probe_accuracy(train_x, train_y, test_x, test_y, n_classes, args):
+    probe = LinearProbe(n_classes, args.weight_decay, args.epochs).fit(train_x, train_y)
+    pred = probe.predict(test_x)
+    return probe, pred, (pred == test_y).double().mean().item()
+
+
+def write_report(test_y, pred, classes, respath, extra):
+    """Print and save the classification report (CSV, JSON) and the confusion matrix PNG."""
+    labels = list(range(len(classes)))
+    print(classification_report(test_y, pred, labels=labels, target_names=classes, digits=4,
+                                zero_division=0))
+    report = classification_report(test_y, pred, labels=labels, target_names=classes,
+                                   output_dict=True, zero_division=0)
+    json_dump({**report, **extra}, os.path.join(respath, "report.json"))
+    with open(os.path.join(respath, "report.csv"), "w", newline="") as f:
+        writer = csv.writer(f)
+        writer.writerow(["class", "precision", "recall", "f1-score", "support"])
+        for name in classes + ["macro avg", "weighted avg"]:
+            row = report[name]
+            writer.writerow([name, f"{row['precision']:.4f}", f"{row['recall']:.4f}",
+                             f"{row['f1-score']:.4f}", int(row["support"])])
+        writer.writerow(["accuracy", "", "", f"{report['accuracy']:.4f}", len(test_y)])
+    plot_confusion_matrix(confusion_matrix(test_y, pred, labels=labels), classes,
+                          os.path.join(respath, "confusion_matrix.png"))
+
+
+def main(args):
+    device, n_gpus = select_device(args.cuda, args.multiple_gpus)
+    ensure_writable_dir(args.respath)
+    print_args(args)
+    model, meta = load_model(args)
+    train_images, test_images = labelled_splits(args.datapath)
+    depth = head_depth(model.head)
+    remove = depth if args.remove_top_layers is None else args.remove_top_layers
+    truncate_head(model.head, remove)  # validates the value before the slow part
+
+    transform = EvalTransform(meta["image_size"], meta["mean"], meta["std"])
+    loaders = [make_loader(ImageDataset(images, meta["in_channels"], transform),
+                           batch_size=args.batch_size, num_workers=args.num_workers,
+                           pin_memory=device.type == "cuda")
+               for images in (train_images, test_images)]
+    encoder = Flatten() if args.reference == "pixels" else model.encoder
+    encoder = encoder.to(device)
+    if n_gpus > 1:
+        encoder = torch.nn.DataParallel(encoder)
+    (train_h, train_y), (test_h, test_y) = [
+        extract_features(encoder, loader, device, desc=f"{split} features")
+        for loader, split in zip(loaders, ("train", "test"))]
+    print(f"features: {tuple(train_h.shape)} train, {tuple(test_h.shape)} test "
+          f"({'pixels' if args.reference == 'pixels' else meta['arch'] + ' h'})", flush=True)
+
+    classes = train_images.classes
+    head = model.head.eval()
+    cut_points = list(range(depth, -1, -1)) if args.sweep else [remove]
+    if args.reference == "pixels":
+        cut_points = [depth]  # there is no head on pixels
+    results = {}
+    with torch.no_grad():
+        for n in cut_points:
+            cut = truncate_head(head, n)
+            train_x, test_x = cut(train_h), cut(test_h)
+            results[n] = probe_accuracy(train_x, train_y, test_x, test_y, len(classes), args)
+            print(f"remove_top_layers={n}: feature size {train_x.shape[1]}, test accuracy "
+                  f"{100 * results[n][2]:.2f} %", flush=True)
+    if args.sweep and len(cut_points) > 1:
+        with open(os.path.join(args.respath, "acc_vs_layer.csv"), "w") as f:
+            f.write("remove_top_layers,feature_dim,test_accuracy\n")
+            for n in sorted(results):
+                dim = truncate_head(head, n)(train_h[:2]).shape[1]
+                f.write(f"{n},{dim},{results[n][2]:.4f}\n")
+        plot_accuracy_vs_layer(sorted(results), [results[n][2] for n in sorted(results)],
+                               os.path.join(args.respath, "acc_vs_layer.png"))
+    report_at = remove if remove in results else cut_points[0]
+    probe, pred, accuracy = results[report_at]
+    write_report(test_y.numpy(), pred.numpy(), classes, args.respath,
+                 {"remove_top_layers": report_at, "modelpath": os.path.abspath(args.modelpath),
+                  "reference": args.reference, "n_train": len(train_y), "n_test": len(test_y)})
+    atomic_torch_save({**probe.state_dict(), "classes": classes, "remove_top_layers": report_at},
+                      os.path.join(args.respath, "linear_classifier.pth"))
+    print(f"test accuracy {100 * accuracy:.2f} % (remove_top_layers={report_at}); report in "
+          f"{args.respath}")
+    return 0
+
+
+if __name__ == "__main__":
+    run_main(main, get_args_parser())

@@ -1,0 +1,237 @@
+"""SimCLR pretraining.
+
+    python main.py DATAPATH RESPATH -bs 250 -nw 2 -c --multiple_gpus
+
+DATAPATH holds ImageFolder `train/` (class subfolders; labels are not used here) or is a plain
+folder of images. RESPATH receives model/model.pth, model/optimizer.pth, model/lossesfile.npz,
+model/checkpoint.pth, plots/training_losses.png and run.json. Running the same command again
+resumes (--epochs is the total); --fresh starts over.
+"""
+import argparse
+import functools
+import os
+import resource
+import sys
+import time
+
+import numpy as np
+import torch
+
+from simclr import History, build_optimizer, checkpoint_state, learning_rate_at, train
+from utils.checkpoint import (RunPaths, atomic_savez, atomic_torch_save, load_checkpoint,
+                              save_checkpoint, set_rng_state, unwrap_model)
+from utils.cli import (UserError, add_data_loading_args, ensure_writable_dir, environment_info,
+                       json_dump, print_args, run_main, select_device, warn)
+from utils.data import (EpochBatchSampler, TwoViewDataset, dataset_statistics, find_split,
+                        make_loader)
+from utils.model import FEATURE_DIMS, build_model, default_proj_dims, resolve_stem
+from utils.ntxent import NTXentLoss
+from utils.plotfuncs import plot_training_losses
+from utils.transforms import SimCLRAugmentation, TwoViews
+
+# Settings that define the run: resuming with a different value is an error, not a silent mix.
+RUN_DEFINING_ARGS = ("arch", "stem", "proj_dims", "image_size", "batch_size", "optimizer", "lr",
+                     "weight_decay", "temperature", "warmup_epochs", "jitter_strength", "blur",
+                     "min_scale", "seed")
+
+
+def get_args_parser():
+    parser = argparse.ArgumentParser(
+        description="SimCLR pretraining on your own images (resumes automatically).",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    parser.add_argument("datapath", metavar="DATAPATH",
+                        help="folder with train/ (ImageFolder or plain images) or a plain folder "
+                             "of images")
+    parser.add_argument("respath", metavar="RESPATH", help="output folder of this run")
+    add_data_loading_args(parser, batch_size=256)
+
+    opt = parser.add_argument_group("optimisation")
+    opt.add_argument("--epochs", type=int, default=100, help="total epochs of the run")
+    opt.add_argument("--optimizer", choices=("sgd", "adamw"), default="sgd",
+                     help="SGD with momentum 0.9, or AdamW")
+    opt.add_argument("--lr", type=float, default=None,
+                     help="peak learning rate after warm-up (default 0.5 for sgd, 1e-3 for adamw)")
+    opt.add_argument("--weight-decay", "--wd", dest="weight_decay", type=float, default=None,
+                     help="weight decay, not applied to BatchNorm and biases "
+                          "(default 5e-4 for sgd, 1e-2 for adamw)")
+    opt.add_argument("--warmup-epochs", type=float, default=1.0,
+                     help="epochs of linear learning-rate warm-up before the cosine decay")
+    opt.add_argument("--temperature", type=float, default=0.2, help="NT-Xent temperature tau")
+    opt.add_argument("--checkpoint-minutes", type=float, default=10.0,
+                     help="also checkpoint mid-epoch every this many minutes (0: epoch ends only)")
+
+    mod = parser.add_argument_group("model")
+    mod.add_argument("--arch", choices=tuple(FEATURE_DIMS), default="resnet18",
+                     help="ResNet encoder (torchvision, random initialisation)")
+    mod.add_argument("--stem", choices=("auto", "cifar", "imagenet"), default="auto",
+                     help="first layers: cifar = 3x3 conv stride 1, no max-pool; imagenet = 7x7 "
+                          "stride 2 + max-pool; auto = cifar for images <= 64 px")
+    mod.add_argument("--proj-dims", "--proj_dims", dest="proj_dims", type=int, nargs="+",
+                     default=None, help="projection head widths after h, the last is z's size "
+                                        "(default: feature size then 128, e.g. 512 128)")
+    mod.add_argument("--channels-last", action=argparse.BooleanOptionalAction, default=True,
+                     help="channels-last memory format (about 1.4x faster on CPU here)")
+
+    aug = parser.add_argument_group("augmentation")
+    aug.add_argument("--image-size", type=int, default=None,
+                     help="training resolution in px (default: the images' median shorter side, "
+                          "at most 224)")
+    aug.add_argument("--jitter-strength", type=float, default=0.5,
+                     help="colour-jitter strength s: brightness/contrast/saturation 0.8s, hue 0.2s")
+    aug.add_argument("--blur", action=argparse.BooleanOptionalAction, default=None,
+                     help="Gaussian blur p=0.5 (default: on for images larger than 32 px)")
+    aug.add_argument("--min-scale", type=float, default=0.08,
+                     help="smallest RandomResizedCrop area fraction (the paper's 0.08)")
+
+    parser.add_argument("--fresh", action="store_true",
+                        help="start over even if RESPATH holds a run (its files are replaced)")
+    return parser
+
+
+def fill_defaults(args):
+    """Resolve the defaults that depend on other flags."""
+    if args.lr is None:
+        args.lr = 0.5 if args.optimizer == "sgd" else 1e-3
+    if args.weight_decay is None:
+        args.weight_decay = 5e-4 if args.optimizer == "sgd" else 1e-2
+    if args.proj_dims is None:
+        args.proj_dims = default_proj_dims(args.arch)
+    if args.epochs < 1:
+        raise UserError("--epochs must be at least 1")
+    if not 0 < args.min_scale <= 1:
+        raise UserError("--min-scale must be in (0, 1]")
+    if args.temperature <= 0:
+        raise UserError("--temperature must be positive, e.g. 0.2")
+
+
+def check_resume_compatible(ckpt, args, checkpoint_path):
+    """UserError naming the first run-defining flag whose value differs from the stored run."""
+    stored = ckpt["args"]
+    for name in RUN_DEFINING_ARGS:
+        if stored.get(name) != getattr(args, name):
+            flag = "--" + name.replace("_", "-")
+            raise UserError(
+                f"{checkpoint_path} is a run with {flag} {stored.get(name)}, this command asks for "
+                f"{getattr(args, name)}; pass the same value to resume it, --fresh to start over "
+                f"(replacing it), or another RESPATH")
+
+
+def peak_memory_mb(device):
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated() / 2 ** 20
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: KiB
+
+
+def main(args):
+    fill_defaults(args)
+    device, n_gpus = select_device(args.cuda, args.multiple_gpus)
+    ensure_writable_dir(args.respath)
+    paths = RunPaths(args.respath)
+    print_args(args)
+
+    ckpt = None
+    if os.path.exists(paths.checkpoint) and not args.fresh:
+        ckpt = load_checkpoint(paths.checkpoint)
+        check_resume_compatible(ckpt, args, paths.checkpoint)
+
+    images = find_split(args.datapath, "train", require_labels=False)
+    if ckpt is not None and ckpt["data"]["n_images"] != len(images):
+        raise UserError(f"{args.datapath} now has {len(images)} training images, the run in "
+                        f"{args.respath} was started with {ckpt['data']['n_images']}; use --fresh "
+                        f"to start over or another RESPATH")
+    if ckpt is not None:
+        meta = ckpt["model_meta"]
+    else:
+        stats = dataset_statistics(images, paths.data_stats, args.seed)
+        image_size = args.image_size or stats["native_size"]
+        meta = {"arch": args.arch, "stem": resolve_stem(args.stem, image_size),
+                "proj_dims": list(args.proj_dims), "in_channels": stats["channels"],
+                "image_size": image_size, "mean": stats["mean"], "std": stats["std"]}
+    blur = args.blur if args.blur is not None else meta["image_size"] > 32
+    print(f"data: {len(images)} training images, {meta['in_channels']} channel(s), "
+          f"{meta['image_size']} px, mean {np.round(meta['mean'], 4).tolist()}, "
+          f"std {np.round(meta['std'], 4).tolist()}; model {meta['arch']} ({meta['stem']} stem)",
+          flush=True)
+
+    augmentation = SimCLRAugmentation(meta["image_size"], meta["in_channels"], meta["mean"],
+                                      meta["std"], args.jitter_strength, blur, args.min_scale)
+    dataset = TwoViewDataset(images, meta["in_channels"], TwoViews(augmentation), args.seed)
+    sampler = EpochBatchSampler(len(images), args.batch_size, args.seed)
+    loader = make_loader(dataset, batch_sampler=sampler, num_workers=args.num_workers,
+                         pin_memory=device.type == "cuda")
+    steps_per_epoch = len(images) // args.batch_size
+
+    torch.manual_seed(args.seed)
+    model = build_model(meta["arch"], meta["in_channels"], meta["stem"], meta["proj_dims"])
+    model = model.to(device)
+    if args.channels_last:
+        model = model.to(memory_format=torch.channels_last)
+    optimizer = build_optimizer(model, args.optimizer, args.lr, args.weight_decay)
+    history = History(steps_per_epoch)
+    if ckpt is not None:
+        model.load_state_dict(ckpt["model"])
+        optimizer.load_state_dict(ckpt["optimizer"])
+        history = History(steps_per_epoch, ckpt["losses"]["step_losses"].tolist(),
+                          ckpt["losses"]["step_top1"].tolist())
+        set_rng_state(ckpt["rng"])
+        print(f"resuming {paths.checkpoint}: epoch {ckpt['epoch']}, step {ckpt['step']} of "
+              f"{args.epochs * steps_per_epoch}", flush=True)
+        if ckpt["args"]["epochs"] != args.epochs:
+            print(f"note: --epochs changed from {ckpt['args']['epochs']} to {args.epochs}; the "
+                  f"cosine schedule is recomputed for the new total", flush=True)
+    if n_gpus > 1:
+        model = torch.nn.DataParallel(model)  # z of every GPU is gathered: all are negatives
+
+    total_steps = args.epochs * steps_per_epoch
+    warmup_steps = int(round(args.warmup_epochs * steps_per_epoch))
+    schedule = functools.partial(learning_rate_at, base_lr=args.lr, warmup_steps=warmup_steps,
+                                 total_steps=total_steps)
+    schedule_info = {"name": "linear_warmup_cosine", "base_lr": args.lr,
+                     "warmup_steps": warmup_steps, "total_steps": total_steps}
+    data_info = {"datapath": os.path.abspath(args.datapath), "n_images": len(images),
+                 "classes": images.classes, "blur": blur}
+    run_info = {"args": vars(args), "model_meta": meta, "environment": environment_info(device),
+                "steps_per_epoch": steps_per_epoch, "augmentation": repr(augmentation)}
+    started = time.perf_counter()
+    first_step = len(history.step_losses)
+
+    def save(epoch_end):
+        plain = unwrap_model(model)
+        state = checkpoint_state(plain, optimizer, history, schedule_info, vars(args), meta,
+                                 data_info)
+        save_checkpoint(state, paths.checkpoint)  # the file resume reads comes first
+        atomic_torch_save(state["model"], paths.model)
+        atomic_torch_save(state["optimizer"], paths.optimizer)
+        atomic_savez(paths.losses, step_losses=np.asarray(history.step_losses),
+                     epoch_losses=history.epoch_losses,
+                     step_top1=np.asarray(history.step_top1), epoch_top1=history.epoch_top1,
+                     steps_per_epoch=steps_per_epoch)
+        if history.step_losses:
+            plot_training_losses(history.step_losses, steps_per_epoch, paths.loss_plot)
+        seconds = time.perf_counter() - started
+        steps = len(history.step_losses) - first_step
+        json_dump({**run_info, "epochs_done": len(history.epoch_losses),
+                   "steps_done": len(history.step_losses),
+                   "epoch_losses": history.epoch_losses.tolist(),
+                   "epoch_positive_pair_top1": history.epoch_top1.tolist(),
+                   "wall_time_s": round(seconds, 1),
+                   "images_per_s": round(steps * args.batch_size / seconds, 1) if steps else None,
+                   "peak_memory_mb": round(peak_memory_mb(device), 1)}, paths.run_json)
+
+    if len(history.step_losses) >= total_steps:
+        print(f"{args.respath} already holds a finished run of {args.epochs} epochs; pass a "
+              f"larger --epochs to continue it or --fresh to start over")
+        return 0
+    outcome = train(model, NTXentLoss(args.temperature), optimizer, sampler, loader, device,
+                    history, args.epochs, schedule, args.channels_last, save,
+                    args.checkpoint_minutes)
+    if outcome == "stopped":
+        print(f"interrupted at step {len(history.step_losses)}: checkpoint saved in "
+              f"{paths.checkpoint}; run the same command to resume", file=sys.stderr)
+        return 130
+    print(f"done: {args.epochs} epochs; model in {paths.model}, loss plot in {paths.loss_plot}")
+    return 0
+
+
+if __name__ == "__main__":
+    run_main(main, get_args_parser())

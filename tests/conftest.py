@@ -1,0 +1,80 @@
+"""Shared fixtures: small real image data (Fashion-MNIST from Debian's package, else
+scikit-learn's digits) written as ImageFolder trees, and a helper that runs a script through
+its real command line."""
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, REPO)
+
+from make_demo_data import (FASHION_CLASSES, balanced_subset, load_digits_upscaled,  # noqa: E402
+                            load_fashion_mnist, write_image_folder)
+
+
+@pytest.fixture(scope="session")
+def real_images():
+    """{'train': (uint8 (N, 28, 28), labels), 'test': ...} and class names of real data."""
+    data = load_fashion_mnist()
+    if data is not None:
+        return data, FASHION_CLASSES
+    print("Fashion-MNIST package not installed: tests use scikit-learn digits")
+    return load_digits_upscaled(), [str(d) for d in range(10)]
+
+
+def make_image_folder(root, real_images, n_classes, train_per_class, test_per_class):
+    (data, names) = real_images
+    for split, per_class in (("train", train_per_class), ("test", test_per_class)):
+        images, labels = data[split]
+        keep = balanced_subset(labels, per_class, seed=0)
+        keep = keep[labels[keep] < n_classes]
+        write_image_folder(images[keep], labels[keep], names[:n_classes],
+                           os.path.join(root, split))
+    return str(root)
+
+
+@pytest.fixture(scope="session")
+def tiny_folder(tmp_path_factory, real_images):
+    """ImageFolder with 3 classes: 12 train and 6 test images per class, 28x28 grayscale."""
+    return make_image_folder(tmp_path_factory.mktemp("tiny"), real_images, 3, 12, 6)
+
+
+# Settings that make a pretraining run take seconds on a 2-core CPU.
+FAST_PRETRAIN = ["--image-size", "16", "--proj-dims", "32", "16", "-bs", "12", "-nw", "0",
+                 "--lr", "0.05"]
+
+
+def run_script(script, *args, timeout=600, env=None):
+    """Run `python SCRIPT ARGS...` from the repository root; returns CompletedProcess (text)."""
+    full_env = {**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})}
+    return subprocess.run([sys.executable, os.path.join(REPO, script), *map(str, args)],
+                          cwd=REPO, capture_output=True, text=True, timeout=timeout,
+                          env=full_env)
+
+
+def assert_one_line_error(result, *fragments):
+    """The run failed with exit code != 0, no traceback, and one 'error:' line naming it."""
+    assert result.returncode != 0, result.stdout + result.stderr
+    assert "Traceback" not in result.stderr, result.stderr
+    errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1, result.stderr
+    for fragment in fragments:
+        assert fragment in errors[0], errors[0]
+    return errors[0]
+
+
+@pytest.fixture
+def rng():
+    return np.random.default_rng(0)
+
+
+@pytest.fixture(scope="session")
+def pretrained(tiny_folder, tmp_path_factory):
+    """A 2-epoch main.py run on the tiny folder: (RESPATH, CompletedProcess)."""
+    respath = str(tmp_path_factory.mktemp("run"))
+    result = run_script("main.py", tiny_folder, respath, "--epochs", "2", *FAST_PRETRAIN)
+    assert result.returncode == 0, result.stderr
+    return respath, result

@@ -1,0 +1,192 @@
+"""main.py and linear_evaluation.py through their real command lines on small real images:
+every output present and loadable, resume, kill-and-resume equal to an uninterrupted run,
+Ctrl-C leaves a resumable run."""
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from conftest import FAST_PRETRAIN, REPO, run_script
+from utils.model import build_model
+
+
+def epoch_losses(respath):
+    with np.load(os.path.join(respath, "model", "lossesfile.npz")) as f:
+        return f["epoch_losses"], f["step_losses"]
+
+
+def test_pretraining_writes_every_output(pretrained):
+    """model.pth loads strictly into a freshly built model; optimizer, losses, checkpoint, plot
+    and run.json are present and consistent."""
+    respath, result = pretrained
+    run = json.load(open(os.path.join(respath, "run.json")))
+    meta = run["model_meta"]
+    assert meta["in_channels"] == 1 and meta["image_size"] == 16 and meta["stem"] == "cifar"
+    state = torch.load(os.path.join(respath, "model", "model.pth"), weights_only=True)
+    assert not any(k.startswith("module.") for k in state)
+    model = build_model(meta["arch"], meta["in_channels"], meta["stem"], meta["proj_dims"])
+    model.load_state_dict(state, strict=True)
+    opt = torch.load(os.path.join(respath, "model", "optimizer.pth"), weights_only=True)
+    assert "state" in opt and "param_groups" in opt
+    ckpt = torch.load(os.path.join(respath, "model", "checkpoint.pth"), weights_only=True)
+    for key in ("model", "optimizer", "scheduler", "epoch", "step", "losses", "args",
+                "model_meta", "rng"):
+        assert key in ckpt
+    assert ckpt["epoch"] == 2 and ckpt["step"] == 2 * (36 // 12)
+    epochs, steps = epoch_losses(respath)
+    assert epochs.shape == (2,) and steps.shape == (6,)
+    np.testing.assert_allclose(epochs, steps.reshape(2, 3).mean(1))
+    assert np.all(np.isfinite(steps)) and steps[0] < np.log(2 * 12 - 1) + 0.5
+    with Image.open(os.path.join(respath, "plots", "training_losses.png")) as img:
+        assert img.size[0] > 300
+    for key in ("environment", "images_per_s", "peak_memory_mb", "wall_time_s"):
+        assert run[key] is not None
+    assert run["environment"]["torch"] == torch.__version__
+    assert "epoch 2/2" in result.stdout
+
+
+def test_linear_evaluation_reports(pretrained, tiny_folder, tmp_path):
+    """linear_evaluation.py prints the per-class report and writes CSV, JSON, confusion matrix
+    and, with --sweep, accuracy per cut point for every head layer."""
+    respath, _ = pretrained
+    out = str(tmp_path / "le")
+    result = run_script("linear_evaluation.py", tiny_folder,
+                        os.path.join(respath, "model", "model.pth"), out, "-bs", "7", "-nw", "0",
+                        "--remove_top_layers", "1", "--sweep")
+    assert result.returncode == 0, result.stderr
+    for name in ("T-shirt_top", "Trouser", "Pullover", "precision", "macro avg"):
+        assert name in result.stdout
+    report = json.load(open(os.path.join(out, "report.json")))
+    assert report["remove_top_layers"] == 1 and report["n_test"] == 18  # no test image dropped
+    assert 0 <= report["accuracy"] <= 1
+    csv_rows = open(os.path.join(out, "report.csv")).read().splitlines()
+    assert csv_rows[0].startswith("class,precision") and len(csv_rows) == 1 + 3 + 2 + 1
+    sweep = open(os.path.join(out, "acc_vs_layer.csv")).read().splitlines()
+    assert sweep[1].startswith("0,16,") and sweep[3].startswith("2,512,")
+    for png in ("confusion_matrix.png", "acc_vs_layer.png"):
+        assert os.path.getsize(os.path.join(out, png)) > 1000
+    # a checkpoint.pth works as MODELPATH too, and gives the same h features and accuracy
+    out2 = str(tmp_path / "le2")
+    result2 = run_script("linear_evaluation.py", tiny_folder,
+                         os.path.join(respath, "model", "checkpoint.pth"), out2, "-nw", "0",
+                         "--remove_top_layers", "1")
+    assert result2.returncode == 0, result2.stderr
+    assert json.load(open(os.path.join(out2, "report.json")))["accuracy"] == report["accuracy"]
+
+
+def test_running_again_resumes_and_extends(pretrained, tmp_path):
+    """The same command on a finished run says so; a larger --epochs continues from step 6."""
+    respath, _ = pretrained
+    import shutil
+    copy = str(tmp_path / "copy")
+    shutil.copytree(respath, copy)
+    tiny = json.load(open(os.path.join(copy, "run.json")))["args"]["datapath"]
+    again = run_script("main.py", tiny, copy, "--epochs", "2", *FAST_PRETRAIN)
+    assert again.returncode == 0 and "already holds a finished run" in again.stdout
+    more = run_script("main.py", tiny, copy, "--epochs", "3", *FAST_PRETRAIN)
+    assert more.returncode == 0, more.stderr
+    assert "resuming" in more.stdout and "epoch 3/3" in more.stdout
+    assert "epoch 1/3" not in more.stdout
+    epochs, steps = epoch_losses(copy)
+    np.testing.assert_array_equal(epochs[:2], epoch_losses(respath)[0])
+    assert steps.shape == (9,)
+
+
+def start_main(datapath, respath, *extra):
+    return subprocess.Popen(
+        [sys.executable, os.path.join(REPO, "main.py"), datapath, respath, *extra],
+        cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        env={**os.environ, "PYTHONUNBUFFERED": "1"})
+
+
+def wait_for_step(respath, min_steps, proc, timeout=300):
+    """Wait until the run's checkpoint holds at least `min_steps` steps."""
+    path = os.path.join(respath, "model", "checkpoint.pth")
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        assert proc.poll() is None, proc.communicate()
+        if os.path.exists(path):
+            try:
+                if torch.load(path, weights_only=True)["step"] >= min_steps:
+                    return
+            except Exception:  # replaced while reading
+                pass
+        time.sleep(0.05)
+    raise AssertionError("run did not reach the step in time")
+
+
+RESUME_ARGS = ["--epochs", "3", "--checkpoint-minutes", "0.0001", *FAST_PRETRAIN, "-nw", "2"]
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(tiny_folder, tmp_path_factory):
+    respath = str(tmp_path_factory.mktemp("full"))
+    result = run_script("main.py", tiny_folder, respath, *RESUME_ARGS)
+    assert result.returncode == 0, result.stderr
+    return epoch_losses(respath)
+
+
+def test_sigkill_mid_epoch_then_resume_equals_uninterrupted(tiny_folder, tmp_path,
+                                                            uninterrupted):
+    """SIGKILL twice at arbitrary moments (mid-epoch, mid-save possible); resuming gives the
+    same per-step and per-epoch losses as a run that was never interrupted."""
+    respath = str(tmp_path / "killed")
+    for min_steps in (2, 5):  # steps 2 and 5 are inside epochs 1 and 2 (3 steps per epoch)
+        proc = start_main(tiny_folder, respath, *RESUME_ARGS)
+        wait_for_step(respath, min_steps, proc)
+        time.sleep(0.1)
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+    final = run_script("main.py", tiny_folder, respath, *RESUME_ARGS)
+    assert final.returncode == 0, final.stderr
+    assert "resuming" in final.stdout
+    epochs, steps = epoch_losses(respath)
+    np.testing.assert_allclose(steps, uninterrupted[1], rtol=0, atol=1e-5)
+    np.testing.assert_allclose(epochs, uninterrupted[0], rtol=0, atol=1e-5)
+    leftovers = [f for f in os.listdir(os.path.join(respath, "model")) if ".tmp" in f]
+    assert not leftovers
+
+
+def test_ctrl_c_saves_resumable_checkpoint(tiny_folder, tmp_path, uninterrupted):
+    """SIGINT mid-run: exits with 130 and a one-line message, no traceback; the checkpoint it
+    leaves resumes to the same losses as the uninterrupted run."""
+    respath = str(tmp_path / "interrupted")
+    args = [a if a != "0.0001" else "0" for a in RESUME_ARGS]  # epoch-end checkpoints only
+    proc = start_main(tiny_folder, respath, *args)
+    wait_for_step(respath, 3, proc)  # end of epoch 1 saved; now inside epoch 2
+    proc.send_signal(signal.SIGINT)
+    stdout, stderr = proc.communicate(timeout=120)
+    assert proc.returncode == 130, stderr
+    assert "Traceback" not in stderr and "run the same command to resume" in stderr
+    ckpt = torch.load(os.path.join(respath, "model", "checkpoint.pth"), weights_only=True)
+    assert 3 <= ckpt["step"] < 9
+    final = run_script("main.py", tiny_folder, respath, *args)
+    assert final.returncode == 0, final.stderr
+    epochs, steps = epoch_losses(respath)
+    np.testing.assert_allclose(steps, uninterrupted[1], rtol=0, atol=1e-5)
+
+
+def test_unlabeled_plain_folder_pretrains_rgb(tmp_path, real_images):
+    """A plain folder of RGB images (no train/, no classes) pretrains with a 3-channel conv."""
+    (data, _) = real_images
+    folder = tmp_path / "plain"
+    folder.mkdir()
+    rng = np.random.default_rng(0)
+    for i, img in enumerate(data["train"][0][:24]):
+        tint = rng.uniform(0.3, 1.0, size=3)
+        rgb = (img[..., None] * tint).astype(np.uint8)
+        Image.fromarray(rgb).save(folder / f"img{i:03d}.jpg")
+    respath = str(tmp_path / "out")
+    result = run_script("main.py", folder, respath, "--epochs", "1", *FAST_PRETRAIN)
+    assert result.returncode == 0, result.stderr
+    meta = json.load(open(os.path.join(respath, "run.json")))["model_meta"]
+    assert meta["in_channels"] == 3 and len(meta["mean"]) == 3
+    state = torch.load(os.path.join(respath, "model", "model.pth"), weights_only=True)
+    assert state["encoder.conv1.weight"].shape == (64, 3, 3, 3)

@@ -1,0 +1,124 @@
+"""Command-line plumbing shared by every script: the user-error type, the wrapper that turns it
+into a one-line message, argument groups, device selection and small output helpers."""
+import argparse
+import json
+import os
+import subprocess
+import sys
+import platform
+
+
+class UserError(Exception):
+    """A problem with what the user gave us (paths, data, flags, checkpoints).
+
+    Raised where the problem is found, with the fix in the message; `run_main` prints it as one
+    line and exits with status 2. Anything else is a bug and keeps its traceback.
+    """
+
+
+def run_main(main, parser):
+    """Parse the command line with `parser`, call `main(args)`, and print UserError as one line."""
+    args = parser.parse_args()
+    try:
+        status = main(args)
+    except UserError as err:
+        print(f"error: {err}", file=sys.stderr)
+        sys.exit(2)
+    sys.exit(status or 0)
+
+
+def warn(message):
+    """Print a one-line warning to stderr."""
+    print(f"warning: {message}", file=sys.stderr, flush=True)
+
+
+def add_data_loading_args(parser, batch_size):
+    """Flags every script that reads images shares: batch size, workers, device, seed."""
+    group = parser.add_argument_group("data loading and device")
+    group.add_argument("-bs", "--batch-size", "--batch_size", dest="batch_size", type=int,
+                       default=batch_size, help=f"images per batch (default {batch_size})")
+    group.add_argument("-nw", "--num-workers", "--num_workers", dest="num_workers", type=int,
+                       default=2, help="DataLoader worker processes; 0 loads in the main process "
+                                       "(default 2)")
+    group.add_argument("-c", "--cuda", action="store_true",
+                       help="run on the GPU; stops with an error when no CUDA device is present")
+    group.add_argument("--multiple_gpus", "--multiple-gpus", dest="multiple_gpus",
+                       action="store_true",
+                       help="with -c, split each batch over all visible GPUs (nn.DataParallel); "
+                            "for several machines or best scaling use torchrun (see README)")
+    group.add_argument("--seed", type=int, default=0,
+                       help="seed for initialisation, data order and augmentation (default 0)")
+    return group
+
+
+def select_device(cuda, multiple_gpus):
+    """Return (device, n_gpus_to_use) for the flags -c and --multiple_gpus.
+
+    Raises UserError for -c without CUDA; --multiple_gpus with fewer than 2 GPUs warns and
+    continues on one device.
+    """
+    import torch
+
+    if multiple_gpus and not cuda:
+        raise UserError("--multiple_gpus needs -c (CUDA); add -c, or drop --multiple_gpus to "
+                        "run on the CPU")
+    if not cuda:
+        return torch.device("cpu"), 0
+    if not torch.cuda.is_available():
+        raise UserError("-c asks for CUDA but no CUDA device is available; run without -c to use "
+                        "the CPU")
+    n = torch.cuda.device_count()
+    if multiple_gpus and n < 2:
+        warn(f"--multiple_gpus: only {n} GPU visible, running on one GPU")
+    return torch.device("cuda"), (n if multiple_gpus else 1)
+
+
+def ensure_writable_dir(path, what="RESPATH"):
+    """Create `path` (and parents) and check that a file can be written there."""
+    try:
+        os.makedirs(path, exist_ok=True)
+        probe = os.path.join(path, f".write_test_{os.getpid()}")
+        with open(probe, "w") as f:
+            f.write("ok")
+        os.remove(probe)
+    except OSError as err:
+        raise UserError(f"{what} {path} is not writable ({err.strerror}); choose a folder you "
+                        f"can write to") from None
+
+
+def git_commit():
+    """The commit of the code being run, or None outside a git checkout."""
+    here = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    try:
+        out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=here, capture_output=True,
+                             text=True, timeout=5)
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return out.stdout.strip() or None if out.returncode == 0 else None
+
+
+def environment_info(device):
+    """Library versions, commit and device description for run.json."""
+    import numpy
+    import torch
+    import torchvision
+
+    info = {"python": platform.python_version(), "torch": torch.__version__,
+            "torchvision": torchvision.__version__, "numpy": numpy.__version__,
+            "git_commit": git_commit(), "device": str(device),
+            "cpu_threads": torch.get_num_threads(), "platform": platform.platform()}
+    if device.type == "cuda":
+        info["gpus"] = [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())]
+    return info
+
+
+def print_args(args):
+    """Print every argument, one per line, at the start of a run."""
+    print(" ".join(f"{k}={v}" for k, v in sorted(vars(args).items())), flush=True)
+
+
+def json_dump(obj, path):
+    """Write `obj` as indented JSON atomically."""
+    from utils.checkpoint import atomic_write_bytes
+
+    atomic_write_bytes(path, (json.dumps(obj, indent=2, sort_keys=True) + "\n").encode())

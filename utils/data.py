@@ -1,0 +1,316 @@
+"""Data sources and loaders.
+
+A training set is an `ImageList`: paths, integer labels (or None) and class names. It comes from
+an ImageFolder tree (`DATAPATH/train/<class>/...`) or a plain folder of unlabeled images. Every
+random choice the pretraining data makes (order and augmentation) is a pure function of
+(seed, epoch, index): `EpochBatchSampler` yields keys `(index, epoch)` and `TwoViewDataset`
+seeds the augmentation of that one image from them. A run therefore sees the same data whatever
+the number of workers and whether it was resumed mid-epoch.
+"""
+import json
+import os
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+from PIL import Image, UnidentifiedImageError
+
+from utils.cli import UserError, warn
+
+IMG_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp", ".gif", ".ppm",
+                  ".pgm", ".pbm")
+GRAY_MODES = {"1", "L", "LA", "I", "I;16", "I;16B", "I;16L", "I;16N", "F"}
+STATS_MAX_IMAGES = 10_000
+
+
+@dataclass
+class ImageList:
+    """Image paths with optional integer labels and the class names they index."""
+    paths: list
+    labels: list = None  # None for unlabeled data
+    classes: list = field(default_factory=list)
+
+    def __len__(self):
+        return len(self.paths)
+
+
+def derive_seed(*numbers):
+    """A well-mixed 63-bit seed from a tuple of non-negative integers (numpy SeedSequence)."""
+    return int(np.random.SeedSequence(list(numbers)).generate_state(2, np.uint64)[0] >> 1)
+
+
+def _is_image_file(name):
+    return name.lower().endswith(IMG_EXTENSIONS) and not name.startswith(".")
+
+
+def _images_below(folder):
+    """Sorted image paths below `folder`, recursively; hidden files and folders skipped."""
+    found = []
+    for root, dirs, files in os.walk(folder, followlinks=True):
+        dirs[:] = sorted(d for d in dirs if not d.startswith("."))
+        found.extend(os.path.join(root, f) for f in sorted(files) if _is_image_file(f))
+    return found
+
+
+def _subfolders(folder):
+    return sorted(e.name for e in os.scandir(folder) if e.is_dir() and not e.name.startswith("."))
+
+
+def scan_image_folder(folder, require_labels):
+    """Read `folder` as ImageFolder (class subfolders) or, if it has none, as unlabeled images.
+
+    Raises UserError for a missing folder, an empty class folder, no images at all, or (with
+    require_labels) a folder without class subfolders.
+    """
+    if not os.path.isdir(folder):
+        raise UserError(f"{folder} does not exist or is not a folder")
+    classes = _subfolders(folder)
+    if classes:
+        paths, labels = [], []
+        for label, name in enumerate(classes):
+            found = _images_below(os.path.join(folder, name))
+            if not found:
+                raise UserError(f"class folder {os.path.join(folder, name)} has no images; add "
+                                f"images ({', '.join(IMG_EXTENSIONS[:4])}, ...) or remove it")
+            paths += found
+            labels += [label] * len(found)
+        loose = [f for f in os.listdir(folder) if _is_image_file(f)]
+        if loose:
+            warn(f"{len(loose)} images directly in {folder} (outside class folders) are ignored")
+        return ImageList(paths, labels, classes)
+    if require_labels:
+        raise UserError(f"{folder} has no class subfolders; labelled evaluation needs "
+                        f"{folder}/<class name>/<images>")
+    paths = _images_below(folder)
+    if not paths:
+        raise UserError(f"{folder} contains no images ({', '.join(IMG_EXTENSIONS[:4])}, ...)")
+    return ImageList(paths, None, [])
+
+
+def find_split(datapath, split, require_labels):
+    """The `split` ('train' or 'test') folder of DATAPATH as an ImageList.
+
+    For split 'train' without labels, a DATAPATH that holds images itself (no train/) is
+    accepted as unlabeled pretraining data.
+    """
+    if not os.path.isdir(datapath):
+        raise UserError(f"DATAPATH {datapath} does not exist or is not a folder")
+    folder = os.path.join(datapath, split)
+    if os.path.isdir(folder):
+        return drop_unreadable(scan_image_folder(folder, require_labels))
+    if split == "train" and not require_labels:
+        loose = [f for f in os.listdir(datapath) if _is_image_file(f)]
+        if loose:
+            return drop_unreadable(scan_image_folder(datapath, require_labels=False))
+    hint = ("put images in DATAPATH/train/<class>/" if require_labels else
+            "put images in DATAPATH/train/ (class subfolders optional) or directly in DATAPATH")
+    raise UserError(f"DATAPATH {datapath} has no {split}/ folder; {hint}")
+
+
+def drop_unreadable(images):
+    """Remove files PIL cannot identify, warning with each name; UserError if none are left."""
+    keep = []
+    for i, path in enumerate(images.paths):
+        try:
+            with Image.open(path) as img:
+                img.size  # header parsed
+            keep.append(i)
+        except (UnidentifiedImageError, OSError, ValueError) as err:
+            warn(f"skipping {path}: not a readable image ({type(err).__name__})")
+    if not keep:
+        raise UserError("none of the image files could be read; check the data folder")
+    if len(keep) == len(images):
+        return images
+    labels = None if images.labels is None else [images.labels[i] for i in keep]
+    result = ImageList([images.paths[i] for i in keep], labels, images.classes)
+    if labels is not None:
+        for label, name in enumerate(images.classes):
+            if label not in set(labels):
+                raise UserError(f"class {name} has no readable images; fix or remove its folder")
+    return result
+
+
+def load_image(path, channels):
+    """Open `path` as a PIL image with `channels` (1 -> 'L', 3 -> 'RGB').
+
+    16-bit grayscale is scaled to 8 bit; alpha is dropped; palette images are expanded.
+    """
+    with Image.open(path) as img:
+        if img.mode in ("I;16", "I;16B", "I;16L", "I;16N", "I"):
+            arr = np.asarray(img, dtype=np.float64)
+            arr = np.clip(arr / 257.0 if img.mode != "I" or arr.max() > 255 else arr, 0, 255)
+            img = Image.fromarray(arr.astype(np.uint8), mode="L")
+        return img.convert("L" if channels == 1 else "RGB")
+
+
+def detect_channels(paths):
+    """1 if every image in `paths` is grayscale (by PIL mode), else 3."""
+    for path in paths:
+        with Image.open(path) as img:
+            if img.mode == "P":
+                if img.convert("RGB").getextrema() != img.convert("L").convert("RGB").getextrema():
+                    return 3
+            elif img.mode not in GRAY_MODES:
+                return 3
+    return 1
+
+
+def stats_sample(paths, seed):
+    """Up to STATS_MAX_IMAGES paths chosen reproducibly, for channel and mean/std estimates."""
+    if len(paths) <= STATS_MAX_IMAGES:
+        return list(paths)
+    rng = np.random.default_rng(seed)
+    return [paths[i] for i in sorted(rng.choice(len(paths), STATS_MAX_IMAGES, replace=False))]
+
+
+def compute_mean_std(paths, channels):
+    """Per-channel mean and std of pixel values in [0, 1] over all pixels of `paths`.
+
+    Returns two lists of length `channels`. Uses float64 sums, one pass.
+    """
+    total = np.zeros(channels)
+    total_sq = np.zeros(channels)
+    count = 0
+    for path in paths:
+        arr = np.asarray(load_image(path, channels), dtype=np.float64).reshape(-1, channels)
+        arr /= 255.0
+        total += arr.sum(0)
+        total_sq += (arr ** 2).sum(0)
+        count += arr.shape[0]
+    mean = total / count
+    std = np.sqrt(np.maximum(total_sq / count - mean ** 2, 0.0))
+    return mean.tolist(), np.maximum(std, 1e-3).tolist()
+
+
+def native_image_size(paths):
+    """Median shorter side of the images in `paths`, capped at 224."""
+    sides = []
+    for path in paths[:1000]:
+        with Image.open(path) as img:
+            sides.append(min(img.size))
+    return int(min(224, np.median(sides)))
+
+
+def dataset_statistics(images, cache_path, seed):
+    """Channels, native size, mean and std of the training images, cached in `cache_path`.
+
+    The cache is reused only when it was computed for the same list of files.
+    """
+    key = {"n_images": len(images), "first": images.paths[0], "last": images.paths[-1]}
+    if os.path.exists(cache_path):
+        try:
+            with open(cache_path) as f:
+                cached = json.load(f)
+            if cached.get("key") == key:
+                return cached["stats"]
+        except (OSError, ValueError, KeyError):
+            pass
+    sample = stats_sample(images.paths, seed)
+    channels = detect_channels(sample)
+    mean, std = compute_mean_std(sample, channels)
+    stats = {"channels": channels, "native_size": native_image_size(sample),
+             "mean": mean, "std": std, "n_images_used": len(sample)}
+    from utils.cli import json_dump
+    json_dump({"key": key, "stats": stats}, cache_path)
+    return stats
+
+
+class ImageDataset(torch.utils.data.Dataset):
+    """(image tensor, label) for evaluation; label is -1 for unlabeled data."""
+
+    def __init__(self, images, channels, transform):
+        self.images = images
+        self.channels = channels
+        self.transform = transform
+
+    def __len__(self):
+        return len(self.images)
+
+    def __getitem__(self, index):
+        img = _load_or_substitute(self.images.paths, index, self.channels)
+        label = -1 if self.images.labels is None else self.images.labels[index]
+        return self.transform(img), label
+
+
+def _load_or_substitute(paths, index, channels):
+    """Load paths[index]; an image that fails to decode is replaced by the next one, with a
+    warning naming it, so a corrupt file never stops an epoch."""
+    for offset in range(len(paths)):
+        path = paths[(index + offset) % len(paths)]
+        try:
+            return load_image(path, channels)
+        except (OSError, ValueError, UnidentifiedImageError) as err:
+            warn(f"{path} could not be decoded ({err}); using another image in its place. "
+                 f"Remove or replace this file.")
+    raise UserError("no image of the data set could be decoded")
+
+
+class TwoViewDataset(torch.utils.data.Dataset):
+    """Pretraining dataset: key (index, epoch) -> (view1, view2), two augmentations of one image.
+
+    The augmentation of image `index` in `epoch` is seeded with derive_seed(seed, epoch, index),
+    inside a forked torch RNG so the caller's RNG state is untouched.
+    """
+
+    def __init__(self, images, channels, transform, seed):
+        self.images = images
+        self.channels = channels
+        self.transform = transform
+        self.seed = seed
+
+    def __len__(self):
+        return len(self.images)
+
+    def __getitem__(self, key):
+        index, epoch = key
+        img = _load_or_substitute(self.images.paths, index, self.channels)
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(derive_seed(self.seed, epoch, index))
+            return self.transform(img)
+
+
+class EpochBatchSampler(torch.utils.data.Sampler):
+    """Batches of keys (index, epoch) in an order that is a pure function of (seed, epoch).
+
+    Only full batches are yielded (the few left-over images differ every epoch).
+    `set_epoch(epoch, start_batch)` selects the epoch and skips its first `start_batch` batches,
+    which is how a run resumed mid-epoch continues exactly where it stopped.
+    """
+
+    def __init__(self, n_items, batch_size, seed):
+        if batch_size > n_items:
+            raise UserError(f"batch size {batch_size} is larger than the {n_items} training "
+                            f"images; use -bs {n_items} or less")
+        if batch_size < 2:
+            raise UserError("batch size must be at least 2: SimCLR contrasts images in a batch")
+        self.n_items, self.batch_size, self.seed = n_items, batch_size, seed
+        self.epoch, self.start_batch = 0, 0
+
+    def set_epoch(self, epoch, start_batch=0):
+        self.epoch, self.start_batch = epoch, start_batch
+
+    def __len__(self):
+        return self.n_items // self.batch_size - self.start_batch
+
+    def __iter__(self):
+        generator = torch.Generator().manual_seed(derive_seed(self.seed, self.epoch))
+        order = torch.randperm(self.n_items, generator=generator).tolist()
+        for b in range(self.start_batch, self.n_items // self.batch_size):
+            chunk = order[b * self.batch_size:(b + 1) * self.batch_size]
+            yield [(i, self.epoch) for i in chunk]
+
+
+def ignore_sigint_in_worker(_worker_id):
+    """worker_init_fn: Ctrl-C reaches the whole process group; only the main process handles it
+    (it saves a checkpoint and stops the workers itself)."""
+    import signal
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+
+
+def make_loader(dataset, batch_size=None, batch_sampler=None, num_workers=0, pin_memory=False):
+    """A DataLoader with the project's settings (Ctrl-C-safe workers, no random state)."""
+    return torch.utils.data.DataLoader(
+        dataset, batch_size=1 if batch_sampler is not None else batch_size,
+        batch_sampler=batch_sampler, shuffle=False, num_workers=num_workers,
+        pin_memory=pin_memory, worker_init_fn=ignore_sigint_in_worker if num_workers else None,
+        persistent_workers=False)

@@ -1,0 +1,108 @@
+"""SimCLR network: a torchvision ResNet encoder f (fc removed) and an MLP projection head g.
+
+    h = f(x)  (B, feat_dim)      the representation used downstream
+    z = g(h)  (B, proj_dims[-1]) the projection the contrastive loss sees
+"""
+import torch
+from torch import nn
+import torchvision
+
+from utils.cli import UserError
+
+FEATURE_DIMS = {"resnet18": 512, "resnet34": 512, "resnet50": 2048}
+SMALL_IMAGE_MAX = 64
+
+
+def resolve_stem(stem, image_size):
+    """'auto' -> 'cifar' (3x3 conv stride 1, no max-pool) for images <= 64 px, else 'imagenet'."""
+    if stem == "auto":
+        return "cifar" if image_size <= SMALL_IMAGE_MAX else "imagenet"
+    return stem
+
+
+def default_proj_dims(arch):
+    """Hidden and output widths of the head: [feat_dim, 128] (512->512->128 for ResNet-18)."""
+    return [FEATURE_DIMS[arch], 128]
+
+
+def build_encoder(arch, in_channels, stem):
+    """torchvision ResNet (weights=None) with fc removed and the first conv for `in_channels`.
+
+    stem 'cifar' replaces the 7x7 stride-2 conv and the max-pool by a 3x3 stride-1 conv, which
+    keeps small images at full resolution into layer1. Returns (module, feat_dim).
+    """
+    if arch not in FEATURE_DIMS:
+        raise UserError(f"unknown --arch {arch}; choose one of {', '.join(FEATURE_DIMS)}")
+    net = getattr(torchvision.models, arch)(weights=None)
+    if stem == "cifar":
+        net.conv1 = nn.Conv2d(in_channels, 64, kernel_size=3, stride=1, padding=1, bias=False)
+        net.maxpool = nn.Identity()
+    elif stem == "imagenet":
+        net.conv1 = nn.Conv2d(in_channels, 64, kernel_size=7, stride=2, padding=3, bias=False)
+    else:
+        raise UserError(f"unknown --stem {stem}; choose auto, cifar or imagenet")
+    nn.init.kaiming_normal_(net.conv1.weight, mode="fan_out", nonlinearity="relu")
+    net.fc = nn.Identity()
+    return net, FEATURE_DIMS[arch]
+
+
+def build_projection_head(in_dim, proj_dims):
+    """nn.Sequential MLP: for each hidden width Linear -> BatchNorm1d -> ReLU, then a final
+    Linear to proj_dims[-1]. proj_dims [512, 128] gives 512->512->128 from a 512-d h."""
+    layers, dim = [], in_dim
+    for width in proj_dims[:-1]:
+        layers += [nn.Linear(dim, width, bias=False), nn.BatchNorm1d(width), nn.ReLU(inplace=True)]
+        dim = width
+    layers.append(nn.Linear(dim, proj_dims[-1]))
+    return nn.Sequential(*layers)
+
+
+def head_depth(head):
+    """Number of Linear layers in a projection head."""
+    return sum(isinstance(m, nn.Linear) for m in head)
+
+
+def truncate_head(head, remove_top_layers):
+    """The head without its top `remove_top_layers` Linear layers (each with what follows it).
+
+    0 keeps the whole head (output z); head_depth(head) removes all of it (output h); 1 on a
+    two-layer head gives the hidden activation ReLU(BN(W1 h)).
+    """
+    depth = head_depth(head)
+    if not 0 <= remove_top_layers <= depth:
+        raise UserError(f"--remove_top_layers must be between 0 and {depth} (the head has {depth} "
+                        f"Linear layers); {depth} gives the encoder output h")
+    if remove_top_layers == 0:
+        return head
+    linear_positions = [i for i, m in enumerate(head) if isinstance(m, nn.Linear)]
+    cut = linear_positions[depth - remove_top_layers]
+    return nn.Sequential(*list(head)[:cut])
+
+
+class SimCLRModel(nn.Module):
+    """Encoder plus projection head; forward(x: (B, C, S, S)) -> (h: (B, F), z: (B, P))."""
+
+    def __init__(self, encoder, head):
+        super().__init__()
+        self.encoder = encoder
+        self.head = head
+
+    def forward(self, x):
+        h = self.encoder(x)
+        return h, self.head(h)
+
+
+def build_model(arch, in_channels, stem, proj_dims):
+    """The SimCLR model for these settings (stem already resolved, proj_dims a list)."""
+    encoder, feat_dim = build_encoder(arch, in_channels, stem)
+    return SimCLRModel(encoder, build_projection_head(feat_dim, proj_dims))
+
+
+def load_state_strict(model, state_dict, source):
+    """load_state_dict(strict=True), turning a mismatch into a UserError naming `source`."""
+    try:
+        model.load_state_dict(state_dict, strict=True)
+    except RuntimeError as err:
+        first = str(err).split("\n")[1].strip() if "\n" in str(err) else str(err)
+        raise UserError(f"{source} does not match the architecture it claims ({first[:160]}); "
+                        f"it belongs to another model or run") from None
