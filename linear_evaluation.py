@@ -121,12 +121,13 @@ def main(args):
                            batch_size=args.batch_size, num_workers=args.num_workers,
                            pin_memory=device.type == "cuda")
                for images in (train_images, test_images)]
-    encoder = Flatten() if args.reference == "pixels" else model.encoder
-    encoder = encoder.to(device)
+    channels_last = args.reference != "pixels"
+    encoder = model.encoder.to(device, memory_format=torch.channels_last) if channels_last \
+        else Flatten()
     if n_gpus > 1:
         encoder = torch.nn.DataParallel(encoder)
     (train_h, train_y), (test_h, test_y) = [
-        extract_features(encoder, loader, device, desc=f"{split} features")
+        extract_features(encoder, loader, device, channels_last, desc=f"{split} features")
         for loader, split in zip(loaders, ("train", "test"))]
     print(f"features: {tuple(train_h.shape)} train, {tuple(test_h.shape)} test "
           f"({'pixels' if args.reference == 'pixels' else meta['arch'] + ' h'})", flush=True)

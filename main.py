@@ -43,7 +43,7 @@ def get_args_parser():
                         help="folder with train/ (ImageFolder or plain images) or a plain folder "
                              "of images")
     parser.add_argument("respath", metavar="RESPATH", help="output folder of this run")
-    add_data_loading_args(parser, batch_size=256)
+    add_data_loading_args(parser, batch_size=250)
 
     opt = parser.add_argument_group("optimisation")
     opt.add_argument("--epochs", type=int, default=100, help="total epochs of the run")

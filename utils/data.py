@@ -34,9 +34,22 @@ class ImageList:
         return len(self.paths)
 
 
-def derive_seed(*numbers):
-    """A well-mixed 63-bit seed from a tuple of non-negative integers (numpy SeedSequence)."""
-    return int(np.random.SeedSequence(list(numbers)).generate_state(2, np.uint64)[0] >> 1)
+ORDER_STREAM, AUGMENT_STREAM = 1, 2
+
+
+def derive_seed(stream, *numbers):
+    """A well-mixed 63-bit seed for one random `stream` from non-negative integers < 2**64.
+
+    Each number is fed to numpy's SeedSequence as two 32-bit words after the stream tag and the
+    count, so (3, 5), (3, 5, 0) and (2**32, 5) all give different seeds, and the data order of
+    an epoch never shares a stream with the augmentation of an image.
+    """
+    words = [stream, len(numbers)]
+    for n in numbers:
+        if not 0 <= n < 2 ** 64:
+            raise ValueError(f"derive_seed takes integers in [0, 2**64), got {n}")
+        words += [n & 0xFFFFFFFF, n >> 32]
+    return int(np.random.SeedSequence(words).generate_state(2, np.uint64)[0] >> 1)
 
 
 def _is_image_file(name):
@@ -148,7 +161,8 @@ def detect_channels(paths):
     for path in paths:
         with Image.open(path) as img:
             if img.mode == "P":
-                if img.convert("RGB").getextrema() != img.convert("L").convert("RGB").getextrema():
+                palette = np.asarray(img.getpalette() or [], dtype=np.int16).reshape(-1, 3)
+                if np.any(palette != palette[:, :1]):
                     return 3
             elif img.mode not in GRAY_MODES:
                 return 3
@@ -172,7 +186,12 @@ def compute_mean_std(paths, channels):
     total_sq = np.zeros(channels)
     count = 0
     for path in paths:
-        arr = np.asarray(load_image(path, channels), dtype=np.float64).reshape(-1, channels)
+        try:
+            img = load_image(path, channels)
+        except (OSError, ValueError) as err:
+            warn(f"{path} could not be decoded ({err}); left out of the mean/std")
+            continue
+        arr = np.asarray(img, dtype=np.float64).reshape(-1, channels)
         arr /= 255.0
         total += arr.sum(0)
         total_sq += (arr ** 2).sum(0)
@@ -248,8 +267,9 @@ def _load_or_substitute(paths, index, channels):
 class TwoViewDataset(torch.utils.data.Dataset):
     """Pretraining dataset: key (index, epoch) -> (view1, view2), two augmentations of one image.
 
-    The augmentation of image `index` in `epoch` is seeded with derive_seed(seed, epoch, index),
-    inside a forked torch RNG so the caller's RNG state is untouched.
+    The augmentation of image `index` in `epoch` is seeded with
+    derive_seed(AUGMENT_STREAM, seed, epoch, index), inside a forked torch RNG so the caller's
+    RNG state is untouched.
     """
 
     def __init__(self, images, channels, transform, seed):
@@ -265,7 +285,7 @@ class TwoViewDataset(torch.utils.data.Dataset):
         index, epoch = key
         img = _load_or_substitute(self.images.paths, index, self.channels)
         with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(derive_seed(self.seed, epoch, index))
+            torch.manual_seed(derive_seed(AUGMENT_STREAM, self.seed, epoch, index))
             return self.transform(img)
 
 
@@ -293,7 +313,8 @@ class EpochBatchSampler(torch.utils.data.Sampler):
         return self.n_items // self.batch_size - self.start_batch
 
     def __iter__(self):
-        generator = torch.Generator().manual_seed(derive_seed(self.seed, self.epoch))
+        seed = derive_seed(ORDER_STREAM, self.seed, self.epoch)
+        generator = torch.Generator().manual_seed(seed)
         order = torch.randperm(self.n_items, generator=generator).tolist()
         for b in range(self.start_batch, self.n_items // self.batch_size):
             chunk = order[b * self.batch_size:(b + 1) * self.batch_size]

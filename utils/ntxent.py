@@ -13,8 +13,9 @@ def ntxent_logits(z1, z2, temperature):
     Computed with one matmul; a zero embedding normalises to 0 and stays finite.
     """
     n = z1.shape[0]
-    u = F.normalize(torch.cat([z1, z2]).float(), dim=1)
-    logits = (u @ u.T) / temperature
+    with torch.autocast(z1.device.type, enabled=False):  # bf16 similarities lose ~1e-2
+        u = F.normalize(torch.cat([z1, z2]).float(), dim=1)
+        logits = (u @ u.T) / temperature
     self_mask = torch.eye(2 * n, dtype=torch.bool, device=u.device)
     logits = logits.masked_fill(self_mask, float("-inf"))
     targets = torch.cat([torch.arange(n, 2 * n), torch.arange(0, n)]).to(u.device)
@@ -28,7 +29,8 @@ class NTXentLoss(nn.Module):
         l_k = -log( exp(sim(u_k, u_p(k)) / tau) / sum_{j != k} exp(sim(u_k, u_j) / tau) )
     and the loss is the mean of l_k over all 2N anchors. It is evaluated as cross-entropy over
     the masked logits of `ntxent_logits` (log-sum-exp, never a raw exp), so it is exact for any
-    N >= 1, finite at tau = 0.01 and for zero embeddings, and computed in float32 under autocast.
+    N >= 1, finite at tau = 0.01 and for zero embeddings (whose gradient is finite but large,
+    as normalising a zero vector is), and computed in float32 even under autocast.
     """
 
     def __init__(self, temperature=0.5):
