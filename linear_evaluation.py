@@ -12,7 +12,6 @@ import argparse
 import csv
 import os
 
-import numpy as np
 import torch
 from sklearn.metrics import classification_report, confusion_matrix
 

@@ -21,7 +21,7 @@ from simclr import History, build_optimizer, checkpoint_state, learning_rate_at,
 from utils.checkpoint import (RunPaths, atomic_savez, atomic_torch_save, load_checkpoint,
                               save_checkpoint, set_rng_state, unwrap_model)
 from utils.cli import (UserError, add_data_loading_args, ensure_writable_dir, environment_info,
-                       json_dump, print_args, run_main, select_device, warn)
+                       json_dump, print_args, run_main, select_device)
 from utils.data import (EpochBatchSampler, TwoViewDataset, dataset_statistics, find_split,
                         make_loader)
 from utils.model import FEATURE_DIMS, build_model, default_proj_dims, resolve_stem
@@ -125,16 +125,15 @@ def peak_memory_mb(device):
 def main(args):
     fill_defaults(args)
     device, n_gpus = select_device(args.cuda, args.multiple_gpus)
+    print_args(args)
+    images = find_split(args.datapath, "train", require_labels=False)
     ensure_writable_dir(args.respath)
     paths = RunPaths(args.respath)
-    print_args(args)
 
     ckpt = None
     if os.path.exists(paths.checkpoint) and not args.fresh:
         ckpt = load_checkpoint(paths.checkpoint)
         check_resume_compatible(ckpt, args, paths.checkpoint)
-
-    images = find_split(args.datapath, "train", require_labels=False)
     if ckpt is not None and ckpt["data"]["n_images"] != len(images):
         raise UserError(f"{args.datapath} now has {len(images)} training images, the run in "
                         f"{args.respath} was started with {ckpt['data']['n_images']}; use --fresh "
@@ -195,7 +194,7 @@ def main(args):
     started = time.perf_counter()
     first_step = len(history.step_losses)
 
-    def save(epoch_end):
+    def save(draw_plot):
         plain = unwrap_model(model)
         state = checkpoint_state(plain, optimizer, history, schedule_info, vars(args), meta,
                                  data_info)
@@ -206,7 +205,7 @@ def main(args):
                      epoch_losses=history.epoch_losses,
                      step_top1=np.asarray(history.step_top1), epoch_top1=history.epoch_top1,
                      steps_per_epoch=steps_per_epoch)
-        if history.step_losses:
+        if draw_plot and history.step_losses:
             plot_training_losses(history.step_losses, steps_per_epoch, paths.loss_plot)
         seconds = time.perf_counter() - started
         steps = len(history.step_losses) - first_step

@@ -13,6 +13,7 @@ import torch
 from tqdm import tqdm
 
 from utils.checkpoint import rng_state
+from utils.cli import UserError
 from utils.ntxent import positive_pair_top1
 
 
@@ -92,7 +93,7 @@ def train_one_epoch(model, criterion, optimizer, loader, device, epoch, history,
     """Train over `loader` (which may start mid-epoch); returns False if stopped by a signal.
 
     `schedule(step)` gives the learning rate of global step `step`; `checkpoint_due()` and
-    `save_checkpoint()` let a long epoch be checkpointed at step boundaries.
+    `save_checkpoint(draw_plot)` let a long epoch be checkpointed at step boundaries.
     """
     model.train()
     bar = tqdm(loader, desc=f"epoch {epoch + 1}", leave=False, dynamic_ncols=True,
@@ -111,7 +112,9 @@ def train_one_epoch(model, criterion, optimizer, loader, device, epoch, history,
         z1, z2 = z.chunk(2)
         loss = criterion(z1, z2)
         if not torch.isfinite(loss):
-            raise FloatingPointError(f"loss became {loss.item()} at step {step}; lower --lr")
+            raise UserError(f"the loss became {loss.item()} at step {step} (the checkpoint of "
+                            f"the last epoch is intact); start again with a lower --lr and "
+                            f"--fresh")
 
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
@@ -124,10 +127,10 @@ def train_one_epoch(model, criterion, optimizer, loader, device, epoch, history,
                         img_s=f"{view1.shape[0] / (toc - tic):.0f}")
         tic = toc
         if stop.requested:
-            save_checkpoint()
+            save_checkpoint(draw_plot=True)
             return False
         if checkpoint_due():
-            save_checkpoint()
+            save_checkpoint(draw_plot=False)
     return True
 
 
@@ -146,16 +149,17 @@ def train(model, criterion, optimizer, sampler, loader, device, history, epochs,
           channels_last, save, checkpoint_minutes):
     """Run epochs until `epochs` are complete, resuming from len(history.step_losses).
 
-    `save(final_epoch_end)` writes the checkpoint and outputs. Returns 'finished' or 'stopped'.
+    `save(draw_plot)` writes the checkpoint and outputs (the loss plot only if draw_plot).
+    Returns 'finished' or 'stopped'.
     """
     last_save = time.monotonic()
 
     def checkpoint_due():
         return checkpoint_minutes > 0 and time.monotonic() - last_save > 60 * checkpoint_minutes
 
-    def save_checkpoint():
+    def save_checkpoint(draw_plot):
         nonlocal last_save
-        save(epoch_end=False)
+        save(draw_plot)
         last_save = time.monotonic()
 
     spe = history.steps_per_epoch
@@ -176,8 +180,7 @@ def train(model, criterion, optimizer, sampler, loader, device, history, epochs,
                   f"positive-pair top-1 {history.epoch_top1[-1]:.3f}  "
                   f"lr {schedule(len(history.step_losses) - 1):.4g}  "
                   f"{images / seconds:.0f} img/s  {seconds:.0f} s", flush=True)
-            save(epoch_end=True)
-            last_save = time.monotonic()
+            save_checkpoint(draw_plot=True)
             if stop.requested:
                 return "stopped" if len(history.step_losses) < epochs * spe else "finished"
     return "finished"

@@ -1,6 +1,5 @@
 """Command-line plumbing shared by every script: the user-error type, the wrapper that turns it
 into a one-line message, argument groups, device selection and small output helpers."""
-import argparse
 import json
 import os
 import subprocess

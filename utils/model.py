@@ -3,7 +3,6 @@
     h = f(x)  (B, feat_dim)      the representation used downstream
     z = g(h)  (B, proj_dims[-1]) the projection the contrastive loss sees
 """
-import torch
 from torch import nn
 import torchvision
 
