@@ -41,6 +41,8 @@ def test_cuda_requested_without_cuda(tiny_folder, tmp_path):
     assert_one_line_error(result, "-c", "no CUDA device")
     result = run_script("linear_evaluation.py", tiny_folder, "x.pth", tmp_path / "le", "-c")
     assert_one_line_error(result, "no CUDA device")
+    result = run_script("main.py", tiny_folder, tmp_path / "out", "--multiple_gpus")
+    assert_one_line_error(result, "--multiple_gpus needs -c")
 
 
 def test_respath_not_writable(tiny_folder, tmp_path):
