@@ -154,6 +154,18 @@ def test_atomic_torch_save_no_temp_files(tmp_path):
     assert loaded["n"] == 3 and loaded["s"] == "x" and loaded["l"] == [1, 2.5]
 
 
+def test_half_written_file_from_a_killed_save_is_consumed(tmp_path):
+    """A temporary file left by a process killed mid-write does not hide the previous file and
+    is replaced by the next save, so kills do not pile up garbage."""
+    path = tmp_path / "model.pth"
+    atomic_torch_save({"v": torch.ones(2)}, str(path))
+    (tmp_path / ".model.pth.tmp").write_bytes(b"half a zip file")  # what a SIGKILL leaves
+    assert torch.equal(torch.load(str(path), weights_only=True)["v"], torch.ones(2))
+    atomic_torch_save({"v": torch.zeros(2)}, str(path))
+    assert os.listdir(tmp_path) == ["model.pth"]
+    assert torch.equal(torch.load(str(path), weights_only=True)["v"], torch.zeros(2))
+
+
 def _draws():
     """A few draws from the python, numpy and torch global generators (gaussians included,
     which have cached second values)."""

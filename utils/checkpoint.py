@@ -63,10 +63,14 @@ class RunPaths:
 
 
 def atomic_write_bytes(path, data):
-    """Write `data` to `path` through a fsynced temporary file and os.replace."""
+    """Write `data` to `path` through a fsynced temporary file and os.replace.
+
+    The temporary name is fixed per target (one writer per RESPATH), so a temporary file left
+    by a process killed mid-write is overwritten and consumed by the next save of that file.
+    """
     folder = os.path.dirname(os.path.abspath(path))
     os.makedirs(folder, exist_ok=True)
-    tmp = os.path.join(folder, f".{os.path.basename(path)}.tmp{os.getpid()}")
+    tmp = os.path.join(folder, f".{os.path.basename(path)}.tmp")
     try:
         with open(tmp, "wb") as f:
             f.write(data)
