@@ -136,20 +136,20 @@ def main(args):
     cut_points = list(range(depth, -1, -1)) if args.sweep else [remove]
     if args.reference == "pixels":
         cut_points = [depth]  # there is no head on pixels
-    results = {}
+    results, feature_dims = {}, {}
     with torch.no_grad():
         for n in cut_points:
             cut = truncate_head(head, n)
             train_x, test_x = cut(train_h), cut(test_h)
             results[n] = probe_accuracy(train_x, train_y, test_x, test_y, len(classes), args)
+            feature_dims[n] = train_x.shape[1]
             print(f"remove_top_layers={n}: feature size {train_x.shape[1]}, test accuracy "
                   f"{100 * results[n][2]:.2f} %", flush=True)
     if args.sweep and len(cut_points) > 1:
         with open(os.path.join(args.respath, "acc_vs_layer.csv"), "w") as f:
             f.write("remove_top_layers,feature_dim,test_accuracy\n")
             for n in sorted(results):
-                dim = truncate_head(head, n)(train_h[:2]).shape[1]
-                f.write(f"{n},{dim},{results[n][2]:.4f}\n")
+                f.write(f"{n},{feature_dims[n]},{results[n][2]:.4f}\n")
         plot_accuracy_vs_layer(sorted(results), [results[n][2] for n in sorted(results)],
                                os.path.join(args.respath, "acc_vs_layer.png"))
     report_at = remove if remove in results else cut_points[0]

@@ -128,8 +128,8 @@ def strip_prefixes(state_dict):
 def rng_state():
     """The python, numpy and torch RNG states as weights_only-loadable values."""
     np_state = np.random.get_state()
-    state = {"python": list(random.getstate()[1]) + [random.getstate()[2] or 0.0],
-             "python_version": random.getstate()[0],
+    py_version, py_words, py_gauss = random.getstate()
+    state = {"python": list(py_words) + [py_gauss or 0.0], "python_version": py_version,
              "numpy": {"keys": torch.from_numpy(np_state[1].astype(np.int64)),
                        "pos": int(np_state[2]), "has_gauss": int(np_state[3]),
                        "cached_gaussian": float(np_state[4])},

@@ -137,8 +137,9 @@ def drop_unreadable(images):
     labels = None if images.labels is None else [images.labels[i] for i in keep]
     result = ImageList([images.paths[i] for i in keep], labels, images.classes)
     if labels is not None:
+        present = set(labels)
         for label, name in enumerate(images.classes):
-            if label not in set(labels):
+            if label not in present:
                 raise UserError(f"class {name} has no readable images; fix or remove its folder")
     return result
 
