@@ -1,11 +1,16 @@
 """SimCLR pretraining.
 
     python main.py DATAPATH RESPATH -bs 250 -nw 2 -c --multiple_gpus
+    torchrun --nproc_per_node=K main.py DATAPATH RESPATH -bs 1024 -c --optimizer lars
+    torchrun --nnodes=M --node_rank=i --nproc_per_node=K --rdzv_backend=c10d \
+             --rdzv_endpoint=HOST:29500 main.py DATAPATH RESPATH -bs 4096 -c --optimizer lars
 
 DATAPATH holds ImageFolder `train/` (class subfolders; labels are not used here) or is a plain
 folder of images. RESPATH receives model/model.pth, model/optimizer.pth, model/lossesfile.npz,
 model/checkpoint.pth, plots/training_losses.png and run.json. Running the same command again
-resumes (--epochs is the total); --fresh starts over.
+resumes (--epochs is the total); --fresh starts over. -bs is always the global batch: under
+torchrun each of the W processes loads B/W images of every batch, and the run's result does not
+depend on W (see utils/distributed.py).
 """
 import argparse
 import functools
@@ -17,11 +22,15 @@ import time
 import numpy as np
 import torch
 
-from simclr import History, build_optimizer, checkpoint_state, learning_rate_at, train
+from simclr import (History, build_optimizer, checkpoint_state, learning_rate_at,
+                    scaled_learning_rate, train)
 from utils.checkpoint import (RunPaths, atomic_savez, atomic_torch_save, load_checkpoint,
                               save_checkpoint, set_rng_state, unwrap_model)
 from utils.cli import (UserError, add_data_loading_args, ensure_writable_dir, environment_info,
                        json_dump, print_args, run_main, select_device)
+from utils.distributed import (barrier, check_same_on_all_ranks, cleanup, decide_on_main,
+                               gather_with_grad, get_rank, get_world_size, is_main_process,
+                               launched_by_torchrun, print0, setup, wrap_model)
 from utils.data import (EpochBatchSampler, TwoViewDataset, dataset_statistics, find_split,
                         make_loader)
 from utils.model import FEATURE_DIMS, build_model, default_proj_dims, resolve_stem
@@ -31,8 +40,12 @@ from utils.transforms import SimCLRAugmentation, TwoViews
 
 # Settings that define the run: resuming with a different value is an error, not a silent mix.
 RUN_DEFINING_ARGS = ("arch", "stem", "proj_dims", "image_size", "batch_size", "optimizer", "lr",
-                     "weight_decay", "temperature", "warmup_epochs", "jitter_strength", "blur",
-                     "min_scale", "seed")
+                     "lr_scaling", "weight_decay", "temperature", "warmup_epochs",
+                     "jitter_strength", "blur", "min_scale", "seed")
+# What a checkpoint written before a flag existed meant by it (so older runs still resume).
+LEGACY_VALUES = {"lr_scaling": "none"}
+DEFAULT_LR = {"sgd": 0.5, "lars": 0.3, "adamw": 1e-3}
+DEFAULT_WEIGHT_DECAY = {"sgd": 5e-4, "lars": 1e-6, "adamw": 1e-2}
 
 
 def get_args_parser():
@@ -47,16 +60,26 @@ def get_args_parser():
 
     opt = parser.add_argument_group("optimisation")
     opt.add_argument("--epochs", type=int, default=100, help="total epochs of the run")
-    opt.add_argument("--optimizer", choices=("sgd", "adamw"), default="sgd",
-                     help="SGD with momentum 0.9, or AdamW")
+    opt.add_argument("--optimizer", choices=("sgd", "adamw", "lars"), default="sgd",
+                     help="SGD with momentum 0.9, AdamW, or LARS (the SimCLR paper's, for "
+                          "global batches of about 1024 and more)")
     opt.add_argument("--lr", type=float, default=None,
-                     help="peak learning rate after warm-up (default 0.5 for sgd, 1e-3 for adamw)")
+                     help="peak learning rate per 256 images, scaled by --lr-scaling to the "
+                          "global batch (default 0.5 for sgd, 0.3 for lars, 1e-3 for adamw)")
+    opt.add_argument("--lr-scaling", choices=("linear", "sqrt", "none"), default="linear",
+                     help="peak lr = lr * B/256 (linear), lr * sqrt(B/256) (sqrt; the paper's "
+                          "advice for small batches and long runs, e.g. lars --lr 1.2), or lr "
+                          "as given (none), B being the global batch size")
     opt.add_argument("--weight-decay", "--wd", dest="weight_decay", type=float, default=None,
                      help="weight decay, not applied to BatchNorm and biases "
-                          "(default 5e-4 for sgd, 1e-2 for adamw)")
+                          "(default 5e-4 for sgd, 1e-6 for lars, 1e-2 for adamw)")
     opt.add_argument("--warmup-epochs", type=float, default=1.0,
                      help="epochs of linear learning-rate warm-up before the cosine decay")
     opt.add_argument("--temperature", type=float, default=0.2, help="NT-Xent temperature tau")
+    opt.add_argument("--chunk-size", type=int, default=None,
+                     help="images per forward pass within a batch: the loss and gradient of the "
+                          "whole batch are computed chunk by chunk (gradient caching), for "
+                          "batches larger than memory; BatchNorm then uses per-chunk statistics")
     opt.add_argument("--checkpoint-minutes", type=float, default=10.0,
                      help="also checkpoint mid-epoch every this many minutes (0: epoch ends only)")
 
@@ -69,6 +92,9 @@ def get_args_parser():
     mod.add_argument("--proj-dims", "--proj_dims", dest="proj_dims", type=int, nargs="+",
                      default=None, help="projection head widths after h, the last is z's size "
                                         "(default: feature size then 128, e.g. 512 128)")
+    mod.add_argument("--sync-bn", action=argparse.BooleanOptionalAction, default=True,
+                     help="under torchrun, BatchNorm statistics over the global batch of all "
+                          "processes (SyncBatchNorm); --no-sync-bn keeps them per process")
     mod.add_argument("--channels-last", action=argparse.BooleanOptionalAction, default=True,
                      help="channels-last memory format (about 1.4x faster on CPU here)")
 
@@ -91,9 +117,11 @@ def get_args_parser():
 def fill_defaults(args):
     """Resolve the defaults that depend on other flags."""
     if args.lr is None:
-        args.lr = 0.5 if args.optimizer == "sgd" else 1e-3
+        args.lr = DEFAULT_LR[args.optimizer]
     if args.weight_decay is None:
-        args.weight_decay = 5e-4 if args.optimizer == "sgd" else 1e-2
+        args.weight_decay = DEFAULT_WEIGHT_DECAY[args.optimizer]
+    if args.chunk_size is not None and args.chunk_size < 1:
+        raise UserError("--chunk-size must be at least 1 image")
     if args.proj_dims is None:
         args.proj_dims = default_proj_dims(args.arch)
     if args.epochs < 1:
@@ -106,7 +134,7 @@ def fill_defaults(args):
 
 def check_resume_compatible(ckpt, args, checkpoint_path):
     """UserError naming the first run-defining flag whose value differs from the stored run."""
-    stored = ckpt["args"]
+    stored = {**LEGACY_VALUES, **ckpt["args"]}
     for name in RUN_DEFINING_ARGS:
         if stored.get(name) != getattr(args, name):
             flag = "--" + name.replace("_", "-")
@@ -122,14 +150,20 @@ def peak_memory_mb(device):
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: KiB
 
 
-def main(args):
-    fill_defaults(args)
-    device, n_gpus = select_device(args.cuda, args.multiple_gpus)
-    print_args(args)
-    images = find_split(args.datapath, "train", require_labels=False)
-    ensure_writable_dir(args.respath)
-    paths = RunPaths(args.respath)
+def select_training_device(args):
+    """The device of this process: one GPU per process under torchrun, else select_device."""
+    if launched_by_torchrun():
+        if args.multiple_gpus:
+            raise UserError("--multiple_gpus (DataParallel) does not combine with torchrun, "
+                            "which already runs one process per GPU; drop --multiple_gpus",
+                            all_ranks=True)
+        return setup(args.cuda), 1
+    return select_device(args.cuda, args.multiple_gpus)
 
+
+def prepare_run(args, images, paths):
+    """(checkpoint or None, model_meta) on rank 0: resume checks, or data statistics for a new
+    run (computed once and cached in RESPATH)."""
     ckpt = None
     if os.path.exists(paths.checkpoint) and not args.fresh:
         ckpt = load_checkpoint(paths.checkpoint)
@@ -139,33 +173,62 @@ def main(args):
                         f"{args.respath} was started with {ckpt['data']['n_images']}; use --fresh "
                         f"to start over or another RESPATH")
     if ckpt is not None:
-        meta = ckpt["model_meta"]
-    else:
-        stats = dataset_statistics(images, paths.data_stats, args.seed)
-        image_size = args.image_size or stats["native_size"]
-        meta = {"arch": args.arch, "stem": resolve_stem(args.stem, image_size),
-                "proj_dims": list(args.proj_dims), "in_channels": stats["channels"],
-                "image_size": image_size, "mean": stats["mean"], "std": stats["std"]}
+        return ckpt, ckpt["model_meta"]
+    stats = dataset_statistics(images, paths.data_stats, args.seed)
+    image_size = args.image_size or stats["native_size"]
+    return None, {"arch": args.arch, "stem": resolve_stem(args.stem, image_size),
+                  "proj_dims": list(args.proj_dims), "in_channels": stats["channels"],
+                  "image_size": image_size, "mean": stats["mean"], "std": stats["std"]}
+
+
+def main(args):
+    fill_defaults(args)
+    device, n_gpus = select_training_device(args)
+    try:
+        return pretrain(args, device, n_gpus)
+    finally:
+        cleanup()
+
+
+def pretrain(args, device, n_gpus):
+    rank, world_size = get_rank(), get_world_size()
+    if is_main_process():
+        print_args(args)
+    images = find_split(args.datapath, "train", require_labels=False)
+    check_same_on_all_ranks(len(images), "the number of training images")
+    paths = RunPaths(args.respath)
+    if is_main_process():
+        ensure_writable_dir(args.respath)
+    ckpt, meta = decide_on_main(lambda: prepare_run(args, images, paths))
     blur = args.blur if args.blur is not None else meta["image_size"] > 32
-    print(f"data: {len(images)} training images, {meta['in_channels']} channel(s), "
-          f"{meta['image_size']} px, mean {np.round(meta['mean'], 4).tolist()}, "
-          f"std {np.round(meta['std'], 4).tolist()}; model {meta['arch']} ({meta['stem']} stem)",
-          flush=True)
+    print0(f"data: {len(images)} training images, {meta['in_channels']} channel(s), "
+           f"{meta['image_size']} px, mean {np.round(meta['mean'], 4).tolist()}, "
+           f"std {np.round(meta['std'], 4).tolist()}; model {meta['arch']} ({meta['stem']} stem)",
+           flush=True)
 
     augmentation = SimCLRAugmentation(meta["image_size"], meta["in_channels"], meta["mean"],
                                       meta["std"], args.jitter_strength, blur, args.min_scale)
     dataset = TwoViewDataset(images, meta["in_channels"], TwoViews(augmentation), args.seed)
-    sampler = EpochBatchSampler(len(images), args.batch_size, args.seed)
+    sampler = EpochBatchSampler(len(images), args.batch_size, args.seed, rank, world_size)
     loader = make_loader(dataset, batch_sampler=sampler, num_workers=args.num_workers,
                          pin_memory=device.type == "cuda")
     steps_per_epoch = len(images) // args.batch_size
+    peak_lr = scaled_learning_rate(args.lr, args.batch_size, args.lr_scaling)
+    scaling = {"global_batch_size": args.batch_size, "processes": world_size,
+               "batch_per_process": sampler.batch_size, "lr_per_256": args.lr,
+               "lr_scaling": args.lr_scaling, "peak_lr": peak_lr,
+               "sync_bn": bool(args.sync_bn and world_size > 1), "chunk_size": args.chunk_size}
+    print0(f"global batch {args.batch_size} = {world_size} process(es) x {sampler.batch_size}"
+           f"{f' (chunks of {args.chunk_size})' if args.chunk_size else ''}; peak lr "
+           f"{peak_lr:.4g} ({args.lr_scaling} scaling of {args.lr:g} per 256 images), "
+           f"{args.optimizer}, {args.warmup_epochs:g} warm-up epoch(s)", flush=True)
 
     torch.manual_seed(args.seed)
     model = build_model(meta["arch"], meta["in_channels"], meta["stem"], meta["proj_dims"])
     model = model.to(device)
     if args.channels_last:
         model = model.to(memory_format=torch.channels_last)
-    optimizer = build_optimizer(model, args.optimizer, args.lr, args.weight_decay)
+    optimizer = build_optimizer(model, args.optimizer, peak_lr, args.weight_decay)
     history = History(steps_per_epoch)
     if ckpt is not None:
         model.load_state_dict(ckpt["model"])
@@ -173,28 +236,37 @@ def main(args):
         history = History(steps_per_epoch, ckpt["losses"]["step_losses"].tolist(),
                           ckpt["losses"]["step_top1"].tolist())
         set_rng_state(ckpt["rng"])
-        print(f"resuming {paths.checkpoint}: epoch {ckpt['epoch']}, step {ckpt['step']} of "
-              f"{args.epochs * steps_per_epoch}", flush=True)
+        print0(f"resuming {paths.checkpoint}: epoch {ckpt['epoch']}, step {ckpt['step']} of "
+               f"{args.epochs * steps_per_epoch}", flush=True)
         if ckpt["args"]["epochs"] != args.epochs:
-            print(f"note: --epochs changed from {ckpt['args']['epochs']} to {args.epochs}; the "
-                  f"cosine schedule is recomputed for the new total", flush=True)
+            print0(f"note: --epochs changed from {ckpt['args']['epochs']} to {args.epochs}; "
+                   f"the cosine schedule is recomputed for the new total", flush=True)
+    del ckpt
+    model = wrap_model(model, device, args.sync_bn)  # DDP under torchrun
     if n_gpus > 1:
         model = torch.nn.DataParallel(model)  # z of every GPU is gathered: all are negatives
 
     total_steps = args.epochs * steps_per_epoch
     warmup_steps = int(round(args.warmup_epochs * steps_per_epoch))
-    schedule = functools.partial(learning_rate_at, base_lr=args.lr, warmup_steps=warmup_steps,
+    schedule = functools.partial(learning_rate_at, base_lr=peak_lr, warmup_steps=warmup_steps,
                                  total_steps=total_steps)
-    schedule_info = {"name": "linear_warmup_cosine", "base_lr": args.lr,
+    schedule_info = {"name": "linear_warmup_cosine", "base_lr": peak_lr,
                      "warmup_steps": warmup_steps, "total_steps": total_steps}
     data_info = {"datapath": os.path.abspath(args.datapath), "n_images": len(images),
                  "classes": images.classes, "blur": blur}
     run_info = {"args": vars(args), "model_meta": meta, "environment": environment_info(device),
-                "steps_per_epoch": steps_per_epoch, "augmentation": repr(augmentation)}
+                "steps_per_epoch": steps_per_epoch, "augmentation": repr(augmentation),
+                **scaling}
     started = time.perf_counter()
     first_step = len(history.step_losses)
 
     def save(draw_plot):
+        """Rank 0 writes (every rank holds the same state); the others wait for it."""
+        if is_main_process():
+            write_outputs(draw_plot)
+        barrier()
+
+    def write_outputs(draw_plot):
         plain = unwrap_model(model)
         state = checkpoint_state(plain, optimizer, history, schedule_info, vars(args), meta,
                                  data_info)
@@ -218,17 +290,18 @@ def main(args):
                    "peak_memory_mb": round(peak_memory_mb(device), 1)}, paths.run_json)
 
     if len(history.step_losses) >= total_steps:
-        print(f"{args.respath} already holds a finished run of {args.epochs} epochs; pass a "
-              f"larger --epochs to continue it or --fresh to start over")
+        print0(f"{args.respath} already holds a finished run of {args.epochs} epochs; pass a "
+               f"larger --epochs to continue it or --fresh to start over")
         return 0
-    outcome = train(model, NTXentLoss(args.temperature), optimizer, sampler, loader, device,
-                    history, args.epochs, schedule, args.channels_last, save,
-                    args.checkpoint_minutes)
+    criterion = NTXentLoss(args.temperature, gather=gather_with_grad if world_size > 1 else None)
+    outcome = train(model, criterion, optimizer, sampler, loader, device, history, args.epochs,
+                    schedule, args.channels_last, args.chunk_size, save, args.checkpoint_minutes)
     if outcome == "stopped":
-        print(f"interrupted at step {len(history.step_losses)}: checkpoint saved in "
-              f"{paths.checkpoint}; run the same command to resume", file=sys.stderr)
+        if is_main_process():
+            print(f"interrupted at step {len(history.step_losses)}: checkpoint saved in "
+                  f"{paths.checkpoint}; run the same command to resume", file=sys.stderr)
         return 130
-    print(f"done: {args.epochs} epochs; model in {paths.model}, loss plot in {paths.loss_plot}")
+    print0(f"done: {args.epochs} epochs; model in {paths.model}, loss plot in {paths.loss_plot}")
     return 0
 
 

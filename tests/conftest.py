@@ -44,7 +44,7 @@ def tiny_folder(tmp_path_factory, real_images):
 
 # Settings that make a pretraining run take seconds on a 2-core CPU.
 FAST_PRETRAIN = ["--image-size", "16", "--proj-dims", "32", "16", "-bs", "12", "-nw", "0",
-                 "--lr", "0.05"]
+                 "--lr", "1.0"]
 
 
 def run_script(script, *args, timeout=600, env=None):

@@ -12,7 +12,13 @@ class UserError(Exception):
 
     Raised where the problem is found, with the fix in the message; `run_main` prints it as one
     line and exits with status 2. Anything else is a bug and keeps its traceback.
+    `all_ranks=True` marks an error every process of a torchrun job raises alike: only rank 0
+    prints it.
     """
+
+    def __init__(self, message, all_ranks=False):
+        super().__init__(message)
+        self.all_ranks = all_ranks
 
 
 def run_main(main, parser):
@@ -21,7 +27,10 @@ def run_main(main, parser):
     try:
         status = main(args)
     except UserError as err:
-        print(f"error: {err}", file=sys.stderr)
+        rank = int(os.environ.get("RANK", "0"))
+        if rank == 0 or not err.all_ranks:
+            where = f"(rank {rank}) " if int(os.environ.get("WORLD_SIZE", "1")) > 1 else ""
+            print(f"error: {where}{err}", file=sys.stderr, flush=True)
         sys.exit(2)
     sys.exit(status or 0)
 

@@ -293,33 +293,44 @@ class TwoViewDataset(torch.utils.data.Dataset):
 class EpochBatchSampler(torch.utils.data.Sampler):
     """Batches of keys (index, epoch) in an order that is a pure function of (seed, epoch).
 
+    `batch_size` is the global batch size. With `world_size` W processes, rank r gets rows
+    r*B/W .. (r+1)*B/W of every global batch: the ranks together see exactly the batches one
+    process would, so a run gives the same result on any number of processes (this is the
+    distributed sampler; torch's DistributedSampler pads the data and cannot start mid-epoch).
     Only full batches are yielded (the few left-over images differ every epoch).
     `set_epoch(epoch, start_batch)` selects the epoch and skips its first `start_batch` batches,
     which is how a run resumed mid-epoch continues exactly where it stopped.
     """
 
-    def __init__(self, n_items, batch_size, seed):
+    def __init__(self, n_items, batch_size, seed, rank=0, world_size=1):
         if batch_size > n_items:
             raise UserError(f"batch size {batch_size} is larger than the {n_items} training "
                             f"images; use -bs {n_items} or less")
         if batch_size < 2:
             raise UserError("batch size must be at least 2: SimCLR contrasts images in a batch")
-        self.n_items, self.batch_size, self.seed = n_items, batch_size, seed
+        if batch_size % world_size:
+            lower = batch_size - batch_size % world_size
+            raise UserError(f"-bs {batch_size} (the global batch) does not split evenly over "
+                            f"{world_size} processes; use -bs {lower or world_size} or "
+                            f"-bs {lower + world_size}", all_ranks=True)
+        self.n_items, self.global_batch_size, self.seed = n_items, batch_size, seed
+        self.rank, self.world_size = rank, world_size
+        self.batch_size = batch_size // world_size
         self.epoch, self.start_batch = 0, 0
 
     def set_epoch(self, epoch, start_batch=0):
         self.epoch, self.start_batch = epoch, start_batch
 
     def __len__(self):
-        return self.n_items // self.batch_size - self.start_batch
+        return self.n_items // self.global_batch_size - self.start_batch
 
     def __iter__(self):
         seed = derive_seed(ORDER_STREAM, self.seed, self.epoch)
         generator = torch.Generator().manual_seed(seed)
         order = torch.randperm(self.n_items, generator=generator).tolist()
-        for b in range(self.start_batch, self.n_items // self.batch_size):
-            chunk = order[b * self.batch_size:(b + 1) * self.batch_size]
-            yield [(i, self.epoch) for i in chunk]
+        for b in range(self.start_batch, self.n_items // self.global_batch_size):
+            first = b * self.global_batch_size + self.rank * self.batch_size
+            yield [(i, self.epoch) for i in order[first:first + self.batch_size]]
 
 
 def ignore_sigint_in_worker(_worker_id):

@@ -4,21 +4,29 @@ import torch.nn.functional as F
 from torch import nn
 
 
-def ntxent_logits(z1, z2, temperature):
+def ntxent_logits(z1, z2, temperature, gather=None):
     """Masked cosine-similarity logits and targets for the 2N anchors of two views.
 
     z1, z2: (N, D), row i of z1 and row i of z2 are the two views of image i.
-    With u = normalize(cat(z1, z2)) (2N, D), logits = u u^T / tau (2N, 2N) in float32, the
+    With u = normalize(cat(z1, z2)) (2N, D), logits = u u^T / tau (2N, 2N) in float32 (or float64), the
     diagonal (self-similarity) set to -inf; the target of anchor k is its partner k +- N.
     Computed with one matmul; a zero embedding normalises to 0 and stays finite.
+
+    `gather(u) -> (candidates (M, D), offset)` makes the candidates the views of every process
+    (utils.distributed.gather_with_grad: M = 2NW, this process's rows at offset..offset+2N):
+    the logits are then (2N, M), this process's 2N anchors against all M views.
     """
     n = z1.shape[0]
     with torch.autocast(z1.device.type, enabled=False):  # bf16 similarities lose ~1e-2
-        u = F.normalize(torch.cat([z1, z2]).float(), dim=1)
-        logits = (u @ u.T) / temperature
-    self_mask = torch.eye(2 * n, dtype=torch.bool, device=u.device)
+        z = torch.cat([z1, z2])
+        u = F.normalize(z.to(torch.promote_types(z.dtype, torch.float32)), dim=1)
+        candidates, offset = (u, 0) if gather is None else gather(u)
+        logits = (u @ candidates.T) / temperature
+    rows = torch.arange(2 * n, device=u.device)
+    self_mask = torch.zeros_like(logits, dtype=torch.bool)
+    self_mask[rows, rows + offset] = True
     logits = logits.masked_fill(self_mask, float("-inf"))
-    targets = torch.cat([torch.arange(n, 2 * n), torch.arange(0, n)]).to(u.device)
+    targets = torch.cat([torch.arange(n, 2 * n), torch.arange(0, n)]).to(u.device) + offset
     return logits, targets
 
 
@@ -31,18 +39,28 @@ class NTXentLoss(nn.Module):
     the masked logits of `ntxent_logits` (log-sum-exp, never a raw exp), so it is exact for any
     N >= 1, finite at tau = 0.01 and for zero embeddings (whose gradient is finite but large,
     as normalising a zero vector is), and computed in float32 even under autocast.
+
+    With `gather` (see ntxent_logits) each process averages l_k over its own anchors, the sum
+    running over the views of all processes; the mean of these per-process losses is the loss
+    of the global batch, and with DDP's gradient averaging so is the gradient.
     """
 
-    def __init__(self, temperature=0.5):
+    def __init__(self, temperature=0.5, gather=None):
         super().__init__()
         if temperature <= 0:
             raise ValueError("temperature must be positive")
         self.temperature = temperature
+        self.gather = gather
 
     def forward(self, z1, z2):
         """z1, z2: (N, D) -> scalar mean loss over 2N anchors."""
-        logits, targets = ntxent_logits(z1, z2, self.temperature)
-        return F.cross_entropy(logits, targets)
+        return self.loss_and_top1(z1, z2)[0]
+
+    def loss_and_top1(self, z1, z2):
+        """(loss, positive-pair top-1 of this process's anchors, detached) from one matmul."""
+        logits, targets = ntxent_logits(z1, z2, self.temperature, self.gather)
+        top1 = (logits.detach().argmax(dim=1) == targets).float().mean()
+        return F.cross_entropy(logits, targets), top1
 
 
 @torch.no_grad()
