@@ -164,6 +164,7 @@ def select_training_device(args):
 def prepare_run(args, images, paths):
     """(checkpoint or None, model_meta) on rank 0: resume checks, or data statistics for a new
     run (computed once and cached in RESPATH)."""
+    ensure_writable_dir(args.respath)
     ckpt = None
     if os.path.exists(paths.checkpoint) and not args.fresh:
         ckpt = load_checkpoint(paths.checkpoint)
@@ -191,14 +192,13 @@ def main(args):
 
 
 def pretrain(args, device, n_gpus):
+    """The run on this process's `device` (one of `get_world_size()` under torchrun)."""
     rank, world_size = get_rank(), get_world_size()
     if is_main_process():
         print_args(args)
     images = find_split(args.datapath, "train", require_labels=False)
     check_same_on_all_ranks(len(images), "the number of training images")
     paths = RunPaths(args.respath)
-    if is_main_process():
-        ensure_writable_dir(args.respath)
     ckpt, meta = decide_on_main(lambda: prepare_run(args, images, paths))
     blur = args.blur if args.blur is not None else meta["image_size"] > 32
     print0(f"data: {len(images)} training images, {meta['in_channels']} channel(s), "

@@ -3,7 +3,8 @@ imports torch.distributed; every function also works in a plain single process (
 
     torchrun --nproc_per_node=K main.py DATAPATH RESPATH ...                       # one machine
     torchrun --nnodes=M --node_rank=i --nproc_per_node=K \\
-             --rdzv_backend=c10d --rdzv_endpoint=HOST:29500 main.py DATAPATH RESPATH ...  # M machines
+             --rdzv_backend=c10d --rdzv_endpoint=HOST:29500 main.py DATAPATH RESPATH ...
+                                                                          # on M machines
 
 Ranks differ only in which slice of each global batch they load and in who writes files (rank 0).
 Every rank applies every state update. The gradient of the NT-Xent loss equals that of one process
@@ -131,7 +132,10 @@ def check_same_on_all_ranks(value, what):
     if not is_distributed():
         return
     values = [None] * get_world_size()
-    dist.all_gather_object(values, value)
+    try:
+        dist.all_gather_object(values, value)
+    except (RuntimeError, dist.DistError) as err:
+        raise _lost_peer(err) from None
     if any(v != values[0] for v in values):
         raise UserError(f"the processes disagree on {what}: {values} (by rank); every machine "
                         f"needs the same DATAPATH contents", all_ranks=True)

@@ -1,4 +1,4 @@
-"""LARS, the large-batch optimizer of the SimCLR paper (You et al. 2017), as SimCLR's code has it."""
+"""LARS, the large-batch optimizer of the SimCLR paper (You et al. 2017), as in SimCLR's code."""
 import torch
 
 

@@ -8,8 +8,9 @@ def ntxent_logits(z1, z2, temperature, gather=None):
     """Masked cosine-similarity logits and targets for the 2N anchors of two views.
 
     z1, z2: (N, D), row i of z1 and row i of z2 are the two views of image i.
-    With u = normalize(cat(z1, z2)) (2N, D), logits = u u^T / tau (2N, 2N) in float32 (or float64), the
-    diagonal (self-similarity) set to -inf; the target of anchor k is its partner k +- N.
+    With u = normalize(cat(z1, z2)) (2N, D), logits = u u^T / tau (2N, 2N) in float32 (float64
+    for float64 input), the diagonal (self-similarity) set to -inf; the target of anchor k is
+    its partner k +- N.
     Computed with one matmul; a zero embedding normalises to 0 and stays finite.
 
     `gather(u) -> (candidates (M, D), offset)` makes the candidates the views of every process
