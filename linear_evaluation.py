@@ -3,7 +3,8 @@
     python linear_evaluation.py DATAPATH MODELPATH RESPATH -bs 125 -c --multiple_gpus \
         --remove_top_layers N
 
-DATAPATH holds ImageFolder train/ and test/ with the same class folders. MODELPATH is the
+DATAPATH holds ImageFolder train/ and test/ with the same class folders, or is a MedMNIST
+.npz file or name, or a path list with --test-list (see utils/sources.py). MODELPATH is the
 model.pth or checkpoint.pth main.py wrote. --remove_top_layers N removes the top N Linear layers
 of the projection head (each with its BatchNorm/ReLU): N = head depth (the default) evaluates the
 encoder output h, as the SimCLR paper does; N = 0 evaluates the projection z.
@@ -16,9 +17,10 @@ import torch
 from sklearn.metrics import classification_report, confusion_matrix
 
 from utils.checkpoint import atomic_torch_save, load_pretrained
-from utils.cli import (UserError, add_data_loading_args, ensure_writable_dir, json_dump,
-                       print_args, run_main, select_device)
-from utils.data import ImageDataset, find_split, make_loader
+from utils.cli import (UserError, add_data_loading_args, add_data_source_args,
+                       ensure_writable_dir, json_dump, print_args, run_main, select_device)
+from utils.data import ImageDataset, make_loader
+from utils.sources import load_split, select_subset
 from utils.linear_probe import LinearProbe, extract_features
 from utils.model import build_model, head_depth, load_state_strict, truncate_head
 from utils.plotfuncs import plot_accuracy_vs_layer, plot_confusion_matrix
@@ -30,11 +32,14 @@ def get_args_parser():
         description="Linear evaluation: logistic regression on frozen SimCLR features.",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     parser.add_argument("datapath", metavar="DATAPATH",
-                        help="folder with train/ and test/, each with one subfolder per class")
+                        help="folder with train/ and test/, each with one subfolder per class; "
+                             "or a MedMNIST .npz file or name; or a path list of 'path,label' "
+                             "lines (with --test-list)")
     parser.add_argument("modelpath", metavar="MODELPATH",
                         help="model.pth or checkpoint.pth written by main.py")
     parser.add_argument("respath", metavar="RESPATH", help="folder for the report and figures")
     add_data_loading_args(parser, batch_size=125)
+    add_data_source_args(parser)
     parser.add_argument("--remove_top_layers", "--remove-top-layers", dest="remove_top_layers",
                         type=int, default=None,
                         help="projection-head Linear layers to remove (each with its activation); "
@@ -69,14 +74,15 @@ def load_model(args):
     return model, meta
 
 
-def labelled_splits(datapath):
-    """(train ImageList, test ImageList); both must have the same class folders."""
-    train = find_split(datapath, "train", require_labels=True)
-    test = find_split(datapath, "test", require_labels=True)
+def labelled_splits(args):
+    """(train ImageList, test ImageList) with the same classes; the train split reduced by
+    --samples / --samples-per-class."""
+    train = load_split(args.datapath, "train", True, args)
+    test = load_split(args.datapath, "test", True, args)
     if train.classes != test.classes:
-        raise UserError(f"train/ and test/ of {datapath} have different class folders "
+        raise UserError(f"the train and test splits of {args.datapath} have different classes "
                         f"({len(train.classes)} vs {len(test.classes)}); they must match")
-    return train, test
+    return select_subset(train, args.samples, args.samples_per_class, args.seed), test
 
 
 def probe_accuracy(train_x, train_y, test_x, test_y, n_classes, args):
@@ -110,7 +116,7 @@ def main(args):
     ensure_writable_dir(args.respath)
     print_args(args)
     model, meta = load_model(args)
-    train_images, test_images = labelled_splits(args.datapath)
+    train_images, test_images = labelled_splits(args)
     depth = head_depth(model.head)
     remove = depth if args.remove_top_layers is None else args.remove_top_layers
     truncate_head(model.head, remove)  # validates the value before the slow part

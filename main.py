@@ -26,16 +26,17 @@ from simclr import (History, build_optimizer, checkpoint_state, learning_rate_at
                     scaled_learning_rate, train)
 from utils.checkpoint import (RunPaths, atomic_savez, atomic_torch_save, load_checkpoint,
                               save_checkpoint, set_rng_state, unwrap_model)
-from utils.cli import (UserError, add_data_loading_args, ensure_writable_dir, environment_info,
-                       json_dump, print_args, run_main, select_device)
+from utils.cli import (UserError, add_data_loading_args, add_data_source_args,
+                       ensure_writable_dir, environment_info, json_dump, print_args, run_main,
+                       select_device)
 from utils.distributed import (barrier, check_same_on_all_ranks, cleanup, decide_on_main,
                                gather_with_grad, get_rank, get_world_size, is_main_process,
                                launched_by_torchrun, print0, setup, wrap_model)
-from utils.data import (EpochBatchSampler, TwoViewDataset, dataset_statistics, find_split,
-                        make_loader)
+from utils.data import EpochBatchSampler, TwoViewDataset, dataset_statistics, make_loader
 from utils.model import FEATURE_DIMS, build_model, default_proj_dims, resolve_stem
 from utils.ntxent import NTXentLoss
 from utils.plotfuncs import plot_training_losses
+from utils.sources import load_split, select_subset
 from utils.transforms import SimCLRAugmentation, TwoViews
 
 # Settings that define the run: resuming with a different value is an error, not a silent mix.
@@ -53,10 +54,12 @@ def get_args_parser():
         description="SimCLR pretraining on your own images (resumes automatically).",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     parser.add_argument("datapath", metavar="DATAPATH",
-                        help="folder with train/ (ImageFolder or plain images) or a plain folder "
-                             "of images")
+                        help="folder with train/ (ImageFolder or plain images), a plain folder "
+                             "of images, a MedMNIST .npz file or name (pathmnist, ...), or a "
+                             "path list (see README 'Data sources')")
     parser.add_argument("respath", metavar="RESPATH", help="output folder of this run")
     add_data_loading_args(parser, batch_size=250)
+    add_data_source_args(parser)
 
     opt = parser.add_argument_group("optimisation")
     opt.add_argument("--epochs", type=int, default=100, help="total epochs of the run")
@@ -196,7 +199,8 @@ def pretrain(args, device, n_gpus):
     rank, world_size = get_rank(), get_world_size()
     if is_main_process():
         print_args(args)
-    images = find_split(args.datapath, "train", require_labels=False)
+    images = select_subset(load_split(args.datapath, "train", False, args), args.samples,
+                           args.samples_per_class, args.seed)
     check_same_on_all_ranks(len(images), "the number of training images")
     paths = RunPaths(args.respath)
     ckpt, meta = decide_on_main(lambda: prepare_run(args, images, paths))
@@ -252,7 +256,8 @@ def pretrain(args, device, n_gpus):
                                  total_steps=total_steps)
     schedule_info = {"name": "linear_warmup_cosine", "base_lr": peak_lr,
                      "warmup_steps": warmup_steps, "total_steps": total_steps}
-    data_info = {"datapath": os.path.abspath(args.datapath), "n_images": len(images),
+    source = os.path.abspath(args.datapath) if os.path.exists(args.datapath) else args.datapath
+    data_info = {"datapath": source, "n_images": len(images),
                  "classes": images.classes, "blur": blur}
     run_info = {"args": vars(args), "model_meta": meta, "environment": environment_info(device),
                 "steps_per_epoch": steps_per_epoch, "augmentation": repr(augmentation),

@@ -10,7 +10,7 @@ import torch
 from PIL import Image
 
 from utils.cli import UserError
-from utils.data import (AUGMENT_STREAM, ORDER_STREAM, EpochBatchSampler, ImageDataset,
+from utils.data import (AUGMENT_STREAM, ORDER_STREAM, EpochBatchSampler, ImageDataset, ImageList,
                         TwoViewDataset, compute_mean_std, dataset_statistics, derive_seed,
                         detect_channels, find_split, load_image, scan_image_folder)
 
@@ -192,10 +192,10 @@ def test_load_image_rgb_to_gray(tmp_path):
 def test_detect_channels(tmp_path):
     """All-grayscale files give 1 channel; a single RGB file among them gives 3."""
     grays = [write_png(tmp_path / f"g{i}.png", gray(i)) for i in range(3)]
-    assert detect_channels(grays) == 1
+    assert detect_channels(ImageList(grays)) == 1
     colour = write_png(tmp_path / "c.png", rgb(9))
-    assert detect_channels(grays + [colour]) == 3
-    assert detect_channels([colour] + grays) == 3
+    assert detect_channels(ImageList(grays + [colour])) == 3
+    assert detect_channels(ImageList([colour] + grays)) == 3
 
 
 # --- statistics -----------------------------------------------------------------------------
@@ -206,7 +206,7 @@ def test_compute_mean_std_gray_matches_numpy(tmp_path):
     arrays = [gray(0, (8, 8)), gray(1, (5, 11)), gray(2, (16, 3))]
     paths = [write_png(tmp_path / f"{i}.png", a) for i, a in enumerate(arrays)]
     pixels = np.concatenate([a.reshape(-1) for a in arrays]).astype(np.float64) / 255
-    mean, std = compute_mean_std(paths, 1)
+    mean, std = compute_mean_std(ImageList(paths), 1)
     np.testing.assert_allclose(mean, [pixels.mean()], rtol=1e-10)
     np.testing.assert_allclose(std, [pixels.std()], rtol=1e-8)
 
@@ -222,7 +222,7 @@ def test_compute_mean_std_rgb_matches_numpy(tmp_path):
         arrays.append(a.astype(np.uint8))
     paths = [write_png(tmp_path / f"{i}.png", a) for i, a in enumerate(arrays)]
     stacked = np.stack(arrays).astype(np.float64) / 255
-    mean, std = compute_mean_std(paths, 3)
+    mean, std = compute_mean_std(ImageList(paths), 3)
     np.testing.assert_allclose(mean, stacked.mean(axis=(0, 1, 2)), rtol=1e-10)
     np.testing.assert_allclose(std, stacked.std(axis=(0, 1, 2)), rtol=1e-8)
 

@@ -25,13 +25,33 @@ STATS_MAX_IMAGES = 10_000
 
 @dataclass
 class ImageList:
-    """Image paths with optional integer labels and the class names they index."""
+    """Images with optional integer labels and the class names they index.
+
+    Images are files (`paths`) or, for array sources such as MedMNIST, rows of `pixels`, a uint8
+    array (N, H, W) or (N, H, W, 3) held in memory once; `paths` then holds display names
+    ("FILE.npz:train[17]") used in messages.
+    """
     paths: list
     labels: list = None  # None for unlabeled data
     classes: list = field(default_factory=list)
+    pixels: np.ndarray = None
 
     def __len__(self):
         return len(self.paths)
+
+    def load(self, index, channels):
+        """Image `index` as a PIL image with `channels` (1 -> 'L', 3 -> 'RGB')."""
+        if self.pixels is None:
+            return load_image(self.paths[index], channels)
+        img = Image.fromarray(self.pixels[index])
+        return img.convert("L" if channels == 1 else "RGB")
+
+    def subset(self, indices):
+        """The images at `indices` (a list of ints), in that order, with the same classes."""
+        return ImageList([self.paths[i] for i in indices],
+                         None if self.labels is None else [self.labels[i] for i in indices],
+                         self.classes,
+                         None if self.pixels is None else self.pixels[np.asarray(indices, int)])
 
 
 ORDER_STREAM, AUGMENT_STREAM = 1, 2
@@ -122,6 +142,8 @@ def find_split(datapath, split, require_labels):
 
 def drop_unreadable(images):
     """Remove files PIL cannot identify, warning with each name; UserError if none are left."""
+    if images.pixels is not None:
+        return images
     keep = []
     for i, path in enumerate(images.paths):
         try:
@@ -134,10 +156,9 @@ def drop_unreadable(images):
         raise UserError("none of the image files could be read; check the data folder")
     if len(keep) == len(images):
         return images
-    labels = None if images.labels is None else [images.labels[i] for i in keep]
-    result = ImageList([images.paths[i] for i in keep], labels, images.classes)
-    if labels is not None:
-        present = set(labels)
+    result = images.subset(keep)
+    if result.labels is not None:
+        present = set(result.labels)
         for label, name in enumerate(images.classes):
             if label not in present:
                 raise UserError(f"class {name} has no readable images; fix or remove its folder")
@@ -157,9 +178,13 @@ def load_image(path, channels):
         return img.convert("L" if channels == 1 else "RGB")
 
 
-def detect_channels(paths):
-    """1 if every image in `paths` is grayscale (by PIL mode), else 3."""
-    for path in paths:
+def detect_channels(images):
+    """1 if every image of the ImageList `images` is grayscale (by PIL mode or array shape),
+    else 3. Arrays (N, H, W, 3) whose three channels are equal everywhere count as grayscale."""
+    if images.pixels is not None:
+        px = images.pixels
+        return 1 if px.ndim == 3 or bool(np.all(px == px[..., :1])) else 3
+    for path in images.paths:
         with Image.open(path) as img:
             if img.mode == "P":
                 palette = np.asarray(img.getpalette() or [], dtype=np.int16).reshape(-1, 3)
@@ -170,27 +195,28 @@ def detect_channels(paths):
     return 1
 
 
-def stats_sample(paths, seed):
-    """Up to STATS_MAX_IMAGES paths chosen reproducibly, for channel and mean/std estimates."""
-    if len(paths) <= STATS_MAX_IMAGES:
-        return list(paths)
+def stats_sample(images, seed):
+    """Up to STATS_MAX_IMAGES of `images` chosen reproducibly, for channel and mean/std
+    estimates (an ImageList)."""
+    if len(images) <= STATS_MAX_IMAGES:
+        return images
     rng = np.random.default_rng(seed)
-    return [paths[i] for i in sorted(rng.choice(len(paths), STATS_MAX_IMAGES, replace=False))]
+    return images.subset(sorted(rng.choice(len(images), STATS_MAX_IMAGES, replace=False)))
 
 
-def compute_mean_std(paths, channels):
-    """Per-channel mean and std of pixel values in [0, 1] over all pixels of `paths`.
+def compute_mean_std(images, channels):
+    """Per-channel mean and std of pixel values in [0, 1] over all pixels of `images`.
 
     Returns two lists of length `channels`. Uses float64 sums, one pass.
     """
     total = np.zeros(channels)
     total_sq = np.zeros(channels)
     count = 0
-    for path in paths:
+    for index in range(len(images)):
         try:
-            img = load_image(path, channels)
+            img = images.load(index, channels)
         except (OSError, ValueError) as err:
-            warn(f"{path} could not be decoded ({err}); left out of the mean/std")
+            warn(f"{images.paths[index]} could not be decoded ({err}); left out of the mean/std")
             continue
         arr = np.asarray(img, dtype=np.float64).reshape(-1, channels)
         arr /= 255.0
@@ -202,10 +228,12 @@ def compute_mean_std(paths, channels):
     return mean.tolist(), np.maximum(std, 1e-3).tolist()
 
 
-def native_image_size(paths):
-    """Median shorter side of the images in `paths`, capped at 224."""
+def native_image_size(images):
+    """Median shorter side of `images` (the first 1000), capped at 224."""
+    if images.pixels is not None:
+        return int(min(224, *images.pixels.shape[1:3]))
     sides = []
-    for path in paths[:1000]:
+    for path in images.paths[:1000]:
         with Image.open(path) as img:
             sides.append(min(img.size))
     return int(min(224, np.median(sides)))
@@ -225,7 +253,7 @@ def dataset_statistics(images, cache_path, seed):
                 return cached["stats"]
         except (OSError, ValueError, KeyError):
             pass
-    sample = stats_sample(images.paths, seed)
+    sample = stats_sample(images, seed)
     channels = detect_channels(sample)
     mean, std = compute_mean_std(sample, channels)
     stats = {"channels": channels, "native_size": native_image_size(sample),
@@ -247,21 +275,21 @@ class ImageDataset(torch.utils.data.Dataset):
         return len(self.images)
 
     def __getitem__(self, index):
-        img = _load_or_substitute(self.images.paths, index, self.channels)
+        img = _load_or_substitute(self.images, index, self.channels)
         label = -1 if self.images.labels is None else self.images.labels[index]
         return self.transform(img), label
 
 
-def _load_or_substitute(paths, index, channels):
-    """Load paths[index]; an image that fails to decode is replaced by the next one, with a
+def _load_or_substitute(images, index, channels):
+    """Load image `index`; an image that fails to decode is replaced by the next one, with a
     warning naming it, so a corrupt file never stops an epoch."""
-    for offset in range(len(paths)):
-        path = paths[(index + offset) % len(paths)]
+    for offset in range(len(images)):
+        i = (index + offset) % len(images)
         try:
-            return load_image(path, channels)
+            return images.load(i, channels)
         except (OSError, ValueError, UnidentifiedImageError) as err:
-            warn(f"{path} could not be decoded ({err}); using another image in its place. "
-                 f"Remove or replace this file.")
+            warn(f"{images.paths[i]} could not be decoded ({err}); using another image in its "
+                 f"place. Remove or replace this file.")
     raise UserError("no image of the data set could be decoded")
 
 
@@ -284,7 +312,7 @@ class TwoViewDataset(torch.utils.data.Dataset):
 
     def __getitem__(self, key):
         index, epoch = key
-        img = _load_or_substitute(self.images.paths, index, self.channels)
+        img = _load_or_substitute(self.images, index, self.channels)
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(derive_seed(AUGMENT_STREAM, self.seed, epoch, index))
             return self.transform(img)

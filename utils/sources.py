@@ -1,0 +1,209 @@
+"""Where the images of a split come from: ImageFolder trees and plain folders (utils/data.py),
+MedMNIST `.npz` files (by path or by name), and path lists. Every script that takes DATAPATH
+calls `load_split` with the same flags (`utils.cli.add_data_source_args`), then `select_subset`.
+
+    DATAPATH                     train / val / test
+    folder                       DATAPATH/train|val|test (ImageFolder or plain images)
+    FILE.npz (MedMNIST format)   the arrays {split}_images, {split}_labels
+    pathmnist, chestmnist, ...   DATA_ROOT/NAME.npz, or NAME_SIZE.npz with --size 64|128|224
+    FILE.txt (a path list)       train only; other splits from --val-list / --test-list
+    --train-list/--val-list/--test-list FILE override DATAPATH for their split.
+
+A path list has one image per line, `path` or `path,label`, relative to the list's folder or
+absolute; blank lines and lines starting with # are skipped.
+"""
+import os
+
+import numpy as np
+
+from utils.cli import UserError
+from utils.data import ImageList, derive_seed, drop_unreadable, find_split
+
+MEDMNIST_2D = ("pathmnist", "chestmnist", "dermamnist", "octmnist", "pneumoniamnist",
+               "retinamnist", "breastmnist", "bloodmnist", "tissuemnist", "organamnist",
+               "organcmnist", "organsmnist")
+MEDMNIST_SIZES = (28, 64, 128, 224)
+MULTILABEL = ("chestmnist",)
+SPLITS = ("train", "val", "test")
+SUBSET_STREAM = 3
+
+
+def medmnist_file(name, data_root, size):
+    """Path of MedMNIST data set `name` under `data_root`: NAME.npz (28 px) or NAME_SIZE.npz."""
+    root = os.path.expanduser(data_root)
+    return os.path.join(root, f"{name}.npz" if size == 28 else f"{name}_{size}.npz")
+
+
+def download_medmnist(name, data_root, size):
+    """Fetch `name` at `size` px into `data_root` through the optional `medmnist` package."""
+    try:
+        import medmnist
+    except ImportError:
+        raise UserError("--download needs the optional package medmnist: pip install medmnist "
+                        "(or put the .npz file under --data-root yourself)") from None
+    info = medmnist.INFO[name]
+    data_class = getattr(medmnist, info["python_class"])
+    os.makedirs(os.path.expanduser(data_root), exist_ok=True)
+    try:
+        kwargs = {} if size == 28 else {"size": size}
+        data_class(split="train", download=True, root=os.path.expanduser(data_root), **kwargs)
+    except Exception as err:  # network errors come in many types
+        raise UserError(f"downloading {name} ({size} px) failed ({type(err).__name__}: "
+                        f"{str(err)[:150]}); check the connection or fetch the file by "
+                        f"hand into {data_root}") from None
+
+
+def medmnist_class_names(name, n_classes):
+    """Class names from the medmnist package's metadata when installed, else '0', '1', ..."""
+    try:
+        import medmnist
+        labels = medmnist.INFO[name]["label"]
+        return [labels[str(i)] for i in range(n_classes)]
+    except (ImportError, KeyError):
+        return [str(i) for i in range(n_classes)]
+
+
+def read_npz_split(path, split, name=None):
+    """One split of a MedMNIST-format .npz file as an in-memory ImageList.
+
+    Labels (N, 1) are class indices. Multi-label files (chestmnist, labels (N, 14)) are reduced
+    to one binary label, 'no finding' (all 14 zero) vs 'finding' (any one); pretraining does
+    not use labels at all.
+    """
+    try:
+        data = np.load(path)
+    except (OSError, ValueError) as err:
+        raise UserError(f"{path} is not a readable .npz file ({err})") from None
+    with data:
+        needed = {f"{s}_{kind}" for s in SPLITS for kind in ("images", "labels")}
+        missing = sorted(needed - set(data.files))
+        if missing:
+            raise UserError(f"{path} lacks {', '.join(missing)} (it has {', '.join(data.files)}); "
+                            f"a MedMNIST file holds train/val/test _images and _labels")
+        pixels = np.ascontiguousarray(data[f"{split}_images"])
+        labels = np.asarray(data[f"{split}_labels"])
+    if pixels.dtype != np.uint8 or pixels.ndim not in (3, 4) or (
+            pixels.ndim == 4 and pixels.shape[3] not in (1, 3)):
+        raise UserError(f"{path}: {split}_images must be uint8 (N, H, W) or (N, H, W, 3), got "
+                        f"{pixels.dtype} {pixels.shape}")
+    if pixels.ndim == 4 and pixels.shape[3] == 1:
+        pixels = pixels[..., 0]
+    if len(labels) != len(pixels):
+        raise UserError(f"{path}: {len(pixels)} {split} images but {len(labels)} labels")
+    labels = labels.reshape(len(labels), -1)
+    name = name or os.path.basename(path).split(".")[0].split("_")[0]
+    if labels.shape[1] > 1:
+        classes = ["no finding", "finding"]
+        label_list = (labels.max(1) > 0).astype(int).tolist()
+    else:
+        label_list = labels[:, 0].astype(int).tolist()
+        classes = medmnist_class_names(name, int(labels.max()) + 1 if len(labels) else 0)
+    names = [f"{os.path.basename(path)}:{split}[{i}]" for i in range(len(pixels))]
+    return ImageList(names, label_list, classes, pixels)
+
+
+def read_path_list(list_path, require_labels):
+    """ImageList from a text file of `path` or `path,label` lines (see module docstring)."""
+    if not os.path.isfile(list_path):
+        raise UserError(f"path list {list_path} does not exist")
+    folder = os.path.dirname(os.path.abspath(list_path))
+    paths, labels = [], []
+    with open(list_path) as f:
+        for number, line in enumerate(f, 1):
+            line = line.strip()
+            if not line or line.startswith("#"):
+                continue
+            path, _, label = (part.strip() for part in line.partition(","))
+            path = path if os.path.isabs(path) else os.path.join(folder, path)
+            if not os.path.isfile(path):
+                raise UserError(f"{list_path} line {number}: image {path} does not exist; fix "
+                                f"the path (relative paths start at the list's folder)")
+            paths.append(path)
+            labels.append(label or None)
+    if not paths:
+        raise UserError(f"path list {list_path} names no images")
+    given = [label is not None for label in labels]
+    if any(given) and not all(given):
+        first = given.index(False) if given[0] else given.index(True)
+        raise UserError(f"{list_path}: some lines have a label and some do not (e.g. entry "
+                        f"{first + 1}); give every line as path,label or none")
+    if not all(given):
+        if require_labels:
+            raise UserError(f"{list_path} has no labels; labelled evaluation needs lines "
+                            f"'path,label'")
+        return drop_unreadable(ImageList(paths))
+    names = sorted(set(labels), key=lambda v: (not v.lstrip("-").isdigit(),
+                                               int(v) if v.lstrip("-").isdigit() else 0, v))
+    index = {name: i for i, name in enumerate(names)}
+    return drop_unreadable(ImageList(paths, [index[v] for v in labels], names))
+
+
+def _is_list_file(path):
+    return os.path.isfile(path) and not path.endswith(".npz")
+
+
+def load_split(datapath, split, require_labels, options):
+    """The `split` ('train', 'val' or 'test') of DATAPATH as an ImageList.
+
+    `options` holds the flags of add_data_source_args: data_root, size, download, train_list,
+    val_list, test_list. UserError names the missing piece and the fix.
+    """
+    explicit = getattr(options, f"{split}_list", None)
+    if explicit:
+        return read_path_list(explicit, require_labels)
+    name = datapath.lower()
+    size = getattr(options, "size", 28) or 28
+    if not os.path.exists(datapath) and name in MEDMNIST_2D:
+        path = medmnist_file(name, options.data_root, size)
+        if not os.path.exists(path):
+            if not getattr(options, "download", False):
+                raise UserError(f"{name} ({size} px) is not in {options.data_root} (looked for "
+                                f"{path}); add --download to fetch it, or --data-root to "
+                                f"point at the folder holding it")
+            download_medmnist(name, options.data_root, size)
+        return read_npz_split(path, split, name)
+    if datapath.endswith(".npz"):
+        if not os.path.isfile(datapath):
+            raise UserError(f"DATAPATH {datapath} does not exist")
+        return read_npz_split(datapath, split)
+    if _is_list_file(datapath):
+        if split != "train":
+            raise UserError(f"DATAPATH {datapath} is a path list, which gives the train split "
+                            f"only; pass the {split} images with --{split}-list FILE")
+        return read_path_list(datapath, require_labels)
+    if not os.path.exists(datapath) and "mnist" in name:
+        raise UserError(f"DATAPATH {datapath} is neither a folder nor a known MedMNIST name "
+                        f"({', '.join(MEDMNIST_2D)})")
+    return find_split(datapath, split, require_labels)
+
+
+def select_subset(images, samples=None, samples_per_class=None, seed=0):
+    """A reproducible subset of `images`: `samples_per_class` K images of every class, and/or
+    `samples` N images in all, chosen by `seed` alone (so every script picks the same ones).
+    Returns `images` itself when neither is given. Indices stay in their original order."""
+    if samples is None and samples_per_class is None:
+        return images
+    rng = np.random.default_rng(derive_seed(SUBSET_STREAM, seed))
+    chosen = np.arange(len(images))
+    if samples_per_class is not None:
+        if images.labels is None:
+            raise UserError("--samples-per-class needs labelled data (class folders, MedMNIST "
+                            "or a path list with labels)")
+        if samples_per_class < 1:
+            raise UserError("--samples-per-class must be at least 1")
+        labels = np.asarray(images.labels)
+        picked = []
+        for label, name in enumerate(images.classes):
+            members = np.flatnonzero(labels == label)
+            if len(members) < samples_per_class:
+                raise UserError(f"class {name} has {len(members)} images, fewer than "
+                                f"--samples-per-class {samples_per_class}; use "
+                                f"{len(members)} or less")
+            picked.append(rng.permutation(members)[:samples_per_class])
+        chosen = np.sort(np.concatenate(picked))
+    if samples is not None:
+        if not 1 <= samples <= len(chosen):
+            raise UserError(f"--samples {samples} is not between 1 and the {len(chosen)} "
+                            f"images available")
+        chosen = np.sort(rng.permutation(chosen)[:samples])
+    return images.subset(chosen.tolist())
