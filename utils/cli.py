@@ -59,6 +59,31 @@ def add_data_loading_args(parser, batch_size):
     return group
 
 
+def add_data_source_args(parser):
+    """Flags that say where the images come from (see utils/sources.py), for every script that
+    takes DATAPATH, and the subset flags of label-budget experiments."""
+    group = parser.add_argument_group("data source")
+    group.add_argument("--data-root", default="~/.medmnist",
+                       help="folder of MedMNIST .npz files, when DATAPATH is a MedMNIST name "
+                            "such as pathmnist (the medmnist package's default folder)")
+    group.add_argument("--size", type=int, choices=(28, 64, 128, 224), default=28,
+                       help="MedMNIST image size: NAME.npz is 28 px, NAME_SIZE.npz the others")
+    group.add_argument("--download", action="store_true",
+                       help="fetch a missing MedMNIST data set with the optional medmnist "
+                            "package (pip install medmnist)")
+    for split in ("train", "val", "test"):
+        group.add_argument(f"--{split}-list", metavar="FILE", default=None,
+                           help=f"text file of {split} images, one 'path' or 'path,label' per "
+                                f"line (relative to the file's folder); overrides DATAPATH "
+                                f"for the {split} split")
+    group.add_argument("--samples", type=int, default=None,
+                       help="use only N training images, chosen by --seed")
+    group.add_argument("--samples-per-class", type=int, default=None,
+                       help="use only K training images of every class, chosen by --seed "
+                            "(the same images in every script for the same seed)")
+    return group
+
+
 def select_device(cuda, multiple_gpus):
     """Return (device, n_gpus_to_use) for the flags -c and --multiple_gpus.
 
