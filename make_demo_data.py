@@ -86,11 +86,34 @@ def build_demo_data(out, train_per_class, test_per_class, source="auto", seed=0)
         data, classes, used = load_digits_upscaled(), [str(d) for d in range(10)], "digits"
     if os.path.exists(out):
         shutil.rmtree(out)
+    splits = {}
     for split, per_class in (("train", train_per_class), ("test", test_per_class)):
         images, labels = data[split]
         keep = balanced_subset(labels, per_class, seed)
+        splits[split] = (images[keep], labels[keep])
         write_image_folder(images[keep], labels[keep], classes, os.path.join(out, split))
+    images, labels = data["train"]
+    unused = np.setdiff1d(np.arange(len(labels)), balanced_subset(labels, train_per_class, seed))
+    val = unused[balanced_subset(labels[unused], test_per_class, seed + 1)]
+    splits["val"] = (images[val], labels[val])
+    write_other_formats(splits, classes, out)
     return used
+
+
+def write_other_formats(splits, class_names, out):
+    """The same images in the other formats the scripts read: out/fashion_mnist.npz in the
+    MedMNIST layout ({split}_images uint8 (N, 28, 28), {split}_labels (N, 1); its val split is
+    extra, disjoint from train) and path lists out/train.txt, out/test.txt ('path,class')."""
+    np.savez_compressed(os.path.join(out, "fashion_mnist.npz"),
+                        **{f"{s}_images": x for s, (x, _) in splits.items()},
+                        **{f"{s}_labels": y.reshape(-1, 1).astype(np.uint8)
+                           for s, (_, y) in splits.items()})
+    for split in ("train", "test"):
+        with open(os.path.join(out, f"{split}.txt"), "w") as f:
+            f.write(f"# {split} images of this folder, as 'path,class' relative to it\n")
+            for i, label in enumerate(splits[split][1]):
+                name = class_names[label]
+                f.write(f"{split}/{name}/{i:05d}.png,{name}\n")
 
 
 def main():

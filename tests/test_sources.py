@@ -246,3 +246,25 @@ def test_source_errors_are_one_line(listed, tmp_path):
     missing.write_text(f"{entries['train'][0][0]}\nno/such/image.png\n")
     assert_one_line_error(run_script("main.py", missing, tmp_path / "r3", *FAST_PRETRAIN),
                           "line 2", "no/such/image.png")
+
+
+def test_demo_data_holds_the_same_images_as_npz_and_path_lists(tmp_path):
+    """make_demo_data.py writes the folders, a MedMNIST-format .npz and path lists of the same
+    images: every source gives the same pixels and class of each training image."""
+    from make_demo_data import build_demo_data
+    out = str(tmp_path / "demo")
+    build_demo_data(out, train_per_class=3, test_per_class=2)
+    folder = load_split(out, "train", True, options())
+    listed = load_split(os.path.join(out, "train.txt"), "train", True, options())
+    npz = load_split(os.path.join(out, "fashion_mnist.npz"), "train", True, options())
+    assert len(folder) == len(listed) == len(npz) == 30
+    assert len(load_split(os.path.join(out, "fashion_mnist.npz"), "val", True, options())) == 20
+    by_path = {os.path.realpath(p): (np.asarray(folder.load(i, 1)), folder.classes[label])
+               for i, (p, label) in enumerate(zip(folder.paths, folder.labels))}
+    for i in range(len(listed)):  # list order = npz order = the index in the file names
+        pixels, name = by_path[os.path.realpath(listed.paths[i])]
+        assert listed.classes[listed.labels[i]] == name
+        np.testing.assert_array_equal(np.asarray(npz.load(i, 1)), pixels)
+    names = [listed.classes[label] for label in listed.labels]
+    npz_names = sorted(set(zip(npz.labels, names)))
+    assert len(npz_names) == 10  # one npz class index per class name
