@@ -26,9 +26,9 @@ from simclr import (History, build_optimizer, checkpoint_state, learning_rate_at
                     scaled_learning_rate, train)
 from utils.checkpoint import (RunPaths, atomic_savez, atomic_torch_save, load_checkpoint,
                               save_checkpoint, set_rng_state, unwrap_model)
-from utils.cli import (UserError, add_data_loading_args, add_data_source_args,
-                       ensure_writable_dir, environment_info, json_dump, print_args, run_main,
-                       select_device)
+from utils.cli import (UserError, add_augmentation_args, add_data_loading_args,
+                       add_data_source_args, check_augmentation_args, ensure_writable_dir,
+                       environment_info, json_dump, print_args, run_main, select_device)
 from utils.distributed import (barrier, check_same_on_all_ranks, cleanup, decide_on_main,
                                gather_with_grad, get_rank, get_world_size, is_main_process,
                                launched_by_torchrun, print0, setup, wrap_model)
@@ -42,9 +42,11 @@ from utils.transforms import SimCLRAugmentation, TwoViews
 # Settings that define the run: resuming with a different value is an error, not a silent mix.
 RUN_DEFINING_ARGS = ("arch", "stem", "proj_dims", "image_size", "batch_size", "optimizer", "lr",
                      "lr_scaling", "weight_decay", "temperature", "warmup_epochs",
-                     "jitter_strength", "blur", "min_scale", "seed")
+                     "jitter_strength", "blur", "min_scale", "aug", "noise", "rotate", "cutout",
+                     "seed")
 # What a checkpoint written before a flag existed meant by it (so older runs still resume).
-LEGACY_VALUES = {"lr_scaling": "none"}
+LEGACY_VALUES = {"lr_scaling": "none", "aug": "natural", "noise": 0.0, "rotate": 0.0,
+                 "cutout": 0.0}
 DEFAULT_LR = {"sgd": 0.5, "lars": 0.3, "adamw": 1e-3}
 DEFAULT_WEIGHT_DECAY = {"sgd": 5e-4, "lars": 1e-6, "adamw": 1e-2}
 
@@ -101,16 +103,7 @@ def get_args_parser():
     mod.add_argument("--channels-last", action=argparse.BooleanOptionalAction, default=True,
                      help="channels-last memory format (about 1.4x faster on CPU here)")
 
-    aug = parser.add_argument_group("augmentation")
-    aug.add_argument("--image-size", type=int, default=None,
-                     help="training resolution in px (default: the images' median shorter side, "
-                          "at most 224)")
-    aug.add_argument("--jitter-strength", type=float, default=0.5,
-                     help="colour-jitter strength s: brightness/contrast/saturation 0.8s, hue 0.2s")
-    aug.add_argument("--blur", action=argparse.BooleanOptionalAction, default=None,
-                     help="Gaussian blur p=0.5 (default: on for images larger than 32 px)")
-    aug.add_argument("--min-scale", type=float, default=0.08,
-                     help="smallest RandomResizedCrop area fraction (the paper's 0.08)")
+    add_augmentation_args(parser)
 
     parser.add_argument("--fresh", action="store_true",
                         help="start over even if RESPATH holds a run (its files are replaced)")
@@ -129,8 +122,7 @@ def fill_defaults(args):
         args.proj_dims = default_proj_dims(args.arch)
     if args.epochs < 1:
         raise UserError("--epochs must be at least 1")
-    if not 0 < args.min_scale <= 1:
-        raise UserError("--min-scale must be in (0, 1]")
+    check_augmentation_args(args)
     if args.temperature <= 0:
         raise UserError("--temperature must be positive, e.g. 0.2")
 
@@ -211,7 +203,8 @@ def pretrain(args, device, n_gpus):
            flush=True)
 
     augmentation = SimCLRAugmentation(meta["image_size"], meta["in_channels"], meta["mean"],
-                                      meta["std"], args.jitter_strength, blur, args.min_scale)
+                                      meta["std"], args.jitter_strength, blur, args.min_scale,
+                                      args.aug, args.noise, args.rotate, args.cutout)
     dataset = TwoViewDataset(images, meta["in_channels"], TwoViews(augmentation), args.seed)
     sampler = EpochBatchSampler(len(images), args.batch_size, args.seed, rank, world_size)
     loader = make_loader(dataset, batch_sampler=sampler, num_workers=args.num_workers,
@@ -260,7 +253,8 @@ def pretrain(args, device, n_gpus):
     data_info = {"datapath": source, "n_images": len(images),
                  "classes": images.classes, "blur": blur}
     run_info = {"args": vars(args), "model_meta": meta, "environment": environment_info(device),
-                "steps_per_epoch": steps_per_epoch, "augmentation": repr(augmentation),
+                "steps_per_epoch": steps_per_epoch,
+                "augmentation": {"preset": args.aug, "steps": augmentation.describe()},
                 **scaling}
     started = time.perf_counter()
     first_step = len(history.step_losses)

@@ -84,6 +84,63 @@ def add_data_source_args(parser):
     return group
 
 
+def add_augmentation_args(parser):
+    """The "augmentation" argument group: --aug PRESET, the extras --noise/--rotate/--cutout and
+    --image-size, --jitter-strength, --blur/--no-blur, --min-scale. Defines, validates nothing.
+
+    The preset names are utils.transforms.AUGMENTATION_PRESETS (repeated here so that building
+    a parser does not import torch; a test checks they agree).
+    """
+    import argparse
+
+    presets = {"natural": "the SimCLR paper's crop, flip, colour jitter, random grayscale, blur",
+               "novel": "natural with half-strength jitter plus random histogram equalisation "
+                        "and sharpening (low-contrast medical images)",
+               "simple": "crop, colour jitter, blur (no flip, no grayscale)",
+               "greyscale": "crop, flip, blur; no colour jitter (grayscale modalities)"}
+    group = parser.add_argument_group("augmentation")
+    group.add_argument("--aug", choices=tuple(presets), default="natural",
+                       help="augmentation preset: " +
+                            "; ".join(f"{name} = {what}" for name, what in presets.items()))
+    group.add_argument("--noise", metavar="SIGMA", type=float, default=0.0,
+                       help="add Gaussian noise of std SIGMA (in units of the [0, 1] pixel range) "
+                            "to every view, clamped to [0, 1]; 0 = off")
+    group.add_argument("--rotate", metavar="DEG", type=float, default=0.0,
+                       help="random rotation by up to +-DEG degrees (corners black); 0 = off")
+    group.add_argument("--cutout", metavar="P", type=float, default=0.0,
+                       help="with probability P erase one rectangle (2-33 %% of the area) to the "
+                            "data set mean (RandomErasing); 0 = off")
+    group.add_argument("--image-size", type=int, default=None,
+                       help="training resolution in px (default: the images' median shorter "
+                            "side, at most 224)")
+    group.add_argument("--jitter-strength", type=float, default=0.5,
+                       help="colour-jitter strength s: brightness/contrast/saturation 0.8s, hue "
+                            "0.2s")
+    group.add_argument("--blur", action=argparse.BooleanOptionalAction, default=None,
+                       help="Gaussian blur p=0.5 (default: on for images larger than 32 px)")
+    group.add_argument("--min-scale", type=float, default=0.08,
+                       help="smallest RandomResizedCrop area fraction (the paper's 0.08)")
+    return group
+
+
+def check_augmentation_args(args):
+    """UserError naming the flag for augmentation values no transform can use."""
+    if args.noise < 0:
+        raise UserError(f"--noise {args.noise}: the noise std must be >= 0, e.g. --noise 0.05")
+    if args.rotate < 0:
+        raise UserError(f"--rotate {args.rotate}: give the largest angle as a positive number "
+                        f"of degrees, e.g. --rotate 15")
+    if not 0 <= args.cutout <= 1:
+        raise UserError(f"--cutout {args.cutout}: a probability must be in [0, 1], e.g. "
+                        f"--cutout 0.5")
+    if not 0 < args.min_scale <= 1:
+        raise UserError(f"--min-scale {args.min_scale} must be in (0, 1], e.g. 0.08")
+    if args.jitter_strength < 0:
+        raise UserError(f"--jitter-strength {args.jitter_strength} must be >= 0, e.g. 0.5")
+    if args.image_size is not None and args.image_size < 1:
+        raise UserError(f"--image-size {args.image_size} must be at least 1 px, e.g. 32")
+
+
 def select_device(cuda, multiple_gpus):
     """Return (device, n_gpus_to_use) for the flags -c and --multiple_gpus.
 
