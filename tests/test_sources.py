@@ -4,6 +4,9 @@ the real command line."""
 import argparse
 import json
 import os
+import shutil
+import sys
+import types
 
 import numpy as np
 import pytest
@@ -268,3 +271,42 @@ def test_demo_data_holds_the_same_images_as_npz_and_path_lists(tmp_path):
     names = [listed.classes[label] for label in listed.labels]
     npz_names = sorted(set(zip(npz.labels, names)))
     assert len(npz_names) == 10  # one npz class index per class name
+
+
+def test_download_without_the_medmnist_package_says_how_to_get_it(monkeypatch, tmp_path):
+    monkeypatch.setitem(sys.modules, "medmnist", None)  # import medmnist -> ImportError
+    with pytest.raises(UserError, match="pip install medmnist"):
+        load_split("breastmnist", "train", False,
+                   options(data_root=str(tmp_path), download=True))
+
+
+def test_download_goes_through_the_medmnist_package(monkeypatch, gray_npz, tmp_path):
+    """A stand-in medmnist module (no network): --download asks the data set's class for the
+    train split at the requested size under --data-root, then reads the file it wrote, with
+    class names from the package's INFO."""
+    calls = []
+
+    class BreastMNIST:
+        def __init__(self, split, download, root, size=28):
+            calls.append((split, download, root, size))
+            shutil.copy(gray_npz, os.path.join(root, f"breastmnist_{size}.npz"))
+
+    fake = types.SimpleNamespace(
+        BreastMNIST=BreastMNIST,
+        INFO={"breastmnist": {"python_class": "BreastMNIST",
+                              "label": {"0": "malignant", "1": "normal, benign", "2": "other"}}})
+    monkeypatch.setitem(sys.modules, "medmnist", fake)
+    root = str(tmp_path / "root")
+    images = load_split("breastmnist", "test", True,
+                        options(data_root=root, size=64, download=True))
+    assert calls == [("train", True, root, 64)]
+    assert len(images) == 15 and images.classes == ["malignant", "normal, benign", "other"]
+    offline = types.SimpleNamespace(BreastMNIST=None, INFO=fake.INFO)
+
+    def fail(**kwargs):
+        raise ConnectionError("no route to host")
+    offline.BreastMNIST = fail
+    monkeypatch.setitem(sys.modules, "medmnist", offline)
+    with pytest.raises(UserError, match="downloading breastmnist .*ConnectionError"):
+        load_split("breastmnist", "test", True,
+                   options(data_root=str(tmp_path / "other"), size=128, download=True))
