@@ -310,3 +310,10 @@ def test_download_goes_through_the_medmnist_package(monkeypatch, gray_npz, tmp_p
     with pytest.raises(UserError, match="downloading breastmnist .*ConnectionError"):
         load_split("breastmnist", "test", True,
                    options(data_root=str(tmp_path / "other"), size=128, download=True))
+
+
+def test_binary_file_as_datapath_is_one_line_error(real_images, tmp_path):
+    image = tmp_path / "photo.png"
+    Image.fromarray(real_images[0]["train"][0][0]).save(image)
+    assert_one_line_error(run_script("main.py", image, tmp_path / "r", *FAST_PRETRAIN),
+                          "not a text file of image paths")

@@ -108,18 +108,24 @@ def read_path_list(list_path, require_labels):
         raise UserError(f"path list {list_path} does not exist")
     folder = os.path.dirname(os.path.abspath(list_path))
     paths, labels = [], []
-    with open(list_path) as f:
-        for number, line in enumerate(f, 1):
-            line = line.strip()
-            if not line or line.startswith("#"):
-                continue
-            path, _, label = (part.strip() for part in line.partition(","))
-            path = path if os.path.isabs(path) else os.path.join(folder, path)
-            if not os.path.isfile(path):
-                raise UserError(f"{list_path} line {number}: image {path} does not exist; fix "
-                                f"the path (relative paths start at the list's folder)")
-            paths.append(path)
-            labels.append(label or None)
+    try:
+        with open(list_path, encoding="utf-8") as f:
+            lines = f.read().splitlines()
+    except UnicodeDecodeError:
+        raise UserError(f"{list_path} is not a text file of image paths (a path list has one "
+                        f"'path' or 'path,label' per line); pass a folder, a .npz file or a "
+                        f"path list") from None
+    for number, line in enumerate(lines, 1):
+        line = line.strip()
+        if not line or line.startswith("#"):
+            continue
+        path, _, label = (part.strip() for part in line.partition(","))
+        path = path if os.path.isabs(path) else os.path.join(folder, path)
+        if not os.path.isfile(path):
+            raise UserError(f"{list_path} line {number}: image {path} does not exist; fix "
+                            f"the path (relative paths start at the list's folder)")
+        paths.append(path)
+        labels.append(label or None)
     if not paths:
         raise UserError(f"path list {list_path} names no images")
     given = [label is not None for label in labels]
