@@ -32,12 +32,15 @@ from utils.cli import (UserError, add_augmentation_args, add_data_loading_args,
 from utils.distributed import (barrier, check_same_on_all_ranks, cleanup, decide_on_main,
                                gather_with_grad, get_rank, get_world_size, is_main_process,
                                launched_by_torchrun, print0, setup, wrap_model)
-from utils.data import EpochBatchSampler, TwoViewDataset, dataset_statistics, make_loader
+from utils.data import (EpochBatchSampler, ImageDataset, TwoViewDataset, dataset_statistics,
+                        make_loader)
 from utils.model import FEATURE_DIMS, build_model, default_proj_dims, resolve_stem
 from utils.ntxent import NTXentLoss
+from utils.knn import knn_accuracy
+from utils.linear_probe import extract_features
 from utils.plotfuncs import plot_training_losses
 from utils.sources import load_split, select_subset
-from utils.transforms import SimCLRAugmentation, TwoViews
+from utils.transforms import EvalTransform, SimCLRAugmentation, TwoViews
 
 # Settings that define the run: resuming with a different value is an error, not a silent mix.
 RUN_DEFINING_ARGS = ("arch", "stem", "proj_dims", "image_size", "batch_size", "optimizer", "lr",
@@ -47,6 +50,7 @@ RUN_DEFINING_ARGS = ("arch", "stem", "proj_dims", "image_size", "batch_size", "o
 # What a checkpoint written before a flag existed meant by it (so older runs still resume).
 LEGACY_VALUES = {"lr_scaling": "none", "aug": "natural", "noise": 0.0, "rotate": 0.0,
                  "cutout": 0.0}
+KNN_MEMORY = 10_000  # training images kept as the kNN memory of --knn-every
 DEFAULT_LR = {"sgd": 0.5, "lars": 0.3, "adamw": 1e-3}
 DEFAULT_WEIGHT_DECAY = {"sgd": 5e-4, "lars": 1e-6, "adamw": 1e-2}
 
@@ -85,6 +89,11 @@ def get_args_parser():
                      help="images per forward pass within a batch: the loss and gradient of the "
                           "whole batch are computed chunk by chunk (gradient caching), for "
                           "batches larger than memory; BatchNorm then uses per-chunk statistics")
+    opt.add_argument("--knn-every", type=int, default=0, metavar="E",
+                     help="every E epochs (and after the last) print and record the kNN "
+                          "accuracy (cosine, --knn-k) of h on the labelled test split, with up "
+                          "to 10,000 training images as memory; 0 = off")
+    opt.add_argument("--knn-k", type=int, default=20, help="neighbours of the --knn-every vote")
     opt.add_argument("--checkpoint-minutes", type=float, default=10.0,
                      help="also checkpoint mid-epoch every this many minutes (0: epoch ends only)")
 
@@ -177,6 +186,34 @@ def prepare_run(args, images, paths):
                   "image_size": image_size, "mean": stats["mean"], "std": stats["std"]}
 
 
+def build_knn_monitor(args, meta, images, encoder, device):
+    """A function returning the kNN accuracy (cosine, args.knn_k) of the encoder's h on the
+    labelled test split, with the training images (at most KNN_MEMORY, chosen by seed) as the
+    memory. Features are computed in batches, one pass per call; the images are not augmented."""
+    if images.labels is None:
+        raise UserError("--knn-every needs labelled training images (class folders, MedMNIST "
+                        "or a path list with labels); drop --knn-every for unlabeled data",
+                        all_ranks=True)
+    test = load_split(args.datapath, "test", True, args)
+    if test.classes != images.classes:
+        raise UserError(f"--knn-every: the train and test splits of {args.datapath} have "
+                        f"different classes", all_ranks=True)
+    if args.knn_k < 1:
+        raise UserError("--knn-k must be at least 1", all_ranks=True)
+    memory = select_subset(images, min(len(images), KNN_MEMORY), None, args.seed)
+    transform = EvalTransform(meta["image_size"], meta["mean"], meta["std"])
+    loaders = [make_loader(ImageDataset(split, meta["in_channels"], transform),
+                           batch_size=args.batch_size, num_workers=args.num_workers,
+                           pin_memory=device.type == "cuda") for split in (memory, test)]
+
+    def knn_monitor():
+        (train_h, train_y), (test_h, test_y) = [
+            extract_features(encoder, loader, device, args.channels_last, desc="kNN features")
+            for loader in loaders]
+        return knn_accuracy(train_h, train_y, test_h, test_y, len(images.classes), args.knn_k)
+    return knn_monitor
+
+
 def main(args):
     fill_defaults(args)
     device, n_gpus = select_training_device(args)
@@ -231,7 +268,8 @@ def pretrain(args, device, n_gpus):
         model.load_state_dict(ckpt["model"])
         optimizer.load_state_dict(ckpt["optimizer"])
         history = History(steps_per_epoch, ckpt["losses"]["step_losses"].tolist(),
-                          ckpt["losses"]["step_top1"].tolist())
+                          ckpt["losses"]["step_top1"].tolist(),
+                          ckpt["losses"].get("knn", torch.zeros(0, 2)).tolist())
         set_rng_state(ckpt["rng"])
         print0(f"resuming {paths.checkpoint}: epoch {ckpt['epoch']}, step {ckpt['step']} of "
                f"{args.epochs * steps_per_epoch}", flush=True)
@@ -275,15 +313,18 @@ def pretrain(args, device, n_gpus):
         atomic_savez(paths.losses, step_losses=np.asarray(history.step_losses),
                      epoch_losses=history.epoch_losses,
                      step_top1=np.asarray(history.step_top1), epoch_top1=history.epoch_top1,
+                     knn=np.asarray(history.knn, dtype=float).reshape(-1, 2),
                      steps_per_epoch=steps_per_epoch)
         if draw_plot and history.step_losses:
-            plot_training_losses(history.step_losses, steps_per_epoch, paths.loss_plot)
+            plot_training_losses(history.step_losses, steps_per_epoch, paths.loss_plot,
+                                 knn=history.knn)
         seconds = time.perf_counter() - started
         steps = len(history.step_losses) - first_step
         json_dump({**run_info, "epochs_done": len(history.epoch_losses),
                    "steps_done": len(history.step_losses),
                    "epoch_losses": history.epoch_losses.tolist(),
                    "epoch_positive_pair_top1": history.epoch_top1.tolist(),
+                   "knn_accuracy": [list(row) for row in history.knn],
                    "wall_time_s": round(seconds, 1),
                    "images_per_s": round(steps * args.batch_size / seconds, 1) if steps else None,
                    "peak_memory_mb": round(peak_memory_mb(device), 1)}, paths.run_json)
@@ -293,8 +334,11 @@ def pretrain(args, device, n_gpus):
                f"larger --epochs to continue it or --fresh to start over")
         return 0
     criterion = NTXentLoss(args.temperature, gather=gather_with_grad if world_size > 1 else None)
+    knn_monitor = (build_knn_monitor(args, meta, images, unwrap_model(model).encoder, device)
+                   if args.knn_every else None)
     outcome = train(model, criterion, optimizer, sampler, loader, device, history, args.epochs,
-                    schedule, args.channels_last, args.chunk_size, save, args.checkpoint_minutes)
+                    schedule, args.channels_last, args.chunk_size, save, args.checkpoint_minutes,
+                    args.knn_every, knn_monitor)
     if outcome == "stopped":
         if is_main_process():
             print(f"interrupted at step {len(history.step_losses)}: checkpoint saved in "

@@ -100,10 +100,11 @@ class GracefulStop:
 class History:
     """Per-step losses and positive-pair top-1; per-epoch values are means over epoch slices."""
 
-    def __init__(self, steps_per_epoch, step_losses=(), step_top1=()):
+    def __init__(self, steps_per_epoch, step_losses=(), step_top1=(), knn=()):
         self.steps_per_epoch = steps_per_epoch
         self.step_losses = list(step_losses)
         self.step_top1 = list(step_top1)
+        self.knn = [tuple(row) for row in knn]  # (epoch, kNN accuracy of h on the test split)
 
     def epoch_means(self, values):
         n = len(values) // self.steps_per_epoch
@@ -218,15 +219,18 @@ def checkpoint_state(model, optimizer, history, schedule_info, args, model_meta,
             "scheduler": schedule_info, "scaler": None,
             "epoch": step // history.steps_per_epoch, "step": step,
             "losses": {"step_losses": torch.tensor(history.step_losses, dtype=torch.float64),
-                       "step_top1": torch.tensor(history.step_top1, dtype=torch.float64)},
+                       "step_top1": torch.tensor(history.step_top1, dtype=torch.float64),
+                       "knn": torch.tensor(history.knn, dtype=torch.float64).reshape(-1, 2)},
             "args": args, "model_meta": model_meta, "data": data_info, "rng": rng_state()}
 
 
 def train(model, criterion, optimizer, sampler, loader, device, history, epochs, schedule,
-          channels_last, chunk_size, save, checkpoint_minutes):
+          channels_last, chunk_size, save, checkpoint_minutes, knn_every=0, knn_monitor=None):
     """Run epochs until `epochs` are complete, resuming from len(history.step_losses).
 
     `save(draw_plot)` writes the checkpoint and outputs (the loss plot only if draw_plot).
+    Every `knn_every` epochs (and after the last), `knn_monitor()` gives the kNN accuracy of h,
+    recorded in history.knn (rank 0 computes it; the other ranks wait at the save's barrier).
     Returns 'finished' or 'stopped'.
     """
     last_save = time.monotonic()
@@ -257,6 +261,13 @@ def train(model, criterion, optimizer, sampler, loader, device, history, epochs,
                    f"positive-pair top-1 {history.epoch_top1[-1]:.3f}  "
                    f"lr {schedule(len(history.step_losses) - 1):.4g}  "
                    f"{images / seconds:.0f} img/s  {seconds:.0f} s", flush=True)
+            done = epoch + 1
+            if knn_every and (done % knn_every == 0 or done == epochs) and is_main_process():
+                accuracy = knn_monitor()
+                history.knn.append((done, accuracy))
+                print0(f"epoch {done}: kNN accuracy of h on the test split {100 * accuracy:.2f} %",
+                       flush=True)
+                model.train()
             save_checkpoint(draw_plot=True)
             # a signal that arrived after the last step's all-reduce reached some ranks only
             stop_now = all_reduce_mean(torch.tensor([float(stop.requested)], device=device))

@@ -16,8 +16,9 @@ def _save(fig, path):
     atomic_write_bytes(path, buffer.getvalue())
 
 
-def plot_training_losses(step_losses, steps_per_epoch, path):
-    """Loss per step and the per-epoch mean (at each epoch's last step) against the step."""
+def plot_training_losses(step_losses, steps_per_epoch, path, knn=None):
+    """Loss per step and the per-epoch mean (at each epoch's last step) against the step;
+    `knn` [(epoch, accuracy), ...] adds the kNN accuracy on a second axis."""
     step_losses = np.asarray(step_losses, dtype=float)
     fig, ax = plt.subplots(figsize=(7, 4))
     steps = np.arange(1, len(step_losses) + 1)
@@ -31,7 +32,16 @@ def plot_training_losses(step_losses, steps_per_epoch, path):
     ax.set_ylabel("NT-Xent loss")
     ax.set_title("SimCLR pretraining loss")
     ax.grid(alpha=0.3)
-    ax.legend()
+    handles, labels = ax.get_legend_handles_labels()
+    if knn is not None and len(knn):
+        knn = np.asarray(knn, dtype=float)
+        ax2 = ax.twinx()
+        ax2.plot(knn[:, 0] * steps_per_epoch, 100 * knn[:, 1], "s--", color="tab:green",
+                 label="kNN accuracy of h (test)")
+        ax2.set_ylabel("kNN accuracy (%)")
+        extra_handles, extra_labels = ax2.get_legend_handles_labels()
+        handles, labels = handles + extra_handles, labels + extra_labels
+    ax.legend(handles, labels)
     _save(fig, path)
 
 
@@ -61,4 +71,120 @@ def plot_accuracy_vs_layer(removed_layers, accuracies, path):
     ax.set_ylabel("test accuracy (%)")
     ax.grid(alpha=0.3)
     ax.legend()
+    _save(fig, path)
+
+
+def _class_colours(n_classes):
+    """One distinct colour per class: tab10 up to 10 classes, tab20 up to 20, else a hue wheel."""
+    if n_classes <= 10:
+        return [plt.get_cmap("tab10")(i) for i in range(n_classes)]
+    if n_classes <= 20:
+        return [plt.get_cmap("tab20")(i) for i in range(n_classes)]
+    return [plt.get_cmap("hsv")(i / n_classes) for i in range(n_classes)]
+
+
+def _scatter_classes(ax, points, labels, class_names, colours, size):
+    """Draw points (N, 2) on `ax`, one colour and legend entry per class present."""
+    points, labels = np.asarray(points, dtype=float), np.asarray(labels)
+    for c, name in enumerate(class_names):
+        members = labels == c
+        if members.any():
+            ax.scatter(points[members, 0], points[members, 1], s=size, color=colours[c],
+                       label=name, alpha=0.8, linewidths=0)
+
+
+def _point_size(n_points):
+    return float(np.clip(3000 / max(n_points, 1), 4, 40))
+
+
+def plot_class_scatter(points, labels, class_names, path, title="", axis_labels=("", "")):
+    """Scatter plot of 2-D points (N, 2) coloured by class, with a legend of class names.
+
+    labels (N,) int index `class_names`; axis_labels (x label, y label).
+    """
+    colours = _class_colours(len(class_names))
+    fig, ax = plt.subplots(figsize=(6.5, 5.5))
+    _scatter_classes(ax, points, labels, class_names, colours, _point_size(len(points)))
+    ax.set_xlabel(axis_labels[0])
+    ax.set_ylabel(axis_labels[1])
+    ax.set_title(title)
+    ax.grid(alpha=0.3)
+    ax.legend(title="class", loc="center left", bbox_to_anchor=(1.02, 0.5), fontsize="small",
+              markerscale=1.5, ncol=1 if len(class_names) <= 20 else 2)
+    _save(fig, path)
+
+
+def plot_tsne_sweep(train_points, train_labels, test_points, test_labels, perplexities,
+                    class_names, path, title=""):
+    """Grid of 2-D embeddings: one row per perplexity, columns train and test.
+
+    train_points / test_points: lists (R entries, one per row) of (N, 2) / (M, 2) arrays;
+    train_labels (N,) and test_labels (M,) int index `class_names`; perplexities (R, 2): the
+    perplexity used for the train and the test panel of each row. One legend of class names
+    for the whole figure.
+    """
+    perplexities = np.asarray(perplexities, dtype=float).reshape(-1, 2)
+    rows = len(perplexities)
+    colours = _class_colours(len(class_names))
+    fig, axes = plt.subplots(rows, 2, figsize=(9, 4 * rows), squeeze=False)
+    for r in range(rows):
+        for col, (split, points, labels) in enumerate(
+                (("train", train_points[r], train_labels), ("test", test_points[r], test_labels))):
+            ax = axes[r, col]
+            _scatter_classes(ax, points, labels, class_names, colours, _point_size(len(points)))
+            ax.set_title(f"{split} ({len(points)} points), perplexity {perplexities[r, col]:g}")
+            ax.set_xticks([])
+            ax.set_yticks([])
+    handles, names = [], []
+    for ax in axes.ravel():  # a class may be missing from one panel
+        for handle, name in zip(*ax.get_legend_handles_labels()):
+            if name not in names:
+                handles.append(handle)
+                names.append(name)
+    order = [names.index(n) for n in class_names if n in names]
+    fig.legend([handles[i] for i in order], [names[i] for i in order], title="class",
+               loc="center left", bbox_to_anchor=(1.0, 0.5), fontsize="small", markerscale=1.5)
+    if title:
+        fig.suptitle(title)
+    fig.tight_layout()
+    _save(fig, path)
+
+
+def _show_image(ax, image):
+    """An image (H, W) grayscale or (H, W, 3) RGB with values in [0, 1], without axes."""
+    image = np.asarray(image)
+    if image.ndim == 2:
+        ax.imshow(image, cmap="gray", vmin=0, vmax=1)
+    else:
+        ax.imshow(np.clip(image, 0, 1))
+    ax.set_xticks([])
+    ax.set_yticks([])
+
+
+def plot_retrieval_grid(query_images, query_names, neighbour_images, neighbour_names,
+                        similarities, path, title=""):
+    """Retrieval grid: one row per query, the query then its neighbours in rank order.
+
+    query_images (Q, H, W) or (Q, H, W, 3) and neighbour_images (Q, K, H, W[, 3]) in [0, 1]
+    (grayscale drawn with cmap gray); query_names (Q,) and neighbour_names (Q, K) class names;
+    similarities (Q, K). A neighbour's title (class and similarity) is green when its class is
+    the query's, red otherwise.
+    """
+    similarities = np.asarray(similarities, dtype=float)
+    n_queries, k = similarities.shape
+    fig, axes = plt.subplots(n_queries, k + 1, figsize=(1.6 * (k + 1), 1.8 * n_queries),
+                             squeeze=False)
+    for q in range(n_queries):
+        ax = axes[q, 0]
+        _show_image(ax, query_images[q])
+        ax.set_title(f"query\n{query_names[q]}", fontsize=8, fontweight="bold")
+        for r in range(k):
+            ax = axes[q, r + 1]
+            _show_image(ax, neighbour_images[q][r])
+            match = neighbour_names[q][r] == query_names[q]
+            ax.set_title(f"{neighbour_names[q][r]}\n{similarities[q, r]:.3f}", fontsize=8,
+                         color="tab:green" if match else "tab:red")
+    if title:
+        fig.suptitle(title)
+    fig.tight_layout()
     _save(fig, path)
