@@ -82,7 +82,8 @@ def labelled_splits(args):
     if train.classes != test.classes:
         raise UserError(f"the train and test splits of {args.datapath} have different classes "
                         f"({len(train.classes)} vs {len(test.classes)}); they must match")
-    return select_subset(train, args.samples, args.samples_per_class, args.seed), test
+    return select_subset(train, args.samples, args.samples_per_class, args.seed,
+                         args.label_fraction), test
 
 
 def probe_accuracy(train_x, train_y, test_x, test_y, n_classes, args):

@@ -229,7 +229,7 @@ def pretrain(args, device, n_gpus):
     if is_main_process():
         print_args(args)
     images = select_subset(load_split(args.datapath, "train", False, args), args.samples,
-                           args.samples_per_class, args.seed)
+                           args.samples_per_class, args.seed, args.label_fraction)
     check_same_on_all_ranks(len(images), "the number of training images")
     paths = RunPaths(args.respath)
     ckpt, meta = decide_on_main(lambda: prepare_run(args, images, paths))

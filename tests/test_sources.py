@@ -317,3 +317,16 @@ def test_binary_file_as_datapath_is_one_line_error(real_images, tmp_path):
     Image.fromarray(real_images[0]["train"][0][0]).save(image)
     assert_one_line_error(run_script("main.py", image, tmp_path / "r", *FAST_PRETRAIN),
                           "not a text file of image paths")
+
+
+def test_label_fraction_sizes_are_exact_per_class(gray_npz, tiny_folder, tmp_path):
+    images = load_split(gray_npz, "train", True, options())  # 10 images in each of 3 classes
+    for fraction, per_class in ((0.25, 3), (0.1, 1), (0.01, 1), (0.5, 5), (1.0, 10)):
+        subset = select_subset(images, seed=2, label_fraction=fraction)
+        assert np.bincount(subset.labels).tolist() == [per_class] * 3, fraction
+    assert select_subset(images, seed=2, label_fraction=0.5).paths == \
+        select_subset(images, seed=2, label_fraction=0.5).paths
+    with pytest.raises(UserError, match="not both"):
+        select_subset(images, samples_per_class=2, label_fraction=0.5)
+    with pytest.raises(UserError, match=r"must be in \(0, 1\]"):
+        select_subset(images, label_fraction=1.5)

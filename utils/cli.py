@@ -81,6 +81,9 @@ def add_data_source_args(parser):
     group.add_argument("--samples-per-class", type=int, default=None,
                        help="use only K training images of every class, chosen by --seed "
                             "(the same images in every script for the same seed)")
+    group.add_argument("--label-fraction", type=float, default=None,
+                       help="use only the fraction F of every class's training images "
+                            "(F * n_c rounded half up, at least 1), chosen by --seed")
     return group
 
 

@@ -183,29 +183,37 @@ def load_split(datapath, split, require_labels, options):
     return find_split(datapath, split, require_labels)
 
 
-def select_subset(images, samples=None, samples_per_class=None, seed=0):
-    """A reproducible subset of `images`: `samples_per_class` K images of every class, and/or
-    `samples` N images in all, chosen by `seed` alone (so every script picks the same ones).
-    Returns `images` itself when neither is given. Indices stay in their original order."""
-    if samples is None and samples_per_class is None:
+def select_subset(images, samples=None, samples_per_class=None, seed=0, label_fraction=None):
+    """A reproducible subset of `images`: `samples_per_class` K images of every class, or
+    `label_fraction` F of every class (round(F * n_c), at least 1), and/or `samples` N images
+    in all, chosen by `seed` alone (so every script picks the same ones). Returns `images`
+    itself when none is given. Indices stay in their original order."""
+    if samples is None and samples_per_class is None and label_fraction is None:
         return images
     rng = np.random.default_rng(derive_seed(SUBSET_STREAM, seed))
     chosen = np.arange(len(images))
-    if samples_per_class is not None:
+    if samples_per_class is not None or label_fraction is not None:
+        flag = "--samples-per-class" if samples_per_class is not None else "--label-fraction"
+        if samples_per_class is not None and label_fraction is not None:
+            raise UserError("give --samples-per-class or --label-fraction, not both")
         if images.labels is None:
-            raise UserError("--samples-per-class needs labelled data (class folders, MedMNIST "
-                            "or a path list with labels)")
-        if samples_per_class < 1:
+            raise UserError(f"{flag} needs labelled data (class folders, MedMNIST or a path "
+                            f"list with labels)")
+        if samples_per_class is not None and samples_per_class < 1:
             raise UserError("--samples-per-class must be at least 1")
+        if label_fraction is not None and not 0 < label_fraction <= 1:
+            raise UserError(f"--label-fraction {label_fraction} must be in (0, 1], e.g. 0.1")
         labels = np.asarray(images.labels)
         picked = []
         for label, name in enumerate(images.classes):
             members = np.flatnonzero(labels == label)
-            if len(members) < samples_per_class:
+            k = samples_per_class if samples_per_class is not None else max(
+                1, int(np.floor(label_fraction * len(members) + 0.5)))  # half rounds up
+            if len(members) < k or not len(members):
                 raise UserError(f"class {name} has {len(members)} images, fewer than "
-                                f"--samples-per-class {samples_per_class}; use "
+                                f"{flag} {samples_per_class or label_fraction} asks for; use "
                                 f"{len(members)} or less")
-            picked.append(rng.permutation(members)[:samples_per_class])
+            picked.append(rng.permutation(members)[:k])
         chosen = np.sort(np.concatenate(picked))
     if samples is not None:
         if not 1 <= samples <= len(chosen):
