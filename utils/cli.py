@@ -40,22 +40,33 @@ def warn(message):
     print(f"warning: {message}", file=sys.stderr, flush=True)
 
 
+def non_negative_int(text):
+    """argparse type: an integer >= 0 (seeds feed numpy's SeedSequence, which needs that)."""
+    import argparse
+
+    value = int(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"{value} is negative; use 0 or more")
+    return value
+
+
 def add_data_loading_args(parser, batch_size):
     """Flags every script that reads images shares: batch size, workers, device, seed."""
     group = parser.add_argument_group("data loading and device")
     group.add_argument("-bs", "--batch-size", "--batch_size", dest="batch_size", type=int,
-                       default=batch_size, help=f"images per batch (default {batch_size})")
+                       default=batch_size,
+                       help="images per batch (the global batch under torchrun)")
     group.add_argument("-nw", "--num-workers", "--num_workers", dest="num_workers", type=int,
-                       default=2, help="DataLoader worker processes; 0 loads in the main process "
-                                       "(default 2)")
+                       default=2,
+                       help="DataLoader worker processes; 0 loads in the main process")
     group.add_argument("-c", "--cuda", action="store_true",
                        help="run on the GPU; stops with an error when no CUDA device is present")
     group.add_argument("--multiple_gpus", "--multiple-gpus", dest="multiple_gpus",
                        action="store_true",
                        help="with -c, split each batch over all visible GPUs (nn.DataParallel); "
                             "for several machines or best scaling use torchrun (see README)")
-    group.add_argument("--seed", type=int, default=0,
-                       help="seed for initialisation, data order and augmentation (default 0)")
+    group.add_argument("--seed", type=non_negative_int, default=0,
+                       help="seed for initialisation, data order, augmentation and subsets")
     return group
 
 

@@ -8,8 +8,9 @@ def cosine_neighbours(queries, keys, k, chunk=1024, exclude_self=False):
     """Indices (Q, k) and similarities (Q, k) of the k keys most similar to each query.
 
     queries (Q, D), keys (N, D); similarity = cosine = <q/|q|, x/|x|>, computed for `chunk`
-    queries at a time so memory stays at chunk x N. With exclude_self (queries are the keys,
-    in the same order) each query's own row is left out. Ties: the lower key index first.
+    queries at a time so memory stays at chunk x N; k larger than the keys is cut to N. With
+    exclude_self (queries are the keys, in the same order) each query's own row is left out.
+    Ties: the lower key index first.
     """
     q = F.normalize(queries.float(), dim=1)
     x = F.normalize(keys.float(), dim=1)
@@ -43,4 +44,4 @@ def knn_predict(train_features, train_labels, test_features, n_classes, k=20):
 def knn_accuracy(train_features, train_labels, test_features, test_labels, n_classes, k=20):
     """Fraction of test samples whose kNN prediction (knn_predict) equals their label."""
     pred = knn_predict(train_features, train_labels, test_features, n_classes, k)
-    return (pred == test_labels).float().mean().item()
+    return (pred == test_labels).double().mean().item()
