@@ -25,7 +25,7 @@ import torch
 from simclr import (History, build_optimizer, checkpoint_state, learning_rate_at,
                     scaled_learning_rate, train)
 from utils.checkpoint import (RunPaths, atomic_savez, atomic_torch_save, load_checkpoint,
-                              save_checkpoint, set_rng_state, unwrap_model)
+                              load_pretrained, save_checkpoint, set_rng_state, unwrap_model)
 from utils.cli import (UserError, add_augmentation_args, add_data_loading_args,
                        add_data_source_args, check_augmentation_args, ensure_writable_dir,
                        environment_info, json_dump, print_args, run_main, select_device)
@@ -34,7 +34,8 @@ from utils.distributed import (barrier, check_same_on_all_ranks, cleanup, decide
                                launched_by_torchrun, print0, setup, wrap_model)
 from utils.data import (EpochBatchSampler, ImageDataset, TwoViewDataset, dataset_statistics,
                         make_loader)
-from utils.model import FEATURE_DIMS, build_model, default_proj_dims, resolve_stem
+from utils.model import (FEATURE_DIMS, adapt_input_channels, build_model, default_proj_dims,
+                         load_state_strict, resolve_stem)
 from utils.ntxent import NTXentLoss
 from utils.knn import knn_accuracy
 from utils.linear_probe import extract_features
@@ -46,10 +47,10 @@ from utils.transforms import EvalTransform, SimCLRAugmentation, TwoViews
 RUN_DEFINING_ARGS = ("arch", "stem", "proj_dims", "image_size", "batch_size", "optimizer", "lr",
                      "lr_scaling", "weight_decay", "temperature", "warmup_epochs",
                      "jitter_strength", "blur", "min_scale", "aug", "noise", "rotate", "cutout",
-                     "seed")
+                     "seed", "fin")
 # What a checkpoint written before a flag existed meant by it (so older runs still resume).
 LEGACY_VALUES = {"lr_scaling": "none", "aug": "natural", "noise": 0.0, "rotate": 0.0,
-                 "cutout": 0.0}
+                 "cutout": 0.0, "fin": None}
 KNN_MEMORY = 10_000  # training images kept as the kNN memory of --knn-every
 DEFAULT_LR = {"sgd": 0.5, "lars": 0.3, "adamw": 1e-3}
 DEFAULT_WEIGHT_DECAY = {"sgd": 5e-4, "lars": 1e-6, "adamw": 1e-2}
@@ -114,6 +115,13 @@ def get_args_parser():
 
     add_augmentation_args(parser)
 
+    parser.add_argument("--fin", metavar="MODEL", default=None,
+                        help="start from this model.pth/checkpoint.pth of main.py (further "
+                             "pretraining, e.g. on another data set): its architecture and "
+                             "weights, a fresh optimizer and schedule, this data's statistics; a "
+                             "different channel count is adapted in the first convolution")
+    parser.add_argument("--fout", metavar="NAME", default=None,
+                        help="write this run to RESPATH/NAME instead of RESPATH")
     parser.add_argument("--fresh", action="store_true",
                         help="start over even if RESPATH holds a run (its files are replaced)")
     return parser
@@ -166,8 +174,9 @@ def select_training_device(args):
 
 
 def prepare_run(args, images, paths):
-    """(checkpoint or None, model_meta) on rank 0: resume checks, or data statistics for a new
-    run (computed once and cached in RESPATH)."""
+    """(checkpoint or None, model_meta, initial weights or None) on rank 0: resume checks, or
+    data statistics for a new run (computed once and cached in RESPATH), and with --fin the
+    weights to start from (architecture from that model)."""
     ensure_writable_dir(args.respath)
     ckpt = None
     if os.path.exists(paths.checkpoint) and not args.fresh:
@@ -178,12 +187,26 @@ def prepare_run(args, images, paths):
                         f"{args.respath} was started with {ckpt['data']['n_images']}; use --fresh "
                         f"to start over or another RESPATH")
     if ckpt is not None:
-        return ckpt, ckpt["model_meta"]
+        return ckpt, ckpt["model_meta"], None
     stats = dataset_statistics(images, paths.data_stats, args.seed)
     image_size = args.image_size or stats["native_size"]
-    return None, {"arch": args.arch, "stem": resolve_stem(args.stem, image_size),
-                  "proj_dims": list(args.proj_dims), "in_channels": stats["channels"],
-                  "image_size": image_size, "mean": stats["mean"], "std": stats["std"]}
+    meta = {"arch": args.arch, "stem": resolve_stem(args.stem, image_size),
+            "proj_dims": list(args.proj_dims), "in_channels": stats["channels"],
+            "image_size": image_size, "mean": stats["mean"], "std": stats["std"]}
+    if args.fin is None:
+        return None, meta, None
+    if not os.path.isfile(args.fin):
+        raise UserError(f"--fin {args.fin} does not exist; give the model.pth or "
+                        f"checkpoint.pth of an earlier main.py run")
+    state, fin_meta = load_pretrained(args.fin)
+    meta.update(arch=fin_meta["arch"], stem=fin_meta["stem"], proj_dims=fin_meta["proj_dims"])
+    if fin_meta["in_channels"] != meta["in_channels"]:
+        print(f"--fin: {args.fin} takes {fin_meta['in_channels']} channel(s), this data has "
+              f"{meta['in_channels']}: the first convolution is adapted (filters "
+              f"{'summed over RGB' if meta['in_channels'] == 1 else 'repeated / 3'})",
+              flush=True)
+        state = adapt_input_channels(state, meta["in_channels"])
+    return None, meta, state
 
 
 def build_knn_monitor(args, meta, images, encoder, device):
@@ -216,6 +239,8 @@ def build_knn_monitor(args, meta, images, encoder, device):
 
 def main(args):
     fill_defaults(args)
+    if args.fout:
+        args.respath = os.path.join(args.respath, args.fout)
     device, n_gpus = select_training_device(args)
     try:
         return pretrain(args, device, n_gpus)
@@ -232,7 +257,7 @@ def pretrain(args, device, n_gpus):
                            args.samples_per_class, args.seed, args.label_fraction)
     check_same_on_all_ranks(len(images), "the number of training images")
     paths = RunPaths(args.respath)
-    ckpt, meta = decide_on_main(lambda: prepare_run(args, images, paths))
+    ckpt, meta, initial_state = decide_on_main(lambda: prepare_run(args, images, paths))
     blur = args.blur if args.blur is not None else meta["image_size"] > 32
     print0(f"data: {len(images)} training images, {meta['in_channels']} channel(s), "
            f"{meta['image_size']} px, mean {np.round(meta['mean'], 4).tolist()}, "
@@ -262,6 +287,9 @@ def pretrain(args, device, n_gpus):
     model = model.to(device)
     if args.channels_last:
         model = model.to(memory_format=torch.channels_last)
+    if initial_state is not None:
+        load_state_strict(model, initial_state, args.fin)
+        print0(f"starting from {args.fin} ({meta['arch']}, {meta['stem']} stem)", flush=True)
     optimizer = build_optimizer(model, args.optimizer, peak_lr, args.weight_decay)
     history = History(steps_per_epoch)
     if ckpt is not None:

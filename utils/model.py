@@ -105,3 +105,23 @@ def load_state_strict(model, state_dict, source):
         first = str(err).split("\n")[1].strip() if "\n" in str(err) else str(err)
         raise UserError(f"{source} does not match the architecture it claims ({first[:160]}); "
                         f"it belongs to another model or run") from None
+
+
+def adapt_input_channels(state_dict, channels, key="encoder.conv1.weight"):
+    """A copy of `state_dict` whose first convolution takes `channels` inputs (1 or 3).
+
+    3 -> 1: the filters summed over RGB, so a gray image gives the response the RGB model gave
+    to that image replicated in three channels. 1 -> 3: the filter repeated and divided by 3,
+    so an RGB image with equal channels gives the response the gray model gave. Returns the
+    state dict unchanged when the count already matches.
+    """
+    weight = state_dict[key]  # (out, in, k, k)
+    if weight.shape[1] == channels:
+        return state_dict
+    if (weight.shape[1], channels) == (3, 1):
+        adapted = weight.sum(dim=1, keepdim=True)
+    elif (weight.shape[1], channels) == (1, 3):
+        adapted = weight.repeat(1, 3, 1, 1) / 3
+    else:
+        raise ValueError(f"cannot adapt {weight.shape[1]} input channels to {channels}")
+    return {**state_dict, key: adapted}
