@@ -59,8 +59,6 @@ def check_args(args):
     if args.views < 1:
         raise UserError(f"--views {args.views}: show at least 1 view per image, e.g. --views 6")
     check_augmentation_args(args)
-    if args.seed < 0:
-        raise UserError(f"--seed {args.seed} must be >= 0")
 
 
 def extras_text(args):

@@ -29,7 +29,8 @@ import torch
 from linear_evaluation import labelled_splits, load_model
 from utils.checkpoint import atomic_write_bytes
 from utils.cli import (UserError, add_data_loading_args, add_data_source_args,
-                       ensure_writable_dir, json_dump, print_args, run_main, select_device, warn)
+                       add_labelled_data_and_model_args, ensure_writable_dir, json_dump,
+                       print_args, run_main, select_device, warn)
 from utils.data import ImageDataset, derive_seed, make_loader
 from utils.knn import cosine_neighbours, knn_accuracy
 from utils.linear_probe import extract_features
@@ -46,13 +47,7 @@ def get_args_parser():
         description="Feature analysis: PCA, t-SNE, kNN accuracy and retrieval on frozen "
                     "SimCLR features h (encoder) and z (projection head).",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    parser.add_argument("datapath", metavar="DATAPATH",
-                        help="folder with train/ and test/, each with one subfolder per class; "
-                             "or a MedMNIST .npz file or name; or a path list of 'path,label' "
-                             "lines (with --test-list)")
-    parser.add_argument("modelpath", metavar="MODELPATH",
-                        help="model.pth or checkpoint.pth written by main.py")
-    parser.add_argument("outdir", metavar="OUTDIR", help="folder for the figures, CSV and JSON")
+    add_labelled_data_and_model_args(parser, "outdir", "folder for the figures, CSV and JSON")
     add_data_loading_args(parser, batch_size=250)
     add_data_source_args(parser)
     group = parser.add_argument_group("analysis")
@@ -96,8 +91,6 @@ def check_args(args):
             raise UserError(f"t-SNE perplexity {p} must be > 0, e.g. 30")
     if args.batch_size < 1:
         raise UserError(f"-bs {args.batch_size} must be at least 1")
-    if args.seed < 0:
-        raise UserError(f"--seed {args.seed} must be >= 0")
 
 
 def check_split_sizes(n_train, n_test, args):

@@ -18,7 +18,8 @@ from sklearn.metrics import classification_report, confusion_matrix
 
 from utils.checkpoint import atomic_torch_save, load_pretrained
 from utils.cli import (UserError, add_data_loading_args, add_data_source_args,
-                       ensure_writable_dir, json_dump, print_args, run_main, select_device)
+                       add_labelled_data_and_model_args, ensure_writable_dir, json_dump,
+                       print_args, run_main, select_device)
 from utils.data import ImageDataset, make_loader
 from utils.sources import load_split, select_subset
 from utils.linear_probe import LinearProbe, extract_features
@@ -31,13 +32,7 @@ def get_args_parser():
     parser = argparse.ArgumentParser(
         description="Linear evaluation: logistic regression on frozen SimCLR features.",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    parser.add_argument("datapath", metavar="DATAPATH",
-                        help="folder with train/ and test/, each with one subfolder per class; "
-                             "or a MedMNIST .npz file or name; or a path list of 'path,label' "
-                             "lines (with --test-list)")
-    parser.add_argument("modelpath", metavar="MODELPATH",
-                        help="model.pth or checkpoint.pth written by main.py")
-    parser.add_argument("respath", metavar="RESPATH", help="folder for the report and figures")
+    add_labelled_data_and_model_args(parser, "respath", "folder for the report and figures")
     add_data_loading_args(parser, batch_size=125)
     add_data_source_args(parser)
     parser.add_argument("--remove_top_layers", "--remove-top-layers", dest="remove_top_layers",
