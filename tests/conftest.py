@@ -7,6 +7,7 @@ import sys
 
 import numpy as np
 import pytest
+from PIL import Image
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
@@ -64,6 +65,21 @@ def assert_one_line_error(result, *fragments):
     for fragment in fragments:
         assert fragment in errors[0], errors[0]
     return errors[0]
+
+
+@pytest.fixture(scope="session")
+def gray_image(real_images):
+    """A real 28x28 grayscale PIL image (mode L) with visible structure."""
+    images, _ = real_images[0]["train"]
+    img = images[np.argmax(images[:200].reshape(200, -1).std(1))]
+    return Image.fromarray(img, mode="L")
+
+
+@pytest.fixture(scope="session")
+def rgb_image(real_images):
+    """A real 28x28 image turned into RGB with three different channels."""
+    img = real_images[0]["train"][0][1]
+    return Image.fromarray(np.stack([img, 255 - img, img // 2], axis=-1), mode="RGB")
 
 
 @pytest.fixture

@@ -27,21 +27,6 @@ MEAN = {1: [0.3], 3: [0.4, 0.5, 0.2]}
 STD = {1: [0.3], 3: [0.3, 0.3, 0.2]}
 
 
-@pytest.fixture(scope="module")
-def gray_image(real_images):
-    """A real 28x28 grayscale PIL image (mode L) with visible structure."""
-    images, _ = real_images[0]["train"]
-    img = images[np.argmax(images[:200].reshape(200, -1).std(1))]
-    return Image.fromarray(img, mode="L")
-
-
-@pytest.fixture(scope="module")
-def rgb_image(real_images):
-    """A real 28x28 image turned into RGB with three different channels."""
-    img = real_images[0]["train"][0][1]
-    return Image.fromarray(np.stack([img, 255 - img, img // 2], axis=-1), mode="RGB")
-
-
 def image_for(channels, gray_image, rgb_image):
     return gray_image if channels == 1 else rgb_image
 

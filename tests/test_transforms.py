@@ -14,21 +14,6 @@ from utils.data import EpochBatchSampler, TwoViewDataset, ignore_sigint_in_worke
 from utils.transforms import EvalTransform, SimCLRAugmentation, TwoViews, blur_kernel_size
 
 
-@pytest.fixture(scope="module")
-def gray_image(real_images):
-    """A real 28x28 grayscale PIL image (mode L) with visible structure."""
-    images, _ = real_images[0]["train"]
-    img = images[np.argmax(images[:200].reshape(200, -1).std(1))]
-    return Image.fromarray(img, mode="L")
-
-
-@pytest.fixture(scope="module")
-def rgb_image(real_images):
-    """A real 28x28 image turned into RGB with three different channels."""
-    img = real_images[0]["train"][0][1]
-    return Image.fromarray(np.stack([img, 255 - img, img // 2], axis=-1), mode="RGB")
-
-
 def test_two_views_grayscale(gray_image):
     """channels=1: two float32 views (1, S, S) that differ from each other."""
     torch.manual_seed(0)
