@@ -22,8 +22,7 @@ import time
 import numpy as np
 import torch
 
-from simclr import (History, build_optimizer, checkpoint_state, learning_rate_at,
-                    scaled_learning_rate, train)
+from simclr import History, build_optimizer, checkpoint_state, scaled_learning_rate, train
 from utils.checkpoint import (RunPaths, atomic_savez, atomic_torch_save, load_checkpoint,
                               load_pretrained, save_checkpoint, set_rng_state, unwrap_model)
 from utils.cli import (UserError, add_augmentation_args, add_data_loading_args,
@@ -41,6 +40,7 @@ from utils.knn import knn_accuracy
 from utils.linear_probe import extract_features
 from utils.plotfuncs import plot_training_losses
 from utils.sources import load_split, select_subset
+from utils.training import check_resume_compatible, learning_rate_at
 from utils.transforms import EvalTransform, SimCLRAugmentation, TwoViews
 
 # Settings that define the run: resuming with a different value is an error, not a silent mix.
@@ -144,18 +144,6 @@ def fill_defaults(args):
         raise UserError("--temperature must be positive, e.g. 0.2")
 
 
-def check_resume_compatible(ckpt, args, checkpoint_path):
-    """UserError naming the first run-defining flag whose value differs from the stored run."""
-    stored = {**LEGACY_VALUES, **ckpt["args"]}
-    for name in RUN_DEFINING_ARGS:
-        if stored.get(name) != getattr(args, name):
-            flag = "--" + name.replace("_", "-")
-            raise UserError(
-                f"{checkpoint_path} is a run with {flag} {stored.get(name)}, this command asks for "
-                f"{getattr(args, name)}; pass the same value to resume it, --fresh to start over "
-                f"(replacing it), or another RESPATH")
-
-
 def peak_memory_mb(device):
     if device.type == "cuda":
         return torch.cuda.max_memory_allocated() / 2 ** 20
@@ -181,7 +169,7 @@ def prepare_run(args, images, paths):
     ckpt = None
     if os.path.exists(paths.checkpoint) and not args.fresh:
         ckpt = load_checkpoint(paths.checkpoint)
-        check_resume_compatible(ckpt, args, paths.checkpoint)
+        check_resume_compatible(ckpt, args, paths.checkpoint, RUN_DEFINING_ARGS, LEGACY_VALUES)
     if ckpt is not None and ckpt["data"]["n_images"] != len(images):
         raise UserError(f"{args.datapath} now has {len(images)} training images, the run in "
                         f"{args.respath} was started with {ckpt['data']['n_images']}; use --fresh "

@@ -8,7 +8,6 @@ all-reduce per step gives every rank the same loss to log and the same stop/save
 """
 import contextlib
 import math
-import signal
 import time
 
 import numpy as np
@@ -18,19 +17,11 @@ from tqdm import tqdm
 from utils.checkpoint import rng_state
 from utils.cli import UserError
 from utils.distributed import (all_reduce_mean, get_world_size, is_main_process,
-                               launched_by_torchrun, print0)
+                               print0)
 from utils.lars import LARS
+from utils.training import GracefulStop
 
 LR_REFERENCE_BATCH = 256
-
-
-def learning_rate_at(step, base_lr, warmup_steps, total_steps):
-    """Linear warm-up from base_lr/warmup_steps to base_lr over `warmup_steps`, then cosine
-    decay to 0 at `total_steps`: lr = base_lr * 0.5 * (1 + cos(pi * t)), t in [0, 1]."""
-    if step < warmup_steps:
-        return base_lr * (step + 1) / warmup_steps
-    t = (step - warmup_steps) / max(1, total_steps - warmup_steps)
-    return base_lr * 0.5 * (1.0 + math.cos(math.pi * min(1.0, t)))
 
 
 def scaled_learning_rate(lr_per_256, global_batch_size, rule):
@@ -65,36 +56,6 @@ def build_optimizer(model, name, lr, weight_decay):
         groups[1]["lars_adapt"] = False
         return LARS(groups, lr=lr, momentum=0.9)
     raise ValueError(f"unknown optimizer {name}")
-
-
-class GracefulStop:
-    """Context manager: SIGINT/SIGTERM set `requested` instead of killing the process, so the
-    loop can finish its step and write a checkpoint. A second Ctrl-C stops at once, except
-    under torchrun, whose agent forwards the Ctrl-C it received itself (the agent kills the
-    workers if they have not finished after its 30 s grace period)."""
-
-    def __init__(self):
-        self.requested = False
-        self._previous = {}
-
-    def _handle(self, signum, frame):
-        if self.requested and signum == signal.SIGINT and not launched_by_torchrun():
-            raise KeyboardInterrupt
-        if self.requested:
-            return
-        self.requested = True
-        print0("\nstopping: finishing this step and saving a checkpoint "
-              "(Ctrl-C again to abort without saving)", flush=True)
-
-    def __enter__(self):
-        for sig in (signal.SIGINT, signal.SIGTERM):
-            self._previous[sig] = signal.signal(sig, self._handle)
-        return self
-
-    def __exit__(self, *exc):
-        for sig, handler in self._previous.items():
-            signal.signal(sig, handler)
-        return False
 
 
 class History:

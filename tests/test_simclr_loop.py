@@ -8,7 +8,8 @@ import numpy as np
 import pytest
 import torch
 
-from simclr import GracefulStop, History, build_optimizer, learning_rate_at
+from simclr import History, build_optimizer
+from utils.training import GracefulStop, learning_rate_at
 from utils.model import build_model
 
 

@@ -171,15 +171,21 @@ def _torch_load(path):
                         f"main.py wrote") from None
 
 
-def load_checkpoint(path):
-    """Load a full checkpoint.pth written by `save_checkpoint`; UserError for anything else."""
+def load_checkpoint(path, script="main"):
+    """Load a full checkpoint.pth that `save_checkpoint` wrote for `script` (main, finetune,
+    segment: the "script" entry, absent in pretraining checkpoints); UserError for anything
+    else, including another script's checkpoint."""
     ckpt = _torch_load(path)
     if not isinstance(ckpt, dict) or ckpt.get("kind") != KIND:
         raise UserError(f"{path} is not a checkpoint of this toolkit; give the checkpoint.pth "
-                        f"or model.pth that main.py wrote")
+                        f"or model.pth that {script}.py wrote")
     if ckpt.get("format_version", 0) > FORMAT_VERSION:
         raise UserError(f"{path} was written by a newer version of this toolkit "
                         f"(format {ckpt['format_version']}); update the code")
+    written_by = ckpt.get("script", "main")
+    if written_by != script:
+        raise UserError(f"{path} is a checkpoint of {written_by}.py, not of {script}.py; give "
+                        f"the file {script}.py wrote (or another output folder)")
     return ckpt
 
 
@@ -198,6 +204,9 @@ def load_pretrained(path):
     """
     obj = _torch_load(path)
     if isinstance(obj, dict) and obj.get("kind") == KIND:
+        if obj.get("script", "main") != "main":
+            raise UserError(f"{path} is a checkpoint of {obj['script']}.py; give the model.pth "
+                            f"or checkpoint.pth of a main.py (pretraining) run")
         return strip_prefixes(obj["model"]), model_metadata(obj)
     if not isinstance(obj, dict) or not obj or not all(
             isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in obj.items()):
