@@ -10,21 +10,19 @@ of the projection head (each with its BatchNorm/ReLU): N = head depth (the defau
 encoder output h, as the SimCLR paper does; N = 0 evaluates the projection z.
 """
 import argparse
-import csv
 import os
 
 import torch
-from sklearn.metrics import classification_report, confusion_matrix
-
 from utils.checkpoint import atomic_torch_save, load_pretrained
 from utils.cli import (UserError, add_data_loading_args, add_data_source_args,
-                       add_labelled_data_and_model_args, ensure_writable_dir, json_dump,
-                       print_args, run_main, select_device)
+                       add_labelled_data_and_model_args, ensure_writable_dir, print_args,
+                       run_main, select_device)
 from utils.data import ImageDataset, make_loader
 from utils.sources import load_split, select_subset
 from utils.linear_probe import LinearProbe, extract_features
 from utils.model import build_model, head_depth, load_state_strict, truncate_head
-from utils.plotfuncs import plot_accuracy_vs_layer, plot_confusion_matrix
+from utils.metrics import write_classification_report
+from utils.plotfuncs import plot_accuracy_vs_layer
 from utils.transforms import EvalTransform
 
 
@@ -87,26 +85,6 @@ def probe_accuracy(train_x, train_y, test_x, test_y, n_classes, args):
     return probe, pred, (pred == test_y).double().mean().item()
 
 
-def write_report(test_y, pred, classes, respath, extra):
-    """Print and save the classification report (CSV, JSON) and the confusion matrix PNG."""
-    labels = list(range(len(classes)))
-    print(classification_report(test_y, pred, labels=labels, target_names=classes, digits=4,
-                                zero_division=0))
-    report = classification_report(test_y, pred, labels=labels, target_names=classes,
-                                   output_dict=True, zero_division=0)
-    json_dump({**report, **extra}, os.path.join(respath, "report.json"))
-    with open(os.path.join(respath, "report.csv"), "w", newline="") as f:
-        writer = csv.writer(f)
-        writer.writerow(["class", "precision", "recall", "f1-score", "support"])
-        for name in classes + ["macro avg", "weighted avg"]:
-            row = report[name]
-            writer.writerow([name, f"{row['precision']:.4f}", f"{row['recall']:.4f}",
-                             f"{row['f1-score']:.4f}", int(row["support"])])
-        writer.writerow(["accuracy", "", "", f"{report['accuracy']:.4f}", len(test_y)])
-    plot_confusion_matrix(confusion_matrix(test_y, pred, labels=labels), classes,
-                          os.path.join(respath, "confusion_matrix.png"))
-
-
 def main(args):
     device, n_gpus = select_device(args.cuda, args.multiple_gpus)
     ensure_writable_dir(args.respath)
@@ -156,9 +134,13 @@ def main(args):
                                os.path.join(args.respath, "acc_vs_layer.png"))
     report_at = remove if remove in results else cut_points[0]
     probe, pred, accuracy = results[report_at]
-    write_report(test_y.numpy(), pred.numpy(), classes, args.respath,
-                 {"remove_top_layers": report_at, "modelpath": os.path.abspath(args.modelpath),
-                  "reference": args.reference, "n_train": len(train_y), "n_test": len(test_y)})
+    with torch.no_grad():
+        probs = torch.softmax(probe.decision_function(truncate_head(head, report_at)(test_h)), 1)
+    write_classification_report(
+        test_y.numpy(), pred.numpy(), probs.numpy(), classes, args.respath,
+        {"remove_top_layers": report_at, "modelpath": os.path.abspath(args.modelpath),
+         "reference": args.reference, "n_train": len(train_y), "n_test": len(test_y)},
+        names=test_images.paths)
     atomic_torch_save({**probe.state_dict(), "classes": classes, "remove_top_layers": report_at},
                       os.path.join(args.respath, "linear_classifier.pth"))
     print(f"test accuracy {100 * accuracy:.2f} % (remove_top_layers={report_at}); report in "

@@ -45,7 +45,8 @@ def build_optimizer(model, name, lr, weight_decay):
     """
     decay, no_decay = [], []
     for param in model.parameters():
-        (no_decay if param.ndim <= 1 else decay).append(param)
+        if param.requires_grad:  # frozen parameters (fine-tuning --freeze) are not optimised
+            (no_decay if param.ndim <= 1 else decay).append(param)
     groups = [{"params": decay, "weight_decay": weight_decay},
               {"params": no_decay, "weight_decay": 0.0}]
     if name == "sgd":

@@ -318,6 +318,14 @@ class TwoViewDataset(torch.utils.data.Dataset):
             return self.transform(img)
 
 
+class LabelledViewDataset(TwoViewDataset):
+    """Supervised training dataset: key (index, epoch) -> (augmented image, label), seeded like
+    TwoViewDataset so a fine-tuning run resumed mid-epoch sees the same images and crops."""
+
+    def __getitem__(self, key):
+        return super().__getitem__(key), self.images.labels[key[0]]
+
+
 class EpochBatchSampler(torch.utils.data.Sampler):
     """Batches of keys (index, epoch) in an order that is a pure function of (seed, epoch).
 

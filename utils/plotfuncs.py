@@ -188,3 +188,22 @@ def plot_retrieval_grid(query_images, query_names, neighbour_images, neighbour_n
         fig.suptitle(title)
     fig.tight_layout()
     _save(fig, path)
+
+
+def plot_finetune_curves(epoch_losses, val_scores, path, title="Fine-tuning"):
+    """Training loss (left axis) and validation accuracy (right axis) per epoch."""
+    epochs = np.arange(1, len(epoch_losses) + 1)
+    fig, ax = plt.subplots(figsize=(7, 4))
+    ax.plot(epochs, epoch_losses, "o-", color="tab:blue", label="training loss")
+    ax.set_xlabel("epoch")
+    ax.set_ylabel("cross-entropy")
+    ax.grid(alpha=0.3)
+    ax2 = ax.twinx()
+    ax2.plot(epochs[:len(val_scores)], 100 * np.asarray(val_scores, dtype=float), "s--",
+             color="tab:green", label="validation accuracy")
+    ax2.set_ylabel("validation accuracy (%)")
+    handles, labels = ax.get_legend_handles_labels()
+    more_handles, more_labels = ax2.get_legend_handles_labels()
+    ax.legend(handles + more_handles, labels + more_labels, loc="center right")
+    ax.set_title(title)
+    _save(fig, path)

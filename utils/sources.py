@@ -26,6 +26,7 @@ MEDMNIST_SIZES = (28, 64, 128, 224)
 MULTILABEL = ("chestmnist",)
 SPLITS = ("train", "val", "test")
 SUBSET_STREAM = 3
+VALIDATION_STREAM = 4
 
 
 def medmnist_file(name, data_root, size):
@@ -102,29 +103,40 @@ def read_npz_split(path, split, name=None):
     return ImageList(names, label_list, classes, pixels)
 
 
-def read_path_list(list_path, require_labels):
-    """ImageList from a text file of `path` or `path,label` lines (see module docstring)."""
+def read_list_lines(list_path, line_format="'path' or 'path,label'",
+                    fix="pass a folder, a .npz file or a path list"):
+    """The entries of a path list as (line number, stripped line): blank lines and lines
+    starting with # are skipped. UserError for a missing file, or one that is not text (the
+    message shows `line_format`, what a line should hold, and `fix`)."""
     if not os.path.isfile(list_path):
         raise UserError(f"path list {list_path} does not exist")
-    folder = os.path.dirname(os.path.abspath(list_path))
-    paths, labels = [], []
     try:
         with open(list_path, encoding="utf-8") as f:
             lines = f.read().splitlines()
     except UnicodeDecodeError:
         raise UserError(f"{list_path} is not a text file of image paths (a path list has one "
-                        f"'path' or 'path,label' per line); pass a folder, a .npz file or a "
-                        f"path list") from None
-    for number, line in enumerate(lines, 1):
-        line = line.strip()
-        if not line or line.startswith("#"):
-            continue
+                        f"{line_format} per line); {fix}") from None
+    return [(number, line.strip()) for number, line in enumerate(lines, 1)
+            if line.strip() and not line.strip().startswith("#")]
+
+
+def listed_file(list_path, number, path, what="image"):
+    """`path` from line `number` of `list_path` as an existing file's path: relative paths
+    start at the list's folder. UserError naming the line when there is no such file."""
+    if not os.path.isabs(path):
+        path = os.path.join(os.path.dirname(os.path.abspath(list_path)), path)
+    if not os.path.isfile(path):
+        raise UserError(f"{list_path} line {number}: {what} {path} does not exist; fix "
+                        f"the path (relative paths start at the list's folder)")
+    return path
+
+
+def read_path_list(list_path, require_labels):
+    """ImageList from a text file of `path` or `path,label` lines (see module docstring)."""
+    paths, labels = [], []
+    for number, line in read_list_lines(list_path):
         path, _, label = (part.strip() for part in line.partition(","))
-        path = path if os.path.isabs(path) else os.path.join(folder, path)
-        if not os.path.isfile(path):
-            raise UserError(f"{list_path} line {number}: image {path} does not exist; fix "
-                            f"the path (relative paths start at the list's folder)")
-        paths.append(path)
+        paths.append(listed_file(list_path, number, path))
         labels.append(label or None)
     if not paths:
         raise UserError(f"path list {list_path} names no images")
@@ -221,3 +233,33 @@ def select_subset(images, samples=None, samples_per_class=None, seed=0, label_fr
                             f"images available")
         chosen = np.sort(rng.permutation(chosen)[:samples])
     return images.subset(chosen.tolist())
+
+
+def has_split(datapath, split, options):
+    """Whether DATAPATH (or --{split}-list) provides `split` itself: a MedMNIST file always has
+    train/val/test, a folder has it when DATAPATH/split/ exists, a path list only through
+    --{split}-list."""
+    if getattr(options, f"{split}_list", None):
+        return True
+    if datapath.endswith(".npz") or (not os.path.exists(datapath)
+                                     and datapath.lower() in MEDMNIST_2D):
+        return True
+    return os.path.isdir(os.path.join(datapath, split))
+
+
+def split_off_validation(images, fraction, seed):
+    """(train, val): round(fraction * n_c) images of every class c (at least 1 when the class
+    has 2 or more) moved to a validation split, chosen by `seed` alone, stratified so the
+    validation split keeps the class proportions."""
+    if not 0 < fraction < 1:
+        raise UserError(f"--val-fraction {fraction} must be in (0, 1), e.g. 0.1")
+    rng = np.random.default_rng(derive_seed(VALIDATION_STREAM, seed))
+    labels = np.asarray(images.labels)
+    val = []
+    for label in range(len(images.classes)):
+        members = np.flatnonzero(labels == label)
+        k = min(len(members) - 1, max(1, int(np.floor(fraction * len(members) + 0.5))))
+        val.append(rng.permutation(members)[:max(k, 0)])
+    val = np.sort(np.concatenate(val)).astype(int)
+    train = np.setdiff1d(np.arange(len(images)), val)
+    return images.subset(train.tolist()), images.subset(val.tolist())

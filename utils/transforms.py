@@ -170,6 +170,22 @@ class TwoViews:
         return self.transform(img), self.transform(img)
 
 
+class SupervisedAugmentation:
+    """Standard supervised training augmentation of one PIL image into a normalised tensor
+    (C, S, S): RandomResizedCrop(S, scale=(min_scale, 1)), horizontal flip with p = 0.5,
+    ToTensor, Normalize(mean, std). min_scale 1 and flip False give EvalTransform's output
+    up to the crop's aspect ratio."""
+
+    def __init__(self, image_size, mean, std, min_scale=0.5, flip=True):
+        steps = [T.RandomResizedCrop(image_size, scale=(min_scale, 1.0), antialias=True)]
+        if flip:
+            steps.append(T.RandomHorizontalFlip())
+        self.transform = T.Compose(steps + [T.ToTensor(), T.Normalize(mean, std)])
+
+    def __call__(self, img):
+        return self.transform(img)
+
+
 class EvalTransform:
     """Deterministic evaluation transform: resize the shorter side to S, centre-crop S x S,
     ToTensor, Normalize(mean, std). Works for non-square images."""

@@ -1,0 +1,386 @@
+"""Fine-tune a pretrained SimCLR encoder with a classifier head, or train the supervised baseline.
+
+    python finetune.py DATAPATH MODELPATH RESPATH -bs 64 -c            # whole encoder + head
+    python finetune.py DATAPATH MODELPATH RESPATH --freeze             # frozen encoder, head only
+    python finetune.py DATAPATH MODELPATH RESPATH --baseline           # same network, from scratch
+    python finetune.py DATAPATH RESPATH --baseline --arch resnet18     # baseline without a model
+    python finetune.py DATAPATH MODELPATH RESPATH --label-fraction 0.1 # 10 % of each class's labels
+
+DATAPATH is any labelled source of utils/sources.py (ImageFolder train/ [val/] test/, a MedMNIST
+file or name, path lists). The validation split is DATAPATH's own (val/, the MedMNIST val
+arrays, --val-list) or, when there is none, --val-fraction of every class carved out of the
+training images by --seed; --label-fraction / --samples-per-class then apply to the training
+images that remain. The model of the epoch with the best validation accuracy is kept
+(RESPATH/best.pth) and evaluated on the test split: accuracy, balanced accuracy, macro-F1,
+one-vs-rest AUROC, the per-class report and the confusion matrix (report.json/.csv,
+predictions.csv, confusion_matrix.csv/.png). RESPATH/checkpoint.pth holds the run: running the
+same command again resumes it (Ctrl-C saves first), --fresh starts over.
+"""
+import argparse
+import functools
+import os
+import sys
+
+import numpy as np
+import torch
+from torch import nn
+from tqdm import tqdm
+
+from simclr import build_optimizer, scaled_learning_rate
+from utils.checkpoint import (atomic_torch_save, load_checkpoint, load_pretrained,
+                              rng_state, save_checkpoint, set_rng_state, unwrap_model)
+from utils.cli import (UserError, add_data_loading_args, add_data_source_args,
+                       ensure_writable_dir, environment_info, json_dump, print_args, run_main,
+                       select_device)
+from utils.data import (EpochBatchSampler, ImageDataset, LabelledViewDataset, dataset_statistics,
+                        make_loader)
+from utils.metrics import write_classification_report
+from utils.model import FEATURE_DIMS, build_encoder, resolve_stem
+from utils.plotfuncs import plot_finetune_curves
+from utils.sources import has_split, load_split, select_subset, split_off_validation
+from utils.training import GracefulStop, check_resume_compatible, learning_rate_at
+from utils.transforms import EvalTransform, SupervisedAugmentation
+
+# Settings that define the run: resuming with another value is an error, not a silent mix.
+RUN_DEFINING_ARGS = ("modelpath", "baseline", "freeze", "head", "arch", "stem", "image_size",
+                     "batch_size", "optimizer", "lr", "weight_decay", "warmup_epochs",
+                     "min_scale", "val_fraction", "samples", "samples_per_class",
+                     "label_fraction", "seed")
+DEFAULT_LR = {"sgd": 0.1, "adamw": 1e-3, "lars": 0.1}
+DEFAULT_WEIGHT_DECAY = {"sgd": 5e-4, "adamw": 1e-2, "lars": 1e-6}
+
+
+def get_args_parser():
+    parser = argparse.ArgumentParser(
+        description="Fine-tune a SimCLR encoder with a classifier head (or train the supervised "
+                    "baseline) and report test metrics.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    parser.add_argument("datapath", metavar="DATAPATH",
+                        help="labelled data: folder with train/ [val/] test/ class folders, a "
+                             "MedMNIST .npz file or name, or a path list (with --test-list)")
+    parser.add_argument("modelpath", metavar="MODELPATH", nargs="?", default=None,
+                        help="model.pth or checkpoint.pth of main.py; may be left out with "
+                             "--baseline (then --arch and --stem define the network)")
+    parser.add_argument("respath", metavar="RESPATH", help="folder for the run and its report")
+    add_data_loading_args(parser, batch_size=64)
+    add_data_source_args(parser)
+    model = parser.add_argument_group("model")
+    model.add_argument("--baseline", action="store_true",
+                       help="supervised baseline: the same network randomly initialised "
+                            "(architecture from MODELPATH when given, else --arch/--stem)")
+    model.add_argument("--freeze", action="store_true",
+                       help="keep the encoder frozen (weights and BatchNorm statistics); "
+                            "train the head only")
+    model.add_argument("--head", choices=("linear", "mlp"), default="linear",
+                       help="classifier on h: one Linear layer, or Linear-BN-ReLU-Linear")
+    model.add_argument("--arch", choices=tuple(FEATURE_DIMS), default="resnet18",
+                       help="--baseline without MODELPATH: the ResNet to train")
+    model.add_argument("--stem", choices=("auto", "cifar", "imagenet"), default="auto",
+                       help="--baseline without MODELPATH: 'auto' = cifar for images <= 64 px")
+    model.add_argument("--image-size", type=int, default=None,
+                       help="--baseline without MODELPATH: training size (default: the data's)")
+    train = parser.add_argument_group("training")
+    train.add_argument("--epochs", type=int, default=30,
+                       help="total epochs (a resumed run continues to this number)")
+    train.add_argument("--optimizer", choices=("sgd", "adamw", "lars"), default="sgd",
+                       help="SGD with momentum 0.9, AdamW or LARS")
+    train.add_argument("--lr", type=float, default=None,
+                       help="learning rate per 256 images, scaled linearly to the batch "
+                            "(default: sgd 0.1, adamw 1e-3, lars 0.1)")
+    train.add_argument("--weight-decay", "--wd", dest="weight_decay", type=float, default=None,
+                       help="weight decay, not applied to biases and BatchNorm "
+                            "(default: sgd 5e-4, adamw 1e-2, lars 1e-6)")
+    train.add_argument("--warmup-epochs", type=float, default=0.0,
+                       help="linear warm-up before the cosine decay")
+    train.add_argument("--min-scale", type=float, default=0.5,
+                       help="smallest crop area of the training augmentation (random resized "
+                            "crop and horizontal flip); 1.0 with --no-flip = no augmentation")
+    train.add_argument("--no-flip", dest="flip", action="store_false",
+                       help="no horizontal flips (for images whose left and right differ)")
+    train.add_argument("--val-fraction", type=float, default=0.1,
+                       help="share of every class held out for validation when DATAPATH has "
+                            "no validation split of its own")
+    train.add_argument("--fresh", action="store_true",
+                       help="start over, replacing the run in RESPATH")
+    return parser
+
+
+class Classifier(nn.Module):
+    """Encoder f and classifier head: forward(x (B, C, S, S)) -> logits (B, K)."""
+
+    def __init__(self, encoder, head):
+        super().__init__()
+        self.encoder = encoder
+        self.head = head
+
+    def forward(self, x):
+        return self.head(self.encoder(x))
+
+
+def build_head(kind, feat_dim, n_classes):
+    """'linear': Linear(F, K); 'mlp': Linear(F, F) -> BatchNorm1d -> ReLU -> Linear(F, K)."""
+    if kind == "linear":
+        return nn.Linear(feat_dim, n_classes)
+    return nn.Sequential(nn.Linear(feat_dim, feat_dim, bias=False), nn.BatchNorm1d(feat_dim),
+                         nn.ReLU(inplace=True), nn.Linear(feat_dim, n_classes))
+
+
+def check_args(args):
+    """Resolve the defaults that depend on other flags and reject inconsistent ones."""
+    if args.modelpath is None and not args.baseline:
+        raise UserError("give MODELPATH (the model.pth of main.py) to fine-tune, or --baseline "
+                        "to train the same network from scratch")
+    if args.baseline and args.freeze:
+        raise UserError("--freeze with --baseline would train a head on a random encoder; that "
+                        "is linear_evaluation.py --reference random")
+    if args.epochs < 1:
+        raise UserError("--epochs must be at least 1")
+    if args.batch_size < 2:
+        raise UserError("-bs must be at least 2 (BatchNorm needs two images)")
+    if not 0 < args.min_scale <= 1:
+        raise UserError(f"--min-scale {args.min_scale} must be in (0, 1]")
+    args.lr = DEFAULT_LR[args.optimizer] if args.lr is None else args.lr
+    if args.weight_decay is None:
+        args.weight_decay = DEFAULT_WEIGHT_DECAY[args.optimizer]
+    for name in ("modelpath", "datapath"):
+        value = getattr(args, name)
+        if value is not None and os.path.exists(value):
+            setattr(args, name, os.path.abspath(value))
+
+
+def finetune_splits(args):
+    """(train, val, test) ImageLists with the same classes; train reduced by the label budget."""
+    train = load_split(args.datapath, "train", True, args)
+    test = load_split(args.datapath, "test", True, args)
+    if has_split(args.datapath, "val", args):
+        val = load_split(args.datapath, "val", True, args)
+    else:
+        train, val = split_off_validation(train, args.val_fraction, args.seed)
+        print(f"validation: {len(val)} images carved from the training split "
+              f"(--val-fraction {args.val_fraction}, seed {args.seed})", flush=True)
+    for name, split in (("val", val), ("test", test)):
+        if split.classes != train.classes:
+            raise UserError(f"the train and {name} splits of {args.datapath} have different "
+                            f"classes ({len(train.classes)} vs {len(split.classes)}); they must "
+                            f"match")
+    train = select_subset(train, args.samples, args.samples_per_class, args.seed,
+                          args.label_fraction)
+    return train, val, test
+
+
+def model_description(args, train_images):
+    """(model_meta, state dict of the pretrained model or None) for this run."""
+    if args.modelpath is not None:
+        state, meta = load_pretrained(args.modelpath)
+        return meta, None if args.baseline else state
+    stats = dataset_statistics(train_images, os.path.join(args.respath, "data_stats.json"),
+                               args.seed)
+    image_size = args.image_size or stats["native_size"]
+    return {"arch": args.arch, "stem": resolve_stem(args.stem, image_size), "proj_dims": None,
+            "in_channels": stats["channels"], "image_size": image_size,
+            "mean": stats["mean"], "std": stats["std"]}, None
+
+
+def build_classifier(meta, pretrained_state, head_kind, n_classes, seed):
+    """The classifier with the pretrained encoder weights (when given), else randomly
+    initialised from `seed`."""
+    torch.manual_seed(seed)
+    encoder, feat_dim = build_encoder(meta["arch"], meta["in_channels"], meta["stem"])
+    if pretrained_state is not None:
+        encoder_state = {k[len("encoder."):]: v for k, v in pretrained_state.items()
+                         if k.startswith("encoder.")}
+        try:
+            encoder.load_state_dict(encoder_state, strict=True)
+        except RuntimeError:
+            raise UserError("MODELPATH does not hold the encoder its metadata describes; give "
+                            "the model.pth or checkpoint.pth of a main.py run") from None
+    return Classifier(encoder, build_head(head_kind, feat_dim, n_classes))
+
+
+def set_train_mode(model, freeze):
+    """Training mode, except a frozen encoder stays in eval mode: its BatchNorm statistics are
+    part of what is frozen (as in moco's linear evaluation)."""
+    model.train()
+    if freeze:
+        unwrap_model(model).encoder.eval()
+
+
+def train_one_epoch(model, criterion, optimizer, loader, device, epoch, state, schedule, freeze,
+                    stop):
+    """One pass over `loader` (which may start mid-epoch); appends each step's loss to
+    state["step_losses"]. Returns False when stopped by a signal."""
+    set_train_mode(model, freeze)
+    for x, y in tqdm(loader, desc=f"epoch {epoch + 1}", leave=False, disable=None):
+        lr = schedule(len(state["step_losses"]))
+        for group in optimizer.param_groups:
+            group["lr"] = lr
+        x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+        loss = criterion(model(x), y)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        value = loss.item()
+        if not np.isfinite(value):
+            raise UserError(f"the loss became {value} in epoch {epoch + 1} (the last checkpoint "
+                            f"is intact); start again with a lower --lr and --fresh")
+        state["step_losses"].append(value)
+        if stop.requested:
+            return False
+    return True
+
+
+@torch.no_grad()
+def predict(model, loader, device):
+    """Class probabilities (N, K) float64 and labels (N,) of the images of `loader`."""
+    model.eval()
+    probs, labels = [], []
+    for x, y in tqdm(loader, desc="evaluate", leave=False, disable=None):
+        probs.append(torch.softmax(model(x.to(device)).double(), 1).cpu())
+        labels.append(torch.as_tensor(y))
+    return torch.cat(probs).numpy(), torch.cat(labels).numpy()
+
+
+def run_state_dict(model, optimizer, state, args, meta, classes):
+    """The one checkpoint dict of a fine-tuning run."""
+    return {"script": "finetune", "model": unwrap_model(model).state_dict(),
+            "optimizer": optimizer.state_dict(), "scheduler": state["schedule"], "scaler": None,
+            "epoch": len(state["val_accuracy"]), "step": len(state["step_losses"]),
+            "losses": {"step_losses": torch.tensor(state["step_losses"], dtype=torch.float64),
+                       "val_accuracy": torch.tensor(state["val_accuracy"],
+                                                    dtype=torch.float64)},
+            "best": dict(state["best"]), "args": vars(args), "model_meta": meta,
+            "classes": classes, "rng": rng_state()}
+
+
+def main(args):
+    check_args(args)
+    device, n_gpus = select_device(args.cuda, args.multiple_gpus)
+    ensure_writable_dir(args.respath)
+    print_args(args)
+    checkpoint_path = os.path.join(args.respath, "checkpoint.pth")
+    best_path = os.path.join(args.respath, "best.pth")
+    ckpt = None
+    if os.path.exists(checkpoint_path) and not args.fresh:
+        ckpt = load_checkpoint(checkpoint_path, "finetune")
+        check_resume_compatible(ckpt, args, checkpoint_path, RUN_DEFINING_ARGS)
+
+    train_images, val_images, test_images = finetune_splits(args)
+    classes = train_images.classes
+    counts = np.bincount(train_images.labels, minlength=len(classes))
+    meta, pretrained = model_description(args, train_images)
+    model = build_classifier(meta, pretrained, args.head, len(classes), args.seed)
+    kind = "baseline (random init)" if args.baseline else "frozen encoder" if args.freeze \
+        else "full fine-tuning"
+    print(f"{kind}: {meta['arch']} ({meta['stem']} stem, {meta['in_channels']} channel(s), "
+          f"{meta['image_size']} px), {args.head} head; {len(train_images)} training images "
+          f"({counts.min()}-{counts.max()} per class), {len(val_images)} validation, "
+          f"{len(test_images)} test", flush=True)
+    if args.freeze:
+        model.encoder.requires_grad_(False)
+    model = model.to(device)
+
+    batch_size = min(args.batch_size, len(train_images))
+    if batch_size < args.batch_size:
+        print(f"note: -bs {args.batch_size} is more than the {len(train_images)} training "
+              f"images; using batches of {batch_size}", flush=True)
+    if batch_size < 2:
+        raise UserError("fine-tuning needs at least 2 training images; raise --label-fraction "
+                        "or --samples-per-class")
+    sampler = EpochBatchSampler(len(train_images), batch_size, args.seed)
+    augmentation = SupervisedAugmentation(meta["image_size"], meta["mean"], meta["std"],
+                                          args.min_scale, args.flip)
+    pin = device.type == "cuda"
+    train_loader = make_loader(
+        LabelledViewDataset(train_images, meta["in_channels"], augmentation, args.seed),
+        batch_sampler=sampler, num_workers=args.num_workers, pin_memory=pin)
+    evaluation = EvalTransform(meta["image_size"], meta["mean"], meta["std"])
+    val_loader, test_loader = [
+        make_loader(ImageDataset(images, meta["in_channels"], evaluation),
+                    batch_size=args.batch_size, num_workers=args.num_workers, pin_memory=pin)
+        for images in (val_images, test_images)]
+
+    steps_per_epoch = len(train_images) // batch_size
+    peak_lr = scaled_learning_rate(args.lr, batch_size, "linear")
+    total_steps = args.epochs * steps_per_epoch
+    warmup_steps = int(round(args.warmup_epochs * steps_per_epoch))
+    schedule = functools.partial(learning_rate_at, base_lr=peak_lr, warmup_steps=warmup_steps,
+                                 total_steps=total_steps)
+    optimizer = build_optimizer(model, args.optimizer, peak_lr, args.weight_decay)
+    state = {"step_losses": [], "val_accuracy": [], "best": {"epoch": 0, "val_accuracy": -1.0},
+             "schedule": {"name": "linear_warmup_cosine", "base_lr": peak_lr,
+                          "warmup_steps": warmup_steps, "total_steps": total_steps}}
+    if ckpt is not None:
+        model.load_state_dict(ckpt["model"])
+        optimizer.load_state_dict(ckpt["optimizer"])
+        state.update(step_losses=ckpt["losses"]["step_losses"].tolist(),
+                     val_accuracy=ckpt["losses"]["val_accuracy"].tolist(), best=ckpt["best"])
+        set_rng_state(ckpt["rng"])
+        print(f"resuming {checkpoint_path}: epoch {ckpt['epoch']}, step {ckpt['step']} of "
+              f"{total_steps}", flush=True)
+        del ckpt
+    if n_gpus > 1:
+        model = nn.DataParallel(model)
+    print(f"{steps_per_epoch} steps of {batch_size} per epoch, {args.epochs} epochs, "
+          f"{args.optimizer} peak lr {peak_lr:.4g}", flush=True)
+
+    def save():
+        save_checkpoint(run_state_dict(model, optimizer, state, args, meta, classes),
+                        checkpoint_path)
+
+    criterion = nn.CrossEntropyLoss()
+    with GracefulStop() as stop:
+        while len(state["step_losses"]) < total_steps:
+            epoch, start_batch = divmod(len(state["step_losses"]), steps_per_epoch)
+            sampler.set_epoch(epoch, start_batch)
+            if not train_one_epoch(model, criterion, optimizer, train_loader, device, epoch,
+                                   state, schedule, args.freeze, stop):
+                save()
+                print(f"interrupted at step {len(state['step_losses'])}: checkpoint saved in "
+                      f"{checkpoint_path}; run the same command to resume", file=sys.stderr)
+                return 130
+            probs, labels = predict(model, val_loader, device)
+            accuracy = float(np.mean(probs.argmax(1) == labels))
+            state["val_accuracy"].append(accuracy)
+            epoch_loss = np.mean(state["step_losses"][-steps_per_epoch:])
+            improved = accuracy > state["best"]["val_accuracy"]
+            print(f"epoch {epoch + 1}/{args.epochs}  loss {epoch_loss:.4f}  validation accuracy "
+                  f"{100 * accuracy:.2f} %{'  (best)' if improved else ''}", flush=True)
+            if improved:
+                state["best"] = {"epoch": epoch + 1, "val_accuracy": accuracy}
+                atomic_torch_save({"script": "finetune", "model": unwrap_model(model).state_dict(),
+                                   "epoch": epoch + 1, "val_accuracy": accuracy,
+                                   "model_meta": meta, "classes": classes, "head": args.head},
+                                  best_path)
+            save()
+            if stop.requested:
+                print(f"interrupted after epoch {epoch + 1}: run the same command to resume",
+                      file=sys.stderr)
+                return 130
+
+    epoch_losses = np.asarray(state["step_losses"]).reshape(-1, steps_per_epoch).mean(1)
+    plot_finetune_curves(epoch_losses, state["val_accuracy"],
+                         os.path.join(args.respath, "training_curves.png"),
+                         title=f"{kind}, {len(train_images)} labelled images")
+    best = torch.load(best_path, map_location="cpu", weights_only=True)
+    unwrap_model(model).load_state_dict(best["model"])
+    probs, labels = predict(model, test_loader, device)
+    print(f"test split, model of epoch {best['epoch']} (validation accuracy "
+          f"{100 * best['val_accuracy']:.2f} %):")
+    metrics = write_classification_report(
+        labels, probs.argmax(1), probs, classes, args.respath,
+        {"method": "baseline" if args.baseline else "frozen" if args.freeze else "finetune",
+         "modelpath": args.modelpath, "head": args.head, "best_epoch": best["epoch"],
+         "val_accuracy": best["val_accuracy"], "n_train": len(train_images),
+         "n_val": len(val_images), "n_test": len(test_images),
+         "train_per_class": counts.tolist(), "epochs": args.epochs,
+         "environment": environment_info(device)},
+        names=test_images.paths)
+    json_dump({"args": vars(args), "model_meta": meta, "metrics": metrics,
+               "val_accuracy": state["val_accuracy"], "epoch_losses": epoch_losses.tolist()},
+              os.path.join(args.respath, "run.json"))
+    print(f"test accuracy {100 * metrics['accuracy']:.2f} %; report in {args.respath}")
+    return 0
+
+
+if __name__ == "__main__":
+    run_main(main, get_args_parser())

@@ -1,0 +1,112 @@
+"""finetune.py through its real command line on the tiny folder and the 2-epoch model: a frozen
+encoder stays bit-identical to the checkpoint (moco's sanity check), full fine-tuning changes it,
+the supervised baseline runs without a model, every reported metric equals scikit-learn's on the
+saved predictions, the label budget gives the exact number of images, and runs resume."""
+import csv
+import json
+import os
+
+import numpy as np
+import pytest
+import torch
+from sklearn.metrics import (accuracy_score, balanced_accuracy_score, confusion_matrix, f1_score,
+                             roc_auc_score)
+
+from conftest import assert_one_line_error, run_script
+
+QUICK = ["--epochs", "1", "-bs", "8", "-nw", "0"]
+
+
+def model_path(pretrained):
+    return os.path.join(pretrained[0], "model", "model.pth")
+
+
+@pytest.fixture(scope="module")
+def runs(tiny_folder, pretrained, tmp_path_factory):
+    """Three runs: frozen encoder, full fine-tuning (half of each class's labels, MLP head),
+    and the baseline without MODELPATH. {name: (RESPATH, CompletedProcess)}."""
+    out, model = {}, model_path(pretrained)
+    for name, models, flags in (
+            ("frozen", [model], ["--freeze"]),
+            ("full", [model], ["--label-fraction", "0.5", "--head", "mlp"]),
+            ("baseline", [], ["--baseline", "--arch", "resnet18", "--image-size", "16"])):
+        respath = str(tmp_path_factory.mktemp(name))
+        result = run_script("finetune.py", tiny_folder, *models, respath, *QUICK, *flags)
+        assert result.returncode == 0, result.stderr[-3000:]
+        out[name] = (respath, result)
+    return out
+
+
+def encoder_tensors(state, prefix="encoder."):
+    return {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}
+
+
+def test_frozen_encoder_is_bit_identical_and_full_finetuning_changes_it(runs, pretrained):
+    pretrained_encoder = encoder_tensors(torch.load(model_path(pretrained), weights_only=True))
+    for name, should_change in (("frozen", False), ("full", True)):
+        ckpt = torch.load(os.path.join(runs[name][0], "checkpoint.pth"), weights_only=True)
+        tuned = encoder_tensors(ckpt["model"])
+        assert tuned.keys() == pretrained_encoder.keys()
+        changed = [k for k in tuned if not torch.equal(tuned[k], pretrained_encoder[k])]
+        if should_change:  # weights and BatchNorm statistics move
+            assert len(changed) > len(tuned) // 2, changed
+        else:  # every weight and every BatchNorm buffer
+            assert changed == []
+        assert ckpt["script"] == "finetune" and ckpt["step"] > 0
+
+
+@pytest.mark.parametrize("name", ["frozen", "full", "baseline"])
+def test_every_metric_equals_scikit_learn_on_saved_predictions(runs, name):
+    respath = runs[name][0]
+    report = json.load(open(os.path.join(respath, "report.json")))
+    with open(os.path.join(respath, "predictions.csv")) as f:
+        rows = list(csv.DictReader(f))
+    classes = [key[2:] for key in rows[0] if key.startswith("p_")]
+    y = np.array([int(r["label"]) for r in rows])
+    pred = np.array([int(r["prediction"]) for r in rows])
+    probs = np.array([[float(r[f"p_{c}"]) for c in classes] for r in rows])
+    assert len(rows) == 18 and len(classes) == 3
+    np.testing.assert_allclose(probs.sum(1), 1, atol=1e-5)
+    assert (probs.argmax(1) == pred).all()
+    assert report["accuracy"] == pytest.approx(accuracy_score(y, pred))
+    assert report["balanced_accuracy"] == pytest.approx(balanced_accuracy_score(y, pred))
+    assert report["macro_f1"] == pytest.approx(f1_score(y, pred, average="macro",
+                                                        zero_division=0))
+    assert report["auroc_ovr"] == pytest.approx(roc_auc_score(y, probs, multi_class="ovr"),
+                                                abs=1e-5)
+    with open(os.path.join(respath, "confusion_matrix.csv")) as f:
+        matrix = [[int(v) for v in row[1:]] for row in list(csv.reader(f))[1:]]
+    assert (np.array(matrix) == confusion_matrix(y, pred)).all()
+    for output in ("report.csv", "confusion_matrix.png", "training_curves.png", "best.pth"):
+        assert os.path.getsize(os.path.join(respath, output)) > 0
+    assert report["method"] == {"frozen": "frozen", "full": "finetune",
+                                "baseline": "baseline"}[name]
+
+
+def test_validation_and_label_budget_sizes_are_exact(runs):
+    # 12 train images per class: round(0.1 * 12) = 1 each goes to validation, then
+    # --label-fraction 0.5 keeps round(0.5 * 11) = 6 of the 11 left (halves round up)
+    full = json.load(open(os.path.join(runs["full"][0], "report.json")))
+    assert (full["n_train"], full["n_val"], full["n_test"]) == (18, 3, 18)
+    assert full["train_per_class"] == [6, 6, 6]
+    frozen = json.load(open(os.path.join(runs["frozen"][0], "report.json")))
+    assert (frozen["n_train"], frozen["train_per_class"]) == (33, [11, 11, 11])
+
+
+def test_resume_continues_to_more_epochs(runs, tiny_folder):
+    respath, first = runs["baseline"]
+    result = run_script("finetune.py", tiny_folder, respath, "--baseline", "--arch", "resnet18",
+                        "--image-size", "16", "--epochs", "2", "-bs", "8", "-nw", "0")
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "resuming" in result.stdout and "epoch 2/2" in result.stdout
+    assert "epoch 1/2" not in result.stdout
+    ckpt = torch.load(os.path.join(respath, "checkpoint.pth"), weights_only=True)
+    assert ckpt["epoch"] == 2 and len(ckpt["losses"]["val_accuracy"]) == 2
+    changed = run_script("finetune.py", tiny_folder, respath, "--baseline", "--arch", "resnet18",
+                         "--image-size", "16", "--epochs", "2", "-bs", "4", "-nw", "0")
+    assert_one_line_error(changed, "--batch-size 8", "--fresh")
+
+
+def test_missing_model_is_one_line_error(tiny_folder, tmp_path):
+    assert_one_line_error(run_script("finetune.py", tiny_folder, str(tmp_path / "out")),
+                          "MODELPATH", "--baseline")
