@@ -9,11 +9,12 @@
 DATAPATH is any labelled source of utils/sources.py (ImageFolder train/ [val/] test/, a MedMNIST
 file or name, path lists). The validation split is DATAPATH's own (val/, the MedMNIST val
 arrays, --val-list) or, when there is none, --val-fraction of every class carved out of the
-training images by --seed; --label-fraction / --samples-per-class then apply to the training
-images that remain. The model of the epoch with the best validation accuracy is kept
-(RESPATH/best.pth) and evaluated on the test split: accuracy, balanced accuracy, macro-F1,
-one-vs-rest AUROC, the per-class report and the confusion matrix (report.json/.csv,
-predictions.csv, confusion_matrix.csv/.png). RESPATH/checkpoint.pth holds the run: running the
+training images by --seed: out of those outside the label budget when --label-fraction /
+--samples-per-class is given (so the labelled images are exactly those linear_evaluation.py
+uses for the same seed), else out of all of them. The model of the epoch with the best
+validation accuracy is kept (RESPATH/best.pth) and evaluated on the test split: accuracy,
+balanced accuracy, macro-F1, one-vs-rest AUROC, the per-class report and the confusion matrix
+(report.json/.csv, predictions.csv, confusion_matrix.csv/.png). RESPATH/checkpoint.pth holds the run: running the
 same command again resumes it (Ctrl-C saves first), --fresh starts over.
 """
 import argparse
@@ -149,22 +150,33 @@ def check_args(args):
 
 
 def finetune_splits(args):
-    """(train, val, test) ImageLists with the same classes; train reduced by the label budget."""
-    train = load_split(args.datapath, "train", True, args)
+    """(train, val, test) ImageLists with the same classes. The training images of a label
+    budget are those linear_evaluation.py picks for the same seed; without a validation split
+    in DATAPATH, validation images are carved from the training images outside the budget
+    (from all of them when there is no budget)."""
+    everything = load_split(args.datapath, "train", True, args)
     test = load_split(args.datapath, "test", True, args)
+    train = select_subset(everything, args.samples, args.samples_per_class, args.seed,
+                          args.label_fraction)
     if has_split(args.datapath, "val", args):
         val = load_split(args.datapath, "val", True, args)
+    elif train is everything:
+        train, val = split_off_validation(everything, args.val_fraction, args.seed)
     else:
-        train, val = split_off_validation(train, args.val_fraction, args.seed)
-        print(f"validation: {len(val)} images carved from the training split "
+        chosen = set(train.paths)
+        rest = everything.subset([i for i, p in enumerate(everything.paths) if p not in chosen])
+        val = split_off_validation(rest, args.val_fraction, args.seed)[1]
+    if not has_split(args.datapath, "val", args):
+        print(f"validation: {len(val)} training images outside the label budget "
               f"(--val-fraction {args.val_fraction}, seed {args.seed})", flush=True)
+    if not len(val):
+        raise UserError(f"no images are left for validation in {args.datapath}; give a "
+                        f"validation split (DATAPATH/val/ or --val-list) or a smaller budget")
     for name, split in (("val", val), ("test", test)):
         if split.classes != train.classes:
             raise UserError(f"the train and {name} splits of {args.datapath} have different "
                             f"classes ({len(train.classes)} vs {len(split.classes)}); they must "
                             f"match")
-    train = select_subset(train, args.samples, args.samples_per_class, args.seed,
-                          args.label_fraction)
     return train, val, test
 
 

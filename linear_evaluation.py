@@ -139,7 +139,8 @@ def main(args):
     write_classification_report(
         test_y.numpy(), pred.numpy(), probs.numpy(), classes, args.respath,
         {"remove_top_layers": report_at, "modelpath": os.path.abspath(args.modelpath),
-         "reference": args.reference, "n_train": len(train_y), "n_test": len(test_y)},
+         "reference": args.reference, "n_train": len(train_y), "n_test": len(test_y),
+         "train_per_class": torch.bincount(train_y, minlength=len(classes)).tolist()},
         names=test_images.paths)
     atomic_torch_save({**probe.state_dict(), "classes": classes, "remove_top_layers": report_at},
                       os.path.join(args.respath, "linear_classifier.pth"))

@@ -84,13 +84,27 @@ def test_every_metric_equals_scikit_learn_on_saved_predictions(runs, name):
 
 
 def test_validation_and_label_budget_sizes_are_exact(runs):
-    # 12 train images per class: round(0.1 * 12) = 1 each goes to validation, then
-    # --label-fraction 0.5 keeps round(0.5 * 11) = 6 of the 11 left (halves round up)
+    # --label-fraction 0.5 of 12 per class keeps round(6) = 6 (as linear evaluation does);
+    # validation: round(0.1 * 6) = 1 of each class's 6 other images
     full = json.load(open(os.path.join(runs["full"][0], "report.json")))
     assert (full["n_train"], full["n_val"], full["n_test"]) == (18, 3, 18)
     assert full["train_per_class"] == [6, 6, 6]
+    # no budget: round(0.1 * 12) = 1 per class moves to validation, 11 stay
     frozen = json.load(open(os.path.join(runs["frozen"][0], "report.json")))
     assert (frozen["n_train"], frozen["train_per_class"]) == (33, [11, 11, 11])
+
+
+def test_budget_picks_the_images_linear_evaluation_uses(tiny_folder, pretrained):
+    import finetune
+    import linear_evaluation
+    for seed in (0, 3):
+        argv = [tiny_folder, model_path(pretrained), "out", "--samples-per-class", "4",
+                "--seed", str(seed)]
+        train, val, _ = finetune.finetune_splits(finetune.get_args_parser().parse_args(argv))
+        probe_train, _ = linear_evaluation.labelled_splits(
+            linear_evaluation.get_args_parser().parse_args(argv))
+        assert train.paths == probe_train.paths and len(train) == 12
+        assert not set(val.paths) & set(train.paths) and len(val) == 3
 
 
 def test_resume_continues_to_more_epochs(runs, tiny_folder):

@@ -207,3 +207,27 @@ def plot_finetune_curves(epoch_losses, val_scores, path, title="Fine-tuning"):
     ax.legend(handles + more_handles, labels + more_labels, loc="center right")
     ax.set_title(title)
     _save(fig, path)
+
+
+METHOD_NAMES = {"linear": "SimCLR, linear probe", "finetune": "SimCLR, fine-tuned",
+                "frozen": "SimCLR, frozen encoder + head", "baseline": "supervised from scratch"}
+
+
+def plot_label_efficiency(rows, path):
+    """Test accuracy (mean +- std over seeds) against labelled images per class, log x axis,
+    one line per method; `rows` as written by label_efficiency.py."""
+    fig, ax = plt.subplots(figsize=(6.5, 4.2))
+    for method in dict.fromkeys(row["method"] for row in rows):
+        mine = sorted((r for r in rows if r["method"] == method),
+                      key=lambda r: r["labels_per_class"])
+        x = [r["labels_per_class"] for r in mine]
+        mean = np.array([r["accuracy_mean"] for r in mine]) * 100
+        std = np.array([r["accuracy_std"] for r in mine]) * 100
+        line, = ax.plot(x, mean, "o-", label=METHOD_NAMES.get(method, method))
+        ax.fill_between(x, mean - std, mean + std, color=line.get_color(), alpha=0.2)
+    ax.set_xscale("log")
+    ax.set_xlabel("labelled training images per class")
+    ax.set_ylabel("test accuracy (%), mean ± std over seeds")
+    ax.grid(alpha=0.3, which="both")
+    ax.legend()
+    _save(fig, path)
