@@ -101,6 +101,9 @@ def get_args_parser():
     train.add_argument("--val-fraction", type=float, default=0.1,
                        help="share of every class held out for validation when DATAPATH has "
                             "no validation split of its own")
+    train.add_argument("--val-every", type=int, default=1,
+                       help="validate every E epochs (and after the last); the best of the "
+                            "validated epochs is kept")
     train.add_argument("--fresh", action="store_true",
                        help="start over, replacing the run in RESPATH")
     return parser
@@ -134,8 +137,8 @@ def check_args(args):
     if args.baseline and args.freeze:
         raise UserError("--freeze with --baseline would train a head on a random encoder; that "
                         "is linear_evaluation.py --reference random")
-    if args.epochs < 1:
-        raise UserError("--epochs must be at least 1")
+    if args.epochs < 1 or args.val_every < 1:
+        raise UserError("--epochs and --val-every must be at least 1")
     if args.batch_size < 2:
         raise UserError("-bs must be at least 2 (BatchNorm needs two images)")
     if not 0 < args.min_scale <= 1:
@@ -350,10 +353,15 @@ def main(args):
                 print(f"interrupted at step {len(state['step_losses'])}: checkpoint saved in "
                       f"{checkpoint_path}; run the same command to resume", file=sys.stderr)
                 return 130
+            epoch_loss = np.mean(state["step_losses"][-steps_per_epoch:])
+            if (epoch + 1) % args.val_every and epoch + 1 < args.epochs:
+                state["val_accuracy"].append(float("nan"))
+                print(f"epoch {epoch + 1}/{args.epochs}  loss {epoch_loss:.4f}", flush=True)
+                save()
+                continue
             probs, labels = predict(model, val_loader, device)
             accuracy = float(np.mean(probs.argmax(1) == labels))
             state["val_accuracy"].append(accuracy)
-            epoch_loss = np.mean(state["step_losses"][-steps_per_epoch:])
             improved = accuracy > state["best"]["val_accuracy"]
             print(f"epoch {epoch + 1}/{args.epochs}  loss {epoch_loss:.4f}  validation accuracy "
                   f"{100 * accuracy:.2f} %{'  (best)' if improved else ''}", flush=True)

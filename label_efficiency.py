@@ -63,6 +63,8 @@ def get_args_parser():
     study.add_argument("--min-steps", type=int, default=100,
                        help="raise the epochs of small budgets so every fine-tuning run takes "
                             "at least this many optimizer steps")
+    study.add_argument("--validations", type=int, default=10,
+                       help="validate about this many times per fine-tuning run")
     study.add_argument("--finetune-args", default="",
                        help="extra flags for finetune.py, e.g. \"--lr 0.05 --head mlp\"")
     return parser
@@ -108,7 +110,8 @@ def run_command(method, args, budget_flag, budget_value, seed, outdir, n_train_e
     extra = {"finetune": [], "frozen": ["--freeze"], "baseline": ["--baseline"]}[method]
     epochs = finetune_epochs(args, n_train_estimate)
     return (["finetune.py", args.datapath, args.modelpath, outdir] + common + extra +
-            ["--epochs", epochs] + args.finetune_args.split())
+            ["--epochs", epochs, "--val-every", max(1, epochs // args.validations)] +
+            args.finetune_args.split())
 
 
 def training_set_size(args, budget_flag, budget_value):
@@ -184,6 +187,7 @@ def main(args):
         raise UserError(f"MODELPATH {args.modelpath} does not exist; give the model.pth of a "
                         f"main.py run")
     ensure_writable_dir(args.respath)
+    args.respath = os.path.abspath(args.respath)  # the runs start in this script's folder
     args.datapath = os.path.abspath(args.datapath) if os.path.exists(args.datapath) \
         else args.datapath
     args.modelpath = os.path.abspath(args.modelpath)

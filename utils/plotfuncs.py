@@ -199,7 +199,9 @@ def plot_finetune_curves(epoch_losses, val_scores, path, title="Fine-tuning"):
     ax.set_ylabel("cross-entropy")
     ax.grid(alpha=0.3)
     ax2 = ax.twinx()
-    ax2.plot(epochs[:len(val_scores)], 100 * np.asarray(val_scores, dtype=float), "s--",
+    val_scores = np.asarray(val_scores, dtype=float)
+    validated = np.isfinite(val_scores)  # NaN: an epoch without validation (--val-every)
+    ax2.plot(epochs[:len(val_scores)][validated], 100 * val_scores[validated], "s--",
              color="tab:green", label="validation accuracy")
     ax2.set_ylabel("validation accuracy (%)")
     handles, labels = ax.get_legend_handles_labels()
