@@ -22,11 +22,10 @@ def ntxent_logits(z1, z2, temperature, gather=None):
         z = torch.cat([z1, z2])
         u = F.normalize(z.to(torch.promote_types(z.dtype, torch.float32)), dim=1)
         candidates, offset = (u, 0) if gather is None else gather(u)
-        logits = (u @ candidates.T) / temperature
-    rows = torch.arange(2 * n, device=u.device)
-    self_mask = torch.zeros_like(logits, dtype=torch.bool)
-    self_mask[rows, rows + offset] = True
-    logits = logits.masked_fill(self_mask, float("-inf"))
+        # 1/tau scales the (2N, D) anchors, not the (2N, M) logits: one pass less over the
+        # largest tensor, forward and backward
+        logits = (u * (1.0 / temperature)) @ candidates.T
+        logits.diagonal(offset).fill_(float("-inf"))  # anchor k against itself, column k + offset
     targets = torch.cat([torch.arange(n, 2 * n), torch.arange(0, n)]).to(u.device) + offset
     return logits, targets
 

@@ -1,0 +1,107 @@
+"""TensorBoard monitoring of a pretraining run (main.py --tensorboard), written by rank 0 only.
+
+tensorboard is an optional dependency: this module imports it only when a logger is created,
+and nothing else in the toolkit imports this module unless --tensorboard is given.
+
+Tags (RESPATH/tensorboard/):
+    train/loss, train/lr, train/positive_pair_top1   every training step
+    collapse/z_std_mean         mean over dimensions of the per-dimension std, over the batch,
+                                of the L2-normalised projection z: about 1/sqrt(D) when the
+                                views spread over the sphere, 0 when they collapse to one point
+    collapse/z_std              histogram of the per-dimension std
+    knn/accuracy                kNN accuracy of h on the test split (--knn-every)
+    views/pairs                 image grid: view 1 above view 2 for a few training images
+    projector                   embedding projector of h for test (or training) images, with
+                                thumbnails and class names, at the end of the run
+"""
+import os
+
+import torch
+import torch.nn.functional as F
+
+from utils.cli import UserError
+from utils.transforms import denormalize
+
+
+def normalized_std_per_dim(z):
+    """(D,) std over the batch of each dimension of the L2-normalised rows of z (B, D)."""
+    return F.normalize(z.detach().float(), dim=1).std(0)
+
+
+class CollapseMonitor:
+    """Forward hook on the projection head that keeps normalized_std_per_dim of the last batch
+    it saw, on the device (no host synchronisation until it is read)."""
+
+    def __init__(self, head):
+        self.latest = None
+        self.handle = head.register_forward_hook(self._record)
+
+    def _record(self, module, inputs, output):
+        if module.training and output.shape[0] > 1:
+            self.latest = normalized_std_per_dim(output)
+
+    def remove(self):
+        self.handle.remove()
+
+
+class TensorBoardLogger:
+    """A SummaryWriter with the toolkit's tags (see the module docstring)."""
+
+    def __init__(self, logdir):
+        try:
+            from torch.utils.tensorboard import SummaryWriter
+        except ImportError:
+            raise UserError("--tensorboard needs the tensorboard package: pip install "
+                            "tensorboard (or leave out --tensorboard)") from None
+        self.logdir = logdir
+        self.writer = SummaryWriter(logdir)
+        self.collapse = None
+
+    def watch_collapse(self, head):
+        """Record the spread of z from the head's forward passes (see CollapseMonitor)."""
+        self.collapse = CollapseMonitor(head)
+
+    def log_steps(self, first_step, losses, top1s, lrs):
+        """Per-step scalars of the steps first_step, first_step + 1, ...; the collapse
+        statistic of the latest batch at the last of them."""
+        for i, (loss, top1, lr) in enumerate(zip(losses, top1s, lrs)):
+            step = first_step + i
+            self.writer.add_scalar("train/loss", loss, step)
+            self.writer.add_scalar("train/positive_pair_top1", top1, step)
+            self.writer.add_scalar("train/lr", lr, step)
+        if self.collapse is not None and self.collapse.latest is not None and losses:
+            std = self.collapse.latest.cpu()
+            last = first_step + len(losses) - 1
+            self.writer.add_scalar("collapse/z_std_mean", std.mean().item(), last)
+            self.writer.add_histogram("collapse/z_std", std, last)
+        self.writer.flush()
+
+    def log_knn(self, epoch, steps_per_epoch, accuracy):
+        self.writer.add_scalar("knn/accuracy", accuracy, epoch * steps_per_epoch)
+        self.writer.flush()
+
+    def log_view_pairs(self, view1, view2, mean, std, step=0):
+        """Grid of normalised views (B, C, S, S): row 1 view 1, row 2 view 2 of the same
+        images, undone back to [0, 1] for display."""
+        from torchvision.utils import make_grid
+        pairs = torch.cat([denormalize(view1, mean, std), denormalize(view2, mean, std)])
+        self.writer.add_image("views/pairs", make_grid(pairs, nrow=view1.shape[0], padding=2,
+                                                       pad_value=1.0), step)
+        self.writer.flush()
+
+    def log_embedding(self, features, labels, class_names, thumbnails, step):
+        """The projector: features (N, F), labels (N,) (or None), thumbnails (N, C, H, W) in
+        [0, 1]."""
+        metadata = None if labels is None else [class_names[int(y)] for y in labels]
+        self.writer.add_embedding(features, metadata=metadata, label_img=thumbnails,
+                                  global_step=step, tag="h")
+        self.writer.flush()
+
+    def close(self):
+        if self.collapse is not None:
+            self.collapse.remove()
+        self.writer.close()
+
+
+def tensorboard_dir(respath):
+    return os.path.join(respath, "tensorboard")
