@@ -80,7 +80,13 @@ def atomic_write_bytes(path, data):
     finally:
         if os.path.exists(tmp):
             os.remove(tmp)
-    try:  # make the rename itself durable
+    fsync_folder(folder)
+
+
+def fsync_folder(folder):
+    """fsync `folder` itself, which makes a rename inside it durable (ignored where the file
+    system does not allow it)."""
+    try:
         fd = os.open(folder, os.O_RDONLY)
         try:
             os.fsync(fd)

@@ -45,6 +45,17 @@ def build_encoder(arch, in_channels, stem):
     return net, FEATURE_DIMS[arch]
 
 
+def build_torchvision_backbone(meta):
+    """The plain torchvision ResNet that export.py's state dict loads into with strict=True.
+
+    torchvision.models.<arch>(weights=None) with conv1 rebuilt for meta's in_channels and stem
+    (3x3 stride 1 and maxpool = Identity for 'cifar', 7x7 stride 2 for 'imagenet') and
+    fc = Identity: forward(x (B, in_channels, S, S)) -> h (B, feature_dim). `meta` is the
+    "meta" dict of the exported file (any dict with arch, in_channels and stem will do).
+    """
+    return build_encoder(meta["arch"], meta["in_channels"], meta["stem"])[0]
+
+
 def build_projection_head(in_dim, proj_dims):
     """nn.Sequential MLP: for each hidden width Linear -> BatchNorm1d -> ReLU, then a final
     Linear to proj_dims[-1]. proj_dims [512, 128] gives 512->512->128 from a 512-d h."""

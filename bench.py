@@ -1,0 +1,979 @@
+"""Benchmark of the pretraining path (issue 8): how fast each part of what main.py runs goes on
+this machine, next to the machine's own limits and a straightforward reference loop.
+
+    python bench.py                                  # this machine's default grid
+    python bench.py --device cpu --json results/bench_cpu.json
+    python bench.py --device cuda --json results/bench_cuda.json
+    python bench.py --device cuda --archs resnet18 --sizes 32 --compile off on \
+                    --sections compute end2end --json results/bench_cuda_compile.json
+    python bench.py --quick --json /tmp/bench.json   # seconds: what the test suite runs
+
+Sections (--sections; each prints a table, and every row goes to the JSON file):
+    matmul    square matmul in each --amp dtype: the measured dense rate of the device
+    compute   forward + backward + optimizer step on a batch already on the device, for every
+              arch x size x amp x channels-last x compile: img/s, TFLOP/s (FlopCounterMode count
+              of the step) and their fraction of the matmul rate, peak memory
+    loader    main.py's input pipeline alone: DataLoader workers (decode + two augmented views
+              per image) per worker count, and with --gpu-aug on the decoded uint8 batches
+              augmented on the device; its ratio to what the trainer consumes (the fastest
+              compute img/s of that size)
+    end2end   simclr.train_one_epoch fed by that pipeline, as main.py runs it, in the fastest
+              compute configuration of each arch and size
+    baseline  the reference: a plain Dataset with per-image PIL transforms, two forward passes
+              (one per view), fp32, a broadcast cosine-similarity NT-Xent and loss.item() per step
+    ntxent    NTXentLoss forward + backward against the bare matmul + cross_entropy lower bound
+              and the broadcast version, for N in --ntxent-n
+Images per second count images (two views each), as main.py's img/s does. The targets of
+issue 8 are printed as "target ...: measured X (met|not met)" lines and stored under "targets".
+"""
+import argparse
+import ctypes
+import gc
+import itertools
+import math
+import os
+import platform
+import tempfile
+import time
+import types
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from PIL import Image
+from torch.utils.flop_counter import FlopCounterMode
+
+from simclr import (History, MixedPrecision, build_optimizer, forward_backward, resolve_amp,
+                    scaled_learning_rate, train_one_epoch)
+from utils.checkpoint import unwrap_model
+from utils.cli import (UserError, ensure_writable_dir, environment_info, json_dump, run_main,
+                       warn)
+from utils.data import (EpochBatchSampler, InMemoryBatches, TwoViewDataset, dataset_statistics,
+                        decode_images, find_split, make_loader)
+from utils.gpu_augment import BatchSimCLRAugmentation, DeviceTwoViews
+from utils.model import FEATURE_DIMS, build_model, default_proj_dims, resolve_stem
+from utils.ntxent import NTXentLoss
+from utils.sources import select_subset
+from utils.transforms import SimCLRAugmentation, TwoViews
+
+REPO = os.path.dirname(os.path.abspath(__file__))
+SECTIONS = ("matmul", "compute", "loader", "ntxent", "end2end", "baseline")
+MATMUL_DTYPES = {"off": "float32", "bf16": "bfloat16", "fp16": "float16"}  # per --amp
+# main.py's defaults: temperature, SGD learning rate per 256 images and weight decay, logging
+TEMPERATURE, LR_PER_256, WEIGHT_DECAY, LOG_EVERY = 0.2, 0.5, 5e-4, 10
+# The broadcast NT-Xent peaked at 6.2x one (2N, 2N, D) float32 tensor (CPU, N = 256 and 512).
+BROADCAST_PEAK_TENSORS = 6.2
+# Targets of issue 8.
+E2E_OVER_BASELINE, LOADER_OVER_TRAINER, NTXENT_OVER_BOUND, E2E_OVER_COMPUTE = 1.3, 3.0, 1.5, 0.85
+NTXENT_TARGET_N = 1024
+
+# Defaults that depend on the device (and on --quick); a flag given on the command line wins.
+DEFAULTS = {
+    "cpu": dict(archs=["resnet18"], sizes=[32], amp=["off"], channels_last=["on", "off"],
+                compile=["off"], gpu_aug=["off"], batch_size=128, steps=4, warmup=1,
+                workers=[0, 1, 2], ntxent_n=[256, 1024, 4096], matmul_size=2048,
+                broadcast_limit_gb=4.0),
+    "cuda": dict(archs=["resnet18", "resnet50"], sizes=[32, 224], amp=["off", "bf16", "fp16"],
+                 channels_last=["on", "off"], compile=["off"], gpu_aug=["off", "on"],
+                 batch_size=128, steps=30, warmup=5, workers=[2, 4, 8, 16],
+                 ntxent_n=[256, 1024, 4096], matmul_size=8192, broadcast_limit_gb=None),
+    "quick": dict(archs=["resnet18"], sizes=[8], amp=["off"], channels_last=["on", "off"],
+                  compile=["off"], gpu_aug=["off"], batch_size=8, steps=1, warmup=0,
+                  workers=[0, 1], ntxent_n=[64, 1024], matmul_size=256,
+                  broadcast_limit_gb=1.0),
+}
+QUICK_MAX_IMAGES = 128
+
+
+def get_args_parser():
+    parser = argparse.ArgumentParser(
+        description="Benchmark of the pretraining path: loader, compute, end to end, NT-Xent, "
+                    "matmul rate, and a straightforward reference loop.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    parser.add_argument("--quick", action="store_true",
+                        help="tiny sizes (8 px, batch 8, 1 step without warm-up, 128 images): "
+                             "runs in seconds, for the test suite; the figures mean nothing")
+    parser.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto",
+                        help="auto = cuda when available, else cpu")
+    parser.add_argument("--sections", nargs="+", choices=SECTIONS, default=list(SECTIONS),
+                        help="what to measure (see the module docstring)")
+    parser.add_argument("--json", metavar="OUT", default=os.path.join("results", "bench.json"),
+                        help="where to write every row, the settings and the device")
+    grid = parser.add_argument_group(
+        "grid (defaults per device: CPU resnet18, 32 px, amp off, gpu-aug off; CUDA resnet18 and "
+        "resnet50, 32 and 224 px, amp off bf16 fp16, gpu-aug off on; both channels-last on off, "
+        "compile off)")
+    grid.add_argument("--archs", nargs="+", choices=tuple(FEATURE_DIMS), default=None,
+                      help="encoders of the compute, end-to-end and baseline sections")
+    grid.add_argument("--sizes", nargs="+", type=int, default=None,
+                      help="training resolutions in px (the augmentation's --image-size)")
+    grid.add_argument("--amp", nargs="+", choices=tuple(MATMUL_DTYPES), default=None,
+                      help="precisions: off = fp32, bf16 / fp16 = autocast of the forward pass "
+                           "(fp16 with a GradScaler); CPU bf16 is slow without native support")
+    grid.add_argument("--channels-last", nargs="+", choices=("on", "off"), default=None,
+                      help="memory formats to measure (main.py's default is on)")
+    grid.add_argument("--compile", nargs="+", choices=("off", "on"), default=None,
+                      help="torch.compile of the model (inductor); every configuration compiles "
+                           "anew in its warm-up, which can take minutes, so measure it on a "
+                           "narrowed grid")
+    grid.add_argument("--gpu-aug", nargs="+", choices=("off", "on"), default=None,
+                      help="input pipelines of the loader and end-to-end sections: off = "
+                           "DataLoader workers, on = main.py --gpu-aug (decoded uint8 images, "
+                           "augmentation on the device, utils/gpu_augment.py)")
+    grid.add_argument("-bs", "--batch-size", dest="batch_size", type=int, default=None,
+                      help="images per step (two views each); default 128 (8 with --quick)")
+    grid.add_argument("--steps", type=int, default=None,
+                      help="timed steps (batches, matmuls, loss evaluations) per measurement; "
+                           "default 4 on CPU, 30 on CUDA")
+    grid.add_argument("--warmup", type=int, default=None,
+                      help="untimed steps before each measurement; default 1 on CPU, 5 on CUDA")
+    grid.add_argument("--workers", nargs="+", type=int, default=None,
+                      help="DataLoader worker counts of the loader section; default 0 1 2 on "
+                           "CPU, 2 4 8 16 (at most the CPU count) on CUDA")
+    grid.add_argument("--e2e-workers", type=int, default=None,
+                      help="workers of the end-to-end and baseline loops (default: the largest "
+                           "of --workers)")
+    data = parser.add_argument_group("data and sizes")
+    data.add_argument("--data", metavar="FOLDER", default=None,
+                      help="image folder (with train/ or plain images) of the loader, end-to-end "
+                           "and baseline sections; default demo_data when present, else "
+                           "synthetic images written to a temporary folder")
+    data.add_argument("--ntxent-n", nargs="+", type=int, default=None,
+                      help="batch sizes N of the NT-Xent section (2N embeddings)")
+    data.add_argument("--ntxent-dim", type=int, default=128, help="embedding size D of NT-Xent")
+    data.add_argument("--matmul-size", type=int, default=None,
+                      help="side of the square matmul; default 2048 on CPU, 8192 on CUDA")
+    data.add_argument("--broadcast-limit-gb", type=float, default=None,
+                      help="skip the broadcast NT-Xent where its estimated peak memory "
+                           "(6.2 x (2N)^2 x D x 4 bytes) exceeds this; default 4 on CPU, half "
+                           "the GPU memory on CUDA")
+    return parser
+
+
+def resolve_settings(args):
+    """Fill the flags left at None with the defaults of the device (or of --quick), check the
+    values; returns the torch.device."""
+    device = select_bench_device(args.device)
+    defaults = dict(DEFAULTS["quick" if args.quick else device.type])
+    if device.type == "cuda" and not args.quick:
+        defaults["workers"] = sorted({min(w, os.cpu_count() or 1) for w in defaults["workers"]})
+        defaults["broadcast_limit_gb"] = torch.cuda.get_device_properties(
+            device).total_memory / 2 ** 31
+    for name, value in defaults.items():
+        if getattr(args, name) is None:
+            setattr(args, name, value)
+    if args.e2e_workers is None:
+        args.e2e_workers = max(args.workers)
+    checks = [(args.batch_size >= 2, f"-bs {args.batch_size}: SimCLR needs at least 2 images "
+                                     f"per batch, e.g. -bs 128"),
+              (args.steps >= 1, f"--steps {args.steps} must be at least 1"),
+              (args.warmup >= 0, f"--warmup {args.warmup} must be 0 or more"),
+              (min(args.workers + [args.e2e_workers]) >= 0, "worker counts must be 0 or more"),
+              (min(args.sizes) >= 8, f"--sizes {args.sizes}: images of at least 8 px, e.g. 32"),
+              (min(args.ntxent_n) >= 2, f"--ntxent-n {args.ntxent_n}: at least 2 images"),
+              (args.ntxent_dim >= 1, f"--ntxent-dim {args.ntxent_dim} must be at least 1"),
+              (args.matmul_size >= 16, f"--matmul-size {args.matmul_size}: at least 16")]
+    for ok, message in checks:
+        if not ok:
+            raise UserError(message)
+    for amp in args.amp:
+        resolve_amp(amp, device)  # UserError for bf16 on a GPU without it
+    return device
+
+
+def select_bench_device(name):
+    """torch.device for --device: 'auto' is cuda when available; UserError for cuda without."""
+    if name == "auto":
+        name = "cuda" if torch.cuda.is_available() else "cpu"
+    if name == "cuda" and not torch.cuda.is_available():
+        raise UserError("--device cuda but no CUDA device is available; use --device cpu")
+    return torch.device(name)
+
+
+# ---------------------------------------------------------------------------------------------
+# Timing, memory, FLOPs
+
+
+def synchronize(device):
+    """Wait for the device's queued work (CUDA runs asynchronously; the CPU needs nothing)."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def seconds_per_call(fn, warmup, steps, device):
+    """Mean wall time of fn() over `steps` calls after `warmup` untimed ones, with the device
+    synchronised before and after the timed calls."""
+    for _ in range(warmup):
+        fn()
+    synchronize(device)
+    tic = time.perf_counter()
+    for _ in range(steps):
+        fn()
+    synchronize(device)
+    return (time.perf_counter() - tic) / steps
+
+
+def _proc_status_mb(field):
+    """A memory figure of this process from /proc/self/status (e.g. VmRSS) in MB."""
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith(field + ":"):
+                return int(line.split()[1]) / 1024  # kB
+    raise OSError(f"no {field} in /proc/self/status")
+
+
+class PeakMemory:
+    """Peak memory of a `with` block above what was in use at its start, in MB (`.mb`).
+
+    CUDA: torch.cuda.max_memory_allocated minus memory_allocated at the start (tensor bytes).
+    CPU: the peak resident set size (Linux VmHWM, reset to the current size at the start by
+    writing 5 to /proc/self/clear_refs) minus the resident size at the start, after returning
+    the allocator's free memory to the system (glibc malloc_trim), so that memory reused from
+    earlier measurements counts again. Small figures (below a page or two of allocator slack)
+    can still read 0; DataLoader worker processes are not included. `.mb` is None where
+    /proc/self/clear_refs is not available (not Linux).
+    """
+
+    METHOD = {"cuda": "torch.cuda.max_memory_allocated above the start",
+              "cpu": "peak resident set size above the start (Linux VmHWM after a reset "
+                     "through /proc/self/clear_refs, free heap returned by malloc_trim first)"}
+
+    def __init__(self, device):
+        self.device, self.mb, self.start = device, None, None
+
+    def __enter__(self):
+        if self.device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(self.device)
+            self.start = torch.cuda.memory_allocated(self.device)
+        else:
+            gc.collect()
+            release_free_heap()
+            try:
+                with open("/proc/self/clear_refs", "w") as f:
+                    f.write("5")
+                self.start = _proc_status_mb("VmRSS")
+            except OSError:
+                self.start = None
+        return self
+
+    def __exit__(self, *exc):
+        if self.device.type == "cuda":
+            self.mb = (torch.cuda.max_memory_allocated(self.device) - self.start) / 2 ** 20
+        elif self.start is not None:
+            self.mb = max(0.0, _proc_status_mb("VmHWM") - self.start)
+        return False
+
+
+def release_free_heap():
+    """Give the C heap's free pages back to the system (glibc malloc_trim(0)); a no-op where
+    the C library has no malloc_trim."""
+    try:
+        ctypes.CDLL(None).malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
+
+
+def count_flops(fn):
+    """Floating-point operations of one call of fn() (its forward and backward ops), counted by
+    torch.utils.flop_counter.FlopCounterMode: 2*m*n*k per matmul, the analogous count per
+    convolution and its gradients; elementwise ops count 0."""
+    with FlopCounterMode(display=False) as counter:
+        fn()
+    return counter.get_total_flops()
+
+
+# ---------------------------------------------------------------------------------------------
+# The training step (what main.py runs) and the reference implementations
+
+
+def build_trainer(arch, channels, image_size, batch_size, device, channels_last, compile_model):
+    """(model, NT-Xent criterion, SGD optimizer) as main.py builds them with its defaults; the
+    model on `device`, channels-last and/or torch.compile'd as asked."""
+    torch.manual_seed(0)
+    model = build_model(arch, channels, resolve_stem("auto", image_size),
+                        default_proj_dims(arch)).to(device)
+    if channels_last:
+        model = model.to(memory_format=torch.channels_last)
+    lr = scaled_learning_rate(LR_PER_256, batch_size, "linear")
+    optimizer = build_optimizer(model, "sgd", lr, WEIGHT_DECAY)
+    if compile_model:
+        model = torch.compile(model)
+    return model, NTXentLoss(TEMPERATURE), optimizer
+
+
+def training_step(model, criterion, optimizer, x, precision):
+    """The step of simclr.train_one_epoch on views x = cat(view1, view2) (2B, C, S, S) already
+    on the device: zero the gradients, simclr.forward_backward (autocast and loss scaling of
+    `precision`, a simclr.MixedPrecision; the loss in float32), optimizer step."""
+    optimizer.zero_grad(set_to_none=True)
+    forward_backward(model, criterion, x, None, precision)
+    precision.step(optimizer)
+
+
+def partner_targets(n, device):
+    """Index of each of the 2N views' partner: i <-> i + N."""
+    return torch.cat([torch.arange(n, 2 * n), torch.arange(0, n)]).to(device)
+
+
+def matmul_cross_entropy(z1, z2):
+    """The lower bound of any NT-Xent: logits = z z^T (2N, 2N) for z = cat(z1, z2), then
+    cross_entropy against the partners; no normalisation, no temperature, no mask."""
+    z = torch.cat([z1, z2])
+    return F.cross_entropy(z @ z.T, partner_targets(z1.shape[0], z.device))
+
+
+def broadcast_ntxent(z1, z2, temperature):
+    """NT-Xent as common SimCLR repositories write it (the reference): the cosine similarity of
+    every pair by broadcasting (2N, 1, D) against (1, 2N, D), which materialises (2N, 2N, D)
+    tensors, the diagonal masked, cross_entropy against the partners. The same loss value as
+    utils.ntxent.NTXentLoss, at far more time and memory."""
+    z = torch.cat([z1, z2])
+    sim = F.cosine_similarity(z.unsqueeze(1), z.unsqueeze(0), dim=2) / temperature
+    self_mask = torch.eye(z.shape[0], dtype=torch.bool, device=z.device)
+    return F.cross_entropy(sim.masked_fill(self_mask, float("-inf")),
+                           partner_targets(z1.shape[0], z.device))
+
+
+class PlainTwoViewDataset(torch.utils.data.Dataset):
+    """The reference's dataset: open file `index` with PIL, convert it to `mode`, apply the
+    per-image `transform` twice; no seeding, no substitute for unreadable files."""
+
+    def __init__(self, paths, mode, transform):
+        self.paths, self.mode, self.transform = paths, mode, transform
+
+    def __len__(self):
+        return len(self.paths)
+
+    def __getitem__(self, index):
+        img = Image.open(self.paths[index]).convert(self.mode)
+        return self.transform(img), self.transform(img)
+
+
+def baseline_step(model, optimizer, view1, view2):
+    """The reference step: one forward pass per view (so each view has its own BatchNorm
+    statistics), the broadcast NT-Xent in fp32, backward, step, and loss.item() (a host sync
+    every step)."""
+    _, z1 = model(view1)
+    _, z2 = model(view2)
+    loss = broadcast_ntxent(z1, z2, TEMPERATURE)
+    optimizer.zero_grad()
+    loss.backward()
+    optimizer.step()
+    return loss.item()
+
+
+# ---------------------------------------------------------------------------------------------
+# Data
+
+
+def write_synthetic_images(folder, n, size=28, seed=0):
+    """Write `n` grayscale PNGs of `size` px (smooth random blobs: upscaled 7x7 noise) into
+    folder/train/ and return `folder`; the stand-in for the demo data when it is absent."""
+    rng = np.random.default_rng(seed)
+    train = os.path.join(folder, "train")
+    os.makedirs(train, exist_ok=True)
+    for i in range(n):
+        coarse = rng.integers(0, 256, (7, 7), dtype=np.uint8)
+        Image.fromarray(coarse).resize((size, size), Image.BILINEAR).save(
+            os.path.join(train, f"{i:05d}.png"))
+    return folder
+
+
+def load_bench_images(args, workdir):
+    """(ImageList, statistics dict, description) of the images the data sections read:
+    --data, else demo_data/ when present, else synthetic images written under `workdir`."""
+    demo = os.path.join(REPO, "demo_data")
+    if args.data is not None:
+        if not os.path.isdir(args.data):
+            raise UserError(f"--data {args.data} is not a folder; give a folder of images (or "
+                            f"one with train/), or leave --data out to use demo_data")
+        folder, source = args.data, args.data
+    elif os.path.isdir(os.path.join(demo, "train")):
+        folder, source = demo, "demo_data (Fashion-MNIST, 28 px gray)"
+    else:
+        n = max(8 * args.batch_size, 256)
+        folder = write_synthetic_images(os.path.join(workdir, "synthetic"), n)
+        source = f"synthetic: {n} random 28 px gray PNGs (no demo_data)"
+    images = find_split(folder, "train", require_labels=False)
+    if args.quick:
+        images = select_subset(images, min(len(images), QUICK_MAX_IMAGES))
+    if len(images) < args.batch_size:
+        raise UserError(f"{folder} has {len(images)} images, fewer than one batch of "
+                        f"{args.batch_size}; use -bs {len(images)} or less")
+    stats = dataset_statistics(images, os.path.join(workdir, "data_stats.json"), seed=0)
+    return images, stats, f"{source}, {len(images)} images"
+
+
+def main_augmentation_args(image_size, stats):
+    """The arguments of main.py's default augmentation (natural preset, jitter 0.5, blur above
+    32 px, crops down to 8 %) at `image_size`, for SimCLRAugmentation (one PIL image ->
+    normalised (C, S, S)) or BatchSimCLRAugmentation (a uint8 batch on the device)."""
+    return (image_size, stats["channels"], stats["mean"], stats["std"], 0.5, image_size > 32,
+            0.08, "natural", 0.0, 0.0, 0.0)
+
+
+def pretraining_loader(images, stats, image_size, batch_size, workers, device):
+    """(loader, sampler) exactly as main.py builds them: TwoViewDataset, EpochBatchSampler and
+    make_loader; each batch is (view1, view2), both (B, C, S, S)."""
+    augmentation = SimCLRAugmentation(*main_augmentation_args(image_size, stats))
+    dataset = TwoViewDataset(images, stats["channels"], TwoViews(augmentation), seed=0)
+    sampler = EpochBatchSampler(len(images), batch_size, seed=0)
+    loader = make_loader(dataset, batch_sampler=sampler, num_workers=workers,
+                         pin_memory=device.type == "cuda")
+    return loader, sampler
+
+
+def device_pipeline(images, stats, image_size, batch_size, device):
+    """(loader, sampler, make_views) of main.py --gpu-aug: the images decoded once into uint8
+    (N, C, S, S) on `device`, batches as slices of it, both views augmented there per batch."""
+    augmentation = BatchSimCLRAugmentation(*main_augmentation_args(image_size, stats))
+    sampler = EpochBatchSampler(len(images), batch_size, seed=0)
+    pixels = decode_images(images, stats["channels"], image_size).to(device)
+    return InMemoryBatches(pixels, sampler), sampler, DeviceTwoViews(augmentation, 0, batch_size)
+
+
+def endless_batches(loader, sampler=None):
+    """The batches of `loader`, epoch after epoch (sampler.set_epoch when given)."""
+    epoch = 0
+    while True:
+        if sampler is not None:
+            sampler.set_epoch(epoch)
+        yield from loader
+        epoch += 1
+
+
+class TimedBatches:
+    """The first warmup + steps batches of `batches` (an iterator), for a training loop;
+    `.started` is the time the first timed batch was asked for, after synchronising `device`,
+    so that (end - started) covers loading and training of the `steps` timed batches."""
+
+    def __init__(self, batches, warmup, steps, device):
+        self.batches, self.warmup, self.steps, self.device = batches, warmup, steps, device
+        self.started = None
+
+    def __len__(self):
+        return self.warmup + self.steps
+
+    def __iter__(self):
+        for k in range(len(self)):
+            if k == self.warmup:
+                synchronize(self.device)
+                self.started = time.perf_counter()
+            yield next(self.batches)
+
+
+# ---------------------------------------------------------------------------------------------
+# Sections
+
+
+def bench_matmul(args, device):
+    """Rows {dtype, size, ms, tflops} of a square (n x n) @ (n x n) matmul, 2 n^3 FLOPs, in each
+    --amp dtype; on CUDA also fp32 with TF32 allowed ('tf32', what cuDNN uses for fp32
+    convolutions by default)."""
+    n = args.matmul_size
+    dtypes = [MATMUL_DTYPES[a] for a in args.amp]
+    if device.type == "cuda" and "off" in args.amp:
+        dtypes.append("tf32")
+    rows = []
+    for name in dtypes:
+        dtype = torch.float32 if name == "tf32" else getattr(torch, name)
+        a, b = (torch.randn(n, n, device=device).to(dtype) for _ in range(2))
+        previous = torch.backends.cuda.matmul.allow_tf32
+        if name in ("float32", "tf32"):  # plain fp32 without TF32 (torch's default), then with
+            torch.backends.cuda.matmul.allow_tf32 = name == "tf32"
+        try:
+            seconds = seconds_per_call(lambda: a @ b, args.warmup, args.steps, device)
+        finally:
+            torch.backends.cuda.matmul.allow_tf32 = previous
+        rows.append({"dtype": name, "size": n, "ms": 1e3 * seconds,
+                     "tflops": 2 * n ** 3 / seconds / 1e12})
+    return rows
+
+
+def matmul_reference(matmul_rows, amp):
+    """The matmul rate (TFLOP/s) the compute path of precision `amp` is held against: its dtype,
+    and for fp32 on CUDA the TF32 rate when cuDNN may use TF32 (its default)."""
+    by_dtype = {row["dtype"]: row["tflops"] for row in matmul_rows}
+    name = MATMUL_DTYPES[amp]
+    if amp == "off" and "tf32" in by_dtype and torch.backends.cudnn.allow_tf32:
+        name = "tf32"
+    return by_dtype.get(name)
+
+
+def compute_configs(args):
+    """Every arch x size x compile x amp x channels-last combination, as dicts."""
+    return [{"arch": arch, "image_size": size, "amp": amp, "channels_last": cl == "on",
+             "compile": comp == "on"}
+            for arch in args.archs for size in args.sizes for comp in args.compile
+            for amp in args.amp for cl in args.channels_last]
+
+
+def bench_compute(args, device, channels, matmul_rows):
+    """Rows of forward + backward + step on a random batch (2B views) already on the device,
+    one per compute_configs entry, with the step's FLOPs (counted once per arch and size) as
+    TFLOP/s and as a fraction of the matmul rate of the same precision."""
+    rows, flops = [], {}
+    for config in compute_configs(args):
+        key = (config["arch"], config["image_size"])
+        with PeakMemory(device) as memory:
+            try:
+                seconds, counted = time_compute_step(config, args, device, channels,
+                                                     count=key not in flops)
+            except Exception as err:  # a backend that cannot compile: report it and go on
+                if not config["compile"]:
+                    raise
+                error = f"{type(err).__name__}: {(str(err).splitlines() or [''])[0][:200]}"
+                warn(f"torch.compile failed for {config_label(config)}: {error}")
+                rows.append({**config, "batch_size": args.batch_size, "error": error})
+                continue
+            finally:
+                release_memory(device)
+        flops.setdefault(key, counted)
+        tflops = flops[key] / seconds / 1e12
+        reference = matmul_reference(matmul_rows, config["amp"])
+        rows.append({**config, "batch_size": args.batch_size, "step_ms": 1e3 * seconds,
+                     "images_per_s": args.batch_size / seconds,
+                     "gflop_per_step": flops[key] / 1e9, "tflops": tflops,
+                     "matmul_tflops": reference,
+                     "fraction_of_matmul": tflops / reference if reference else None,
+                     "peak_memory_mb": memory.mb})
+    return rows
+
+
+def time_compute_step(config, args, device, channels, count):
+    """(seconds per training_step, its FLOPs or None) for one compute configuration on a random
+    batch of 2B views. With `count`, the first warm-up step runs on the plain module (also when
+    compiled) under FlopCounterMode; a compiled model gets at least one warm-up step."""
+    b, size = args.batch_size, config["image_size"]
+    model, criterion, optimizer = build_trainer(config["arch"], channels, size, b, device,
+                                                config["channels_last"], config["compile"])
+    precision = MixedPrecision(config["amp"], device)
+    memory_format = torch.channels_last if config["channels_last"] else torch.contiguous_format
+    x = torch.randn(2 * b, channels, size, size, device=device).contiguous(
+        memory_format=memory_format)
+    warmup, flops = args.warmup, None
+    if count:
+        flops = count_flops(lambda: training_step(unwrap_model(model), criterion, optimizer, x,
+                                                  precision))
+        warmup -= 1
+    warmup = max(warmup, 1 if config["compile"] else 0)
+    seconds = seconds_per_call(
+        lambda: training_step(model, criterion, optimizer, x, precision),
+        warmup, args.steps, device)
+    return seconds, flops
+
+
+def release_memory(device):
+    """Free what the last measurement left: garbage, and on CUDA the allocator's cached blocks."""
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+
+
+def fastest_compute(compute_rows, arch, size):
+    """The compute row of `arch` at `size` with the most img/s, or None."""
+    rows = [r for r in compute_rows if r["arch"] == arch and r["image_size"] == size
+            and "images_per_s" in r]
+    return max(rows, key=lambda r: r["images_per_s"], default=None)
+
+
+def bench_loader(args, device, images, stats, compute_rows):
+    """Rows {image_size, pipeline, workers, images_per_s} of main.py's input pipeline alone:
+    the DataLoader (decode + two augmented views per image in `workers` processes) for each
+    --workers count, and with --gpu-aug on the device pipeline (slices of the decoded uint8
+    images, both views augmented on the device; the one-time decoding in decode_s). Each row
+    has its ratio to the fastest compute-only img/s of every arch at that size (what the
+    trainer consumes)."""
+    rows = []
+    for size in args.sizes:
+        for workers in args.workers:
+            loader, sampler = pretraining_loader(images, stats, size, args.batch_size, workers,
+                                                 device)
+            batches = endless_batches(loader, sampler)
+            seconds = seconds_per_call(lambda: next(batches), args.warmup, args.steps, device)
+            batches.close()
+            rows.append({"image_size": size, "pipeline": "workers", "workers": workers,
+                         "images_per_s": args.batch_size / seconds})
+        if "on" in args.gpu_aug:
+            tic = time.perf_counter()
+            loader, sampler, make_views = device_pipeline(images, stats, size, args.batch_size,
+                                                          device)
+            decode_s = time.perf_counter() - tic
+            batches, steps = endless_batches(loader, sampler), itertools.count()
+            seconds = seconds_per_call(lambda: make_views(next(batches), next(steps)),
+                                       args.warmup, args.steps, device)
+            rows.append({"image_size": size, "pipeline": "gpu-aug", "workers": 0,
+                         "decode_s": decode_s, "images_per_s": args.batch_size / seconds})
+            del loader, make_views, batches  # the decoded images on the device
+            release_memory(device)
+    for row in rows:
+        row["batch_size"] = args.batch_size
+        for arch in args.archs:
+            consumer = fastest_compute(compute_rows, arch, row["image_size"])
+            if consumer is not None:
+                row[f"over_{arch}_compute"] = row["images_per_s"] / consumer["images_per_s"]
+    return rows
+
+
+def bench_ntxent(args, device):
+    """Rows {n, dim, method, ms, peak_memory_mb, over_bound} of forward + backward of
+    utils.ntxent.NTXentLoss ('ntxent'), the bare matmul + cross_entropy ('bound') and the
+    broadcast reference ('broadcast', skipped above --broadcast-limit-gb)."""
+    criterion = NTXentLoss(TEMPERATURE)
+    methods = {"bound": matmul_cross_entropy, "ntxent": criterion,
+               "broadcast": lambda z1, z2: broadcast_ntxent(z1, z2, TEMPERATURE)}
+    rows = []
+    for n in args.ntxent_n:
+        generator = torch.Generator().manual_seed(n)
+        z1, z2 = (torch.randn(n, args.ntxent_dim, generator=generator).to(device)
+                  .requires_grad_() for _ in range(2))
+        bound_ms = None
+        for method, loss_fn in methods.items():
+            row = {"n": n, "dim": args.ntxent_dim, "method": method}
+            estimate_gb = BROADCAST_PEAK_TENSORS * (2 * n) ** 2 * args.ntxent_dim * 4 / 2 ** 30
+            if method == "broadcast" and estimate_gb > args.broadcast_limit_gb:
+                row["skipped"] = (f"estimated {estimate_gb:.1f} GB > --broadcast-limit-gb "
+                                  f"{args.broadcast_limit_gb:g}")
+                rows.append(row)
+                continue
+
+            def forward_backward_once():
+                loss_fn(z1, z2).backward()
+                z1.grad = z2.grad = None
+
+            with PeakMemory(device) as memory:
+                seconds = seconds_per_call(forward_backward_once, args.warmup, args.steps, device)
+            bound_ms = 1e3 * seconds if method == "bound" else bound_ms
+            rows.append({**row, "ms": 1e3 * seconds, "peak_memory_mb": memory.mb,
+                         "over_bound": 1e3 * seconds / bound_ms})
+        release_memory(device)
+    return rows
+
+
+def e2e_config(args, compute_rows, arch, size):
+    """(config, its compute-only row or None) of the end-to-end run of `arch` at `size`: amp,
+    channels-last and compile of the fastest compute-only row (the trainer to feed), else the
+    first --amp with channels-last on if listed and no compile."""
+    best = fastest_compute(compute_rows, arch, size)
+    if best is not None:
+        return {k: best[k] for k in ("amp", "channels_last", "compile")}, best
+    return {"amp": args.amp[0], "channels_last": "on" in args.channels_last,
+            "compile": args.compile == ["on"]}, None
+
+
+def bench_end2end(args, device, images, stats, compute_rows, baseline_rows):
+    """Rows of main.py's loop fed as main.py feeds it (DataLoader workers, or with gpu-aug the
+    decoded uint8 images augmented on the device): img/s over `steps` batches after `warmup`,
+    its fraction of the compute-only img/s of the same configuration and its ratio to the
+    baseline loop of the same arch and size."""
+    rows = []
+    for arch in args.archs:
+        for size in args.sizes:
+            config, compute = e2e_config(args, compute_rows, arch, size)
+            baseline = next((r for r in baseline_rows
+                             if (r["arch"], r["image_size"]) == (arch, size)), None)
+            for gpu_aug in (g == "on" for g in args.gpu_aug):
+                seconds = time_trainer(arch, size, config, gpu_aug, args, device, images, stats)
+                release_memory(device)
+                row = {"arch": arch, "image_size": size, **config, "gpu_aug": gpu_aug,
+                       "workers": 0 if gpu_aug else args.e2e_workers,
+                       "batch_size": args.batch_size, "step_ms": 1e3 * seconds / args.steps,
+                       "images_per_s": args.steps * args.batch_size / seconds}
+                if compute is not None:
+                    row["compute_images_per_s"] = compute["images_per_s"]
+                    row["fraction_of_compute"] = row["images_per_s"] / compute["images_per_s"]
+                if baseline is not None:
+                    row["over_baseline"] = row["images_per_s"] / baseline["images_per_s"]
+                rows.append(row)
+    return rows
+
+
+def time_trainer(arch, size, config, gpu_aug, args, device, images, stats):
+    """Seconds for `steps` batches of simclr.train_one_epoch after `warmup` batches, loading
+    included, with main.py's loop settings (log every 10 steps, constant learning rate here, no
+    checkpoints)."""
+    model, criterion, optimizer = build_trainer(arch, stats["channels"], size, args.batch_size,
+                                                device, config["channels_last"],
+                                                config["compile"])
+    if gpu_aug:
+        loader, sampler, make_views = device_pipeline(images, stats, size, args.batch_size, device)
+    else:
+        loader, sampler = pretraining_loader(images, stats, size, args.batch_size,
+                                             args.e2e_workers, device)
+        make_views = None
+    batches = TimedBatches(endless_batches(loader, sampler), args.warmup, args.steps, device)
+    lr = optimizer.param_groups[0]["lr"]
+    try:
+        train_one_epoch(model, criterion, optimizer, batches, device, 0, History(len(batches)),
+                        lambda step: lr, config["channels_last"], None,
+                        types.SimpleNamespace(requested=False), lambda: False,
+                        lambda draw_plot: None, MixedPrecision(config["amp"], device),
+                        LOG_EVERY, make_views=make_views)
+        synchronize(device)
+        return time.perf_counter() - batches.started
+    finally:
+        batches.batches.close()
+
+
+def bench_baseline(args, device, images, stats):
+    """Rows of the reference loop (see baseline_step) over a plain Dataset of the same images
+    with the same per-image augmentation, shuffled by a plain DataLoader, per arch and size."""
+    rows = []
+    for arch in args.archs:
+        for size in args.sizes:
+            seconds = time_baseline_step(arch, size, args, device, images, stats)
+            release_memory(device)
+            rows.append({"arch": arch, "image_size": size, "workers": args.e2e_workers,
+                         "batch_size": args.batch_size, "step_ms": 1e3 * seconds,
+                         "images_per_s": args.batch_size / seconds})
+    return rows
+
+
+def time_baseline_step(arch, size, args, device, images, stats):
+    """Seconds per step of the reference loop, loading included: the model main.py would build
+    (contiguous memory format), plain SGD over all parameters, a shuffling DataLoader."""
+    torch.manual_seed(0)
+    model = build_model(arch, stats["channels"], resolve_stem("auto", size),
+                        default_proj_dims(arch)).to(device)
+    lr = scaled_learning_rate(LR_PER_256, args.batch_size, "linear")
+    optimizer = torch.optim.SGD(model.parameters(), lr=lr, momentum=0.9,
+                                weight_decay=WEIGHT_DECAY)
+    mode = "L" if stats["channels"] == 1 else "RGB"
+    augmentation = SimCLRAugmentation(*main_augmentation_args(size, stats))
+    loader = torch.utils.data.DataLoader(
+        PlainTwoViewDataset(images.paths, mode, augmentation),
+        batch_size=args.batch_size, shuffle=True, drop_last=True,
+        num_workers=args.e2e_workers, pin_memory=device.type == "cuda")
+    batches = endless_batches(loader)
+
+    def step():
+        view1, view2 = next(batches)
+        baseline_step(model, optimizer, view1.to(device), view2.to(device))
+
+    try:
+        return seconds_per_call(step, args.warmup, args.steps, device)
+    finally:
+        batches.close()
+
+
+# ---------------------------------------------------------------------------------------------
+# Targets and output
+
+
+def target(name, measured, threshold, config, at_most=False):
+    """One target row {name, measured, threshold, at_most, met, config}: met when measured >=
+    threshold (<= with at_most)."""
+    met = measured <= threshold if at_most else measured >= threshold
+    return {"name": name, "measured": measured, "threshold": threshold, "at_most": at_most,
+            "met": bool(met), "config": config}
+
+
+def evaluate_targets(results, device):
+    """The targets of issue 8 that the measured rows allow. CPU: end to end >= 1.3x the
+    baseline loop, and the loader (best worker count) >= 3x the trainer's compute-only img/s.
+    CUDA: end to end >= 85 % of the compute-only img/s of the same configuration. Any device:
+    NT-Xent forward + backward <= 1.5x the matmul + cross_entropy bound at N = 1024."""
+    targets = []
+    if device.type == "cpu":
+        for row in results.get("end2end", []):
+            if "over_baseline" in row:
+                targets.append(target(f"end to end >= {E2E_OVER_BASELINE}x the baseline loop",
+                                      row["over_baseline"], E2E_OVER_BASELINE, config_label(row)))
+        for size in sorted({r["image_size"] for r in results.get("loader", [])}):
+            best = max((r for r in results["loader"] if r["image_size"] == size),
+                       key=lambda r: r["images_per_s"])
+            for key in (k for k in best if k.startswith("over_")):
+                arch = key[len("over_"):-len("_compute")]
+                targets.append(target(
+                    f"loader >= {LOADER_OVER_TRAINER}x what the trainer consumes",
+                    best[key], LOADER_OVER_TRAINER,
+                    f"{arch}, {size} px, bs {best['batch_size']}, {best['pipeline']}, "
+                    f"{best['workers']} workers"))
+    else:
+        for row in results.get("end2end", []):
+            if "fraction_of_compute" in row:
+                targets.append(target(
+                    f"end to end >= {E2E_OVER_COMPUTE:.0%} of compute-only img/s",
+                    row["fraction_of_compute"], E2E_OVER_COMPUTE, config_label(row)))
+    for row in results.get("ntxent", []):
+        if row["n"] == NTXENT_TARGET_N and row["method"] == "ntxent":
+            targets.append(target(
+                f"NT-Xent forward+backward <= {NTXENT_OVER_BOUND}x the matmul + cross_entropy "
+                f"bound", row["over_bound"], NTXENT_OVER_BOUND,
+                f"N = {row['n']}, D = {row['dim']}", at_most=True))
+    return targets
+
+
+def config_label(row):
+    """'resnet18, 32 px, bs 128, amp off, channels-last, 2 workers' for a row or config."""
+    parts = [row["arch"], f"{row['image_size']} px"]
+    parts += [f"bs {row['batch_size']}"] if "batch_size" in row else []
+    if "amp" in row:
+        parts += [f"amp {row['amp']}", "channels-last" if row["channels_last"] else "contiguous"]
+        parts += ["compiled"] if row["compile"] else []
+        parts += ["gpu-aug"] if row.get("gpu_aug") else []
+    parts += [f"{row['workers']} workers"] if "workers" in row else []
+    return ", ".join(parts)
+
+
+def format_value(value, kind):
+    """A table cell: kind int, ms, x (ratio), pct, mb, tf (3 significant digits) or str."""
+    if value is None:
+        return "n/a"
+    if isinstance(value, bool):
+        return "yes" if value else "no"
+    return {"int": "{:.0f}", "ms": "{:.2f}", "x": "{:.2f}x", "pct": "{:.1%}", "mb": "{:.0f}",
+            "tf": "{:.3g}", "str": "{}"}[kind].format(value)
+
+
+def print_table(title, columns, rows, key_columns=0):
+    """Print `rows` (dicts) under `title` as right-aligned columns, columns = [(key, header,
+    kind)]. A row with "skipped" or "error" shows its first `key_columns` cells and the reason."""
+    lines = [[header for _, header, _ in columns]]
+    for row in rows:
+        reason = row.get("skipped") or row.get("error")
+        lines.append([format_value(row.get(key), kind) for key, _, kind in
+                      columns[:key_columns if reason else len(columns)]] + [reason] * bool(reason))
+    widths = [max(len(line[i]) for line in lines if i < len(line) - (len(line) < len(columns)))
+              for i in range(len(columns))]
+    print(f"\n{title}")
+    for line in lines:
+        if len(line) < len(columns):  # a skipped row: the reason takes the rest of the line
+            print("  " + "  ".join(c.rjust(w) for c, w in zip(line[:-1], widths)) + "  " + line[-1])
+        else:
+            print("  " + "  ".join(c.rjust(w) for c, w in zip(line, widths)))
+
+
+def print_section(name, rows, archs):
+    """The table of one section (`archs` names the loader's ratio columns)."""
+    config = [("arch", "arch", "str"), ("image_size", "px", "int"), ("amp", "amp", "str"),
+              ("channels_last", "ch-last", "str"), ("compile", "compile", "str")]
+    tables = {
+        "matmul": ("dense matmul (the device's measured rate)", [
+            ("dtype", "dtype", "str"), ("size", "n", "int"), ("ms", "ms", "ms"),
+            ("tflops", "TFLOP/s", "tf")], 1),
+        "compute": ("compute only: forward + backward + step on a batch already on the device",
+                    config + [("step_ms", "ms/step", "ms"), ("images_per_s", "img/s", "int"),
+                              ("gflop_per_step", "GFLOP/step", "tf"),
+                              ("tflops", "TFLOP/s", "tf"),
+                              ("fraction_of_matmul", "of matmul", "pct"),
+                              ("peak_memory_mb", "peak MB", "mb")], 5),
+        "loader": ("loader only: main.py's input pipeline (workers: DataLoader decoding and "
+                   "augmenting per image; gpu-aug: decoded uint8 batches augmented on the device)",
+                   [("image_size", "px", "int"), ("pipeline", "pipeline", "str"),
+                    ("workers", "workers", "int"), ("images_per_s", "img/s", "int")] +
+                   [(f"over_{a}_compute", f"/ {a} compute", "x") for a in archs], 3),
+        "ntxent": ("NT-Xent forward + backward (bound: z @ z.T + cross_entropy)", [
+            ("n", "N", "int"), ("dim", "D", "int"), ("method", "method", "str"),
+            ("ms", "ms", "ms"), ("over_bound", "/ bound", "x"),
+            ("peak_memory_mb", "peak MB", "mb")], 3),
+        "baseline": ("baseline (reference): plain Dataset, per-image PIL transforms, two forward "
+                     "passes, fp32, broadcast NT-Xent", [
+                         ("arch", "arch", "str"), ("image_size", "px", "int"),
+                         ("workers", "workers", "int"), ("step_ms", "ms/step", "ms"),
+                         ("images_per_s", "img/s", "int")], 2),
+        "end2end": ("end to end: main.py's loop (simclr.train_one_epoch) fed by its loader",
+                    config + [("gpu_aug", "gpu-aug", "str"), ("workers", "workers", "int"),
+                              ("images_per_s", "img/s", "int"),
+                              ("fraction_of_compute", "of compute", "pct"),
+                              ("over_baseline", "/ baseline", "x")], 5),
+    }
+    title, columns, key_columns = tables[name]
+    print_table(title, columns, rows, key_columns)
+
+
+def device_description(device):
+    """Device name, library versions and numeric settings, for telling runs apart."""
+    info = environment_info(device)
+    info.update(cpu_model=cpu_model(), cpu_count=os.cpu_count(),
+                interop_threads=torch.get_num_interop_threads(),
+                cudnn_benchmark=torch.backends.cudnn.benchmark)
+    if device.type == "cuda":
+        props = torch.cuda.get_device_properties(device)
+        info.update(device_name=props.name, gpu_memory_gb=round(props.total_memory / 2 ** 30, 1),
+                    cuda=torch.version.cuda, cudnn=torch.backends.cudnn.version(),
+                    matmul_allow_tf32=torch.backends.cuda.matmul.allow_tf32,
+                    cudnn_allow_tf32=torch.backends.cudnn.allow_tf32,
+                    bf16_supported=torch.cuda.is_bf16_supported())
+    else:
+        info["device_name"] = info["cpu_model"]
+    return info
+
+
+def cpu_model():
+    """The CPU's model name from /proc/cpuinfo, else platform.processor()."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def finite_or_none(value):
+    """JSON has no NaN/inf: such values become None."""
+    return value if not isinstance(value, float) or math.isfinite(value) else None
+
+
+def run_sections(args, device, images, stats):
+    """{section: rows} for --sections, in an order where each section finds the rows it is
+    held against: matmul before compute, compute before loader and end2end, baseline before
+    end2end. Prints each section's table as it completes."""
+    channels = stats["channels"] if stats else 1
+    results = {}
+    for name in ("matmul", "compute", "loader", "ntxent", "baseline", "end2end"):
+        if name not in args.sections:
+            continue
+        tic = time.perf_counter()
+        if name == "matmul":
+            rows = bench_matmul(args, device)
+        elif name == "compute":
+            rows = bench_compute(args, device, channels, results.get("matmul", []))
+        elif name == "loader":
+            rows = bench_loader(args, device, images, stats, results.get("compute", []))
+        elif name == "ntxent":
+            rows = bench_ntxent(args, device)
+        elif name == "baseline":
+            rows = bench_baseline(args, device, images, stats)
+        else:
+            rows = bench_end2end(args, device, images, stats, results.get("compute", []),
+                                 results.get("baseline", []))
+        results[name] = rows
+        print_section(name, rows, args.archs)
+        print(f"  ({name}: {time.perf_counter() - tic:.0f} s)", flush=True)
+    return results
+
+
+def main(args):
+    device = resolve_settings(args)
+    ensure_writable_dir(os.path.dirname(os.path.abspath(args.json)), "the --json folder")
+    info = device_description(device)
+    print(f"device: {info['device_name']} ({device.type}), torch {info['torch']}, "
+          f"torchvision {info['torchvision']}, {info['cpu_threads']} threads; batch "
+          f"{args.batch_size}, {args.warmup} warm-up + {args.steps} timed steps"
+          f"{' (quick mode)' if args.quick else ''}", flush=True)
+    source = None
+    with tempfile.TemporaryDirectory(prefix="bench_") as workdir:
+        images = stats = None
+        if {"loader", "end2end", "baseline"} & set(args.sections):
+            images, stats, source = load_bench_images(args, workdir)
+            print(f"data: {source}, {stats['channels']} channel(s)", flush=True)
+        results = run_sections(args, device, images, stats)
+    targets = evaluate_targets(results, device)
+    print()
+    for t in targets:
+        print(f"target {t['name']} ({t['config']}): measured {t['measured']:.3g} "
+              f"({'met' if t['met'] else 'not met'})")
+    json_dump({"device": info, "settings": vars(args), "data": source,
+               "memory_method": PeakMemory.METHOD[device.type],
+               "sections": {name: [{k: finite_or_none(v) for k, v in row.items()}
+                                   for row in rows] for name, rows in results.items()},
+               "targets": targets}, args.json)
+    print(f"\nwrote {args.json}")
+    return 0
+
+
+if __name__ == "__main__":
+    run_main(main, get_args_parser())

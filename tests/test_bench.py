@@ -1,0 +1,148 @@
+"""bench.py: a --quick run through the command line writes every section with positive, finite
+figures and the device fields; the figures it derives are checked against computations done
+another way (an analytic FLOP count, a known allocation, the loss of utils/ntxent.py)."""
+import json
+import math
+
+import pytest
+import torch
+from torch import nn
+
+import bench
+from conftest import run_script
+from simclr import FLOAT32, build_optimizer
+from utils.cli import UserError
+from utils.model import SimCLRModel
+from utils.ntxent import NTXentLoss
+
+# Figures that may be 0 (memory the allocator reuses is not new resident memory).
+MAY_BE_ZERO = {"peak_memory_mb", "workers"}
+
+
+@pytest.fixture(scope="module")
+def quick_run(tiny_folder, tmp_path_factory):
+    """(JSON written by `bench.py --quick` on the tiny folder, its stdout)."""
+    out = tmp_path_factory.mktemp("bench") / "bench.json"
+    result = run_script("bench.py", "--quick", "--device", "cpu", "--data", tiny_folder,
+                        "--json", out)
+    assert result.returncode == 0, result.stderr
+    return json.loads(out.read_text()), result.stdout
+
+
+def test_quick_run_writes_every_section_with_positive_finite_figures(quick_run):
+    """Every section has rows; every number of a measured row is finite and positive (memory
+    and worker counts: >= 0); only the broadcast NT-Xent above the memory limit is skipped."""
+    report, stdout = quick_run
+    assert set(report["sections"]) == set(bench.SECTIONS)
+    for name, rows in report["sections"].items():
+        assert rows, name
+        for row in rows:
+            if "skipped" in row:
+                assert (name, row["method"], row["n"]) == ("ntxent", "broadcast", 1024), row
+                continue
+            numbers = {k: v for k, v in row.items()
+                       if isinstance(v, (int, float)) and not isinstance(v, bool)}
+            assert numbers, row
+            for key, value in numbers.items():
+                assert math.isfinite(value) and (value >= 0 if key in MAY_BE_ZERO else value > 0), (
+                    name, key, row)
+    compute = report["sections"]["compute"]
+    assert {row["channels_last"] for row in compute} == {True, False}
+    assert all(row["fraction_of_matmul"] == pytest.approx(row["tflops"] / row["matmul_tflops"])
+               for row in compute)
+    methods = {(r["n"], r["method"]) for r in report["sections"]["ntxent"]}
+    assert methods == {(n, m) for n in (64, 1024) for m in ("bound", "ntxent", "broadcast")}
+    end2end = report["sections"]["end2end"][0]
+    baseline = report["sections"]["baseline"][0]
+    assert end2end["over_baseline"] == pytest.approx(
+        end2end["images_per_s"] / baseline["images_per_s"])
+    # targets: one line each on stdout, and in the JSON
+    names = [t["name"] for t in report["targets"]]
+    assert any("baseline" in n for n in names) and any("loader" in n for n in names)
+    assert any("NT-Xent" in n for n in names)
+    lines = [line for line in stdout.splitlines() if line.startswith("target ")]
+    assert len(lines) == len(names)
+    assert all(line.endswith(("(met)", "(not met)")) for line in lines), lines
+
+
+def test_quick_run_records_device_and_versions(quick_run):
+    report, _ = quick_run
+    device = report["device"]
+    for field in ("device_name", "cpu_model", "torch", "torchvision", "python", "cpu_threads",
+                  "platform"):
+        assert device[field], field
+    assert device["torch"] == torch.__version__
+    assert report["settings"]["quick"] is True and report["settings"]["batch_size"] == 8
+    assert "resident" in report["memory_method"]
+    assert report["data"].startswith(report["settings"]["data"])
+
+
+def tiny_conv_model():
+    """conv(1->4, 3x3) -> ReLU -> conv(4->8, 3x3) -> global average -> h (8); head Linear 8->6."""
+    encoder = nn.Sequential(nn.Conv2d(1, 4, 3, padding=1, bias=False), nn.ReLU(),
+                            nn.Conv2d(4, 8, 3, padding=1, bias=False),
+                            nn.AdaptiveAvgPool2d(1), nn.Flatten())
+    return SimCLRModel(encoder, nn.Linear(8, 6))
+
+
+def test_step_flops_match_an_analytic_count():
+    """The FLOPs bench counts for a training step of a tiny conv net equal the count worked out
+    by hand: 2*Cin*Cout*K*K*H*W per image for a convolution's forward, the same again for its
+    weight gradient and for its input gradient (none for the first layer, whose input needs no
+    gradient); 2*in*out per row for a Linear and likewise; for NT-Xent's u u^T (2B x D times
+    D x 2B) 2*(2B)^2*D forward and twice that backward (u is both operands)."""
+    views, side, dim = 8, 10, 6  # 2B views of 10 x 10 px
+    model = tiny_conv_model()
+    optimizer = build_optimizer(model, "sgd", 0.1, 0.0)
+    x = torch.randn(views, 1, side, side)
+    counted = bench.count_flops(lambda: bench.training_step(
+        model, NTXentLoss(0.2), optimizer, x, FLOAT32))
+
+    conv1 = 2 * 1 * 4 * 9 * side * side * views
+    conv2 = 2 * 4 * 8 * 9 * side * side * views
+    linear = 2 * 8 * dim * views
+    similarity = 2 * views * views * dim
+    expected = 2 * conv1 + 3 * conv2 + 3 * linear + 3 * similarity
+    assert counted == pytest.approx(expected, rel=0.01)
+
+
+def test_cpu_peak_memory_sees_a_known_allocation():
+    """PeakMemory on the CPU reports about the size of a 256 MB tensor touched inside it."""
+    with bench.PeakMemory(torch.device("cpu")) as memory:
+        block = torch.ones(64 * 2 ** 20)  # 64 Mi float32 = 256 MB
+        del block
+    assert 240 <= memory.mb <= 400
+
+
+def test_reference_ntxent_is_the_same_loss():
+    """The baseline's broadcast NT-Xent and utils/ntxent.py give the same loss and gradient
+    (float64), so the timing comparison is between two ways of computing one thing."""
+    gen = torch.Generator().manual_seed(0)
+    z1, z2 = (torch.randn(12, 5, generator=gen, dtype=torch.float64, requires_grad=True)
+              for _ in range(2))
+    ours = NTXentLoss(0.2)(z1, z2)
+    grads = torch.autograd.grad(ours, (z1, z2))
+    reference = bench.broadcast_ntxent(z1, z2, 0.2)
+    assert reference.item() == pytest.approx(ours.item(), rel=1e-10)
+    for a, b in zip(torch.autograd.grad(reference, (z1, z2)), grads):
+        torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-12)
+
+
+def test_without_demo_data_synthetic_images_are_used(tmp_path, monkeypatch):
+    """Where demo_data/ is absent, the data sections read synthetic gray 28 px PNGs written to
+    the work folder, at least 8 batches of them, and say so."""
+    monkeypatch.setattr(bench, "REPO", str(tmp_path / "checkout_without_demo_data"))
+    args = bench.get_args_parser().parse_args(["-bs", "4"])
+    args.quick = False
+    images, stats, source = bench.load_bench_images(args, str(tmp_path))
+    assert source.startswith("synthetic") and len(images) == 256
+    assert stats["channels"] == 1
+    img = images.load(0, 1)
+    assert img.size == (28, 28) and img.mode == "L"
+
+
+def test_cuda_without_cuda_is_a_user_error(monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    with pytest.raises(UserError, match="--device cpu"):
+        bench.select_bench_device("cuda")
+    assert bench.select_bench_device("auto").type == "cpu"
