@@ -48,7 +48,8 @@ def test_projector_lists_every_test_image(logged_run, tiny_folder):
     folder = os.path.join(logged_run, "tensorboard")
     config = open(os.path.join(folder, "projector_config.pbtxt")).read()
     assert "metadata.tsv" in config and "sprite.png" in config
-    embedding_dir = os.path.join(folder, config.split('tensor_path: "')[1].split("/")[0])
+    tensor_path = config.split('tensor_path: "')[1].split('"')[0]  # STEP/h/tensors.tsv
+    embedding_dir = os.path.join(folder, os.path.dirname(tensor_path))
     metadata = open(os.path.join(embedding_dir, "metadata.tsv")).read().splitlines()
     classes = sorted(os.listdir(os.path.join(tiny_folder, "test")))
     expected = sorted(c for c in classes for _ in os.listdir(os.path.join(tiny_folder, "test", c)))

@@ -20,7 +20,11 @@ import torch
 import torch.nn.functional as F
 
 from utils.cli import UserError
-from utils.transforms import denormalize
+from utils.data import ImageDataset, TwoViewDataset, make_loader
+from utils.transforms import EvalTransform, TwoViews, denormalize
+
+PAIRS_SHOWN = 8
+PROJECTOR_IMAGES = 500
 
 
 def normalized_std_per_dim(z):
@@ -47,14 +51,16 @@ class CollapseMonitor:
 class TensorBoardLogger:
     """A SummaryWriter with the toolkit's tags (see the module docstring)."""
 
-    def __init__(self, logdir):
+    def __init__(self, logdir, first_step=0):
+        """Events of steps >= first_step left by an interrupted run are dropped (purge_step),
+        so a resumed run continues the curves without duplicates."""
         try:
             from torch.utils.tensorboard import SummaryWriter
         except ImportError:
             raise UserError("--tensorboard needs the tensorboard package: pip install "
                             "tensorboard (or leave out --tensorboard)") from None
         self.logdir = logdir
-        self.writer = SummaryWriter(logdir)
+        self.writer = SummaryWriter(logdir, purge_step=first_step or None)
         self.collapse = None
 
     def watch_collapse(self, head):
@@ -76,8 +82,8 @@ class TensorBoardLogger:
             self.writer.add_histogram("collapse/z_std", std, last)
         self.writer.flush()
 
-    def log_knn(self, epoch, steps_per_epoch, accuracy):
-        self.writer.add_scalar("knn/accuracy", accuracy, epoch * steps_per_epoch)
+    def log_knn(self, step, accuracy):
+        self.writer.add_scalar("knn/accuracy", accuracy, step)
         self.writer.flush()
 
     def log_view_pairs(self, view1, view2, mean, std, step=0):
@@ -88,6 +94,29 @@ class TensorBoardLogger:
         self.writer.add_image("views/pairs", make_grid(pairs, nrow=view1.shape[0], padding=2,
                                                        pad_value=1.0), step)
         self.writer.flush()
+
+    def log_augmented_pairs(self, images, channels, augmentation, mean, std, seed, epoch, step):
+        """The views the CPU pipeline makes of the first PAIRS_SHOWN `images` in `epoch`
+        (the same seeded views training sees with CPU augmentation)."""
+        dataset = TwoViewDataset(images, channels, TwoViews(augmentation), seed)
+        pairs = [dataset[(i, epoch)] for i in range(min(PAIRS_SHOWN, len(images)))]
+        self.log_view_pairs(torch.stack([a for a, _ in pairs]), torch.stack([b for _, b in pairs]),
+                            mean, std, step)
+
+    def log_projector(self, encoder, images, meta, device, batch_size, step):
+        """h of the first PROJECTOR_IMAGES of `images` (ImageList, labels optional) with their
+        thumbnails and class names, for the embedding projector."""
+        images = images.subset(list(range(min(PROJECTOR_IMAGES, len(images)))))
+        loader = make_loader(ImageDataset(images, meta["in_channels"], EvalTransform(
+            meta["image_size"], meta["mean"], meta["std"])), batch_size=batch_size)
+        features, thumbnails = [], []
+        encoder.eval()
+        with torch.no_grad():
+            for x, _ in loader:
+                features.append(encoder(x.to(device)).float().cpu())
+                thumbnails.append(denormalize(x, meta["mean"], meta["std"]))
+        self.log_embedding(torch.cat(features), images.labels, images.classes,
+                           torch.cat(thumbnails), step)
 
     def log_embedding(self, features, labels, class_names, thumbnails, step):
         """The projector: features (N, F), labels (N,) (or None), thumbnails (N, C, H, W) in
@@ -104,4 +133,5 @@ class TensorBoardLogger:
 
 
 def tensorboard_dir(respath):
+    """Where a run's event files go: RESPATH/tensorboard (tensorboard --logdir RESPATH)."""
     return os.path.join(respath, "tensorboard")
