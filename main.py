@@ -1,6 +1,7 @@
 """SimCLR pretraining.
 
     python main.py DATAPATH RESPATH -bs 250 -nw 2 -c --multiple_gpus
+    python main.py DATAPATH RESPATH -bs 512 -c --gpu-aug --compile       # fast path (bf16 auto)
     torchrun --nproc_per_node=K main.py DATAPATH RESPATH -bs 1024 -c --optimizer lars
     torchrun --nnodes=M --node_rank=i --nproc_per_node=K --rdzv_backend=c10d \
              --rdzv_endpoint=HOST:29500 main.py DATAPATH RESPATH -bs 4096 -c --optimizer lars
@@ -16,13 +17,15 @@ import argparse
 import functools
 import os
 import resource
+import shutil
 import sys
 import time
 
 import numpy as np
 import torch
 
-from simclr import History, build_optimizer, checkpoint_state, scaled_learning_rate, train
+from simclr import (History, MixedPrecision, build_optimizer, checkpoint_state, resolve_amp,
+                    scaled_learning_rate, train)
 from utils.checkpoint import (RunPaths, atomic_savez, atomic_torch_save, load_checkpoint,
                               load_pretrained, save_checkpoint, set_rng_state, unwrap_model)
 from utils.cli import (UserError, add_augmentation_args, add_data_loading_args,
@@ -31,15 +34,16 @@ from utils.cli import (UserError, add_augmentation_args, add_data_loading_args,
 from utils.distributed import (barrier, check_same_on_all_ranks, cleanup, decide_on_main,
                                gather_with_grad, get_rank, get_world_size, is_main_process,
                                launched_by_torchrun, print0, setup, wrap_model)
-from utils.data import (EpochBatchSampler, ImageDataset, TwoViewDataset, dataset_statistics,
-                        make_loader)
+from utils.data import (EpochBatchSampler, ImageDataset, InMemoryBatches, TwoViewDataset,
+                        dataset_statistics, decode_images, decoded_size_bytes, make_loader)
+from utils.gpu_augment import BatchSimCLRAugmentation, DeviceTwoViews
 from utils.model import (FEATURE_DIMS, adapt_input_channels, build_model, default_proj_dims,
                          load_state_strict, resolve_stem)
 from utils.ntxent import NTXentLoss
 from utils.knn import knn_accuracy
 from utils.linear_probe import extract_features
 from utils.plotfuncs import plot_training_losses
-from utils.sources import load_split, select_subset
+from utils.sources import has_split, load_split, select_subset
 from utils.training import check_resume_compatible, learning_rate_at
 from utils.transforms import EvalTransform, SimCLRAugmentation, TwoViews
 
@@ -95,6 +99,11 @@ def get_args_parser():
                           "accuracy (cosine, --knn-k) of h on the labelled test split, with up "
                           "to 10,000 training images as memory; 0 = off")
     opt.add_argument("--knn-k", type=int, default=20, help="neighbours of the --knn-every vote")
+    opt.add_argument("--tensorboard", action="store_true",
+                     help="log to RESPATH/tensorboard: loss, lr, positive-pair top-1 per step, "
+                          "the spread of the normalised z (collapse check), augmented view "
+                          "pairs, the --knn-every accuracy and, at the end, the embedding "
+                          "projector of h (optional dependency: pip install tensorboard)")
     opt.add_argument("--checkpoint-minutes", type=float, default=10.0,
                      help="also checkpoint mid-epoch every this many minutes (0: epoch ends only)")
 
@@ -110,8 +119,28 @@ def get_args_parser():
     mod.add_argument("--sync-bn", action=argparse.BooleanOptionalAction, default=True,
                      help="under torchrun, BatchNorm statistics over the global batch of all "
                           "processes (SyncBatchNorm); --no-sync-bn keeps them per process")
-    mod.add_argument("--channels-last", action=argparse.BooleanOptionalAction, default=True,
-                     help="channels-last memory format (about 1.4x faster on CPU here)")
+
+    speed = parser.add_argument_group("speed")
+    speed.add_argument("--amp", choices=("auto", "off", "bf16", "fp16"), default="auto",
+                       help="mixed precision of the forward pass (the loss stays float32): auto "
+                            "= bf16 on GPUs that support it, off on the CPU (no fast bf16 "
+                            "here); fp16 adds loss scaling (GradScaler)")
+    speed.add_argument("--compile", metavar="BACKEND", nargs="?", const="inductor",
+                       default=None,
+                       help="torch.compile the model (backend inductor unless named; the first "
+                            "steps then take longer; checkpoints keep plain keys)")
+    speed.add_argument("--channels-last", action=argparse.BooleanOptionalAction, default=True,
+                       help="channels-last memory format (about 1.4x faster on CPU here)")
+    speed.add_argument("--gpu-aug", action="store_true",
+                       help="decode the training images once into a uint8 tensor on the device "
+                            "and augment whole batches there (utils/gpu_augment.py; same "
+                            "augmentation distributions), instead of per image in -nw workers")
+    speed.add_argument("--max-memory-gb", type=float, default=4.0,
+                       help="largest decoded data set --gpu-aug holds (N x C x S x S bytes)")
+    speed.add_argument("--log-every", type=int, default=10, metavar="N",
+                       help="bring the losses to the host (and decide on stopping and "
+                            "checkpoints) every N steps and at epoch ends; the steps in between "
+                            "run without waiting for the device")
 
     add_augmentation_args(parser)
 
@@ -142,6 +171,41 @@ def fill_defaults(args):
     check_augmentation_args(args)
     if args.temperature <= 0:
         raise UserError("--temperature must be positive, e.g. 0.2")
+    if args.log_every < 1:
+        raise UserError(f"--log-every {args.log_every} must be at least 1 step, e.g. 10")
+    if args.max_memory_gb <= 0:
+        raise UserError(f"--max-memory-gb {args.max_memory_gb} must be positive, e.g. 4")
+
+
+def check_compile_backend(backend, device):
+    """UserError for a --compile backend torch does not know, or inductor on the CPU without
+    the C++ compiler it generates code for."""
+    known = torch._dynamo.list_backends(exclude_tags=())
+    if backend not in known:
+        raise UserError(f"--compile {backend}: torch.compile has no such backend; use inductor "
+                        f"(the default) or one of {', '.join(sorted(known))}", all_ranks=True)
+    compiler = os.environ.get("CXX", "g++")
+    if backend == "inductor" and device.type == "cpu" and not (
+            shutil.which(compiler) or shutil.which("clang++")):
+        raise UserError(f"--compile on the CPU needs a C++ compiler ({compiler} or clang++, "
+                        f"e.g. apt-get install g++); install one, or drop --compile",
+                        all_ranks=True)
+
+
+def decode_for_device(args, images, meta, device):
+    """The training images as uint8 (N, C, S, S) on `device` for --gpu-aug; UserError if they
+    would take more than --max-memory-gb."""
+    channels, size = meta["in_channels"], meta["image_size"]
+    size_mb = decoded_size_bytes(len(images), channels, size) / 2 ** 20
+    if size_mb > args.max_memory_gb * 1024:
+        raise UserError(f"--gpu-aug: the {len(images)} decoded images ({channels} x {size} x "
+                        f"{size}) would take {size_mb:.0f} MB, more than --max-memory-gb "
+                        f"{args.max_memory_gb:g}; drop --gpu-aug (workers decode on the fly) or "
+                        f"raise --max-memory-gb", all_ranks=True)
+    pixels = decode_images(images, channels, size).to(device)
+    print0(f"--gpu-aug: {len(images)} images decoded once, uint8 {tuple(pixels.shape)}, "
+           f"{size_mb:.1f} MB on {device}", flush=True)
+    return pixels
 
 
 def peak_memory_mb(device):
@@ -225,6 +289,35 @@ def build_knn_monitor(args, meta, images, encoder, device):
     return knn_monitor
 
 
+def log_knn_to(logger, knn_monitor, history):
+    """knn_monitor that also writes its accuracy to TensorBoard at the current step."""
+    def monitor():
+        accuracy = knn_monitor()
+        logger.log_knn(len(history.step_losses), accuracy)
+        return accuracy
+    return monitor
+
+
+def start_tensorboard(args, paths, model, history, images, meta, augmentation):
+    """The TensorBoard logger of rank 0 (imported only with --tensorboard): it watches the
+    spread of z and shows the view pairs of the current epoch."""
+    from utils.tensorboard import TensorBoardLogger, tensorboard_dir
+    step = len(history.step_losses)
+    logger = TensorBoardLogger(tensorboard_dir(paths.root), first_step=step)
+    logger.watch_collapse(unwrap_model(model).head)
+    logger.log_augmented_pairs(images, meta["in_channels"], augmentation, meta["mean"],
+                               meta["std"], args.seed, step // history.steps_per_epoch, step)
+    return logger
+
+
+def projector_images(args, images):
+    """Images for TensorBoard's projector: the test split when DATAPATH has one, else the
+    training images."""
+    if has_split(args.datapath, "test", args):
+        return load_split(args.datapath, "test", False, args)
+    return images
+
+
 def main(args):
     fill_defaults(args)
     if args.fout:
@@ -241,6 +334,9 @@ def pretrain(args, device, n_gpus):
     rank, world_size = get_rank(), get_world_size()
     if is_main_process():
         print_args(args)
+    precision = MixedPrecision(resolve_amp(args.amp, device), device)
+    if args.compile:
+        check_compile_backend(args.compile, device)
     images = select_subset(load_split(args.datapath, "train", False, args), args.samples,
                            args.samples_per_class, args.seed, args.label_fraction)
     check_same_on_all_ranks(len(images), "the number of training images")
@@ -252,13 +348,20 @@ def pretrain(args, device, n_gpus):
            f"std {np.round(meta['std'], 4).tolist()}; model {meta['arch']} ({meta['stem']} stem)",
            flush=True)
 
-    augmentation = SimCLRAugmentation(meta["image_size"], meta["in_channels"], meta["mean"],
-                                      meta["std"], args.jitter_strength, blur, args.min_scale,
-                                      args.aug, args.noise, args.rotate, args.cutout)
-    dataset = TwoViewDataset(images, meta["in_channels"], TwoViews(augmentation), args.seed)
+    augmentation_args = (meta["image_size"], meta["in_channels"], meta["mean"], meta["std"],
+                         args.jitter_strength, blur, args.min_scale, args.aug, args.noise,
+                         args.rotate, args.cutout)
     sampler = EpochBatchSampler(len(images), args.batch_size, args.seed, rank, world_size)
-    loader = make_loader(dataset, batch_sampler=sampler, num_workers=args.num_workers,
-                         pin_memory=device.type == "cuda")
+    if args.gpu_aug:
+        augmentation = BatchSimCLRAugmentation(*augmentation_args)
+        loader = InMemoryBatches(decode_for_device(args, images, meta, device), sampler)
+        make_views = DeviceTwoViews(augmentation, args.seed, args.batch_size, rank)
+    else:
+        augmentation = SimCLRAugmentation(*augmentation_args)
+        dataset = TwoViewDataset(images, meta["in_channels"], TwoViews(augmentation), args.seed)
+        loader = make_loader(dataset, batch_sampler=sampler, num_workers=args.num_workers,
+                             pin_memory=device.type == "cuda")
+        make_views = None
     steps_per_epoch = len(images) // args.batch_size
     peak_lr = scaled_learning_rate(args.lr, args.batch_size, args.lr_scaling)
     scaling = {"global_batch_size": args.batch_size, "processes": world_size,
@@ -269,6 +372,10 @@ def pretrain(args, device, n_gpus):
            f"{f' (chunks of {args.chunk_size})' if args.chunk_size else ''}; peak lr "
            f"{peak_lr:.4g} ({args.lr_scaling} scaling of {args.lr:g} per 256 images), "
            f"{args.optimizer}, {args.warmup_epochs:g} warm-up epoch(s)", flush=True)
+    print0(f"speed: amp {precision.mode}{' (GradScaler)' if precision.scaler else ''}, "
+           f"compile {args.compile or 'off'}, channels-last {'on' if args.channels_last else 'off'}"
+           f", augmentation {f'on {device}' if args.gpu_aug else 'in CPU workers'}, log every "
+           f"{args.log_every} steps", flush=True)
 
     torch.manual_seed(args.seed)
     model = build_model(meta["arch"], meta["in_channels"], meta["stem"], meta["proj_dims"])
@@ -287,6 +394,7 @@ def pretrain(args, device, n_gpus):
                           ckpt["losses"]["step_top1"].tolist(),
                           ckpt["losses"].get("knn", torch.zeros(0, 2)).tolist())
         set_rng_state(ckpt["rng"])
+        precision.load_state_dict(ckpt.get("scaler"))
         print0(f"resuming {paths.checkpoint}: epoch {ckpt['epoch']}, step {ckpt['step']} of "
                f"{args.epochs * steps_per_epoch}", flush=True)
         if ckpt["args"]["epochs"] != args.epochs:
@@ -296,6 +404,8 @@ def pretrain(args, device, n_gpus):
     model = wrap_model(model, device, args.sync_bn)  # DDP under torchrun
     if n_gpus > 1:
         model = torch.nn.DataParallel(model)  # z of every GPU is gathered: all are negatives
+    if args.compile:
+        model = torch.compile(model, backend=args.compile)  # unwrap_model gives the plain one
 
     total_steps = args.epochs * steps_per_epoch
     warmup_steps = int(round(args.warmup_epochs * steps_per_epoch))
@@ -308,7 +418,11 @@ def pretrain(args, device, n_gpus):
                  "classes": images.classes, "blur": blur}
     run_info = {"args": vars(args), "model_meta": meta, "environment": environment_info(device),
                 "steps_per_epoch": steps_per_epoch,
-                "augmentation": {"preset": args.aug, "steps": augmentation.describe()},
+                "augmentation": {"preset": args.aug, "steps": augmentation.describe(),
+                                 "on": "device" if args.gpu_aug else "cpu"},
+                "speed": {"amp": precision.mode, "compile": args.compile,
+                          "channels_last": args.channels_last, "gpu_aug": args.gpu_aug,
+                          "log_every": args.log_every},
                 **scaling}
     started = time.perf_counter()
     first_step = len(history.step_losses)
@@ -322,7 +436,7 @@ def pretrain(args, device, n_gpus):
     def write_outputs(draw_plot):
         plain = unwrap_model(model)
         state = checkpoint_state(plain, optimizer, history, schedule_info, vars(args), meta,
-                                 data_info)
+                                 data_info, precision.state_dict())
         save_checkpoint(state, paths.checkpoint)  # the file resume reads comes first
         atomic_torch_save(state["model"], paths.model)
         atomic_torch_save(state["optimizer"], paths.optimizer)
@@ -352,9 +466,21 @@ def pretrain(args, device, n_gpus):
     criterion = NTXentLoss(args.temperature, gather=gather_with_grad if world_size > 1 else None)
     knn_monitor = (build_knn_monitor(args, meta, images, unwrap_model(model).encoder, device)
                    if args.knn_every else None)
+    logger = None
+    if args.tensorboard and is_main_process():
+        logger = start_tensorboard(args, paths, model, history, images, meta,
+                                   SimCLRAugmentation(*augmentation_args))
+        if knn_monitor is not None:
+            knn_monitor = log_knn_to(logger, knn_monitor, history)
     outcome = train(model, criterion, optimizer, sampler, loader, device, history, args.epochs,
                     schedule, args.channels_last, args.chunk_size, save, args.checkpoint_minutes,
-                    args.knn_every, knn_monitor)
+                    args.knn_every, knn_monitor, precision, args.log_every,
+                    on_log=logger.log_steps if logger else None, make_views=make_views)
+    if logger is not None:
+        if outcome == "finished":
+            logger.log_projector(unwrap_model(model).encoder, projector_images(args, images),
+                                 meta, device, args.batch_size, len(history.step_losses))
+        logger.close()
     if outcome == "stopped":
         if is_main_process():
             print(f"interrupted at step {len(history.step_losses)}: checkpoint saved in "

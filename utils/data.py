@@ -54,7 +54,9 @@ class ImageList:
                          None if self.pixels is None else self.pixels[np.asarray(indices, int)])
 
 
-ORDER_STREAM, AUGMENT_STREAM = 1, 2
+# The random streams of derive_seed: data order, per-image augmentation (CPU workers) and
+# per-batch augmentation on the device (utils/gpu_augment.py, --gpu-aug).
+ORDER_STREAM, AUGMENT_STREAM, DEVICE_AUGMENT_STREAM = 1, 2, 3
 
 
 def derive_seed(stream, *numbers):
@@ -377,9 +379,63 @@ def ignore_sigint_in_worker(_worker_id):
 
 
 def make_loader(dataset, batch_size=None, batch_sampler=None, num_workers=0, pin_memory=False):
-    """A DataLoader with the project's settings (Ctrl-C-safe workers, no random state)."""
+    """A DataLoader with the project's settings (Ctrl-C-safe workers, no random state).
+
+    Workers persist across epochs (no fork and dataset copy per epoch); a batch_sampler is
+    still iterated anew each epoch in this process, so set_epoch applies. Pass pin_memory=True
+    for a CUDA device: batches then arrive in page-locked memory, which `.to(device,
+    non_blocking=True)` copies asynchronously.
+    """
     return torch.utils.data.DataLoader(
         dataset, batch_size=1 if batch_sampler is not None else batch_size,
         batch_sampler=batch_sampler, shuffle=False, num_workers=num_workers,
         pin_memory=pin_memory, worker_init_fn=ignore_sigint_in_worker if num_workers else None,
-        persistent_workers=False)
+        persistent_workers=num_workers > 0)
+
+
+def decoded_size_bytes(n_images, channels, size):
+    """Bytes of `n_images` decoded as uint8 (channels, size, size): n * C * S * S."""
+    return n_images * channels * size * size
+
+
+def decode_images(images, channels, size):
+    """Every image of the ImageList `images` decoded once: a uint8 tensor (N, channels, size,
+    size) in memory (the data of --gpu-aug).
+
+    An image that is not size x size already is resized to size x size as a whole (PIL
+    bilinear, antialiased when shrinking): a non-square image is stretched, its aspect ratio is
+    not kept, so crops are drawn from all of it. Array sources (MedMNIST) of that size are
+    copied without decoding. A file that fails to decode is replaced as in training (warning).
+    """
+    px = images.pixels
+    if px is not None and px.shape[1:3] == (size, size) and (channels == 1 or px.ndim == 4):
+        arr = px[..., None] if px.ndim == 3 else px[..., :channels]  # gray RGB rows: equal
+        return torch.from_numpy(np.ascontiguousarray(arr)).permute(0, 3, 1, 2).contiguous()
+    out = torch.empty((len(images), channels, size, size), dtype=torch.uint8)
+    for index in range(len(images)):
+        img = _load_or_substitute(images, index, channels)
+        if img.size != (size, size):
+            img = img.resize((size, size), Image.BILINEAR)
+        out[index] = torch.from_numpy(np.array(img).reshape(size, size, channels)).permute(
+            2, 0, 1)
+    return out
+
+
+class InMemoryBatches:
+    """The batches of `sampler` (keys (index, epoch)) as slices of `pixels`, uint8 (N, C, H, W)
+    decoded once (decode_images) and usually already on the training device: yields uint8
+    (b, C, H, W) on pixels' device. Takes the place of the DataLoader with --gpu-aug (no worker
+    processes: indexing a tensor is all the loading there is)."""
+
+    def __init__(self, pixels, sampler):
+        self.pixels, self.sampler = pixels, sampler
+
+    def __len__(self):
+        return len(self.sampler)
+
+    def __iter__(self):
+        for keys in self.sampler:
+            index = torch.tensor([i for i, _ in keys], dtype=torch.long)
+            if self.pixels.is_cuda:
+                index = index.pin_memory()  # a copy from pageable memory would wait for the GPU
+            yield self.pixels.index_select(0, index.to(self.pixels.device, non_blocking=True))
