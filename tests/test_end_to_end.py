@@ -67,7 +67,10 @@ def test_linear_evaluation_reports(pretrained, tiny_folder, tmp_path):
     assert report["remove_top_layers"] == 1 and report["n_test"] == 18  # no test image dropped
     assert 0 <= report["accuracy"] <= 1
     csv_rows = open(os.path.join(out, "report.csv")).read().splitlines()
-    assert csv_rows[0].startswith("class,precision") and len(csv_rows) == 1 + 3 + 2 + 1
+    # header, 3 classes, macro and weighted avg, accuracy, balanced accuracy, macro-F1, AUROC
+    assert csv_rows[0].startswith("class,precision") and len(csv_rows) == 1 + 3 + 2 + 4
+    assert [row.split(",")[0] for row in csv_rows[-4:]] == [
+        "accuracy", "balanced_accuracy", "macro_f1", "auroc_ovr"]
     sweep = open(os.path.join(out, "acc_vs_layer.csv")).read().splitlines()
     assert sweep[1].startswith("0,16,") and sweep[3].startswith("2,512,")
     for png in ("confusion_matrix.png", "acc_vs_layer.png"):
@@ -122,7 +125,9 @@ def wait_for_step(respath, min_steps, proc, timeout=300):
     raise AssertionError("run did not reach the step in time")
 
 
-RESUME_ARGS = ["--epochs", "3", "--checkpoint-minutes", "0.0001", *FAST_PRETRAIN, "-nw", "2"]
+# --log-every 1: decisions (and so mid-epoch checkpoints) at every step
+RESUME_ARGS = ["--epochs", "3", "--checkpoint-minutes", "0.0001", "--log-every", "1",
+               *FAST_PRETRAIN, "-nw", "2"]
 
 
 @pytest.fixture(scope="module")

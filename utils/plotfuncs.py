@@ -1,4 +1,6 @@
 """Figures drawn from saved arrays. Nothing here reads command-line arguments."""
+import warnings
+
 import matplotlib
 
 matplotlib.use("Agg")
@@ -25,7 +27,9 @@ def plot_training_losses(step_losses, steps_per_epoch, path, knn=None):
     ax.plot(steps, step_losses, color="tab:blue", alpha=0.35, linewidth=0.8, label="loss per step")
     n_epochs = len(step_losses) // steps_per_epoch
     if n_epochs:
-        means = step_losses[:n_epochs * steps_per_epoch].reshape(n_epochs, -1).mean(1)
+        with np.errstate(invalid="ignore"), warnings.catch_warnings():
+            warnings.simplefilter("ignore", RuntimeWarning)  # an epoch of skipped fp16 steps
+            means = np.nanmean(step_losses[:n_epochs * steps_per_epoch].reshape(n_epochs, -1), 1)
         ax.plot(np.arange(1, n_epochs + 1) * steps_per_epoch, means, "o-", color="tab:orange",
                 label="mean loss per epoch")
     ax.set_xlabel(f"training step ({steps_per_epoch} per epoch)")

@@ -32,8 +32,8 @@ class GracefulStop:
         if self.requested:
             return
         self.requested = True
-        print0("\nstopping: finishing this step and saving a checkpoint "
-              "(Ctrl-C again to abort without saving)", flush=True)
+        print0("\nstopping: saving a checkpoint at the next step boundary where all "
+               "processes agree (Ctrl-C again to abort without saving)", flush=True)
 
     def __enter__(self):
         for sig in (signal.SIGINT, signal.SIGTERM):
