@@ -1,0 +1,517 @@
+"""Semantic segmentation with a pretrained SimCLR encoder, fine-tuned or frozen, or the same
+network trained from scratch as the reference.
+
+    python segment.py TRAIN_LIST MODELPATH RESPATH --val-list VAL_LIST --test-list TEST_LIST \
+        [--classes classes.txt] [--num-classes K] [--freeze] [--decoder fcn|unet] \
+        [--epochs 10] [-bs 32] [-c]
+    python segment.py TRAIN_LIST MODELPATH RESPATH --baseline ...   # MODELPATH's network, random
+    python segment.py TRAIN_LIST RESPATH --baseline [--arch resnet18] [--stem auto] ...
+
+Each list line is `image_path,labelmap_path` (relative to the list's folder or absolute); a
+labelmap is a single-channel PNG of the image's size whose pixels are class indices 0..K-1 or
+the ignore value (--ignore-index, 255). Every image and labelmap is read once before training
+and a bad one stops the run with one line naming it. MODELPATH is the model.pth or
+checkpoint.pth of main.py: its encoder stages (any arch and stem), channel count, mean/std and
+image size are used. With --baseline the weights are random: MODELPATH then only gives the
+architecture and normalisation, or without MODELPATH --arch/--stem do, with channels, mean/std
+and image size from the training images. RESPATH receives checkpoint.pth (the same command
+resumes; --fresh starts over), best.pth (the weights of the epoch with the best validation
+mIoU), metrics.json, metrics.csv and predictions.png.
+"""
+import argparse
+import csv
+import functools
+import io
+import math
+import os
+import sys
+import time
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+from tqdm import tqdm
+
+from simclr import build_optimizer
+from utils.checkpoint import (atomic_write_bytes, load_checkpoint, load_pretrained, rng_state,
+                              save_checkpoint, set_rng_state)
+from utils.cli import (UserError, add_data_loading_args, ensure_writable_dir, json_dump,
+                       print_args, run_main, select_device)
+from utils.data import EpochBatchSampler, ImageList, dataset_statistics, make_loader
+from utils.model import FEATURE_DIMS, load_state_strict, resolve_stem
+from utils.segmentation import (DECODERS, IGNORE_INDEX, JointTransform, SegmentationDataset,
+                                build_segmentation_net, check_class_indices, confusion_matrix,
+                                encoder_state, plot_segmentation_grid, read_pair_list,
+                                scan_pairs, segmentation_scores)
+from utils.sources import read_list_lines
+from utils.training import GracefulStop, check_resume_compatible, learning_rate_at
+from utils.transforms import denormalize
+
+# Settings that define the run: resuming with a different value is an error, not a silent mix.
+RUN_DEFINING_ARGS = ("train_list", "modelpath", "baseline", "arch", "stem", "decoder", "freeze",
+                     "num_classes", "classes", "ignore_index", "image_size", "min_scale",
+                     "batch_size", "optimizer", "lr", "weight_decay", "warmup_epochs", "seed")
+DEFAULT_LR = {"adamw": 1e-3, "sgd": 0.01}
+DEFAULT_WEIGHT_DECAY = {"adamw": 1e-2, "sgd": 5e-4}
+OUTPUTS = ("checkpoint.pth", "best.pth", "metrics.json", "metrics.csv", "predictions.png")
+
+
+def get_args_parser():
+    parser = argparse.ArgumentParser(
+        description="Semantic segmentation on a pretrained SimCLR encoder (resumes "
+                    "automatically).",
+        usage="%(prog)s TRAIN_LIST MODELPATH RESPATH [options]\n"
+              "       %(prog)s TRAIN_LIST RESPATH --baseline [--arch A] [--stem S] [options]",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    parser.add_argument("train_list", metavar="TRAIN_LIST",
+                        help="text file of 'image_path,labelmap_path' lines (relative to its "
+                             "folder or absolute)")
+    parser.add_argument("modelpath", metavar="MODELPATH",
+                        help="model.pth or checkpoint.pth written by main.py (left out with "
+                             "--baseline: then the second path is RESPATH)")
+    parser.add_argument("respath", metavar="RESPATH", nargs="?", default=None,
+                        help="output folder of this run")
+    add_data_loading_args(parser, batch_size=32)
+
+    data = parser.add_argument_group("data")
+    for split in ("val", "test"):
+        data.add_argument(f"--{split}-list", metavar="FILE", default=None,
+                          help=f"{split} pairs, same format as TRAIN_LIST" +
+                               ("; picks best.pth by mIoU (without it best.pth is the last "
+                                "epoch)" if split == "val" else ""))
+    data.add_argument("--num-classes", type=int, default=None,
+                      help="number of classes K (default: from --classes, else the largest "
+                           "index in the training labelmaps + 1)")
+    data.add_argument("--classes", metavar="FILE", default=None,
+                      help="text file of class names, line i naming class i (default: 0, 1, ...)")
+    data.add_argument("--ignore-index", type=int, default=IGNORE_INDEX,
+                      help="labelmap value that is neither trained on nor scored")
+    data.add_argument("--image-size", type=int, default=None,
+                      help="training and evaluation resolution S in px (default: MODELPATH's "
+                           "image size; with --baseline alone the images' median shorter side)")
+    data.add_argument("--min-scale", type=float, default=0.5,
+                      help="smallest RandomResizedCrop area fraction of the training crops")
+
+    mod = parser.add_argument_group("model")
+    mod.add_argument("--decoder", choices=DECODERS, default="fcn",
+                     help="fcn: 1x1 convolution on the last stage, upsampled bilinearly; unet: a "
+                          "light decoder over all four stages")
+    mod.add_argument("--freeze", action="store_true",
+                     help="train the decoder only: the encoder's weights and BatchNorm "
+                          "statistics stay as pretrained")
+    mod.add_argument("--baseline", action="store_true",
+                     help="the same network with random weights (the from-scratch reference)")
+    mod.add_argument("--arch", choices=tuple(FEATURE_DIMS), default=None,
+                     help="--baseline without MODELPATH: the ResNet (default resnet18)")
+    mod.add_argument("--stem", choices=("auto", "cifar", "imagenet"), default=None,
+                     help="--baseline without MODELPATH: cifar = 3x3 conv stride 1, no "
+                          "max-pool; imagenet = 7x7 stride 2 + max-pool; auto (the default) = "
+                          "cifar for images <= 64 px")
+    mod.add_argument("--channels-last", action=argparse.BooleanOptionalAction, default=True,
+                     help="channels-last memory format")
+
+    opt = parser.add_argument_group("optimisation")
+    opt.add_argument("--epochs", type=int, default=10, help="total epochs of the run")
+    opt.add_argument("--optimizer", choices=("adamw", "sgd"), default="adamw",
+                     help="AdamW, or SGD with momentum 0.9")
+    opt.add_argument("--lr", type=float, default=None,
+                     help="peak learning rate after warm-up, then cosine decay to 0 per step "
+                          "(default 1e-3 for adamw, 0.01 for sgd)")
+    opt.add_argument("--weight-decay", "--wd", dest="weight_decay", type=float, default=None,
+                     help="weight decay, not applied to BatchNorm and biases (default 1e-2 for "
+                          "adamw, 5e-4 for sgd)")
+    opt.add_argument("--warmup-epochs", type=float, default=1.0,
+                     help="epochs of linear learning-rate warm-up")
+
+    out = parser.add_argument_group("output")
+    out.add_argument("--grid-rows", type=int, default=6,
+                     help="images in predictions.png (evenly spread over the test split, else "
+                          "val, else train)")
+    out.add_argument("--fresh", action="store_true",
+                     help="start over even if RESPATH holds a run (its files are replaced)")
+    return parser
+
+
+def resolve_args(args):
+    """Positionals (TRAIN_LIST RESPATH with --baseline alone), defaults that depend on other
+    flags, absolute paths (so a resumed run is recognised from any folder), flag checks."""
+    if args.respath is None:
+        if not args.baseline:
+            raise UserError("RESPATH is missing: give TRAIN_LIST MODELPATH RESPATH, or "
+                            "TRAIN_LIST RESPATH --baseline to train from scratch")
+        args.modelpath, args.respath = None, args.modelpath
+    if args.modelpath is not None and (args.arch or args.stem):
+        raise UserError("--arch and --stem choose the network of --baseline without MODELPATH; "
+                        "with MODELPATH the network is MODELPATH's, so drop them")
+    if args.modelpath is None:
+        args.arch, args.stem = args.arch or "resnet18", args.stem or "auto"
+    for name in ("train_list", "val_list", "test_list", "modelpath", "classes"):
+        if getattr(args, name) is not None:
+            setattr(args, name, os.path.abspath(getattr(args, name)))
+    args.lr = DEFAULT_LR[args.optimizer] if args.lr is None else args.lr
+    if args.weight_decay is None:
+        args.weight_decay = DEFAULT_WEIGHT_DECAY[args.optimizer]
+    checks = [(args.epochs >= 1, f"--epochs {args.epochs} must be at least 1"),
+              (args.batch_size >= 2,
+               f"-bs {args.batch_size} must be at least 2 (BatchNorm needs two images)"),
+              (args.num_classes is None or args.num_classes >= 2,
+               f"--num-classes {args.num_classes} must be at least 2"),
+              (0 <= args.ignore_index <= 65535,
+               f"--ignore-index {args.ignore_index} must be a labelmap value, 0 to 65535"),
+              (args.image_size is None or args.image_size >= 8,
+               f"--image-size {args.image_size} must be at least 8 px"),
+              (0 < args.min_scale <= 1, f"--min-scale {args.min_scale} must be in (0, 1]"),
+              (args.lr > 0, f"--lr {args.lr} must be positive"),
+              (args.warmup_epochs >= 0, f"--warmup-epochs {args.warmup_epochs} must be >= 0"),
+              (args.grid_rows >= 1, f"--grid-rows {args.grid_rows} must be at least 1")]
+    for ok, message in checks:
+        if not ok:
+            raise UserError(message)
+
+
+def read_splits(args):
+    """{'train': PairList, 'val': PairList or None, 'test': PairList or None}."""
+    lists = {"train": args.train_list, "val": args.val_list, "test": args.test_list}
+    return {split: read_pair_list(path) if path else None for split, path in lists.items()}
+
+
+def decide_classes(args, splits):
+    """(class names, pixel counts per class of each split): every labelmap read and checked
+    (size, channels, indices < K or the ignore value) before anything is trained."""
+    names = None
+    if args.classes:
+        names = [line for _, line in read_list_lines(args.classes, "class name",
+                                                     "give a text file of class names")]
+    scans = {split: scan_pairs(pairs, args.ignore_index)
+             for split, pairs in splits.items() if pairs is not None}
+    if args.num_classes is not None:
+        k, source = args.num_classes, f"--num-classes {args.num_classes}"
+    elif names is not None:
+        k, source = len(names), f"{len(names)} names in --classes {args.classes}"
+    else:
+        k = max(scans["train"][0]) + 1
+        source = "the largest index in the training labelmaps + 1"
+    if names is not None and len(names) != k:
+        raise UserError(f"--classes {args.classes} names {len(names)} classes but --num-classes "
+                        f"is {k}; make them agree")
+    if k < 2:
+        raise UserError(f"the training labelmaps hold only class 0 (and the ignore value "
+                        f"{args.ignore_index}); segmentation needs at least 2 classes")
+    for split, (maxima, _) in scans.items():
+        check_class_indices(splits[split], maxima, k, args.ignore_index, source)
+    counts = {split: np.pad(c, (0, k - len(c))) for split, (_, c) in scans.items()}
+    return names or [str(c) for c in range(k)], counts
+
+
+def model_setup(args, train_pairs):
+    """(model_meta, encoder weights or None): arch, stem, in_channels, mean, std and the
+    resolution S, from MODELPATH or (--baseline alone) from the training images."""
+    if args.modelpath is not None:
+        state, meta = load_pretrained(args.modelpath)
+        meta = {k: meta[k] for k in ("arch", "stem", "in_channels", "mean", "std")} | {
+            "image_size": args.image_size or meta["image_size"]}
+        return meta, None if args.baseline else encoder_state(state)
+    stats = dataset_statistics(ImageList(train_pairs.images),
+                               os.path.join(args.respath, "data_stats.json"), args.seed)
+    size = args.image_size or stats["native_size"]
+    return {"arch": args.arch, "stem": resolve_stem(args.stem, size),
+            "in_channels": stats["channels"], "mean": stats["mean"], "std": stats["std"],
+            "image_size": size}, None
+
+
+def loaders(args, splits, meta, device):
+    """(train sampler, train loader, {split: eval loader}) with the joint transforms."""
+    size, mean, std = meta["image_size"], meta["mean"], meta["std"]
+    train_set = SegmentationDataset(splits["train"], meta["in_channels"],
+                                    JointTransform(size, mean, std, True, args.min_scale),
+                                    args.seed)
+    sampler = EpochBatchSampler(len(train_set), args.batch_size, args.seed)
+    pin = device.type == "cuda"
+    train_loader = make_loader(train_set, batch_sampler=sampler, num_workers=args.num_workers,
+                               pin_memory=pin)
+    evaluation = JointTransform(size, mean, std, False)
+    eval_loaders = {split: make_loader(SegmentationDataset(pairs, meta["in_channels"], evaluation),
+                                       batch_size=args.batch_size,
+                                       num_workers=args.num_workers, pin_memory=pin)
+                    for split, pairs in splits.items() if pairs is not None}
+    return sampler, train_loader, eval_loaders
+
+
+@torch.no_grad()
+def predict(net, loader, device, num_classes, ignore_index, channels_last, keep=()):
+    """Run `net` (eval mode) over `loader`: (confusion matrix (K, K), kept), `kept` holding
+    (images, masks, predictions) of the dataset indices in `keep`, on the CPU."""
+    net.eval()
+    matrix = torch.zeros(num_classes, num_classes, dtype=torch.int64)
+    kept, offset = ([], [], []), 0
+    for x, y in tqdm(loader, desc="evaluating", leave=False, disable=None):
+        x = x.to(device, non_blocking=True)
+        if channels_last:
+            x = x.contiguous(memory_format=torch.channels_last)
+        pred = net(x).argmax(1).cpu()
+        matrix += confusion_matrix(pred, y, num_classes, ignore_index)
+        rows = [i - offset for i in keep if offset <= i < offset + len(y)]
+        for store, values in zip(kept, (x.cpu(), y, pred)):
+            store.extend(values[rows])
+        offset += len(y)
+    return matrix, tuple(torch.stack(s) if s else None for s in kept)
+
+
+def majority_reference(matrix, majority):
+    """Scores of predicting class `majority` everywhere, from a split's confusion matrix."""
+    constant = torch.zeros_like(matrix)
+    constant[:, majority] = matrix.sum(1)
+    return segmentation_scores(constant)
+
+
+def main(args):
+    resolve_args(args)
+    device, n_gpus = select_device(args.cuda, args.multiple_gpus)
+    ensure_writable_dir(args.respath)
+    print_args(args)
+    paths = {name: os.path.join(args.respath, name) for name in OUTPUTS}
+    ckpt = None
+    if os.path.exists(paths["checkpoint.pth"]) and not args.fresh:
+        ckpt = load_checkpoint(paths["checkpoint.pth"], "segment")
+        check_resume_compatible(ckpt, args, paths["checkpoint.pth"], RUN_DEFINING_ARGS)
+    splits = read_splits(args)
+    meta, weights = model_setup(args, splits["train"])
+    classes, counts = decide_classes(args, splits)
+    k, n_train = len(classes), len(splits["train"])
+    if ckpt is not None and (ckpt["num_classes"], ckpt["n_train"]) != (k, n_train):
+        raise UserError(f"{paths['checkpoint.pth']} was started with {ckpt['n_train']} training "
+                        f"pairs and {ckpt['num_classes']} classes, the lists now give {n_train} "
+                        f"and {k}; use --fresh or another RESPATH")
+    describe_run(args, splits, classes, counts, meta, weights)
+
+    torch.manual_seed(args.seed)
+    net = build_segmentation_net(meta["arch"], meta["in_channels"], meta["stem"], k,
+                                 args.decoder, args.freeze)
+    if weights is not None:
+        load_state_strict(net.encoder, weights, args.modelpath)
+    net = net.to(device)
+    if args.channels_last:
+        net = net.to(memory_format=torch.channels_last)
+    optimizer = build_optimizer(nn.ParameterList(p for p in net.parameters() if p.requires_grad),
+                                args.optimizer, args.lr, args.weight_decay)
+    history = {"step_losses": [], "val": [], "best_val_miou": -1.0, "best_epoch": 0}
+    if ckpt is not None:
+        net.load_state_dict(ckpt["model"])
+        optimizer.load_state_dict(ckpt["optimizer"])
+        history = {"step_losses": ckpt["history"]["step_losses"].tolist(),
+                   "val": ckpt["history"]["val"].tolist(),
+                   "best_val_miou": ckpt["best_val_miou"], "best_epoch": ckpt["best_epoch"]}
+        set_rng_state(ckpt["rng"])
+        print(f"resuming {paths['checkpoint.pth']}: epoch {ckpt['epoch']}, step {ckpt['step']} "
+              f"of {args.epochs * (n_train // args.batch_size)}", flush=True)
+    del ckpt
+    model = nn.DataParallel(net) if n_gpus > 1 else net
+    sampler, train_loader, eval_loaders = loaders(args, splits, meta, device)
+    steps_per_epoch = n_train // args.batch_size
+
+    def save(path, with_run_state):
+        """best.pth: the weights and what rebuilding them needs; checkpoint.pth: also the
+        optimizer, history and RNG state that resuming needs."""
+        done = len(history["step_losses"])
+        state = {"script": "segment", "model": net.state_dict(), "model_meta": meta,
+                 "num_classes": k, "classes": classes, "decoder": args.decoder,
+                 "n_train": n_train, "args": vars(args), "epoch": done // steps_per_epoch,
+                 "best_val_miou": history["best_val_miou"], "best_epoch": history["best_epoch"]}
+        if with_run_state:
+            state.update(optimizer=optimizer.state_dict(), step=done, rng=rng_state(), history={
+                "step_losses": torch.tensor(history["step_losses"], dtype=torch.float64),
+                "val": torch.tensor(history["val"], dtype=torch.float64).reshape(-1, 3)})
+        save_checkpoint(state, path)
+
+    started, first_step = time.perf_counter(), len(history["step_losses"])
+    outcome = fit(model, sampler, train_loader, eval_loaders.get("val"), optimizer, history,
+                  device, args, k, save, paths)
+    if outcome == "stopped":
+        print(f"interrupted at step {len(history['step_losses'])}: checkpoint saved in "
+              f"{paths['checkpoint.pth']}; run the same command to resume", file=sys.stderr)
+        return 130
+    seconds = time.perf_counter() - started
+    trained = (len(history["step_losses"]) - first_step) * args.batch_size
+    if not trained:
+        print(f"{args.respath} already holds a finished run of {args.epochs} epochs (pass a "
+              f"larger --epochs to continue it, --fresh to start over); evaluating best.pth",
+              flush=True)
+    net.load_state_dict(load_checkpoint(paths["best.pth"], "segment")["model"])
+    report = evaluate_and_write(model, eval_loaders, splits, counts, classes, meta, args, device,
+                                paths, history)
+    report.update(train_seconds=round(seconds, 1),
+                  train_images_per_s=round(trained / seconds, 1) if trained else None)
+    json_dump(report, paths["metrics.json"])
+    print(f"done: metrics in {paths['metrics.json']} and metrics.csv, figure "
+          f"{paths['predictions.png']}, best weights {paths['best.pth']} "
+          f"(epoch {history['best_epoch']})")
+    return 0
+
+
+def describe_run(args, splits, classes, counts, meta, weights):
+    """Print the data (pairs per split, class shares of the training pixels) and the model."""
+    share = counts["train"] / max(1, counts["train"].sum())
+    print(f"data: {', '.join(f'{len(p)} {s}' for s, p in splits.items() if p)} pairs; "
+          f"{len(classes)} classes, training pixels " +
+          ", ".join(f"{n} {100 * f:.1f} %" for n, f in zip(classes, share)), flush=True)
+    source = "random weights (--baseline)" if weights is None else f"encoder of {args.modelpath}"
+    print(f"model: {meta['arch']} ({meta['stem']} stem, {meta['in_channels']} channel(s)), "
+          f"{args.decoder} decoder, {source}{', encoder frozen' if args.freeze else ''}; "
+          f"{meta['image_size']} px", flush=True)
+
+
+def fit(model, sampler, loader, val_loader, optimizer, history, device, args, k, save, paths):
+    """Train until args.epochs are complete, resuming from len(history['step_losses']); after
+    every epoch score the val split, write best.pth when its mIoU is the best so far (every
+    epoch without a val split) and checkpoint.pth. Returns 'finished' or 'stopped' (Ctrl-C or
+    SIGTERM: checkpoint written after the current step)."""
+    steps_per_epoch = sampler.n_items // sampler.global_batch_size
+    total_steps = args.epochs * steps_per_epoch
+    schedule = functools.partial(learning_rate_at, base_lr=args.lr,
+                                 warmup_steps=round(args.warmup_epochs * steps_per_epoch),
+                                 total_steps=total_steps)
+    with GracefulStop() as stop:
+        while len(history["step_losses"]) < total_steps:
+            epoch, start_batch = divmod(len(history["step_losses"]), steps_per_epoch)
+            sampler.set_epoch(epoch, start_batch)
+            tic = time.perf_counter()
+            if not train_epoch(model, loader, optimizer, schedule, history, device, args, epoch,
+                               stop):
+                save(paths["checkpoint.pth"], True)
+                return "stopped"
+            seconds = time.perf_counter() - tic
+            line = (f"epoch {epoch + 1}/{args.epochs}  loss "
+                    f"{np.mean(history['step_losses'][-steps_per_epoch:]):.4f}")
+            is_best = val_loader is None
+            if val_loader is not None:
+                scores = segmentation_scores(predict(model, val_loader, device, k,
+                                                     args.ignore_index, args.channels_last)[0])
+                history["val"].append([epoch + 1, scores["miou"], scores["pixel_accuracy"]])
+                is_best = history["best_epoch"] == 0 or scores["miou"] > history["best_val_miou"]
+                line += (f"  val mIoU {100 * scores['miou']:.2f} %  pixel accuracy "
+                         f"{100 * scores['pixel_accuracy']:.2f} %")
+            if is_best:
+                history["best_val_miou"] = history["val"][-1][1] if history["val"] else math.nan
+                history["best_epoch"] = epoch + 1
+                save(paths["best.pth"], False)
+            images = (steps_per_epoch - start_batch) * args.batch_size
+            print(f"{line}  lr {schedule(len(history['step_losses']) - 1):.3g}  "
+                  f"{images / seconds:.1f} img/s  {seconds:.0f} s", flush=True)
+            save(paths["checkpoint.pth"], True)
+            if stop.requested:
+                return "stopped" if len(history["step_losses"]) < total_steps else "finished"
+    return "finished"
+
+
+def train_epoch(model, loader, optimizer, schedule, history, device, args, epoch, stop):
+    """One pass over `loader` (which may start mid-epoch): per step, the learning rate of the
+    global step, cross-entropy over the non-ignored pixels, a step of the optimizer. Returns
+    False when a signal asked to stop (after the step it arrived in)."""
+    model.train()
+    for x, y in tqdm(loader, desc=f"epoch {epoch + 1}", leave=False, disable=None):
+        step = len(history["step_losses"])
+        for group in optimizer.param_groups:
+            group["lr"] = schedule(step)
+        x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+        if args.channels_last:
+            x = x.contiguous(memory_format=torch.channels_last)
+        logits = model(x)
+        valid = (y != args.ignore_index).sum().clamp_min(1)
+        # the mean over valid pixels, and 0 (not NaN) for a batch of ignored pixels only
+        loss = F.cross_entropy(logits, y, ignore_index=args.ignore_index, reduction="sum") / valid
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        value = loss.item()
+        if not math.isfinite(value):
+            raise UserError(f"the loss became {value} at step {step} (the last checkpoint is "
+                            f"intact); start again with a lower --lr and --fresh")
+        optimizer.step()
+        history["step_losses"].append(value)
+        if stop.requested:
+            return False
+    return True
+
+
+def evaluate_and_write(model, eval_loaders, splits, counts, classes, meta, args, device, paths,
+                       history):
+    """Scores of the loaded weights on val and test (also printed), metrics.csv and the
+    prediction grid; returns the metrics.json dict."""
+    k, majority = len(classes), int(np.argmax(counts["train"]))
+    shown = "test" if "test" in eval_loaders else "val" if "val" in eval_loaders else "train"
+    n_shown = len(splits[shown])
+    keep = sorted(set(np.linspace(0, n_shown - 1, min(args.grid_rows, n_shown)).round()
+                      .astype(int).tolist()))
+    results = {}
+    for split in [s for s in ("val", "test") if s in eval_loaders] + (
+            ["train"] if shown == "train" else []):
+        matrix, kept = predict(model, eval_loaders[split], device, k, args.ignore_index,
+                               args.channels_last, keep if split == shown else ())
+        scores = segmentation_scores(matrix)
+        results[split] = {"iou": dict(zip(classes, nan_to_none(scores["iou"]))),
+                          "miou": scores["miou"], "pixel_accuracy": scores["pixel_accuracy"],
+                          "pixels": scores["pixels"], "images": len(splits[split]),
+                          "confusion_matrix": matrix.tolist(),
+                          "majority_class_reference": {
+                              key: majority_reference(matrix, majority)[key]
+                              for key in ("miou", "pixel_accuracy")}}
+        print(f"{split}: mIoU {100 * scores['miou']:.2f} %, pixel accuracy "
+              f"{100 * scores['pixel_accuracy']:.2f} % over {scores['pixels']} pixels of "
+              f"{len(splits[split])} images (predicting '{classes[majority]}' everywhere: "
+              f"mIoU {100 * results[split]['majority_class_reference']['miou']:.2f} %)")
+        print("  IoU " + ", ".join(f"{name} -" if math.isnan(v) else f"{name} {100 * v:.1f}"
+                                   for name, v in zip(classes, scores["iou"])), flush=True)
+        if split == shown:
+            images, truths, preds = kept
+            pixels = denormalize(images.float(), meta["mean"], meta["std"]).permute(0, 2, 3, 1)
+            pixels = pixels[..., 0] if pixels.shape[-1] == 1 else pixels
+            valid = truths != args.ignore_index
+            correct = ((preds == truths) & valid).flatten(1).sum(1) / valid.flatten(1).sum(
+                1).clamp_min(1)
+            plot_segmentation_grid(pixels.numpy(), truths.numpy(), preds.numpy(), classes,
+                                   paths["predictions.png"],
+                                   [f"{100 * c:.0f} % of pixels right" for c in correct.tolist()],
+                                   args.ignore_index)
+    write_metrics_csv(results, classes, paths["metrics.csv"])
+    return {"classes": classes, "num_classes": k, "ignore_index": args.ignore_index,
+            "resolution": meta["image_size"], "decoder": args.decoder, "freeze": args.freeze,
+            "baseline": args.baseline, "modelpath": args.modelpath, "model_meta": meta,
+            "n_pairs": {s: len(p) for s, p in splits.items() if p is not None},
+            "epochs": args.epochs, "best_epoch": history["best_epoch"],
+            "epoch_losses": epoch_means(history["step_losses"], len(splits["train"]) //
+                                        args.batch_size),
+            "val_per_epoch": [{"epoch": int(e), "miou": m, "pixel_accuracy": a}
+                              for e, m, a in history["val"]], **results}
+
+
+def nan_to_none(values):
+    """JSON has no NaN: NaN (a class absent from ground truth and prediction) becomes null."""
+    return [None if math.isnan(v) else v for v in values]
+
+
+def epoch_means(step_losses, steps_per_epoch):
+    """Mean loss of every complete epoch."""
+    n = len(step_losses) // steps_per_epoch
+    return np.asarray(step_losses[:n * steps_per_epoch]).reshape(n, -1).mean(1).tolist()
+
+
+def write_metrics_csv(results, classes, path):
+    """metrics.csv: one row per metric (IoU of each class, mIoU, pixel accuracy), one column per
+    evaluated split; 'nan' for a class absent from that split's truth and prediction."""
+    splits = list(results)
+    buffer = io.StringIO()
+    writer = csv.writer(buffer)
+    writer.writerow(["metric"] + splits)
+    for name in classes:
+        writer.writerow([f"IoU {name}"] + [fmt(results[s]["iou"][name]) for s in splits])
+    writer.writerow(["mIoU"] + [fmt(results[s]["miou"]) for s in splits])
+    writer.writerow(["pixel accuracy"] + [fmt(results[s]["pixel_accuracy"]) for s in splits])
+    atomic_write_bytes(path, buffer.getvalue().encode())
+
+
+def fmt(value):
+    return "nan" if value is None or math.isnan(value) else f"{value:.4f}"
+
+
+if __name__ == "__main__":
+    run_main(main, get_args_parser())
