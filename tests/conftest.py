@@ -94,3 +94,21 @@ def pretrained(tiny_folder, tmp_path_factory):
     result = run_script("main.py", tiny_folder, respath, "--epochs", "2", *FAST_PRETRAIN)
     assert result.returncode == 0, result.stderr
     return respath, result
+
+
+def assert_knn_accuracy_matches_sklearn(accuracy, train_x, train_y, test_x, test_y, k):
+    """`accuracy` equals scikit-learn's cosine kNN (k, brute force) on these features, except
+    that test samples whose k-th and (k+1)-th neighbours are tied to float32 resolution may be
+    decided either way (the tiny test models' embeddings are nearly collapsed, so features
+    extracted twice, or similarities summed in another order, can reorder such neighbours)."""
+    from sklearn.neighbors import KNeighborsClassifier
+    train_x, test_x = np.asarray(train_x), np.asarray(test_x)
+    expected = KNeighborsClassifier(n_neighbors=k, metric="cosine", algorithm="brute").fit(
+        train_x, train_y).score(test_x, test_y)
+    a = train_x / np.linalg.norm(train_x.astype(np.float64), axis=1, keepdims=True)
+    b = test_x / np.linalg.norm(test_x.astype(np.float64), axis=1, keepdims=True)
+    sims = np.sort(b @ a.T, axis=1)[:, ::-1]
+    ambiguous = int(np.sum(sims[:, k - 1] - sims[:, k] < 1e-6)) if k < len(train_x) else 0
+    print(f"kNN check: {ambiguous} of {len(test_y)} test samples tied at the k-th neighbour")
+    assert abs(accuracy - expected) * len(test_y) <= ambiguous + 1e-9, \
+        (accuracy, expected, ambiguous)

@@ -7,7 +7,7 @@ import pytest
 import torch
 from sklearn.neighbors import KNeighborsClassifier
 
-from conftest import FAST_PRETRAIN, run_script
+from conftest import FAST_PRETRAIN, assert_knn_accuracy_matches_sklearn, run_script
 from utils.checkpoint import load_pretrained
 from utils.data import ImageDataset, find_split, make_loader
 from utils.knn import cosine_neighbours, knn_accuracy, knn_predict
@@ -64,9 +64,8 @@ def test_knn_every_records_the_accuracy_of_the_saved_model(tiny_folder, tmp_path
         find_split(tiny_folder, split, True), 1, transform), batch_size=12), "cpu")
         for split in ("train", "test")]
     (train_h, train_y), (test_h, test_y) = feats
-    reference = KNeighborsClassifier(n_neighbors=5, metric="cosine", algorithm="brute").fit(
-        train_h.numpy(), train_y.numpy()).score(test_h.numpy(), test_y.numpy())
-    assert run["knn_accuracy"][-1][1] == pytest.approx(reference, abs=1e-6)
+    assert_knn_accuracy_matches_sklearn(run["knn_accuracy"][-1][1], train_h.numpy(),
+                                        train_y.numpy(), test_h.numpy(), test_y.numpy(), 5)
     assert os.path.getsize(respath / "plots" / "training_losses.png") > 0
 
 
