@@ -10,7 +10,8 @@ import numpy as np  # noqa: E402
 from utils.checkpoint import atomic_write_bytes  # noqa: E402
 
 
-def _save(fig, path):
+def save_figure(fig, path):
+    """Write a matplotlib figure to `path` as PNG (120 dpi) atomically and close it."""
     import io
     buffer = io.BytesIO()
     fig.savefig(buffer, format="png", dpi=120, bbox_inches="tight")
@@ -46,7 +47,7 @@ def plot_training_losses(step_losses, steps_per_epoch, path, knn=None):
         extra_handles, extra_labels = ax2.get_legend_handles_labels()
         handles, labels = handles + extra_handles, labels + extra_labels
     ax.legend(handles, labels)
-    _save(fig, path)
+    save_figure(fig, path)
 
 
 def plot_confusion_matrix(matrix, class_names, path, title="Confusion matrix (test)"):
@@ -60,7 +61,7 @@ def plot_confusion_matrix(matrix, class_names, path, title="Confusion matrix (te
     ax.set_ylabel("true class")
     ax.set_title(title)
     plt.setp(ax.get_xticklabels(), rotation=45, ha="right")
-    _save(fig, path)
+    save_figure(fig, path)
 
 
 def plot_accuracy_vs_layer(removed_layers, accuracies, path):
@@ -75,10 +76,10 @@ def plot_accuracy_vs_layer(removed_layers, accuracies, path):
     ax.set_ylabel("test accuracy (%)")
     ax.grid(alpha=0.3)
     ax.legend()
-    _save(fig, path)
+    save_figure(fig, path)
 
 
-def _class_colours(n_classes):
+def class_colours(n_classes):
     """One distinct colour per class: tab10 up to 10 classes, tab20 up to 20, else a hue wheel."""
     if n_classes <= 10:
         return [plt.get_cmap("tab10")(i) for i in range(n_classes)]
@@ -106,7 +107,7 @@ def plot_class_scatter(points, labels, class_names, path, title="", axis_labels=
 
     labels (N,) int index `class_names`; axis_labels (x label, y label).
     """
-    colours = _class_colours(len(class_names))
+    colours = class_colours(len(class_names))
     fig, ax = plt.subplots(figsize=(6.5, 5.5))
     _scatter_classes(ax, points, labels, class_names, colours, _point_size(len(points)))
     ax.set_xlabel(axis_labels[0])
@@ -115,7 +116,7 @@ def plot_class_scatter(points, labels, class_names, path, title="", axis_labels=
     ax.grid(alpha=0.3)
     ax.legend(title="class", loc="center left", bbox_to_anchor=(1.02, 0.5), fontsize="small",
               markerscale=1.5, ncol=1 if len(class_names) <= 20 else 2)
-    _save(fig, path)
+    save_figure(fig, path)
 
 
 def plot_tsne_sweep(train_points, train_labels, test_points, test_labels, perplexities,
@@ -129,7 +130,7 @@ def plot_tsne_sweep(train_points, train_labels, test_points, test_labels, perple
     """
     perplexities = np.asarray(perplexities, dtype=float).reshape(-1, 2)
     rows = len(perplexities)
-    colours = _class_colours(len(class_names))
+    colours = class_colours(len(class_names))
     fig, axes = plt.subplots(rows, 2, figsize=(9, 4 * rows), squeeze=False)
     for r in range(rows):
         for col, (split, points, labels) in enumerate(
@@ -151,10 +152,10 @@ def plot_tsne_sweep(train_points, train_labels, test_points, test_labels, perple
     if title:
         fig.suptitle(title)
     fig.tight_layout()
-    _save(fig, path)
+    save_figure(fig, path)
 
 
-def _show_image(ax, image):
+def show_image(ax, image):
     """An image (H, W) grayscale or (H, W, 3) RGB with values in [0, 1], without axes."""
     image = np.asarray(image)
     if image.ndim == 2:
@@ -180,18 +181,18 @@ def plot_retrieval_grid(query_images, query_names, neighbour_images, neighbour_n
                              squeeze=False)
     for q in range(n_queries):
         ax = axes[q, 0]
-        _show_image(ax, query_images[q])
+        show_image(ax, query_images[q])
         ax.set_title(f"query\n{query_names[q]}", fontsize=8, fontweight="bold")
         for r in range(k):
             ax = axes[q, r + 1]
-            _show_image(ax, neighbour_images[q][r])
+            show_image(ax, neighbour_images[q][r])
             match = neighbour_names[q][r] == query_names[q]
             ax.set_title(f"{neighbour_names[q][r]}\n{similarities[q, r]:.3f}", fontsize=8,
                          color="tab:green" if match else "tab:red")
     if title:
         fig.suptitle(title)
     fig.tight_layout()
-    _save(fig, path)
+    save_figure(fig, path)
 
 
 def plot_finetune_curves(epoch_losses, val_scores, path, title="Fine-tuning"):
@@ -212,7 +213,7 @@ def plot_finetune_curves(epoch_losses, val_scores, path, title="Fine-tuning"):
     more_handles, more_labels = ax2.get_legend_handles_labels()
     ax.legend(handles + more_handles, labels + more_labels, loc="center right")
     ax.set_title(title)
-    _save(fig, path)
+    save_figure(fig, path)
 
 
 METHOD_NAMES = {"linear": "SimCLR, linear probe", "finetune": "SimCLR, fine-tuned",
@@ -239,4 +240,4 @@ def plot_label_efficiency(rows, path):
     ax.set_ylabel("test accuracy (%), mean ± std over seeds")
     ax.grid(alpha=0.3, which="both")
     ax.legend()
-    _save(fig, path)
+    save_figure(fig, path)

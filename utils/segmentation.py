@@ -332,19 +332,19 @@ def plot_segmentation_grid(images, truths, predictions, class_names, path, title
     """
     from matplotlib.patches import Patch
 
-    from utils.plotfuncs import _class_colours, _save, _show_image, plt
+    from utils.plotfuncs import class_colours, save_figure, show_image, plt
 
-    colours = _class_colours(len(class_names))
+    colours = class_colours(len(class_names))
     fig, axes = plt.subplots(len(images), 3, figsize=(6, 2 * len(images) + 0.6), squeeze=False)
     for row, (image, truth, pred) in enumerate(zip(images, truths, predictions)):
         panels = (image, overlay(image, truth, colours, ignore_index),
                   overlay(image, pred, colours, ignore_index))
         heads = ("image", "ground truth", "prediction" + (f"\n{titles[row]}" if titles else ""))
         for ax, panel, head in zip(axes[row], panels, heads):
-            _show_image(ax, panel)
+            show_image(ax, panel)
             ax.set_title(head, fontsize=8)
     handles = [Patch(color=c) for c in colours] + [Patch(facecolor="none", edgecolor="gray")]
     names = list(class_names) + [f"{ignore_index} ignore (not coloured)"]
     fig.legend(handles, names, loc="lower center", ncol=min(len(names), 4), fontsize="small")
     fig.tight_layout(rect=(0, 0.04 + 0.02 * ((len(names) - 1) // 4), 1, 1))
-    _save(fig, path)
+    save_figure(fig, path)
