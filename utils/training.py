@@ -6,6 +6,8 @@ import signal
 from utils.cli import UserError
 from utils.distributed import launched_by_torchrun, print0
 
+POSITIONALS = ("datapath", "modelpath")  # run-defining arguments given without a flag
+
 
 def learning_rate_at(step, base_lr, warmup_steps, total_steps):
     """Linear warm-up from base_lr/warmup_steps to base_lr over `warmup_steps`, then cosine
@@ -55,7 +57,7 @@ def check_resume_compatible(ckpt, args, checkpoint_path, run_defining, legacy=No
     stored = {**(legacy or {}), **ckpt["args"]}
     for name in run_defining:
         if stored.get(name) != getattr(args, name):
-            flag = "--" + name.replace("_", "-")
+            flag = name.upper() if name in POSITIONALS else "--" + name.replace("_", "-")
             raise UserError(
                 f"{checkpoint_path} is a run with {flag} {stored.get(name)}, this command asks for "
                 f"{getattr(args, name)}; pass the same value to resume it, --fresh to start over "
