@@ -37,7 +37,8 @@ from tqdm import tqdm
 
 from utils.checkpoint import atomic_write_bytes, fsync_folder, load_pretrained
 from utils.cli import (UserError, add_data_loading_args, add_data_source_args,
-                       ensure_writable_dir, print_args, run_main, select_device)
+                       add_labelled_data_and_model_args, ensure_writable_dir, print_args,
+                       run_main, select_device)
 from utils.data import drop_unreadable, make_loader, scan_image_folder
 from utils.model import FEATURE_DIMS, build_model, load_state_strict
 from utils.sources import SPLITS, has_split, load_split, select_subset
@@ -49,15 +50,11 @@ def get_args_parser():
         description="Write the SimCLR features (h or z) of every image of DATAPATH to OUT.npy, "
                     "with OUT.csv naming the image of each row.",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    parser.add_argument("datapath", metavar="DATAPATH",
-                        help="a folder of images (searched recursively), an ImageFolder class "
-                             "tree, a folder with train/ val/ test/, a path list of 'path' or "
-                             "'path,label' lines, or a MedMNIST .npz file or name")
-    parser.add_argument("modelpath", metavar="MODELPATH",
-                        help="model.pth or checkpoint.pth written by main.py")
-    parser.add_argument("out", metavar="OUT",
-                        help="output name: writes OUT.npy and OUT.csv (a trailing .npy is "
-                             "dropped)")
+    add_labelled_data_and_model_args(
+        parser, "out", "output name: writes OUT.npy and OUT.csv (a trailing .npy is dropped)",
+        datapath_help="a folder of images (searched recursively), an ImageFolder class tree, a "
+                      "folder with train/ val/ test/, a path list of 'path' or 'path,label' "
+                      "lines, or a MedMNIST .npz file or name")
     add_data_loading_args(parser, batch_size=250)
     add_data_source_args(parser)
     group = parser.add_argument_group("features")

@@ -36,10 +36,12 @@ from utils.cli import (UserError, add_data_loading_args, add_data_source_args,
 from utils.data import (EpochBatchSampler, ImageDataset, LabelledViewDataset, dataset_statistics,
                         make_loader)
 from utils.metrics import write_classification_report
-from utils.model import FEATURE_DIMS, build_encoder, resolve_stem
+from utils.model import (FEATURE_DIMS, build_encoder, encoder_state, load_state_strict,
+                         resolve_stem)
 from utils.plotfuncs import plot_finetune_curves
 from utils.sources import has_split, load_split, select_subset, split_off_validation
-from utils.training import GracefulStop, check_resume_compatible, learning_rate_at
+from utils.training import (GracefulStop, check_resume_compatible, epoch_means,
+                            learning_rate_at)
 from utils.transforms import EvalTransform, SupervisedAugmentation
 
 # Settings that define the run: resuming with another value is an error, not a silent mix.
@@ -202,13 +204,7 @@ def build_classifier(meta, pretrained_state, head_kind, n_classes, seed):
     torch.manual_seed(seed)
     encoder, feat_dim = build_encoder(meta["arch"], meta["in_channels"], meta["stem"])
     if pretrained_state is not None:
-        encoder_state = {k[len("encoder."):]: v for k, v in pretrained_state.items()
-                         if k.startswith("encoder.")}
-        try:
-            encoder.load_state_dict(encoder_state, strict=True)
-        except RuntimeError:
-            raise UserError("MODELPATH does not hold the encoder its metadata describes; give "
-                            "the model.pth or checkpoint.pth of a main.py run") from None
+        load_state_strict(encoder, encoder_state(pretrained_state), "MODELPATH")
     return Classifier(encoder, build_head(head_kind, feat_dim, n_classes))
 
 
@@ -377,7 +373,7 @@ def main(args):
                       file=sys.stderr)
                 return 130
 
-    epoch_losses = np.asarray(state["step_losses"]).reshape(-1, steps_per_epoch).mean(1)
+    epoch_losses = epoch_means(state["step_losses"], steps_per_epoch)
     plot_finetune_curves(epoch_losses, state["val_accuracy"],
                          os.path.join(args.respath, "training_curves.png"),
                          title=f"{kind}, {len(train_images)} labelled images")

@@ -39,13 +39,13 @@ from utils.checkpoint import (atomic_write_bytes, load_checkpoint, load_pretrain
 from utils.cli import (UserError, add_data_loading_args, ensure_writable_dir, json_dump,
                        print_args, run_main, select_device)
 from utils.data import EpochBatchSampler, ImageList, dataset_statistics, make_loader
-from utils.model import FEATURE_DIMS, load_state_strict, resolve_stem
+from utils.model import FEATURE_DIMS, encoder_state, load_state_strict, resolve_stem
 from utils.segmentation import (DECODERS, IGNORE_INDEX, JointTransform, SegmentationDataset,
                                 build_segmentation_net, check_class_indices, confusion_matrix,
-                                encoder_state, plot_segmentation_grid, read_pair_list,
+                                plot_segmentation_grid, read_pair_list,
                                 scan_pairs, segmentation_scores)
 from utils.sources import read_list_lines
-from utils.training import GracefulStop, check_resume_compatible, learning_rate_at
+from utils.training import GracefulStop, check_resume_compatible, epoch_means, learning_rate_at
 from utils.transforms import denormalize
 
 # Settings that define the run: resuming with a different value is an error, not a silent mix.
@@ -479,7 +479,7 @@ def evaluate_and_write(model, eval_loaders, splits, counts, classes, meta, args,
             "n_pairs": {s: len(p) for s, p in splits.items() if p is not None},
             "epochs": args.epochs, "best_epoch": history["best_epoch"],
             "epoch_losses": epoch_means(history["step_losses"], len(splits["train"]) //
-                                        args.batch_size),
+                                        args.batch_size).tolist(),
             "val_per_epoch": [{"epoch": int(e), "miou": m, "pixel_accuracy": a}
                               for e, m, a in history["val"]], **results}
 
@@ -487,12 +487,6 @@ def evaluate_and_write(model, eval_loaders, splits, counts, classes, meta, args,
 def nan_to_none(values):
     """JSON has no NaN: NaN (a class absent from ground truth and prediction) becomes null."""
     return [None if math.isnan(v) else v for v in values]
-
-
-def epoch_means(step_losses, steps_per_epoch):
-    """Mean loss of every complete epoch."""
-    n = len(step_losses) // steps_per_epoch
-    return np.asarray(step_losses[:n * steps_per_epoch]).reshape(n, -1).mean(1).tolist()
 
 
 def write_metrics_csv(results, classes, path):

@@ -16,7 +16,6 @@ import functools
 import math
 import time
 
-import numpy as np
 import torch
 from tqdm import tqdm
 
@@ -25,7 +24,7 @@ from utils.cli import UserError
 from utils.distributed import (all_reduce_mean, get_world_size, is_main_process,
                                print0)
 from utils.lars import LARS
-from utils.training import GracefulStop
+from utils.training import GracefulStop, epoch_means
 
 LR_REFERENCE_BATCH = 256
 AMP_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
@@ -79,13 +78,7 @@ class History:
         self.knn = [tuple(row) for row in knn]  # (epoch, kNN accuracy of h on the test split)
 
     def epoch_means(self, values):
-        """Mean of each complete epoch's values, NaN (fp16 steps GradScaler skipped) left out."""
-        n = len(values) // self.steps_per_epoch
-        values = np.asarray(values[:n * self.steps_per_epoch], dtype=np.float64).reshape(
-            n, self.steps_per_epoch)
-        counted = ~np.isnan(values)
-        with np.errstate(invalid="ignore", divide="ignore"):
-            return np.where(counted, values, 0.0).sum(1) / counted.sum(1)
+        return epoch_means(values, self.steps_per_epoch)
 
     @property
     def epoch_losses(self):

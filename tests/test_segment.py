@@ -16,9 +16,9 @@ from sklearn.metrics import confusion_matrix as sk_confusion_matrix
 
 from conftest import assert_one_line_error, run_script
 from make_demo_data import build_segmentation_data
-from utils.model import build_model
+from utils.model import build_model, encoder_state
 from utils.segmentation import (JointTransform, build_segmentation_net, confusion_matrix,
-                                encoder_state, segmentation_scores)
+                                segmentation_scores)
 from utils.transforms import denormalize
 
 FAST_SEGMENT = ["-bs", "8", "-nw", "0", "--warmup-epochs", "0"]

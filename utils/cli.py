@@ -70,12 +70,11 @@ def add_data_loading_args(parser, batch_size):
     return group
 
 
-def add_labelled_data_and_model_args(parser, output_name, output_help):
+def add_labelled_data_and_model_args(parser, output_name, output_help, datapath_help=None):
     """The positionals of every evaluation script: DATAPATH, MODELPATH and an output folder."""
-    parser.add_argument("datapath", metavar="DATAPATH",
-                        help="folder with train/ and test/, each with one subfolder per class; "
-                             "or a MedMNIST .npz file or name; or a path list of 'path,label' "
-                             "lines (with --test-list)")
+    parser.add_argument("datapath", metavar="DATAPATH", help=datapath_help or (
+        "folder with train/ and test/, each with one subfolder per class; or a MedMNIST .npz "
+        "file or name; or a path list of 'path,label' lines (with --test-list)"))
     parser.add_argument("modelpath", metavar="MODELPATH",
                         help="model.pth or checkpoint.pth written by main.py")
     parser.add_argument(output_name, metavar=output_name.upper(), help=output_help)

@@ -118,6 +118,12 @@ def load_state_strict(model, state_dict, source):
                         f"it belongs to another model or run") from None
 
 
+def encoder_state(state_dict):
+    """The `encoder.*` entries of a SimCLR model's state dict, without the prefix: the weights
+    of build_encoder's module, for fine-tuning and segmentation."""
+    return {k[len("encoder."):]: v for k, v in state_dict.items() if k.startswith("encoder.")}
+
+
 def adapt_input_channels(state_dict, channels, key="encoder.conv1.weight"):
     """A copy of `state_dict` whose first convolution takes `channels` inputs (1 or 3).
 

@@ -283,11 +283,6 @@ def build_segmentation_net(arch, in_channels, stem, num_classes, decoder, frozen
     return SegmentationNet(encoder, heads[decoder](stage_channels(arch), num_classes), frozen)
 
 
-def encoder_state(state_dict):
-    """The `encoder.*` entries of a SimCLR model's state dict, without the prefix."""
-    return {k[len("encoder."):]: v for k, v in state_dict.items() if k.startswith("encoder.")}
-
-
 def confusion_matrix(pred, target, num_classes, ignore_index=IGNORE_INDEX):
     """(K, K) int64 counts over the pixels whose target is not `ignore_index`: entry [t, p] is
     the number of pixels of true class t predicted as p. pred, target: int tensors of one shape."""

@@ -3,6 +3,8 @@ learning-rate schedule, Ctrl-C handling and the resume check."""
 import math
 import signal
 
+import numpy as np
+
 from utils.cli import UserError
 from utils.distributed import launched_by_torchrun, print0
 
@@ -16,6 +18,16 @@ def learning_rate_at(step, base_lr, warmup_steps, total_steps):
         return base_lr * (step + 1) / warmup_steps
     t = (step - warmup_steps) / max(1, total_steps - warmup_steps)
     return base_lr * 0.5 * (1.0 + math.cos(math.pi * min(1.0, t)))
+
+
+def epoch_means(values, steps_per_epoch):
+    """(E,) mean of each of the E complete epochs of per-step `values`; NaN entries (fp16
+    steps the GradScaler skipped) are left out of the mean."""
+    n = len(values) // steps_per_epoch
+    values = np.asarray(values[:n * steps_per_epoch], dtype=np.float64).reshape(n, steps_per_epoch)
+    counted = ~np.isnan(values)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        return np.where(counted, values, 0.0).sum(1) / counted.sum(1)
 
 
 class GracefulStop:
