@@ -56,6 +56,14 @@ def test_quick_run_writes_every_section_with_positive_finite_figures(quick_run):
     baseline = report["sections"]["baseline"][0]
     assert end2end["over_baseline"] == pytest.approx(
         end2end["images_per_s"] / baseline["images_per_s"])
+    # ceiling: the same FLOPs per image at the matmul rate, against the baseline's img/s
+    fed = next(r for r in compute if all(r[k] == end2end[k]
+                                         for k in ("amp", "channels_last", "compile")))
+    seconds_at_matmul_rate = fed["gflop_per_step"] * 1e9 / (fed["matmul_tflops"] * 1e12)
+    assert end2end["ceiling_over_baseline"] == pytest.approx(
+        fed["batch_size"] / seconds_at_matmul_rate / baseline["images_per_s"])
+    e2e_target = next(t for t in report["targets"] if "baseline" in t["name"])
+    assert e2e_target["ceiling"] == pytest.approx(end2end["ceiling_over_baseline"])
     # targets: one line each on stdout, and in the JSON
     names = [t["name"] for t in report["targets"]]
     assert any("baseline" in n for n in names) and any("loader" in n for n in names)
