@@ -330,6 +330,42 @@ def test_mixed_precision_steps_on_cpu():
                                rtol=0.05)
 
 
+def cpu_flags():
+    """The x86 feature flags of /proc/cpuinfo (None where there is none)."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            return next((set(line.split(":", 1)[1].split()) for line in f
+                         if line.startswith("flags")), None)
+    except OSError:
+        return None
+
+
+def test_cpu_amp_without_fast_kernels_warns_once(monkeypatch, capsys):
+    """On a CPU, --amp bf16/fp16 warns (one line naming --amp off) exactly where the CPU lacks
+    the instructions oneDNN's fast kernels need, read here from /proc/cpuinfo; auto is float32
+    on the CPU and off never warns."""
+    flags = cpu_flags()
+    if flags is None or not {"sse2", "avx"} & flags:
+        pytest.skip("the flag check below is for x86 Linux")
+    fast = {"bf16": {"avx512bw", "avx512vl", "avx512dq"} <= flags,
+            "fp16": bool({"avx512_fp16", "amx_fp16"} & flags)}
+    cpu = torch.device("cpu")
+    for mode in ("bf16", "fp16"):
+        assert simclr.cpu_has_fast(mode) == fast[mode], mode
+        assert simclr.resolve_amp(mode, cpu) == mode
+        err = capsys.readouterr().err
+        assert (err == "") == fast[mode], err
+        if err:
+            assert err.count("\n") == 1 and f"--amp {mode}" in err and "--amp off" in err
+    assert simclr.resolve_amp("auto", cpu) == "off" and simclr.resolve_amp("off", cpu) == "off"
+    monkeypatch.setattr(simclr, "cpu_has_fast", lambda mode: False)
+    simclr.resolve_amp("bf16", cpu)
+    assert "no fast bfloat16 kernels" in capsys.readouterr().err
+    monkeypatch.setattr(simclr, "cpu_has_fast", lambda mode: True)
+    simclr.resolve_amp("bf16", cpu)
+    assert capsys.readouterr().err == ""
+
+
 def test_fp16_overflow_is_a_skipped_step_not_a_divergence():
     """fp16: a batch that overflows (x 1e6 > 65504) gives a NaN loss; GradScaler skips it, the
     weights stay as they were, the step is recorded as NaN and the epoch mean leaves it out.
