@@ -694,8 +694,9 @@ def bench_end2end(args, device, images, stats, compute_rows, baseline_rows):
 
 
 def ceiling_images_per_s(compute):
-    """The img/s of a step with the FLOPs of compute row `compute` (None: unknown) run entirely
-    at the measured dense matmul rate of its precision: B * rate / FLOP per step. No loop doing
+    """The img/s of a step with the FLOPs of compute row `compute` run entirely at the
+    measured dense matmul rate of its precision: B * rate / FLOP per step (None when the row,
+    its FLOPs or the rate is missing). No loop doing
     the same arithmetic is faster, so ceiling / baseline img/s bounds any speed-up over the
     baseline that does not remove work."""
     if not compute or not compute.get("matmul_tflops") or not compute.get("gflop_per_step"):

@@ -111,10 +111,9 @@ def resolve_amp(mode, device):
 def cpu_has_fast(mode):
     """Whether torch's oneDNN reports fast kernels for the --amp dtype on this CPU: bf16 needs
     AVX-512 (BW, VL and DQ) on x86, fp16 AVX512-FP16 or AMX-FP16."""
-    check = {"bf16": torch.ops.mkldnn._is_mkldnn_bf16_supported,
-             "fp16": torch.ops.mkldnn._is_mkldnn_fp16_supported}[mode]
+    name = {"bf16": "_is_mkldnn_bf16_supported", "fp16": "_is_mkldnn_fp16_supported"}[mode]
     try:
-        return bool(check())
+        return bool(getattr(torch.ops.mkldnn, name)())
     except (AttributeError, RuntimeError):  # a torch build without oneDNN
         return False
 
