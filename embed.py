@@ -39,7 +39,7 @@ from utils.checkpoint import atomic_write_bytes, fsync_folder, load_pretrained
 from utils.cli import (UserError, add_data_loading_args, add_data_source_args,
                        add_labelled_data_and_model_args, ensure_writable_dir, print_args,
                        run_main, select_device)
-from utils.data import drop_unreadable, make_loader, scan_image_folder
+from utils.data import drop_unreadable, make_loader, scan_image_folder, warn_if_colour_dropped
 from utils.model import FEATURE_DIMS, build_model, load_state_strict
 from utils.sources import SPLITS, has_split, load_split, select_subset
 from utils.transforms import EvalTransform
@@ -230,6 +230,7 @@ def main(args):
     print_args(args)
     model, meta = load_trained_model(args.modelpath)
     sets = image_sets(args)
+    warn_if_colour_dropped(sets[0][1], meta["in_channels"], f"DATAPATH {args.datapath}")
     n_images, dim = sum(len(images) for _, images in sets), feature_dim(meta, args.layer)
     table = csv_table(sets)
 

@@ -31,7 +31,7 @@ from utils.checkpoint import atomic_write_bytes
 from utils.cli import (UserError, add_data_loading_args, add_data_source_args,
                        add_labelled_data_and_model_args, ensure_writable_dir, json_dump,
                        print_args, run_main, select_device, warn)
-from utils.data import ImageDataset, derive_seed, make_loader
+from utils.data import ImageDataset, derive_seed, make_loader, warn_if_colour_dropped
 from utils.knn import cosine_neighbours, knn_accuracy
 from utils.linear_probe import extract_features
 from utils.plotfuncs import plot_class_scatter, plot_retrieval_grid, plot_tsne_sweep
@@ -247,6 +247,7 @@ def main(args):
     print_args(args)
     model, meta = load_model(args)
     train_images, test_images = labelled_splits(args)
+    warn_if_colour_dropped(train_images, meta["in_channels"], f"DATAPATH {args.datapath}")
     check_split_sizes(len(train_images), len(test_images), args)
     classes = train_images.classes
 

@@ -34,7 +34,7 @@ from utils.cli import (UserError, add_data_loading_args, add_data_source_args,
                        ensure_writable_dir, environment_info, json_dump, print_args, run_main,
                        select_device)
 from utils.data import (EpochBatchSampler, ImageDataset, LabelledViewDataset, dataset_statistics,
-                        make_loader)
+                        make_loader, warn_if_colour_dropped)
 from utils.metrics import write_classification_report
 from utils.model import (FEATURE_DIMS, build_encoder, encoder_state, load_state_strict,
                          resolve_stem)
@@ -279,6 +279,7 @@ def main(args):
     classes = train_images.classes
     counts = np.bincount(train_images.labels, minlength=len(classes))
     meta, pretrained = model_description(args, train_images)
+    warn_if_colour_dropped(train_images, meta["in_channels"], f"DATAPATH {args.datapath}")
     model = build_classifier(meta, pretrained, args.head, len(classes), args.seed)
     kind = "baseline (random init)" if args.baseline else "frozen encoder" if args.freeze \
         else "full fine-tuning"

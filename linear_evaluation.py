@@ -17,7 +17,7 @@ from utils.checkpoint import atomic_torch_save, load_pretrained
 from utils.cli import (UserError, add_data_loading_args, add_data_source_args,
                        add_labelled_data_and_model_args, ensure_writable_dir, print_args,
                        run_main, select_device)
-from utils.data import ImageDataset, make_loader
+from utils.data import ImageDataset, make_loader, warn_if_colour_dropped
 from utils.sources import load_split, select_subset
 from utils.linear_probe import LinearProbe, extract_features
 from utils.model import build_model, head_depth, load_state_strict, truncate_head
@@ -91,6 +91,7 @@ def main(args):
     print_args(args)
     model, meta = load_model(args)
     train_images, test_images = labelled_splits(args)
+    warn_if_colour_dropped(train_images, meta["in_channels"], f"DATAPATH {args.datapath}")
     depth = head_depth(model.head)
     remove = depth if args.remove_top_layers is None else args.remove_top_layers
     truncate_head(model.head, remove)  # validates the value before the slow part

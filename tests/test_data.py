@@ -12,7 +12,8 @@ from PIL import Image
 from utils.cli import UserError
 from utils.data import (AUGMENT_STREAM, ORDER_STREAM, EpochBatchSampler, ImageDataset, ImageList,
                         TwoViewDataset, compute_mean_std, dataset_statistics, derive_seed,
-                        detect_channels, find_split, load_image, scan_image_folder)
+                        detect_channels, find_split, load_image, scan_image_folder,
+                        warn_if_colour_dropped)
 
 
 def write_png(path, array, mode=None):
@@ -196,6 +197,33 @@ def test_detect_channels(tmp_path):
     colour = write_png(tmp_path / "c.png", rgb(9))
     assert detect_channels(ImageList(grays + [colour])) == 3
     assert detect_channels(ImageList([colour] + grays)) == 3
+
+
+def test_warn_if_colour_dropped(tmp_path, capsys):
+    """A grayscale (1-channel) model given colour images warns in one line naming the data and
+    the image; grey images, also stored as RGB PNG or JPEG, or a 3-channel model, do not;
+    colour arrays whose channels are equal count as grey. The sample spreads over the list, so
+    a colour image at the end is seen."""
+    grays = [write_png(tmp_path / f"g{i}.png", gray(i)) for i in range(198)]
+    grey_rgb = np.repeat(gray(5, (32, 32))[..., None], 3, axis=-1)
+    grays.append(write_png(tmp_path / "grey_rgb.png", grey_rgb, mode="RGB"))
+    Image.fromarray(grey_rgb, mode="RGB").save(tmp_path / "grey.jpg", quality=75)
+    grays.append(str(tmp_path / "grey.jpg"))
+    colour = write_png(tmp_path / "c.png", rgb(9))
+    assert warn_if_colour_dropped(ImageList(grays + [colour]), 1, "DATAPATH d") is True
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith("warning: DATAPATH d has colour images")
+    assert colour in err
+    assert warn_if_colour_dropped(ImageList(grays[-2:]), 1, "d") is False  # RGB PNG, JPEG
+    for images, channels in ((ImageList(grays), 1), (ImageList(grays + [colour]), 3),
+                             (ImageList([], []), 1)):
+        assert warn_if_colour_dropped(images, channels, "d") is False
+    same = np.repeat(gray(0, (5, 8, 8))[..., None], 3, axis=-1)
+    assert warn_if_colour_dropped(ImageList(["a"] * 5, pixels=same), 1, "d") is False
+    distinct = same.copy()
+    distinct[-1, 0, 0] = [0, 128, 255]
+    assert warn_if_colour_dropped(ImageList(["a"] * 5, pixels=distinct), 1, "d") is True
+    assert capsys.readouterr().err.count("\n") == 1
 
 
 # --- statistics -----------------------------------------------------------------------------

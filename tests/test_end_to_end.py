@@ -61,6 +61,7 @@ def test_linear_evaluation_reports(pretrained, tiny_folder, tmp_path):
                         os.path.join(respath, "model", "model.pth"), out, "-bs", "7", "-nw", "0",
                         "--remove_top_layers", "1", "--sweep")
     assert result.returncode == 0, result.stderr
+    assert "colour" not in result.stderr
     for name in ("T-shirt_top", "Trouser", "Pullover", "precision", "macro avg"):
         assert name in result.stdout
     report = json.load(open(os.path.join(out, "report.json")))
@@ -82,6 +83,25 @@ def test_linear_evaluation_reports(pretrained, tiny_folder, tmp_path):
                          "--remove_top_layers", "1")
     assert result2.returncode == 0, result2.stderr
     assert json.load(open(os.path.join(out2, "report.json")))["accuracy"] == report["accuracy"]
+
+
+def test_colour_images_for_a_grayscale_model_warn_once(pretrained, tiny_folder, tmp_path):
+    """The grayscale model on a colour copy of its data (R = x, G = 255 - x, B = x / 2): one
+    warning line naming the data, and the evaluation runs on the images converted to grey."""
+    respath, _ = pretrained
+    colour = tmp_path / "colour"
+    for root, _, files in os.walk(tiny_folder):
+        for name in files:
+            x = np.asarray(Image.open(os.path.join(root, name)).convert("L"))
+            target = colour / os.path.relpath(os.path.join(root, name), tiny_folder)
+            target.parent.mkdir(parents=True, exist_ok=True)
+            Image.fromarray(np.stack([x, 255 - x, x // 2], axis=-1), mode="RGB").save(target)
+    result = run_script("linear_evaluation.py", colour,
+                        os.path.join(respath, "model", "model.pth"), tmp_path / "le", "-nw", "0")
+    assert result.returncode == 0, result.stderr
+    warnings = [line for line in result.stderr.splitlines() if "colour images" in line]
+    assert len(warnings) == 1 and str(colour) in warnings[0] and "grayscale" in warnings[0]
+    assert json.load(open(tmp_path / "le" / "report.json"))["n_test"] == 18
 
 
 def test_running_again_resumes_and_extends(pretrained, tmp_path):

@@ -197,6 +197,36 @@ def detect_channels(images):
     return 1
 
 
+# Mean per-pixel channel spread (max - min of R, G, B, in 0-255) above which an image is colour:
+# grey content stored as RGB, JPEG included, stays well below it.
+COLOUR_SPREAD = 2.0
+
+
+def warn_if_colour_dropped(images, model_channels, what, sample_size=64):
+    """One warning line when a model of `model_channels` = 1 (pretrained on grayscale) is given
+    colour images: every script converts images to the model's channels, which here discards
+    the colour. Looks at up to `sample_size` images spread evenly over the ImageList `images`
+    (`what` names them, e.g. 'DATAPATH train'); an image is colour when the mean over its pixels
+    of max(R, G, B) - min(R, G, B) exceeds COLOUR_SPREAD, so grey images stored as RGB do not
+    count. Grey images for a 3-channel model are replicated and need no warning. Returns
+    whether it warned."""
+    if model_channels != 1 or len(images) == 0:
+        return False
+    picks = np.unique(np.linspace(0, len(images) - 1, min(sample_size, len(images))).astype(int))
+    sample = images.subset(picks)
+    for index in range(len(sample)):
+        try:
+            rgb = np.asarray(sample.load(index, 3), dtype=np.int16)
+        except (OSError, ValueError):  # an unreadable file: the loaders report it by name
+            continue
+        if (rgb.max(axis=-1) - rgb.min(axis=-1)).mean() > COLOUR_SPREAD:
+            warn(f"{what} has colour images (e.g. {sample.paths[index]}) but the model was "
+                 f"pretrained on grayscale (1 channel): they are converted to grayscale; "
+                 f"pretrain on colour images for a colour model")
+            return True
+    return False
+
+
 def stats_sample(images, seed):
     """Up to STATS_MAX_IMAGES of `images` chosen reproducibly, for channel and mean/std
     estimates (an ImageList)."""
