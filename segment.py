@@ -38,7 +38,8 @@ from utils.checkpoint import (atomic_write_bytes, load_checkpoint, load_pretrain
                               save_checkpoint, set_rng_state)
 from utils.cli import (UserError, add_data_loading_args, ensure_writable_dir, json_dump,
                        print_args, run_main, select_device)
-from utils.data import EpochBatchSampler, ImageList, dataset_statistics, make_loader
+from utils.data import (EpochBatchSampler, ImageList, dataset_statistics, make_loader,
+                        warn_if_colour_dropped)
 from utils.model import FEATURE_DIMS, encoder_state, load_state_strict, resolve_stem
 from utils.segmentation import (DECODERS, IGNORE_INDEX, JointTransform, SegmentationDataset,
                                 build_segmentation_net, check_class_indices, confusion_matrix,
@@ -211,6 +212,8 @@ def model_setup(args, train_pairs):
         state, meta = load_pretrained(args.modelpath)
         meta = {k: meta[k] for k in ("arch", "stem", "in_channels", "mean", "std")} | {
             "image_size": args.image_size or meta["image_size"]}
+        warn_if_colour_dropped(ImageList(train_pairs.images), meta["in_channels"],
+                               f"TRAIN_LIST {args.train_list}")
         return meta, None if args.baseline else encoder_state(state)
     stats = dataset_statistics(ImageList(train_pairs.images),
                                os.path.join(args.respath, "data_stats.json"), args.seed)
