@@ -45,11 +45,12 @@ import torch.nn.functional as F
 from PIL import Image
 from torch.utils.flop_counter import FlopCounterMode
 
+from utils.fileio import json_dump
+from utils.errors import UserError, warn
 from simclr import (History, MixedPrecision, build_optimizer, forward_backward, resolve_amp,
                     scaled_learning_rate, train_one_epoch)
 from utils.checkpoint import unwrap_model
-from utils.cli import (UserError, ensure_writable_dir, environment_info, json_dump, run_main,
-                       warn)
+from utils.cli import ensure_writable_dir, environment_info, run_main
 from utils.data import (EpochBatchSampler, InMemoryBatches, TwoViewDataset, dataset_statistics,
                         decode_images, find_split, make_loader)
 from utils.gpu_augment import BatchSimCLRAugmentation, DeviceTwoViews

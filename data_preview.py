@@ -18,8 +18,9 @@ import os
 
 import numpy as np
 
-from utils.cli import (UserError, add_augmentation_args, add_data_source_args,
-                       check_augmentation_args, run_main, warn)
+from utils.errors import UserError, warn
+from utils.cli import (add_augmentation_args, add_data_source_args, check_augmentation_args,
+                       run_main)
 
 STATS_SAMPLE = 500  # images used for channels, size, mean and std
 CELL_INCHES = 2.0   # each image cell is CELL_INCHES x CELL_INCHES

@@ -35,12 +35,13 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from utils.checkpoint import atomic_write_bytes, fsync_folder, load_pretrained
-from utils.cli import (UserError, add_data_loading_args, add_data_source_args,
-                       add_labelled_data_and_model_args, ensure_writable_dir, print_args,
-                       run_main, select_device)
+from utils.errors import UserError
+from utils.fileio import atomic_write_bytes, fsync_folder
+from utils.cli import (add_data_loading_args, add_data_source_args,
+                       add_labelled_data_and_model_args, ensure_writable_dir, print_args, run_main,
+                       select_device)
 from utils.data import drop_unreadable, make_loader, scan_image_folder, warn_if_colour_dropped
-from utils.model import FEATURE_DIMS, build_model, load_state_strict
+from utils.model import FEATURE_DIMS, load_trained_model
 from utils.sources import SPLITS, has_split, load_split, select_subset
 from utils.transforms import EvalTransform
 
@@ -75,15 +76,6 @@ def output_paths(out):
     """(OUT.npy, OUT.csv) for OUT given with or without .npy."""
     base = out.removesuffix(".npy")
     return base + ".npy", base + ".csv"
-
-
-def load_trained_model(modelpath):
-    """The SimCLR model of a main.py model.pth / checkpoint.pth, strictly loaded, in eval mode,
-    and its metadata (arch, stem, proj_dims, in_channels, image_size, mean, std)."""
-    state_dict, meta = load_pretrained(modelpath)
-    model = build_model(meta["arch"], meta["in_channels"], meta["stem"], meta["proj_dims"])
-    load_state_strict(model, state_dict, modelpath)
-    return model.eval(), meta
 
 
 def image_sets(args):

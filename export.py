@@ -34,10 +34,9 @@ import os
 import torch
 import torchvision
 
-from embed import load_trained_model
-from utils.checkpoint import atomic_torch_save, atomic_write_bytes
+from utils.fileio import atomic_torch_save, atomic_write_bytes
 from utils.cli import ensure_writable_dir, print_args, run_main
-from utils.model import FEATURE_DIMS, build_torchvision_backbone
+from utils.model import FEATURE_DIMS, build_torchvision_backbone, load_trained_model
 
 TOLERANCE = 1e-5
 CHECK_BATCH = 4

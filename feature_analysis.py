@@ -26,14 +26,16 @@ import os
 import numpy as np
 import torch
 
-from linear_evaluation import labelled_splits, load_model
-from utils.checkpoint import atomic_write_bytes
-from utils.cli import (UserError, add_data_loading_args, add_data_source_args,
-                       add_labelled_data_and_model_args, ensure_writable_dir, json_dump,
-                       print_args, run_main, select_device, warn)
+from utils.errors import UserError, warn
+from utils.fileio import atomic_write_bytes, json_dump
+from utils.cli import (add_data_loading_args, add_data_source_args,
+                       add_labelled_data_and_model_args, ensure_writable_dir, print_args, run_main,
+                       select_device)
 from utils.data import ImageDataset, derive_seed, make_loader, warn_if_colour_dropped
 from utils.knn import cosine_neighbours, knn_accuracy
 from utils.linear_probe import extract_features
+from utils.model import load_trained_model
+from utils.sources import labelled_train_test
 from utils.plotfuncs import plot_class_scatter, plot_retrieval_grid, plot_tsne_sweep
 from utils.transforms import EvalTransform, denormalize
 
@@ -70,8 +72,6 @@ def get_args_parser():
                        help="t-SNE only: embed at most N images of each split, a random subset "
                             "chosen by --seed (t-SNE time grows fast with N); PCA, kNN and "
                             "retrieval always use every image")
-    # linear_evaluation.load_model reads args.reference; this script analyses the trained weights
-    parser.set_defaults(reference=None)
     return parser
 
 
@@ -245,8 +245,8 @@ def main(args):
     device, n_gpus = select_device(args.cuda, args.multiple_gpus)
     ensure_writable_dir(args.outdir, "OUTDIR")
     print_args(args)
-    model, meta = load_model(args)
-    train_images, test_images = labelled_splits(args)
+    model, meta = load_trained_model(args.modelpath)
+    train_images, test_images = labelled_train_test(args)
     warn_if_colour_dropped(train_images, meta["in_channels"], f"DATAPATH {args.datapath}")
     check_split_sizes(len(train_images), len(test_images), args)
     classes = train_images.classes

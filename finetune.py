@@ -27,12 +27,13 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
+from utils.errors import UserError
+from utils.fileio import atomic_torch_save, json_dump
 from simclr import build_optimizer, scaled_learning_rate
-from utils.checkpoint import (atomic_torch_save, load_checkpoint, load_pretrained,
-                              rng_state, save_checkpoint, set_rng_state, unwrap_model)
-from utils.cli import (UserError, add_data_loading_args, add_data_source_args,
-                       ensure_writable_dir, environment_info, json_dump, print_args, run_main,
-                       select_device)
+from utils.checkpoint import (load_checkpoint, load_pretrained, rng_state, save_checkpoint,
+                              set_rng_state, unwrap_model)
+from utils.cli import (add_data_loading_args, add_data_source_args, ensure_writable_dir,
+                       environment_info, print_args, run_main, select_device)
 from utils.data import (EpochBatchSampler, ImageDataset, LabelledViewDataset, dataset_statistics,
                         make_loader, warn_if_colour_dropped)
 from utils.metrics import write_classification_report

@@ -27,8 +27,9 @@ import time
 
 import numpy as np
 
-from utils.checkpoint import atomic_write_bytes
-from utils.cli import (UserError, add_data_loading_args, add_data_source_args,
+from utils.errors import UserError
+from utils.fileio import atomic_write_bytes
+from utils.cli import (add_data_loading_args, add_data_source_args,
                        add_labelled_data_and_model_args, ensure_writable_dir, run_main)
 from utils.plotfuncs import plot_label_efficiency
 from utils.training import GracefulStop

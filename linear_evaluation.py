@@ -13,14 +13,15 @@ import argparse
 import os
 
 import torch
-from utils.checkpoint import atomic_torch_save, load_pretrained
-from utils.cli import (UserError, add_data_loading_args, add_data_source_args,
-                       add_labelled_data_and_model_args, ensure_writable_dir, print_args,
-                       run_main, select_device)
+from utils.errors import UserError
+from utils.fileio import atomic_torch_save
+from utils.cli import (add_data_loading_args, add_data_source_args,
+                       add_labelled_data_and_model_args, ensure_writable_dir, print_args, run_main,
+                       select_device)
 from utils.data import ImageDataset, make_loader, warn_if_colour_dropped
-from utils.sources import load_split, select_subset
+from utils.sources import labelled_train_test
 from utils.linear_probe import LinearProbe, extract_features
-from utils.model import build_model, head_depth, load_state_strict, truncate_head
+from utils.model import head_depth, load_trained_model, truncate_head
 from utils.metrics import write_classification_report
 from utils.plotfuncs import plot_accuracy_vs_layer
 from utils.transforms import EvalTransform
@@ -57,28 +58,6 @@ class Flatten(torch.nn.Module):
         return x.flatten(1)
 
 
-def load_model(args):
-    """The pretrained SimCLR model (or the requested reference) and its metadata."""
-    state_dict, meta = load_pretrained(args.modelpath)
-    torch.manual_seed(args.seed)
-    model = build_model(meta["arch"], meta["in_channels"], meta["stem"], meta["proj_dims"])
-    if args.reference is None:
-        load_state_strict(model, state_dict, args.modelpath)
-    return model, meta
-
-
-def labelled_splits(args):
-    """(train ImageList, test ImageList) with the same classes; the train split reduced by
-    --samples / --samples-per-class."""
-    train = load_split(args.datapath, "train", True, args)
-    test = load_split(args.datapath, "test", True, args)
-    if train.classes != test.classes:
-        raise UserError(f"the train and test splits of {args.datapath} have different classes "
-                        f"({len(train.classes)} vs {len(test.classes)}); they must match")
-    return select_subset(train, args.samples, args.samples_per_class, args.seed,
-                         args.label_fraction), test
-
-
 def probe_accuracy(train_x, train_y, test_x, test_y, n_classes, args):
     probe = LinearProbe(n_classes, args.weight_decay, args.epochs).fit(train_x, train_y)
     pred = probe.predict(test_x)
@@ -89,8 +68,8 @@ def main(args):
     device, n_gpus = select_device(args.cuda, args.multiple_gpus)
     ensure_writable_dir(args.respath)
     print_args(args)
-    model, meta = load_model(args)
-    train_images, test_images = labelled_splits(args)
+    model, meta = load_trained_model(args.modelpath, args.reference is not None, args.seed)
+    train_images, test_images = labelled_train_test(args)
     warn_if_colour_dropped(train_images, meta["in_channels"], f"DATAPATH {args.datapath}")
     depth = head_depth(model.head)
     remove = depth if args.remove_top_layers is None else args.remove_top_layers

@@ -33,11 +33,13 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm import tqdm
 
+from utils.errors import UserError
+from utils.fileio import atomic_write_bytes, json_dump
 from simclr import build_optimizer
-from utils.checkpoint import (atomic_write_bytes, load_checkpoint, load_pretrained, rng_state,
-                              save_checkpoint, set_rng_state)
-from utils.cli import (UserError, add_data_loading_args, ensure_writable_dir, json_dump,
-                       print_args, run_main, select_device)
+from utils.checkpoint import (load_checkpoint, load_pretrained, rng_state, save_checkpoint,
+                              set_rng_state)
+from utils.cli import (add_data_loading_args, ensure_writable_dir, print_args, run_main,
+                       select_device)
 from utils.data import (EpochBatchSampler, ImageList, dataset_statistics, make_loader,
                         warn_if_colour_dropped)
 from utils.model import FEATURE_DIMS, encoder_state, load_state_strict, resolve_stem

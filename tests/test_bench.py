@@ -10,8 +10,8 @@ from torch import nn
 
 import bench
 from conftest import run_script
+from utils.errors import UserError
 from simclr import FLOAT32, build_optimizer
-from utils.cli import UserError
 from utils.model import SimCLRModel
 from utils.ntxent import NTXentLoss
 

@@ -9,7 +9,7 @@ import pytest
 import torch
 from PIL import Image
 
-from utils.cli import UserError
+from utils.errors import UserError
 from utils.data import (AUGMENT_STREAM, ORDER_STREAM, EpochBatchSampler, ImageDataset, ImageList,
                         TwoViewDataset, compute_mean_std, dataset_statistics, derive_seed,
                         detect_channels, find_split, load_image, scan_image_folder,

@@ -14,8 +14,8 @@ import torchvision
 from PIL import Image
 
 from conftest import assert_one_line_error, run_script
+from utils.errors import UserError
 from utils.checkpoint import load_pretrained
-from utils.cli import UserError
 from utils.model import build_model, build_torchvision_backbone, load_state_strict
 from utils.transforms import EvalTransform
 

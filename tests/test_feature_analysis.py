@@ -13,8 +13,8 @@ from PIL import Image
 from sklearn.decomposition import PCA
 
 from conftest import assert_knn_accuracy_matches_sklearn, assert_one_line_error, run_script
+from utils.errors import UserError
 from utils.checkpoint import load_pretrained
-from utils.cli import UserError
 from utils.data import ImageDataset, find_split, make_loader
 from utils.knn import knn_accuracy
 from utils.linear_probe import extract_features

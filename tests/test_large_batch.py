@@ -7,10 +7,10 @@ import pytest
 import torch
 from torch import nn
 
-from simclr import build_optimizer, scaled_learning_rate
+from utils.errors import UserError
+from utils.optim import build_optimizer, scaled_learning_rate
 from utils.data import EpochBatchSampler
 from utils.lars import LARS
-from utils.cli import UserError
 
 
 def test_lars_step_worked_out_by_hand():
@@ -75,6 +75,79 @@ def test_lars_on_a_model_matches_a_numpy_loop():
             np.testing.assert_allclose(p.detach().numpy(), weights[name], rtol=1e-10,
                                        atol=1e-12, err_msg=name)
 
+
+def loop_lars_step(groups, buffers):
+    """The per-parameter LARS update of the docstring, one tensor at a time (the reference for
+    the grouped torch._foreach_* step): d = g + wd w, r = eta |w| / |d| if the group adapts and
+    both norms are > 0 else 1, v = m v + lr r d, w = w - v; tensors without grad are skipped.
+    `buffers` maps a parameter to its v (missing: zeros)."""
+    with torch.no_grad():
+        for group in groups:
+            for w in group["params"]:
+                if w.grad is None:
+                    continue
+                d = w.grad + group["weight_decay"] * w
+                ratio = 1.0
+                w_norm, d_norm = torch.linalg.vector_norm(w), torch.linalg.vector_norm(d)
+                if group["lars_adapt"] and w_norm > 0 and d_norm > 0:
+                    ratio = group["eta"] * w_norm / d_norm
+                v = group["momentum"] * buffers.get(w, torch.zeros_like(w)) + group["lr"] * ratio * d
+                buffers[w] = v
+                w.sub_(v)
+
+
+def lars_test_model(dtype):
+    """Linear-BatchNorm-Linear-Linear with the first layer's weight zero-initialised and an
+    extra parameter the forward never uses (it never gets a gradient)."""
+    torch.manual_seed(1)
+    model = nn.Sequential(nn.Linear(6, 5), nn.BatchNorm1d(5), nn.Tanh(), nn.Linear(5, 4),
+                          nn.Linear(4, 3)).to(dtype)
+    with torch.no_grad():
+        model[0].weight.zero_()
+    model.unused = nn.Parameter(torch.ones(2, dtype=dtype))
+    return model
+
+
+def lars_test_groups(model):
+    """Four groups: adapt + decay, adapt without decay (holding the zero tensor), plain momentum
+    SGD, and no adaptation with decay (the unused parameter); each its own lr, m and eta."""
+    return [{"params": [model[3].weight, model[4].weight], "weight_decay": 1e-2, "lr": 0.9,
+             "momentum": 0.9, "eta": 1e-3, "lars_adapt": True},
+            {"params": [model[0].weight, model[4].bias], "weight_decay": 0.0, "lr": 0.5,
+             "momentum": 0.8, "eta": 2e-2, "lars_adapt": True},
+            {"params": [model[0].bias, model[1].weight, model[1].bias], "weight_decay": 0.0,
+             "lr": 0.1, "momentum": 0.9, "eta": 1e-3, "lars_adapt": False},
+            {"params": [model[3].bias, model.unused], "weight_decay": 0.1, "lr": 0.2,
+             "momentum": 0.5, "eta": 1e-3, "lars_adapt": False}]
+
+
+@pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-6), (torch.float64, 1e-12)])
+def test_grouped_lars_matches_the_per_parameter_loop(dtype, tol):
+    """Five steps of LARS and of the per-parameter loop from the same model (adapt or not,
+    weight decay or not, a zero-initialised weight, a parameter without grad), the loop's copy
+    given the model's gradients of each step so that only the updates can differ: parameters
+    and momentum buffers agree to 1e-6 (float32) / 1e-12 (float64); the zero weight moves, the
+    parameter without grad stays and gets no buffer."""
+    model, reference = lars_test_model(dtype), lars_test_model(dtype)
+    opt = LARS(lars_test_groups(model), lr=1.0)
+    ref_groups, ref_buffers = lars_test_groups(reference), {}
+    x = torch.randn(16, 6, dtype=dtype, generator=torch.Generator().manual_seed(2))
+    for _ in range(5):
+        model.zero_grad(set_to_none=True)
+        model(x).sin().sum().backward()
+        for p, q in zip(model.parameters(), reference.parameters()):
+            q.grad = None if p.grad is None else p.grad.clone()
+        opt.step()
+        loop_lars_step(ref_groups, ref_buffers)
+        for (name, p), q in zip(model.named_parameters(), reference.parameters()):
+            torch.testing.assert_close(p, q, atol=tol, rtol=0, msg=name)
+            if q in ref_buffers:
+                torch.testing.assert_close(opt.state[p]["momentum_buffer"], ref_buffers[q],
+                                           atol=tol, rtol=0, msg=name)
+            else:
+                assert "momentum_buffer" not in opt.state[p], name
+    assert model.unused.grad is None and torch.equal(model.unused, torch.ones(2, dtype=dtype))
+    assert model[0].weight.abs().min() > 0  # the zero-initialised weight moved
 
 def test_learning_rate_scaling_rules():
     assert scaled_learning_rate(0.3, 4096, "linear") == pytest.approx(4.8)  # the paper's 4.8

@@ -10,9 +10,10 @@ import torch
 import torchvision
 from torch import nn
 
-from utils.checkpoint import (atomic_torch_save, load_checkpoint, load_pretrained, rng_state,
-                              save_checkpoint, set_rng_state, strip_prefixes, unwrap_model)
-from utils.cli import UserError
+from utils.errors import UserError
+from utils.fileio import atomic_torch_save
+from utils.checkpoint import (load_checkpoint, load_pretrained, rng_state, save_checkpoint,
+                              set_rng_state, strip_prefixes, unwrap_model)
 from utils.model import build_model, build_projection_head, load_state_strict, truncate_head
 
 FEATURES = {"resnet18": 512, "resnet34": 512, "resnet50": 2048}

@@ -17,7 +17,8 @@ from PIL import Image
 from torchvision import transforms as T
 
 from conftest import FAST_PRETRAIN, REPO, assert_one_line_error, run_script
-from utils.cli import UserError, add_augmentation_args
+from utils.errors import UserError
+from utils.cli import add_augmentation_args
 from utils.data import TwoViewDataset, scan_image_folder
 from utils.transforms import (AUGMENTATION_PRESETS, AddGaussianNoise, SimCLRAugmentation,
                               TwoViews)

@@ -14,7 +14,7 @@ from PIL import Image
 
 from conftest import FAST_PRETRAIN, assert_one_line_error, run_script
 from make_demo_data import balanced_subset
-from utils.cli import UserError
+from utils.errors import UserError
 from utils.data import ImageDataset, dataset_statistics, detect_channels
 from utils.sources import load_split, read_path_list, select_subset
 from utils.transforms import EvalTransform

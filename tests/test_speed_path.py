@@ -20,9 +20,9 @@ from torchvision.transforms import functional as TF
 import simclr
 from conftest import run_script
 from main import check_compile_backend, decode_for_device, get_args_parser
+from utils.errors import UserError
 from simclr import History, MixedPrecision, build_optimizer, forward_backward, train_one_epoch
 from test_end_to_end import start_main, wait_for_step
-from utils.cli import UserError
 from utils.data import ImageList, decode_images
 from utils.gpu_augment import BatchSimCLRAugmentation
 from utils.model import build_model

@@ -1,11 +1,24 @@
-"""Checkpoint I/O: the only module that knows file names under RESPATH and how they are written.
+"""Checkpoint I/O: the only module that knows file names under RESPATH, how they are written and
+the checkpoint layout.
 
-Every file is written to a temporary file in the same folder, fsynced and renamed over the
-target, so a kill at any moment leaves either the old or the new file, never half of one.
-A checkpoint is one dict of tensors, numbers, strings, lists and dicts, so it loads with
-`torch.load(weights_only=True)`.
+Every file is written atomically (utils/fileio.py). A checkpoint is one dict of tensors,
+numbers, strings, lists and dicts, so it loads with `torch.load(weights_only=True)`. One layout
+(format 2) for every training script (main, finetune, segment), written by utils/engine.py:
+    kind, format_version, script      what wrote it
+    model, optimizer, scaler          plain state dicts (no wrapper prefixes); scaler None
+                                      without fp16 loss scaling
+    step, epoch, steps_per_epoch      the position: step global steps done
+    history                           {"series": {name: (step,) float64}, "evaluations":
+                                      [{"epoch": e, metric: value, ...}]}
+    best                              {"epoch": e, metric: value} of best.pth, or None
+    schedule                          the learning-rate schedule's parameters
+    model_meta                        what rebuilding the model needs (arch, stem, ...)
+    args                              the command's arguments
+    extra                             script-specific entries (data description, classes)
+    rng                               python, numpy, torch CPU and the training GPU's states
+best.pth holds the same entries without optimizer, scaler and rng. Checkpoints of format 1 (the
+per-script layouts before the engine) are upgraded on load (`upgrade_format_1`).
 """
-import io
 import json
 import os
 import random
@@ -14,9 +27,10 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from utils.cli import UserError
+from utils.errors import UserError
+from utils.fileio import atomic_torch_save
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
 KIND = "simclr-toolkit-checkpoint"
 
 
@@ -62,54 +76,6 @@ class RunPaths:
         return os.path.join(self.root, "data_stats.json")
 
 
-def atomic_write_bytes(path, data):
-    """Write `data` to `path` through a fsynced temporary file and os.replace.
-
-    The temporary name is fixed per target (one writer per RESPATH), so a temporary file left
-    by a process killed mid-write is overwritten and consumed by the next save of that file.
-    """
-    folder = os.path.dirname(os.path.abspath(path))
-    os.makedirs(folder, exist_ok=True)
-    tmp = os.path.join(folder, f".{os.path.basename(path)}.tmp")
-    try:
-        with open(tmp, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-    fsync_folder(folder)
-
-
-def fsync_folder(folder):
-    """fsync `folder` itself, which makes a rename inside it durable (ignored where the file
-    system does not allow it)."""
-    try:
-        fd = os.open(folder, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-    except OSError:
-        pass
-
-
-def atomic_torch_save(obj, path):
-    """torch.save `obj` to `path` atomically."""
-    buffer = io.BytesIO()
-    torch.save(obj, buffer)
-    atomic_write_bytes(path, buffer.getvalue())
-
-
-def atomic_savez(path, **arrays):
-    """np.savez `arrays` to `path` atomically."""
-    buffer = io.BytesIO()
-    np.savez(buffer, **arrays)
-    atomic_write_bytes(path, buffer.getvalue())
-
-
 def unwrap_model(model):
     """The plain module inside DataParallel / DistributedDataParallel / torch.compile wrappers."""
     while True:
@@ -131,8 +97,9 @@ def strip_prefixes(state_dict):
     return out
 
 
-def rng_state():
-    """The python, numpy and torch RNG states as weights_only-loadable values."""
+def rng_state(device=None):
+    """The python, numpy and torch RNG states as weights_only-loadable values, with the CUDA
+    state of the training `device` only (a checkpoint then resumes on any GPU count)."""
     np_state = np.random.get_state()
     py_version, py_words, py_gauss = random.getstate()
     state = {"python": list(py_words) + [py_gauss or 0.0], "python_version": py_version,
@@ -140,13 +107,25 @@ def rng_state():
                        "pos": int(np_state[2]), "has_gauss": int(np_state[3]),
                        "cached_gaussian": float(np_state[4])},
              "torch": torch.get_rng_state()}
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state_all()
+    if device is not None and device.type == "cuda":
+        state["cuda"] = torch.cuda.get_rng_state(device)
     return state
 
 
-def set_rng_state(state):
-    """Restore what `rng_state` returned."""
+def training_device_cuda_state(saved):
+    """The CUDA RNG state to restore on the training device from a checkpoint's "cuda" entry:
+    the entry itself (one ByteTensor, format 2), or from the list of every GPU's state that
+    format 1 saved (get_rng_state_all of the writer, whose training device was GPU 0) its
+    first, whatever the number of GPUs here. None when there is none."""
+    if saved is None:
+        return None
+    if isinstance(saved, (list, tuple)):
+        return saved[0] if len(saved) else None
+    return saved
+
+
+def set_rng_state(state, device=None):
+    """Restore what `rng_state` returned; the CUDA state goes to the training `device`."""
     py = state["python"]
     random.setstate((state["python_version"], tuple(int(v) for v in py[:-1]),
                      py[-1] if py[-1] else None))
@@ -154,13 +133,24 @@ def set_rng_state(state):
     np.random.set_state(("MT19937", np_s["keys"].numpy().astype(np.uint32), np_s["pos"],
                          np_s["has_gauss"], np_s["cached_gaussian"]))
     torch.set_rng_state(state["torch"])
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
+    cuda_state = training_device_cuda_state(state.get("cuda"))
+    if cuda_state is not None and device is not None and device.type == "cuda":
+        torch.cuda.set_rng_state(cuda_state, device)
 
 
 def save_checkpoint(state, path):
-    """Write the run-state dict (see simclr.py) with the format tag, atomically."""
+    """Write a checkpoint dict (utils/engine.py Trainer.checkpoint_state) with the format tag,
+    atomically."""
     atomic_torch_save({"kind": KIND, "format_version": FORMAT_VERSION, **state}, path)
+
+
+RUN_STATE_ONLY = ("optimizer", "scaler", "rng")
+
+
+def save_best(state, path):
+    """best.pth: the checkpoint `state` without what only resuming needs (optimizer, loss
+    scale, RNG), atomically."""
+    save_checkpoint({k: v for k, v in state.items() if k not in RUN_STATE_ONLY}, path)
 
 
 def _torch_load(path):
@@ -192,7 +182,59 @@ def load_checkpoint(path, script="main"):
     if written_by != script:
         raise UserError(f"{path} is a checkpoint of {written_by}.py, not of {script}.py; give "
                         f"the file {script}.py wrote (or another output folder)")
-    return ckpt
+    return upgrade_format_1(ckpt) if ckpt.get("format_version", 1) == 1 else ckpt
+
+
+def load_best(path, script):
+    """The best.pth of a finetune/segment run (format 2, or as the code before the engine
+    wrote it): a dict with "model", "model_meta" and "best" ({"epoch": e, metric: value})."""
+    obj = _torch_load(path)
+    if isinstance(obj, dict) and obj.get("kind") != KIND and obj.get("script") == "finetune":
+        return {"model": obj["model"], "model_meta": obj["model_meta"],  # finetune, format 1
+                "best": {"epoch": obj["epoch"], "val_accuracy": obj["val_accuracy"]}}
+    return load_checkpoint(path, script)
+
+
+def _float_series(values):
+    return torch.as_tensor(values, dtype=torch.float64).reshape(-1)
+
+
+def upgrade_format_1(ckpt):
+    """A checkpoint (or best.pth) in the layout each script wrote before the engine, in the
+    format-2 layout (module docstring): every entry the resume needs keeps its value."""
+    script = ckpt.get("script", "main")
+    new = {k: ckpt[k] for k in ("kind", "model", "model_meta", "args", "optimizer", "scaler",
+                                "rng", "epoch", "step") if k in ckpt}
+    new.update(format_version=FORMAT_VERSION, script=script, best=None, extra={},
+               schedule=ckpt.get("scheduler"))
+    series, evaluations = {}, []
+    if script == "main":
+        losses = ckpt["losses"]
+        series = {"loss": _float_series(losses["step_losses"]),
+                  "positive_pair_top1": _float_series(losses["step_top1"])}
+        evaluations = [{"epoch": int(e), "knn_accuracy": float(a)}
+                       for e, a in losses.get("knn", torch.zeros(0, 2)).tolist()]
+        new["extra"] = {"data": ckpt["data"]}
+    elif script == "finetune":
+        series = {"loss": _float_series(ckpt["losses"]["step_losses"])}
+        evaluations = [{"epoch": e + 1, "val_accuracy": float(v)} for e, v in
+                       enumerate(ckpt["losses"]["val_accuracy"].tolist()) if v == v]
+        new["best"] = {"epoch": ckpt["best"]["epoch"],
+                       "val_accuracy": ckpt["best"]["val_accuracy"]}
+        new["extra"] = {"classes": ckpt["classes"]}
+    elif script == "segment":
+        history = ckpt.get("history", {"step_losses": [], "val": torch.zeros(0, 3)})
+        series = {"loss": _float_series(history["step_losses"])}
+        evaluations = [{"epoch": int(e), "miou": m, "pixel_accuracy": a}
+                       for e, m, a in history["val"].tolist()]
+        best = {"epoch": ckpt["best_epoch"]}
+        if ckpt["best_val_miou"] == ckpt["best_val_miou"] and ckpt["best_val_miou"] >= 0:
+            best["miou"] = ckpt["best_val_miou"]
+        new["best"] = best if ckpt["best_epoch"] else None
+        new["extra"] = {k: ckpt[k] for k in ("classes", "num_classes", "n_train", "decoder")}
+    new["history"] = {"series": series, "evaluations": evaluations}
+    new.setdefault("step", len(series.get("loss", ())))
+    return new
 
 
 def model_metadata(ckpt):

@@ -1,31 +1,25 @@
-"""Command-line plumbing shared by every script: the user-error type, the wrapper that turns it
-into a one-line message, argument groups, device selection and small output helpers."""
-import json
+"""Command-line plumbing shared by every script: the wrapper that turns a UserError into a
+one-line message, argument groups, device selection and run descriptions."""
 import os
 import subprocess
 import sys
 import platform
 
-
-class UserError(Exception):
-    """A problem with what the user gave us (paths, data, flags, checkpoints).
-
-    Raised where the problem is found, with the fix in the message; `run_main` prints it as one
-    line and exits with status 2. Anything else is a bug and keeps its traceback.
-    `all_ranks=True` marks an error every process of a torchrun job raises alike: only rank 0
-    prints it.
-    """
-
-    def __init__(self, message, all_ranks=False):
-        super().__init__(message)
-        self.all_ranks = all_ranks
+from utils.errors import UserError, warn
+from utils.launch import launch_workers, wants_launch
 
 
 def run_main(main, parser):
-    """Parse the command line with `parser`, call `main(args)`, and print UserError as one line."""
+    """Parse the command line with `parser`, call `main(args)`, and print UserError as one line.
+    With --multiple_gpus / --nproc (scripts that train with the engine), start the worker
+    processes instead, each of which runs `main` (utils/launch.py)."""
     args = parser.parse_args()
     try:
-        status = main(args)
+        status = None
+        if wants_launch(args):
+            status = launch_workers(args, sys.argv[0], sys.argv[1:])
+        if status is None:
+            status = main(args)
     except UserError as err:
         rank = int(os.environ.get("RANK", "0"))
         if rank == 0 or not err.all_ranks:
@@ -33,11 +27,6 @@ def run_main(main, parser):
             print(f"error: {where}{err}", file=sys.stderr, flush=True)
         sys.exit(2)
     sys.exit(status or 0)
-
-
-def warn(message):
-    """Print a one-line warning to stderr."""
-    print(f"warning: {message}", file=sys.stderr, flush=True)
 
 
 def non_negative_int(text):
@@ -50,8 +39,10 @@ def non_negative_int(text):
     return value
 
 
-def add_data_loading_args(parser, batch_size):
-    """Flags every script that reads images shares: batch size, workers, device, seed."""
+def add_data_loading_args(parser, batch_size, multiple_gpus_help=None):
+    """Flags every script that reads images shares: batch size, workers, device, seed.
+    `multiple_gpus_help` describes --multiple_gpus for a script that does not train with the
+    engine (no --nproc there); training scripts keep the default (worker processes)."""
     group = parser.add_argument_group("data loading and device")
     group.add_argument("-bs", "--batch-size", "--batch_size", dest="batch_size", type=int,
                        default=batch_size,
@@ -63,8 +54,14 @@ def add_data_loading_args(parser, batch_size):
                        help="run on the GPU; stops with an error when no CUDA device is present")
     group.add_argument("--multiple_gpus", "--multiple-gpus", dest="multiple_gpus",
                        action="store_true",
-                       help="with -c, split each batch over all visible GPUs (nn.DataParallel); "
-                            "for several machines or best scaling use torchrun (see README)")
+                       help=multiple_gpus_help or
+                       "with -c, one process per visible GPU (DistributedDataParallel, the "
+                       "same processes torchrun starts; -bs stays the global batch); for "
+                       "several machines use torchrun (see README)")
+    if multiple_gpus_help is None:
+        group.add_argument("--nproc", type=int, default=None, metavar="K",
+                           help="--multiple_gpus with K processes: K of the visible GPUs with "
+                                "-c, else K CPU processes (gloo)")
     group.add_argument("--seed", type=non_negative_int, default=0,
                        help="seed for initialisation, data order, augmentation and subsets")
     return group
@@ -165,26 +162,68 @@ def check_augmentation_args(args):
         raise UserError(f"--image-size {args.image_size} must be at least 1 px, e.g. 32")
 
 
-def select_device(cuda, multiple_gpus):
-    """Return (device, n_gpus_to_use) for the flags -c and --multiple_gpus.
-
-    Raises UserError for -c without CUDA; --multiple_gpus with fewer than 2 GPUs warns and
-    continues on one device.
-    """
+def select_device(cuda):
+    """The device of the flag -c: cuda (UserError without CUDA) or cpu."""
     import torch
 
-    if multiple_gpus and not cuda:
-        raise UserError("--multiple_gpus needs -c (CUDA); add -c, or drop --multiple_gpus to "
-                        "run on the CPU")
     if not cuda:
-        return torch.device("cpu"), 0
+        return torch.device("cpu")
     if not torch.cuda.is_available():
         raise UserError("-c asks for CUDA but no CUDA device is available; run without -c to use "
                         "the CPU")
-    n = torch.cuda.device_count()
-    if multiple_gpus and n < 2:
-        warn(f"--multiple_gpus: only {n} GPU visible, running on one GPU")
-    return torch.device("cuda"), (n if multiple_gpus else 1)
+    return torch.device("cuda")
+
+
+def note_one_device(args, what):
+    """The note of a script without worker processes that was given --multiple_gpus."""
+    if getattr(args, "multiple_gpus", False):
+        print(f"note: --multiple_gpus: {what} runs on one device (it is a small share of the "
+              f"time next to training; the training scripts use every GPU)", flush=True)
+
+
+def add_training_args(parser):
+    """The flags of the training engine (utils/engine.py), the same in every training script:
+    precision, compilation, memory format, logging window, checkpoint cadence, TensorBoard and
+    global-batch BatchNorm."""
+    import argparse
+
+    group = parser.add_argument_group("training engine")
+    group.add_argument("--amp", choices=("auto", "off", "bf16", "fp16"), default="auto",
+                       help="mixed precision of the forward pass (the loss stays float32): auto "
+                            "= bf16 on GPUs with native bf16, off on the CPU (no fast bf16 "
+                            "here); fp16 adds loss scaling (GradScaler)")
+    group.add_argument("--compile", metavar="BACKEND", nargs="?", const="inductor",
+                       default=None,
+                       help="torch.compile the model (backend inductor unless named; the first "
+                            "steps then take longer; checkpoints keep plain keys)")
+    group.add_argument("--channels-last", action=argparse.BooleanOptionalAction, default=True,
+                       help="channels-last memory format (about 1.4x faster on CPU here)")
+    group.add_argument("--log-every", type=int, default=10, metavar="N",
+                       help="bring the losses to the host (and decide on stopping and "
+                            "checkpoints) every N steps and at epoch ends; the steps in between "
+                            "run without waiting for the device")
+    group.add_argument("--checkpoint-minutes", type=float, default=10.0,
+                       help="also checkpoint mid-epoch every this many minutes (0: epoch ends "
+                            "only)")
+    group.add_argument("--tensorboard", action="store_true",
+                       help="log to RESPATH/tensorboard: per-step loss, lr and the script's "
+                            "other values, evaluations, and the script's own views "
+                            "(optional dependency: pip install tensorboard)")
+    group.add_argument("--sync-bn", action=argparse.BooleanOptionalAction, default=True,
+                       help="with several processes, BatchNorm statistics over the global batch "
+                            "(SyncBatchNorm); --no-sync-bn keeps them per process")
+    return group
+
+
+def check_training_args(args):
+    """UserError naming the flag for engine settings no run can use."""
+    if args.log_every < 1:
+        raise UserError(f"--log-every {args.log_every} must be at least 1 step, e.g. 10")
+    if args.checkpoint_minutes < 0:
+        raise UserError(f"--checkpoint-minutes {args.checkpoint_minutes} must be >= 0 (0: at "
+                        f"epoch ends only)")
+    if args.epochs < 1:
+        raise UserError(f"--epochs {args.epochs} must be at least 1")
 
 
 def ensure_writable_dir(path, what="RESPATH"):
@@ -229,10 +268,3 @@ def environment_info(device):
 def print_args(args):
     """Print every argument, one per line, at the start of a run."""
     print(" ".join(f"{k}={v}" for k, v in sorted(vars(args).items())), flush=True)
-
-
-def json_dump(obj, path):
-    """Write `obj` as indented JSON atomically."""
-    from utils.checkpoint import atomic_write_bytes
-
-    atomic_write_bytes(path, (json.dumps(obj, indent=2, sort_keys=True) + "\n").encode())

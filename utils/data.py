@@ -14,8 +14,8 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 from PIL import Image, UnidentifiedImageError
+from utils.errors import UserError, warn
 
-from utils.cli import UserError, warn
 
 IMG_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp", ".gif", ".ppm",
                   ".pgm", ".pbm")
@@ -290,7 +290,7 @@ def dataset_statistics(images, cache_path, seed):
     mean, std = compute_mean_std(sample, channels)
     stats = {"channels": channels, "native_size": native_image_size(sample),
              "mean": mean, "std": std, "n_images_used": len(sample)}
-    from utils.cli import json_dump
+    from utils.fileio import json_dump
     json_dump({"key": key, "stats": stats}, cache_path)
     return stats
 

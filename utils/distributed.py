@@ -1,5 +1,5 @@
-"""Multi-process training through torch.distributed, launched by torchrun. The only module that
-imports torch.distributed; every function also works in a plain single process (no group).
+"""Multi-process training through torch.distributed, launched by torchrun or by --multiple_gpus
+(utils/launch.py). Every function also works in a plain single process (no group).
 
     torchrun --nproc_per_node=K main.py DATAPATH RESPATH ...                       # one machine
     torchrun --nnodes=M --node_rank=i --nproc_per_node=K \\
@@ -25,22 +25,22 @@ import torch
 import torch.distributed as dist
 import torch.distributed._functional_collectives as funcol
 from torch import nn
+from utils.errors import UserError
+from utils.launch import launched_by_torchrun
 
-from utils.cli import UserError
-
-
-def launched_by_torchrun():
-    """True when torchrun (or another launcher using its variables) started several processes."""
-    return int(os.environ.get("WORLD_SIZE", "1")) > 1
 
 
 def setup(cuda, timeout_minutes=30):
     """Join the process group described by torchrun's environment; returns the device to use.
 
-    Single process (no WORLD_SIZE > 1): no group, device cuda or cpu. Under torchrun: backend
-    NCCL with `-c` (device cuda:LOCAL_RANK), else gloo on the CPU.
+    Single process (no WORLD_SIZE > 1): no group, device cuda (UserError without CUDA) or cpu.
+    Under torchrun or --multiple_gpus: backend NCCL with `-c` (device cuda:LOCAL_RANK), else
+    gloo on the CPU.
     """
     if not launched_by_torchrun():
+        if cuda and not torch.cuda.is_available():
+            raise UserError("-c asks for CUDA but no CUDA device is available; run without -c "
+                            "to use the CPU")
         return torch.device("cuda" if cuda else "cpu")
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
     if cuda:

@@ -16,7 +16,8 @@ them (same distributions; tests/test_speed_path.py compares them with KS and bin
     RandomGrayscale      with probability p (ITU-R 601 luma, as torchvision)
     GaussianBlur         applied with p; sigma ~ U(0.1, 2), the preset's kernel size, reflect
                          padding
-    RandomEqualize, RandomAdjustSharpness   with probability p (torchvision.transforms.v2)
+    RandomEqualize, RandomAdjustSharpness   with probability p (torchvision.transforms.v2's
+                         equalize; its adjust_sharpness, redone here with a cached kernel)
     AddGaussianNoise     N(0, sigma^2) per pixel on [0, 1], clamped
     Normalize            (x - mean) / std
     RandomErasing        applied with p; up to 10 tries of area ~ U(scale), log ratio ~ U(log
@@ -29,7 +30,9 @@ The steps work on float images in [0, 1] where the per-image pipeline works on 8
 images, so pixel values differ by rounding; crop + flip equal torchvision's tensor
 resized_crop + hflip. A step that only some views take is computed for the whole batch and
 selected per view with torch.where (no host synchronisation); the colour jitter in its
-per-view order costs six blend passes and one hue pass over the batch.
+per-view order costs six blend passes and one hue pass over the batch. Constant tensors (luma
+weights, mean and std, the sharpness kernel) are `DeviceConstant`s, made on the device once, so
+a batch copies nothing from the host.
 """
 import math
 
@@ -41,6 +44,36 @@ from utils.data import DEVICE_AUGMENT_STREAM, derive_seed
 from utils.transforms import AddGaussianNoise, SimCLRAugmentation
 
 LUMA = (0.2989, 0.587, 0.114)  # torchvision's rgb_to_grayscale weights
+SHARPNESS_KERNEL = ((1 / 13, 1 / 13, 1 / 13), (1 / 13, 5 / 13, 1 / 13), (1 / 13, 1 / 13, 1 / 13))
+
+
+class DeviceConstant:
+    """A constant tensor of Python numbers, made on each (device, dtype) once, on first use.
+
+    constant(device, dtype) -> tensor of `shape` holding `values` (as torch.tensor(values,
+    dtype=dtype) would), the same object on every later call with that device and dtype, so the
+    per-batch path copies no constants from the host (on CUDA each copy is a small transfer in
+    the stream). Shared and read-only: callers must not modify it in place.
+    """
+
+    def __init__(self, values, shape):
+        self.values, self.shape = values, tuple(shape)
+        self.made = {}
+
+    def __call__(self, device, dtype):
+        key = (torch.device(device), dtype)
+        tensor = self.made.get(key)
+        if tensor is None:
+            with torch.inference_mode(False):  # usable outside inference_mode later on
+                tensor = torch.tensor(self.values, dtype=dtype, device=device).view(self.shape)
+            if torch.compiler.is_compiling():
+                return tensor  # a traced (fake) tensor must not outlive the trace
+            self.made[key] = tensor
+        return tensor
+
+
+LUMA_WEIGHTS = DeviceConstant(LUMA, (1, 3, 1, 1))
+SHARPNESS_WEIGHTS = DeviceConstant(SHARPNESS_KERNEL, (1, 1, 3, 3))
 
 
 def uniform(shape, low, high, generator):
@@ -58,8 +91,24 @@ def grayscale(x):
     """(B, 1, H, W) luma of (B, 3, H, W) images (the image itself for 1 channel)."""
     if x.shape[1] == 1:
         return x
-    weights = torch.tensor(LUMA, dtype=x.dtype, device=x.device).view(1, 3, 1, 1)
-    return (x * weights).sum(1, keepdim=True)
+    return (x * LUMA_WEIGHTS(x.device, x.dtype)).sum(1, keepdim=True)
+
+
+def adjust_sharpness(x, factor):
+    """(B, C, H, W) float images in [0, 1] sharpened as torchvision.transforms.v2's
+    adjust_sharpness (same operations, same results): the interior pixels blended with the
+    3x3 smoothing [[1, 1, 1], [1, 5, 1], [1, 1, 1]] / 13 as  x + (1 - factor) (smooth - x),
+    the one-pixel border unchanged, clamped to [0, 1]; the kernel is a DeviceConstant where
+    torchvision builds it from a list on every call."""
+    channels, height, width = x.shape[-3:]
+    if x.numel() == 0 or height <= 2 or width <= 2:
+        return x
+    kernel = SHARPNESS_WEIGHTS(x.device, x.dtype).expand(channels, 1, 3, 3)
+    out = x.clone()
+    smooth = F.conv2d(out, kernel, groups=channels)
+    interior = out[..., 1:-1, 1:-1]
+    interior.add_(smooth.sub_(interior), alpha=1.0 - factor)
+    return out.clamp_(0, 1)
 
 
 def per_view(values):
@@ -280,7 +329,8 @@ class BlurStep:
 class ChanceStep:
     """A deterministic image function applied to each view with probability p, computed for the
     whole batch: RandomHorizontalFlip, RandomGrayscale (the luma in all three channels),
-    RandomEqualize and RandomAdjustSharpness (torchvision.transforms.v2's batched functions)."""
+    RandomEqualize (torchvision.transforms.v2's batched equalize) and RandomAdjustSharpness
+    (adjust_sharpness, equal to v2's)."""
 
     def __init__(self, t):
         self.name, self.p = type(t).__name__, t.p
@@ -296,7 +346,7 @@ class ChanceStep:
             return grayscale(x).expand_as(x)
         if self.name == "RandomEqualize":
             return v2F.equalize(x)
-        return v2F.adjust_sharpness(x, self.sharpness_factor)
+        return adjust_sharpness(x, self.sharpness_factor)
 
     def apply(self, x, p, generator):
         return torch.where(per_view(p["applied"]), self.changed(x), x)
@@ -324,14 +374,14 @@ class NormalizeStep:
 
     def __init__(self, t):
         self.mean, self.std = list(t.mean), list(t.std)
+        self.mean_constant = DeviceConstant(self.mean, (1, -1, 1, 1))
+        self.std_constant = DeviceConstant(self.std, (1, -1, 1, 1))
 
     def sample(self, n, generator, hw):
         return {}
 
     def apply(self, x, p, generator):
-        mean = torch.tensor(self.mean, dtype=x.dtype, device=x.device).view(1, -1, 1, 1)
-        std = torch.tensor(self.std, dtype=x.dtype, device=x.device).view(1, -1, 1, 1)
-        return (x - mean) / std
+        return (x - self.mean_constant(x.device, x.dtype)) / self.std_constant(x.device, x.dtype)
 
 
 class ErasingStep:

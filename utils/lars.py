@@ -14,6 +14,8 @@ class LARS(torch.optim.Optimizer):
     Groups with `lars_adapt=False` (BatchNorm parameters and biases in SimCLR) get r = 1 and
     should be given wd = 0: they are plain momentum SGD. Because r = 1 when ||w|| = 0, a
     zero-initialised tensor still moves (a trust ratio of 0 would freeze it forever).
+    The update runs on all tensors of a group at once (torch._foreach_*), without reading any
+    value on the host.
     """
 
     def __init__(self, params, lr, momentum=0.9, weight_decay=0.0, eta=0.001, lars_adapt=True):
@@ -30,20 +32,25 @@ class LARS(torch.optim.Optimizer):
             with torch.enable_grad():
                 loss = closure()
         for group in self.param_groups:
-            for w in group["params"]:
-                if w.grad is None:
-                    continue
-                d = w.grad.add(w, alpha=group["weight_decay"])
-                ratio = 1.0
-                if group["lars_adapt"]:
-                    w_norm, d_norm = torch.linalg.vector_norm(w), torch.linalg.vector_norm(d)
-                    ratio = torch.where((w_norm > 0) & (d_norm > 0),
-                                        group["eta"] * w_norm / d_norm,
-                                        torch.ones_like(w_norm))
+            params = [w for w in group["params"] if w.grad is not None]
+            if not params:
+                continue
+            grads = [w.grad for w in params]
+            d = (torch._foreach_add(grads, params, alpha=group["weight_decay"])
+                 if group["weight_decay"] else [g.clone() for g in grads])
+            if group["lars_adapt"]:
+                w_norm = torch.stack(torch._foreach_norm(params))
+                d_norm = torch.stack(torch._foreach_norm(d))
+                ratio = torch.where((w_norm > 0) & (d_norm > 0),
+                                    group["eta"] * w_norm / d_norm, torch.ones_like(w_norm))
+                torch._foreach_mul_(d, list(ratio.unbind()))
+            buffers = []
+            for w in params:
                 state = self.state[w]
                 if "momentum_buffer" not in state:
                     state["momentum_buffer"] = torch.zeros_like(w)
-                v = state["momentum_buffer"]
-                v.mul_(group["momentum"]).add_(d * ratio, alpha=group["lr"])
-                w.sub_(v)
+                buffers.append(state["momentum_buffer"])
+            torch._foreach_mul_(buffers, group["momentum"])
+            torch._foreach_add_(buffers, d, alpha=group["lr"])
+            torch._foreach_sub_(params, buffers)
         return loss

@@ -9,8 +9,7 @@ import numpy as np
 from sklearn.metrics import (balanced_accuracy_score, classification_report, confusion_matrix,
                              f1_score, roc_auc_score)
 
-from utils.checkpoint import atomic_write_bytes
-from utils.cli import json_dump
+from utils.fileio import atomic_write_bytes, json_dump
 from utils.plotfuncs import plot_confusion_matrix
 
 

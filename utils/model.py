@@ -3,10 +3,12 @@
     h = f(x)  (B, feat_dim)      the representation used downstream
     z = g(h)  (B, proj_dims[-1]) the projection the contrastive loss sees
 """
-from torch import nn
+import torch
 import torchvision
+from torch import nn
 
-from utils.cli import UserError
+from utils.checkpoint import load_pretrained
+from utils.errors import UserError
 
 FEATURE_DIMS = {"resnet18": 512, "resnet34": 512, "resnet50": 2048}
 SMALL_IMAGE_MAX = 64
@@ -142,3 +144,15 @@ def adapt_input_channels(state_dict, channels, key="encoder.conv1.weight"):
     else:
         raise ValueError(f"cannot adapt {weight.shape[1]} input channels to {channels}")
     return {**state_dict, key: adapted}
+
+
+def load_trained_model(modelpath, random_weights=False, seed=0):
+    """The SimCLR model of a main.py model.pth / checkpoint.pth, strictly loaded, in eval mode,
+    and its metadata (arch, stem, proj_dims, in_channels, image_size, mean, std).
+    random_weights: the same architecture initialised from `seed` instead (a reference)."""
+    state_dict, meta = load_pretrained(modelpath)
+    torch.manual_seed(seed)
+    model = build_model(meta["arch"], meta["in_channels"], meta["stem"], meta["proj_dims"])
+    if not random_weights:
+        load_state_strict(model, state_dict, modelpath)
+    return model.eval(), meta

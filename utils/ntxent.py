@@ -1,7 +1,45 @@
 """NT-Xent, the SimCLR contrastive loss."""
+import threading
+from collections import OrderedDict
+
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+_TARGETS = OrderedDict()  # (n, offset, device) -> targets, most recently used last
+_TARGETS_KEPT = 32  # a few batch sizes (the last batch is smaller) x devices x offsets
+_TARGETS_LOCK = threading.Lock()
+
+
+def ntxent_targets(n, offset, device):
+    """(2N,) int64 [N .. 2N-1, 0 .. N-1] + offset on `device`: the column of each anchor's
+    partner among the candidates of `ntxent_logits`.
+
+    Made on the device (torch.arange, no host-to-device copy, which on CUDA would synchronise
+    the stream) the first time a (n, offset, device) is asked for, then the same tensor is
+    returned again (the last 32 combinations are kept); callers must not modify it in place.
+    While torch.compile traces, a fresh tensor is returned and nothing is cached.
+    """
+    if torch.compiler.is_compiling():
+        return _partner_columns(n, offset, device)
+    key = (n, offset, torch.device(device))
+    with _TARGETS_LOCK:
+        targets = _TARGETS.get(key)
+        if targets is None:
+            with torch.inference_mode(False):  # a normal tensor even if first made under
+                targets = _partner_columns(n, offset, device)  # inference_mode
+            _TARGETS[key] = targets
+            while len(_TARGETS) > _TARGETS_KEPT:
+                _TARGETS.popitem(last=False)
+        else:
+            _TARGETS.move_to_end(key)
+    return targets
+
+
+def _partner_columns(n, offset, device):
+    """(2N,) int64 [N .. 2N-1, 0 .. N-1] + offset, made on `device`."""
+    return torch.cat([torch.arange(n, 2 * n, device=device),
+                      torch.arange(0, n, device=device)]) + offset
 
 
 def ntxent_logits(z1, z2, temperature, gather=None):
@@ -14,8 +52,13 @@ def ntxent_logits(z1, z2, temperature, gather=None):
     Computed with one matmul; a zero embedding normalises to 0 and stays finite.
 
     `gather(u) -> (candidates (M, D), offset)` makes the candidates the views of every process
-    (utils.distributed.gather_with_grad: M = 2NW, this process's rows at offset..offset+2N):
-    the logits are then (2N, M), this process's 2N anchors against all M views.
+    (utils.distributed.gather_with_grad: M = 2NW, this process's rows at offset..offset+2N,
+    offset a Python int): the logits are then (2N, M), this process's 2N anchors against all
+    M views.
+
+    Returns (logits (2N, M) float, targets (2N,) int64 = [N .. 2N-1, 0 .. N-1] + offset on u's
+    device). The targets come from `ntxent_targets`: made on the device once per (N, offset,
+    device) and shared by later calls, so a step copies nothing from the host; read-only.
     """
     n = z1.shape[0]
     with torch.autocast(z1.device.type, enabled=False):  # bf16 similarities lose ~1e-2
@@ -26,8 +69,7 @@ def ntxent_logits(z1, z2, temperature, gather=None):
         # largest tensor, forward and backward
         logits = (u * (1.0 / temperature)) @ candidates.T
         logits.diagonal(offset).fill_(float("-inf"))  # anchor k against itself, column k + offset
-    targets = torch.cat([torch.arange(n, 2 * n), torch.arange(0, n)]).to(u.device) + offset
-    return logits, targets
+    return logits, ntxent_targets(n, offset, u.device)
 
 
 class NTXentLoss(nn.Module):

@@ -6,8 +6,8 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
+from utils.fileio import atomic_write_bytes
 
-from utils.checkpoint import atomic_write_bytes  # noqa: E402
 
 
 def save_figure(fig, path):

@@ -17,7 +17,7 @@ from torch import nn
 from torchvision import tv_tensors
 from torchvision.transforms import v2
 
-from utils.cli import UserError
+from utils.errors import UserError
 from utils.data import derive_seed, load_image
 from utils.model import FEATURE_DIMS, build_encoder
 from utils.sources import listed_file, read_list_lines

@@ -16,7 +16,7 @@ import os
 
 import numpy as np
 
-from utils.cli import UserError
+from utils.errors import UserError
 from utils.data import ImageList, derive_seed, drop_unreadable, find_split
 
 MEDMNIST_2D = ("pathmnist", "chestmnist", "dermamnist", "octmnist", "pneumoniamnist",
@@ -263,3 +263,15 @@ def split_off_validation(images, fraction, seed):
     val = np.sort(np.concatenate(val)).astype(int)
     train = np.setdiff1d(np.arange(len(images)), val)
     return images.subset(train.tolist()), images.subset(val.tolist())
+
+
+def labelled_train_test(args):
+    """(train ImageList, test ImageList) of DATAPATH with the same classes; the train split
+    reduced by --samples / --samples-per-class / --label-fraction."""
+    train = load_split(args.datapath, "train", True, args)
+    test = load_split(args.datapath, "test", True, args)
+    if train.classes != test.classes:
+        raise UserError(f"the train and test splits of {args.datapath} have different classes "
+                        f"({len(train.classes)} vs {len(test.classes)}); they must match")
+    return select_subset(train, args.samples, args.samples_per_class, args.seed,
+                         args.label_fraction), test

@@ -1,15 +1,19 @@
-"""TensorBoard monitoring of a pretraining run (main.py --tensorboard), written by rank 0 only.
+"""TensorBoard monitoring of a training run (--tensorboard of main.py, finetune.py, segment.py),
+written by the engine on rank 0 only.
 
-tensorboard is an optional dependency: this module imports it only when a logger is created,
-and nothing else in the toolkit imports this module unless --tensorboard is given.
+tensorboard is an optional dependency: this module imports it only when a logger is created.
 
 Tags (RESPATH/tensorboard/):
-    train/loss, train/lr, train/positive_pair_top1   every training step
+    train/loss, train/lr        every training step, and train/NAME for the script's other
+                                per-step values (train/positive_pair_top1 for pretraining,
+                                train/accuracy for fine-tuning)
+    eval/NAME                   each evaluation (eval/knn_accuracy of --knn-every,
+                                eval/val_accuracy of finetune.py, eval/miou of segment.py)
+main.py adds:
     collapse/z_std_mean         mean over dimensions of the per-dimension std, over the batch,
                                 of the L2-normalised projection z: about 1/sqrt(D) when the
                                 views spread over the sphere, 0 when they collapse to one point
     collapse/z_std              histogram of the per-dimension std
-    knn/accuracy                kNN accuracy of h on the test split (--knn-every)
     views/pairs                 image grid: view 1 above view 2 for a few training images
     projector                   embedding projector of h for test (or training) images, with
                                 thumbnails and class names, at the end of the run
@@ -19,7 +23,7 @@ import os
 import torch
 import torch.nn.functional as F
 
-from utils.cli import UserError
+from utils.errors import UserError
 from utils.data import ImageDataset, TwoViewDataset, make_loader
 from utils.transforms import EvalTransform, TwoViews, denormalize
 
@@ -67,23 +71,26 @@ class TensorBoardLogger:
         """Record the spread of z from the head's forward passes (see CollapseMonitor)."""
         self.collapse = CollapseMonitor(head)
 
-    def log_steps(self, first_step, losses, top1s, lrs):
-        """Per-step scalars of the steps first_step, first_step + 1, ...; the collapse
-        statistic of the latest batch at the last of them."""
-        for i, (loss, top1, lr) in enumerate(zip(losses, top1s, lrs)):
-            step = first_step + i
-            self.writer.add_scalar("train/loss", loss, step)
-            self.writer.add_scalar("train/positive_pair_top1", top1, step)
-            self.writer.add_scalar("train/lr", lr, step)
-        if self.collapse is not None and self.collapse.latest is not None and losses:
+    def log_steps(self, first_step, series, lrs):
+        """Per-step scalars train/NAME of each series {name: values} and train/lr for the
+        steps first_step, first_step + 1, ...; the collapse statistic of the latest batch at
+        the last of them."""
+        for name, values in series.items():
+            for i, value in enumerate(values):
+                self.writer.add_scalar(f"train/{name}", value, first_step + i)
+        for i, lr in enumerate(lrs):
+            self.writer.add_scalar("train/lr", lr, first_step + i)
+        if self.collapse is not None and self.collapse.latest is not None and lrs:
             std = self.collapse.latest.cpu()
-            last = first_step + len(losses) - 1
+            last = first_step + len(lrs) - 1
             self.writer.add_scalar("collapse/z_std_mean", std.mean().item(), last)
             self.writer.add_histogram("collapse/z_std", std, last)
         self.writer.flush()
 
-    def log_knn(self, step, accuracy):
-        self.writer.add_scalar("knn/accuracy", accuracy, step)
+    def log_evaluation(self, step, metrics):
+        """eval/NAME of each evaluation metric {name: value} at global step `step`."""
+        for name, value in metrics.items():
+            self.writer.add_scalar(f"eval/{name}", value, step)
         self.writer.flush()
 
     def log_view_pairs(self, view1, view2, mean, std, step=0):

@@ -5,7 +5,7 @@ import signal
 
 import numpy as np
 
-from utils.cli import UserError
+from utils.errors import UserError
 from utils.distributed import launched_by_torchrun, print0
 
 POSITIONALS = ("datapath", "modelpath")  # run-defining arguments given without a flag

@@ -1,0 +1,507 @@
+"""The training engine: the one loop that main.py (SimCLR), finetune.py and segment.py run on.
+
+A script builds a `Run` (its task, plain model, optimizer, schedule, data, precision, settings,
+files) and calls `Trainer(run).fit()`. The task supplies what differs between scripts:
+    step(trainer, batch, step) -> (loss, extras)   forward and backward of one batch
+    evaluate(model, epoch) -> dict or None          on rank 0, every `eval_every` epochs
+and the engine owns, once, what they share:
+  - the epoch/step loop, starting mid-epoch (`EpochBatchSampler.set_epoch(epoch, batch)`);
+  - the learning rate as a pure function of the global step (`run.schedule(step)`);
+  - the sync-free logging window: per-step values stay on the device, and every `log_every`
+    steps (and at an epoch's end) one all-reduce and one transfer bring the window to the host,
+    giving every rank the same values and the same stop/save decisions;
+  - one rule for non-finite losses (see `Trainer.log_window`);
+  - Ctrl-C/SIGTERM (`GracefulStop`), checkpoints every `checkpoint_minutes` and at epoch ends,
+    written by rank 0 only, through utils/checkpoint.py, and the best evaluation (best.pth);
+  - device placement: channels-last, DDP with global-batch BatchNorm under torchrun (and
+    --multiple_gpus, which launches the same processes), torch.compile, cudnn.benchmark;
+  - TensorBoard and the progress bar.
+One step: lr = schedule(step); zero_grad; task.step (autocast inside, backward of the loss,
+scaled under fp16); precision.step(optimizer).
+"""
+import math
+import os
+import resource
+import shutil
+import signal
+import sys
+import time
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from utils.checkpoint import (load_checkpoint, rng_state, save_best, save_checkpoint,
+                              set_rng_state, unwrap_model)
+from utils.distributed import (all_reduce_mean, barrier, decide_on_main, get_world_size,
+                               is_main_process, print0, wrap_model)
+from utils.errors import UserError
+from utils.launch import launched_by_torchrun, launched_by_us
+
+# fp16: a non-finite loss is a step GradScaler skips; this many in a row is an overflow that
+# skipping does not cure (the forward pass itself overflows), so the run stops.
+MAX_SKIPPED_STEPS_IN_A_ROW = 20
+POSITIONALS = ("datapath", "modelpath", "train_list")  # run-defining arguments without a flag
+
+
+@dataclass
+class LoopSettings:
+    """How the engine runs a script's task (from the shared training flags, `from_args`)."""
+    epochs: int
+    steps_per_epoch: int
+    log_every: int = 10
+    checkpoint_minutes: float = 10.0
+    eval_every: int = 0  # evaluate every E epochs and after the last; 0: never
+    channels_last: bool = True
+    compile: str | None = None
+    sync_bn: bool = True
+    tensorboard_dir: str | None = None
+
+    @classmethod
+    def from_args(cls, args, steps_per_epoch, eval_every=0, tensorboard_dir=None):
+        return cls(epochs=args.epochs, steps_per_epoch=steps_per_epoch,
+                   log_every=args.log_every, checkpoint_minutes=args.checkpoint_minutes,
+                   eval_every=eval_every, channels_last=args.channels_last,
+                   compile=args.compile, sync_bn=args.sync_bn,
+                   tensorboard_dir=tensorboard_dir if args.tensorboard else None)
+
+    @property
+    def total_steps(self):
+        return self.epochs * self.steps_per_epoch
+
+
+class Task:
+    """What a training script supplies. `series` names the per-step values (loss first) and
+    the label the epoch line gives each; `best_metric` the evaluation value whose maximum is
+    kept in best.pth (None: no best.pth)."""
+    script = "main"
+    series = {"loss": "loss"}
+    best_metric = None
+
+    def train_mode(self, model):
+        """Put `model` in training mode before an epoch (a frozen part may stay in eval)."""
+        model.train()
+
+    def step(self, trainer, batch, step):
+        """Forward and backward of one loader batch on trainer.model under trainer.precision:
+        returns (loss, tuple of the other `series` values), detached scalars on the device."""
+        raise NotImplementedError
+
+    def evaluate(self, model, epoch):
+        """A dict of metrics after `epoch` epochs, on rank 0 with the plain `model`; None when
+        there is nothing to evaluate."""
+        return None
+
+    def extra_state(self):
+        """Script-specific entries of the checkpoint (its "extra" dict)."""
+        return {}
+
+    def start_tensorboard(self, logger, trainer):
+        """Add the script's own views to TensorBoard at the start (rank 0)."""
+
+    def finish_tensorboard(self, logger, trainer):
+        """Log the script's final TensorBoard views after a finished run (rank 0)."""
+
+
+@dataclass
+class RunFiles:
+    """The checkpoint the engine resumes from and writes, and best.pth when the task has a
+    best_metric."""
+    checkpoint: str
+    best: str | None = None
+
+
+@dataclass
+class Run:
+    """Everything one training run needs, built once by the script and passed whole."""
+    task: Task
+    model: torch.nn.Module  # plain, on `device`
+    optimizer: torch.optim.Optimizer
+    schedule: Callable[[int], float]  # global step -> learning rate (utils.optim.WarmupCosine)
+    sampler: Any  # utils.data.EpochBatchSampler of the loader
+    loader: Any  # batches of `sampler`'s current epoch
+    precision: Any  # utils.precision.MixedPrecision
+    settings: LoopSettings
+    files: RunFiles
+    device: torch.device
+    record: dict = field(default_factory=dict)  # args, model_meta: stored in the checkpoint
+    resume: dict | None = None  # the checkpoint to continue (load_checkpoint), or None
+    write_outputs: Callable | None = None  # (trainer, draw_plot) on rank 0 after each save
+
+
+class History:
+    """Named per-step series (`loss` first), the evaluations [{"epoch": e, metric: value}] and
+    the best of them ({"epoch": e, metric: value} or None)."""
+
+    def __init__(self, steps_per_epoch, names, series=None, evaluations=(), best=None):
+        self.steps_per_epoch = steps_per_epoch
+        self.series = {name: list((series or {}).get(name, ())) for name in names}
+        self.evaluations = [dict(e) for e in evaluations]
+        self.best = None if best is None else dict(best)
+
+    @property
+    def step(self):
+        return len(self.series["loss"])
+
+    def epoch_means(self, name="loss"):
+        return epoch_means(self.series[name], self.steps_per_epoch)
+
+    def state(self):
+        return {"series": {name: torch.tensor(values, dtype=torch.float64)
+                           for name, values in self.series.items()},
+                "evaluations": [dict(e) for e in self.evaluations]}
+
+    @classmethod
+    def from_checkpoint(cls, ckpt, steps_per_epoch, names):
+        series = {name: values.tolist() for name, values in ckpt["history"]["series"].items()}
+        missing = [name for name in names if name not in series]
+        if missing:
+            series.update({name: [math.nan] * len(series["loss"]) for name in missing})
+        return cls(steps_per_epoch, names, series, ckpt["history"]["evaluations"], ckpt["best"])
+
+
+def epoch_means(values, steps_per_epoch):
+    """(E,) mean of each of the E complete epochs of per-step `values`; NaN entries (fp16
+    steps the GradScaler skipped) are left out of the mean."""
+    n = len(values) // steps_per_epoch
+    values = np.asarray(values[:n * steps_per_epoch], dtype=np.float64).reshape(n, steps_per_epoch)
+    counted = ~np.isnan(values)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        return np.where(counted, values, 0.0).sum(1) / counted.sum(1)
+
+
+class Trainer:
+    """Runs a `Run` to its last epoch (see the module docstring). `model` is the wrapped model
+    the step uses (DDP, compiled), `plain` the module underneath that is saved and evaluated."""
+
+    def __init__(self, run):
+        self.run, self.task, self.settings = run, run.task, run.settings
+        self.device, self.precision, self.optimizer = run.device, run.precision, run.optimizer
+        self.history = History(self.settings.steps_per_epoch, tuple(self.task.series))
+        self.plain = run.model
+        if self.settings.channels_last:
+            self.plain.to(memory_format=torch.channels_last)  # the same Parameter objects
+        if run.resume is not None:
+            self.restore(run.resume)
+        if self.device.type == "cuda":
+            torch.backends.cudnn.benchmark = True  # fixed shapes: pick the fastest kernels once
+        self.model = wrap_model(self.plain, self.device, self.settings.sync_bn)
+        if self.settings.compile:
+            check_compile_backend(self.settings.compile, self.device)
+            self.model = torch.compile(self.model, backend=self.settings.compile)
+        self.logger = None
+        self.started, self.first_step = time.perf_counter(), self.history.step
+        self._last_save = time.monotonic()
+
+    def restore(self, ckpt):
+        """Continue the checkpoint `ckpt`: weights, optimizer, loss scale, history, RNG."""
+        self.plain.load_state_dict(ckpt["model"])
+        self.optimizer.load_state_dict(ckpt["optimizer"])
+        self.precision.load_state_dict(ckpt.get("scaler"))
+        self.history = History.from_checkpoint(ckpt, self.settings.steps_per_epoch,
+                                               tuple(self.task.series))
+        set_rng_state(ckpt["rng"], self.device)
+        print0(f"resuming {self.run.files.checkpoint}: epoch {ckpt['epoch']}, step "
+               f"{ckpt['step']} of {self.settings.total_steps}", flush=True)
+
+    @property
+    def finished(self):
+        return self.history.step >= self.settings.total_steps
+
+    def fit(self):
+        """Train until the last epoch; returns 'finished' or 'stopped' (a signal: the
+        checkpoint was written at the step where every process agreed to stop)."""
+        s = self.settings
+        if is_main_process() and s.tensorboard_dir and not self.finished:
+            self.start_tensorboard()
+        try:
+            with GracefulStop() as stop:
+                self.stop = stop
+                while not self.finished:
+                    epoch, start_batch = divmod(self.history.step, s.steps_per_epoch)
+                    self.run.sampler.set_epoch(epoch, start_batch)
+                    tic = time.perf_counter()
+                    if not self.train_one_epoch(epoch):
+                        return "stopped"
+                    self.end_epoch(epoch, (s.steps_per_epoch - start_batch),
+                                   time.perf_counter() - tic)
+                    # a signal that arrived after the last all-reduce reached some ranks only
+                    flag = torch.tensor([float(stop.requested)], device=self.device)
+                    if all_reduce_mean(flag).item() > 0 and not self.finished:
+                        return "stopped"
+            if self.logger is not None:
+                self.task.finish_tensorboard(self.logger, self)
+            return "finished"
+        finally:
+            if self.logger is not None:
+                self.logger.close()
+
+    def train_one_epoch(self, epoch):
+        """Train over the loader (which may start mid-epoch); False if stopped by a signal."""
+        self.task.train_mode(self.model)
+        bar = tqdm(self.run.loader, desc=f"epoch {epoch + 1}", leave=False, dynamic_ncols=True,
+                   mininterval=1.0, disable=None if is_main_process() else True)
+        window, tic = [], time.perf_counter()  # device values and lr of the steps since a log
+        for batch in bar:
+            step = self.history.step + len(window)
+            lr = self.run.schedule(step)
+            for group in self.optimizer.param_groups:
+                group["lr"] = lr
+            self.optimizer.zero_grad(set_to_none=True)
+            loss, extras = self.task.step(self, batch, step)
+            self.precision.step(self.optimizer)
+            window.append((loss, *extras, lr))
+            if not self.is_logging_point(step):
+                continue
+            stop_now, save_now = self.log_window(window)
+            toc = time.perf_counter()
+            images = len(window) * self.run.sampler.global_batch_size
+            bar.set_postfix(loss=f"{finite_mean(self.history.series['loss'][-len(window):]):.4f}",
+                            lr=f"{lr:.3g}", img_s=f"{images / (toc - tic):.0f}")
+            window, tic = [], toc
+            if stop_now:
+                self.save(draw_plot=True)
+                return False
+            if save_now:
+                self.save(draw_plot=False)
+        return True
+
+    def is_logging_point(self, step):
+        """Whether global step `step` (just done) ends a logging window: every log_every steps,
+        at the end of an epoch, and in a single process as soon as a stop is requested (with
+        several processes the ranks only agree on a stop at the regular points)."""
+        s = self.settings
+        return ((step + 1) % s.log_every == 0 or (step + 1) % s.steps_per_epoch == 0
+                or (self.stop.requested and get_world_size() == 1))
+
+    def checkpoint_due(self):
+        minutes = self.settings.checkpoint_minutes
+        return minutes > 0 and time.monotonic() - self._last_save > 60 * minutes
+
+    def log_window(self, window):
+        """Bring the window's values (device scalars) to the host with one all-reduce (the
+        mean over ranks) together with the stop/save flags; check them and append them to the
+        history (and TensorBoard). Returns (stop_now, save_now), the same on every rank.
+
+        A non-finite loss is the UserError of a diverged run (the last checkpoint, written after
+        a finite window, is intact), except with fp16 loss scaling: there it makes the
+        gradients non-finite, so GradScaler skipped that step (weights untouched) and it is
+        recorded as NaN; MAX_SKIPPED_STEPS_IN_A_ROW such steps in a row stop the run (an
+        overflow in the forward pass, which a smaller scale does not cure).
+        """
+        n, names = len(window), list(self.task.series)
+        first_step = self.history.step
+        columns = [torch.stack([row[k] for row in window]).to(torch.float64).reshape(n)
+                   for k in range(len(names))]
+        flags = torch.tensor([self.stop.requested, self.checkpoint_due()],
+                             dtype=torch.float64, device=columns[0].device)
+        values = all_reduce_mean(torch.cat([*columns, flags])).tolist()
+        series = {name: values[k * n:(k + 1) * n] for k, name in enumerate(names)}
+        stop_now, save_now = values[-2:]
+        for k, value in enumerate(series["loss"]):
+            if math.isfinite(value):
+                continue
+            if self.precision.scaler is None:
+                raise UserError(f"the loss became {value} at step {first_step + k} (the last "
+                                f"checkpoint is intact); start again with a lower --lr and "
+                                f"--fresh", all_ranks=True)
+            for name in names:  # a step GradScaler skipped
+                series[name][k] = math.nan
+        for name in names:
+            self.history.series[name].extend(series[name])
+        skipped = trailing_nans(self.history.series["loss"])
+        if skipped >= MAX_SKIPPED_STEPS_IN_A_ROW:
+            raise UserError(f"--amp fp16 overflows: the loss was not finite in the last "
+                            f"{skipped} steps (all skipped); resume from the last checkpoint "
+                            f"with --amp bf16 or --amp off", all_ranks=True)
+        if self.logger is not None:
+            self.logger.log_steps(first_step, series, [row[-1] for row in window])
+        return bool(stop_now), bool(save_now)
+
+    def end_epoch(self, epoch, steps, seconds):
+        """The epoch line, the evaluation when due (best.pth when it is the best), the
+        checkpoint."""
+        s, done = self.settings, epoch + 1
+        means = "  ".join(f"{label} {self.history.epoch_means(name)[-1]:.4f}"
+                          for name, label in self.task.series.items())
+        print0(f"epoch {done}/{s.epochs}  {means}  lr {self.run.schedule(self.history.step - 1):.4g}"
+               f"  {steps * self.run.sampler.global_batch_size / seconds:.0f} img/s  "
+               f"{seconds:.0f} s", flush=True)
+        improved = False
+        if s.eval_every and (done % s.eval_every == 0 or done == s.epochs):
+            improved = self.evaluate(done)
+        self.save(draw_plot=True, best=improved)
+
+    def evaluate(self, epoch):
+        """The task's evaluation on rank 0 (the others wait for its result); records it and
+        returns whether it is the best so far (always, for a task that has none to offer)."""
+        result = decide_on_main(lambda: self.task.evaluate(self.plain, epoch))
+        self.task.train_mode(self.model)
+        metric = self.task.best_metric
+        if result is None:
+            if metric is not None:
+                self.history.best = {"epoch": epoch}
+            return metric is not None
+        entry = {"epoch": epoch, **{k: float(v) for k, v in result.items()}}
+        self.history.evaluations.append(entry)
+        if self.logger is not None:
+            self.logger.log_evaluation(self.history.step, result)
+        if metric is None:
+            return False
+        best = self.history.best
+        if best is None or metric not in best or entry[metric] > best[metric]:
+            self.history.best = {"epoch": epoch, metric: entry[metric]}
+            print0(f"epoch {epoch}: best {metric.replace('_', ' ')} so far "
+                   f"({entry[metric]:.4f}), kept in {self.run.files.best}", flush=True)
+            return True
+        return False
+
+    def checkpoint_state(self):
+        """The one checkpoint dict (layout: utils/checkpoint.py)."""
+        step = self.history.step
+        return {"script": self.task.script, "model": self.plain.state_dict(),
+                "optimizer": self.optimizer.state_dict(), "scaler": self.precision.state_dict(),
+                "step": step, "epoch": step // self.settings.steps_per_epoch,
+                "steps_per_epoch": self.settings.steps_per_epoch,
+                "history": self.history.state(), "best": self.history.best,
+                "schedule": self.run.schedule.state(), "extra": self.task.extra_state(),
+                **self.run.record, "rng": rng_state(self.device)}
+
+    def save(self, draw_plot, best=False):
+        """Rank 0 writes the checkpoint (every rank holds the same state), best.pth when
+        `best`, then the script's outputs; the others wait for it."""
+        if is_main_process():
+            state = self.checkpoint_state()
+            save_checkpoint(state, self.run.files.checkpoint)  # the file resume reads first
+            if best and self.run.files.best:
+                save_best(state, self.run.files.best)
+            if self.run.write_outputs is not None:
+                self.run.write_outputs(self, draw_plot)
+        barrier()
+        self._last_save = time.monotonic()
+
+    def start_tensorboard(self):
+        from utils.tensorboard import TensorBoardLogger
+        self.logger = TensorBoardLogger(self.settings.tensorboard_dir,
+                                        first_step=self.history.step)
+        self.task.start_tensorboard(self.logger, self)
+
+    def images_per_second(self):
+        """Training images per second of this process's run so far (None before a step)."""
+        steps = self.history.step - self.first_step
+        seconds = time.perf_counter() - self.started
+        return round(steps * self.run.sampler.global_batch_size / seconds, 1) if steps else None
+
+
+def check_compile_backend(backend, device):
+    """UserError for a --compile backend torch does not know, or inductor on the CPU without
+    the C++ compiler it generates code for."""
+    known = torch._dynamo.list_backends(exclude_tags=())
+    if backend not in known:
+        raise UserError(f"--compile {backend}: torch.compile has no such backend; use inductor "
+                        f"(the default) or one of {', '.join(sorted(known))}", all_ranks=True)
+    compiler = os.environ.get("CXX", "g++")
+    if backend == "inductor" and device.type == "cpu" and not (
+            shutil.which(compiler) or shutil.which("clang++")):
+        raise UserError(f"--compile on the CPU needs a C++ compiler ({compiler} or clang++, "
+                        f"e.g. apt-get install g++); install one, or drop --compile",
+                        all_ranks=True)
+
+
+def peak_memory_mb(device):
+    """Peak memory of this process: allocated on the GPU, resident on the CPU (MiB)."""
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2 ** 20
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: KiB
+
+
+def launcher_name():
+    """How this process was started, for run.json: 'multiple_gpus', 'torchrun' or None."""
+    if launched_by_us():
+        return "multiple_gpus"
+    return "torchrun" if launched_by_torchrun() else None
+
+
+def finite_mean(values):
+    """Mean of the values that are not NaN (NaN if there are none)."""
+    kept = [v for v in values if not math.isnan(v)]
+    return sum(kept) / len(kept) if kept else math.nan
+
+
+def trailing_nans(values):
+    """How many of the last values in a row are NaN."""
+    count = 0
+    for value in reversed(values):
+        if not math.isnan(value):
+            break
+        count += 1
+    return count
+
+
+def report_outcome(outcome, trainer):
+    """Exit status of a training script after `fit`: 130 and the resume hint when stopped."""
+    if outcome == "stopped":
+        if is_main_process():
+            print(f"interrupted at step {trainer.history.step}: checkpoint saved in "
+                  f"{trainer.run.files.checkpoint}; run the same command to resume",
+                  file=sys.stderr, flush=True)
+        return 130
+    return 0
+
+
+def load_resumable(path, script, args, run_defining, legacy=None):
+    """The checkpoint at `path` to resume (None without one, or with --fresh), checked against
+    this command's run-defining flags."""
+    if args.fresh or not os.path.exists(path):
+        return None
+    ckpt = load_checkpoint(path, script)
+    check_resume_compatible(ckpt, args, path, run_defining, legacy)
+    return ckpt
+
+
+class GracefulStop:
+    """Context manager: SIGINT/SIGTERM set `requested` instead of killing the process, so the
+    loop can finish its step and write a checkpoint. A second Ctrl-C stops at once, except in
+    a distributed job, whose launcher forwards the Ctrl-C it received itself (it kills the
+    workers if they have not finished after its grace period)."""
+
+    def __init__(self):
+        self.requested = False
+        self._previous = {}
+
+    def _handle(self, signum, frame):
+        if self.requested and signum == signal.SIGINT and not launched_by_torchrun():
+            raise KeyboardInterrupt
+        if self.requested:
+            return
+        self.requested = True
+        print0("\nstopping: saving a checkpoint at the next step boundary where all "
+               "processes agree (Ctrl-C again to abort without saving)", flush=True)
+
+    def __enter__(self):
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            self._previous[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def __exit__(self, *exc):
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+        return False
+
+
+def check_resume_compatible(ckpt, args, checkpoint_path, run_defining, legacy=None):
+    """UserError naming the first run-defining flag whose value differs from the stored run.
+
+    `ckpt["args"]` holds the stored run's arguments; `legacy` gives the value a checkpoint
+    written before a flag existed meant by it.
+    """
+    stored = {**(legacy or {}), **ckpt["args"]}
+    for name in run_defining:
+        if stored.get(name) != getattr(args, name):
+            flag = name.upper() if name in POSITIONALS else "--" + name.replace("_", "-")
+            raise UserError(
+                f"{checkpoint_path} is a run with {flag} {stored.get(name)}, this command asks for "
+                f"{getattr(args, name)}; pass the same value to resume it, --fresh to start over "
+                f"(replacing it), or another RESPATH")

@@ -1,0 +1,70 @@
+"""Optimisers and the learning-rate schedule every training script uses: the peak rate scaled to
+the global batch, SGD/AdamW/LARS with BatchNorm and biases excluded from weight decay, and the
+rate of each step as a pure function of the step (so a resume restores a counter only)."""
+import math
+
+import torch
+
+from utils.lars import LARS
+
+LR_REFERENCE_BATCH = 256
+
+
+def scaled_learning_rate(lr_per_256, global_batch_size, rule):
+    """The peak learning rate for a global batch of B images, from a rate given per 256:
+    linear: lr * B / 256;  sqrt: lr * sqrt(B / 256);  none: lr as given (SimCLR paper, B.1)."""
+    ratio = global_batch_size / LR_REFERENCE_BATCH
+    if rule == "linear":
+        return lr_per_256 * ratio
+    if rule == "sqrt":
+        return lr_per_256 * math.sqrt(ratio)
+    if rule == "none":
+        return lr_per_256
+    raise ValueError(f"unknown learning-rate scaling {rule!r}: linear, sqrt or none")
+
+
+def build_optimizer(model, name, lr, weight_decay):
+    """SGD (momentum 0.9), AdamW or LARS (momentum 0.9, eta 0.001) over the parameters of
+    `model` that require gradients.
+
+    BatchNorm weights and biases (the 1-d tensors) get no weight decay and, with LARS, no
+    trust-ratio adaptation, as in the SimCLR paper.
+    """
+    decay, no_decay = [], []
+    for param in model.parameters():
+        if param.requires_grad:  # frozen parameters (fine-tuning --freeze) are not optimised
+            (no_decay if param.ndim <= 1 else decay).append(param)
+    groups = [{"params": decay, "weight_decay": weight_decay},
+              {"params": no_decay, "weight_decay": 0.0}]
+    if name == "sgd":
+        return torch.optim.SGD(groups, lr=lr, momentum=0.9)
+    if name == "adamw":
+        return torch.optim.AdamW(groups, lr=lr)
+    if name == "lars":
+        groups[1]["lars_adapt"] = False
+        return LARS(groups, lr=lr, momentum=0.9)
+    raise ValueError(f"unknown optimizer {name}")
+
+
+def learning_rate_at(step, base_lr, warmup_steps, total_steps):
+    """Linear warm-up from base_lr/warmup_steps to base_lr over `warmup_steps`, then cosine
+    decay to 0 at `total_steps`: lr = base_lr * 0.5 * (1 + cos(pi * t)), t in [0, 1]."""
+    if step < warmup_steps:
+        return base_lr * (step + 1) / warmup_steps
+    t = (step - warmup_steps) / max(1, total_steps - warmup_steps)
+    return base_lr * 0.5 * (1.0 + math.cos(math.pi * min(1.0, t)))
+
+
+class WarmupCosine:
+    """The schedule of a run: `schedule(step)` is learning_rate_at(step, ...) of its peak rate,
+    warm-up and total steps; `state()` is what the checkpoint records of it."""
+
+    def __init__(self, base_lr, warmup_steps, total_steps):
+        self.base_lr, self.warmup_steps, self.total_steps = base_lr, warmup_steps, total_steps
+
+    def __call__(self, step):
+        return learning_rate_at(step, self.base_lr, self.warmup_steps, self.total_steps)
+
+    def state(self):
+        return {"name": "linear_warmup_cosine", "base_lr": self.base_lr,
+                "warmup_steps": self.warmup_steps, "total_steps": self.total_steps}
