@@ -15,34 +15,37 @@ uses for the same seed), else out of all of them. The model of the epoch with th
 validation accuracy is kept (RESPATH/best.pth) and evaluated on the test split: accuracy,
 balanced accuracy, macro-F1, one-vs-rest AUROC, the per-class report and the confusion matrix
 (report.json/.csv, predictions.csv, confusion_matrix.csv/.png). RESPATH/checkpoint.pth holds the run: running the
-same command again resumes it (Ctrl-C saves first), --fresh starts over.
+same command again resumes it, exactly, also mid-epoch (Ctrl-C saves first), --fresh starts over.
+Training runs on the engine (utils/engine.py), like pretraining: --multiple_gpus (or torchrun)
+trains on every GPU with -bs the global batch, --amp, --compile, --tensorboard.
 """
 import argparse
-import functools
 import os
-import sys
 
 import numpy as np
 import torch
 from torch import nn
 from tqdm import tqdm
 
-from utils.errors import UserError
-from utils.fileio import atomic_torch_save, json_dump
-from simclr import build_optimizer, scaled_learning_rate
-from utils.checkpoint import (load_checkpoint, load_pretrained, rng_state, save_checkpoint,
-                              set_rng_state, unwrap_model)
-from utils.cli import (add_data_loading_args, add_data_source_args, ensure_writable_dir,
-                       environment_info, print_args, run_main, select_device)
+from utils.checkpoint import load_best, load_pretrained, unwrap_model
+from utils.cli import (add_data_loading_args, add_data_source_args, add_training_args,
+                       check_training_args, ensure_writable_dir, environment_info, print_args,
+                       run_main)
 from utils.data import (EpochBatchSampler, ImageDataset, LabelledViewDataset, dataset_statistics,
                         make_loader, warn_if_colour_dropped)
+from utils.distributed import (barrier, cleanup, decide_on_main, get_rank, get_world_size,
+                               is_main_process, print0, setup)
+from utils.engine import (LoopSettings, Run, RunFiles, Task, Trainer, launcher_name,
+                          load_resumable, report_outcome)
+from utils.errors import UserError
+from utils.fileio import json_dump
 from utils.metrics import write_classification_report
-from utils.model import (FEATURE_DIMS, build_encoder, encoder_state, load_state_strict,
-                         resolve_stem)
+from utils.model import FEATURE_DIMS, build_encoder, encoder_state, load_state_strict, resolve_stem
+from utils.optim import WarmupCosine, build_optimizer, scaled_learning_rate
 from utils.plotfuncs import plot_finetune_curves
+from utils.precision import MixedPrecision, resolve_amp
 from utils.sources import has_split, load_split, select_subset, split_off_validation
-from utils.training import (GracefulStop, check_resume_compatible, epoch_means,
-                            learning_rate_at)
+from utils.tensorboard import tensorboard_dir
 from utils.transforms import EvalTransform, SupervisedAugmentation
 
 # Settings that define the run: resuming with another value is an error, not a silent mix.
@@ -109,6 +112,7 @@ def get_args_parser():
                             "validated epochs is kept")
     train.add_argument("--fresh", action="store_true",
                        help="start over, replacing the run in RESPATH")
+    add_training_args(parser)
     return parser
 
 
@@ -140,8 +144,9 @@ def check_args(args):
     if args.baseline and args.freeze:
         raise UserError("--freeze with --baseline would train a head on a random encoder; that "
                         "is linear_evaluation.py --reference random")
-    if args.epochs < 1 or args.val_every < 1:
-        raise UserError("--epochs and --val-every must be at least 1")
+    check_training_args(args)
+    if args.val_every < 1:
+        raise UserError(f"--val-every {args.val_every} must be at least 1")
     if args.batch_size < 2:
         raise UserError("-bs must be at least 2 (BatchNorm needs two images)")
     if not 0 < args.min_scale <= 1:
@@ -173,7 +178,7 @@ def finetune_splits(args):
         rest = everything.subset([i for i, p in enumerate(everything.paths) if p not in chosen])
         val = split_off_validation(rest, args.val_fraction, args.seed)[1]
     if not has_split(args.datapath, "val", args):
-        print(f"validation: {len(val)} training images outside the label budget "
+        print0(f"validation: {len(val)} training images outside the label budget "
               f"(--val-fraction {args.val_fraction}, seed {args.seed})", flush=True)
     if not len(val):
         raise UserError(f"no images are left for validation in {args.datapath}; give a "
@@ -209,36 +214,40 @@ def build_classifier(meta, pretrained_state, head_kind, n_classes, seed):
     return Classifier(encoder, build_head(head_kind, feat_dim, n_classes))
 
 
-def set_train_mode(model, freeze):
-    """Training mode, except a frozen encoder stays in eval mode: its BatchNorm statistics are
-    part of what is frozen (as in moco's linear evaluation)."""
-    model.train()
-    if freeze:
-        unwrap_model(model).encoder.eval()
+class FinetuneTask(Task):
+    """The classification step for the engine (cross-entropy of the logits, per-step loss and
+    batch accuracy) and the validation accuracy as the evaluation, whose best epoch is kept in
+    best.pth. With `freeze` the encoder stays in eval mode: its BatchNorm statistics are part
+    of what is frozen (as in moco's linear evaluation)."""
+    script = "finetune"
+    series = {"loss": "loss", "accuracy": "training accuracy"}
+    best_metric = "val_accuracy"
 
+    def __init__(self, freeze, val_loader, device):
+        self.freeze, self.val_loader, self.device = freeze, val_loader, device
+        self.criterion = nn.CrossEntropyLoss()
 
-def train_one_epoch(model, criterion, optimizer, loader, device, epoch, state, schedule, freeze,
-                    stop):
-    """One pass over `loader` (which may start mid-epoch); appends each step's loss to
-    state["step_losses"]. Returns False when stopped by a signal."""
-    set_train_mode(model, freeze)
-    for x, y in tqdm(loader, desc=f"epoch {epoch + 1}", leave=False, disable=None):
-        lr = schedule(len(state["step_losses"]))
-        for group in optimizer.param_groups:
-            group["lr"] = lr
-        x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
-        loss = criterion(model(x), y)
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
-        value = loss.item()
-        if not np.isfinite(value):
-            raise UserError(f"the loss became {value} in epoch {epoch + 1} (the last checkpoint "
-                            f"is intact); start again with a lower --lr and --fresh")
-        state["step_losses"].append(value)
-        if stop.requested:
-            return False
-    return True
+    def train_mode(self, model):
+        model.train()
+        if self.freeze:
+            unwrap_model(model).encoder.eval()
+
+    def step(self, trainer, batch, step):
+        x, y = batch
+        x, y = x.to(trainer.device, non_blocking=True), y.to(trainer.device, non_blocking=True)
+        if trainer.settings.channels_last:
+            x = x.contiguous(memory_format=torch.channels_last)
+        with trainer.precision.autocast():
+            logits = trainer.model(x)
+        loss = self.criterion(logits.float(), y)
+        trainer.precision.backward(loss)
+        return loss.detach(), ((logits.detach().argmax(1) == y).float().mean(),)
+
+    def evaluate(self, model, epoch):
+        probs, labels = predict(model, self.val_loader, self.device)
+        accuracy = float(np.mean(probs.argmax(1) == labels))
+        print(f"epoch {epoch}: validation accuracy {100 * accuracy:.2f} %", flush=True)
+        return {"val_accuracy": accuracy}
 
 
 @torch.no_grad()
@@ -252,54 +261,54 @@ def predict(model, loader, device):
     return torch.cat(probs).numpy(), torch.cat(labels).numpy()
 
 
-def run_state_dict(model, optimizer, state, args, meta, classes):
-    """The one checkpoint dict of a fine-tuning run."""
-    return {"script": "finetune", "model": unwrap_model(model).state_dict(),
-            "optimizer": optimizer.state_dict(), "scheduler": state["schedule"], "scaler": None,
-            "epoch": len(state["val_accuracy"]), "step": len(state["step_losses"]),
-            "losses": {"step_losses": torch.tensor(state["step_losses"], dtype=torch.float64),
-                       "val_accuracy": torch.tensor(state["val_accuracy"],
-                                                    dtype=torch.float64)},
-            "best": dict(state["best"]), "args": vars(args), "model_meta": meta,
-            "classes": classes, "rng": rng_state()}
+def run_kind(args):
+    return ("baseline (random init)" if args.baseline else "frozen encoder" if args.freeze
+            else "full fine-tuning")
 
 
 def main(args):
     check_args(args)
-    device, n_gpus = select_device(args.cuda, args.multiple_gpus)
-    ensure_writable_dir(args.respath)
-    print_args(args)
-    checkpoint_path = os.path.join(args.respath, "checkpoint.pth")
-    best_path = os.path.join(args.respath, "best.pth")
-    ckpt = None
-    if os.path.exists(checkpoint_path) and not args.fresh:
-        ckpt = load_checkpoint(checkpoint_path, "finetune")
-        check_resume_compatible(ckpt, args, checkpoint_path, RUN_DEFINING_ARGS)
+    device = setup(args.cuda)
+    try:
+        return finetune(args, device)
+    finally:
+        cleanup()
 
+
+def finetune(args, device):
+    """Train on this process's `device` (one of `get_world_size()`), then report on rank 0."""
+    precision = MixedPrecision(resolve_amp(args.amp, device, is_main_process()), device)
+    checkpoint_path = os.path.join(args.respath, "checkpoint.pth")
+
+    def prepare():
+        ensure_writable_dir(args.respath)
+        print_args(args)
+        return load_resumable(checkpoint_path, "finetune", args, RUN_DEFINING_ARGS)
+    ckpt = decide_on_main(prepare)
     train_images, val_images, test_images = finetune_splits(args)
     classes = train_images.classes
     counts = np.bincount(train_images.labels, minlength=len(classes))
-    meta, pretrained = model_description(args, train_images)
-    warn_if_colour_dropped(train_images, meta["in_channels"], f"DATAPATH {args.datapath}")
+    meta, pretrained = decide_on_main(lambda: model_description(args, train_images))
+    if is_main_process():
+        warn_if_colour_dropped(train_images, meta["in_channels"], f"DATAPATH {args.datapath}")
     model = build_classifier(meta, pretrained, args.head, len(classes), args.seed)
-    kind = "baseline (random init)" if args.baseline else "frozen encoder" if args.freeze \
-        else "full fine-tuning"
-    print(f"{kind}: {meta['arch']} ({meta['stem']} stem, {meta['in_channels']} channel(s), "
-          f"{meta['image_size']} px), {args.head} head; {len(train_images)} training images "
-          f"({counts.min()}-{counts.max()} per class), {len(val_images)} validation, "
-          f"{len(test_images)} test", flush=True)
+    print0(f"{run_kind(args)}: {meta['arch']} ({meta['stem']} stem, {meta['in_channels']} "
+           f"channel(s), {meta['image_size']} px), {args.head} head; {len(train_images)} "
+           f"training images ({counts.min()}-{counts.max()} per class), {len(val_images)} "
+           f"validation, {len(test_images)} test", flush=True)
     if args.freeze:
         model.encoder.requires_grad_(False)
     model = model.to(device)
 
     batch_size = min(args.batch_size, len(train_images))
     if batch_size < args.batch_size:
-        print(f"note: -bs {args.batch_size} is more than the {len(train_images)} training "
-              f"images; using batches of {batch_size}", flush=True)
+        print0(f"note: -bs {args.batch_size} is more than the {len(train_images)} training "
+               f"images; using batches of {batch_size}", flush=True)
     if batch_size < 2:
         raise UserError("fine-tuning needs at least 2 training images; raise --label-fraction "
                         "or --samples-per-class")
-    sampler = EpochBatchSampler(len(train_images), batch_size, args.seed)
+    sampler = EpochBatchSampler(len(train_images), batch_size, args.seed, get_rank(),
+                                get_world_size())
     augmentation = SupervisedAugmentation(meta["image_size"], meta["mean"], meta["std"],
                                           args.min_scale, args.flip)
     pin = device.type == "cuda"
@@ -314,90 +323,60 @@ def main(args):
 
     steps_per_epoch = len(train_images) // batch_size
     peak_lr = scaled_learning_rate(args.lr, batch_size, "linear")
-    total_steps = args.epochs * steps_per_epoch
-    warmup_steps = int(round(args.warmup_epochs * steps_per_epoch))
-    schedule = functools.partial(learning_rate_at, base_lr=peak_lr, warmup_steps=warmup_steps,
-                                 total_steps=total_steps)
-    optimizer = build_optimizer(model, args.optimizer, peak_lr, args.weight_decay)
-    state = {"step_losses": [], "val_accuracy": [], "best": {"epoch": 0, "val_accuracy": -1.0},
-             "schedule": {"name": "linear_warmup_cosine", "base_lr": peak_lr,
-                          "warmup_steps": warmup_steps, "total_steps": total_steps}}
-    if ckpt is not None:
-        model.load_state_dict(ckpt["model"])
-        optimizer.load_state_dict(ckpt["optimizer"])
-        state.update(step_losses=ckpt["losses"]["step_losses"].tolist(),
-                     val_accuracy=ckpt["losses"]["val_accuracy"].tolist(), best=ckpt["best"])
-        set_rng_state(ckpt["rng"])
-        print(f"resuming {checkpoint_path}: epoch {ckpt['epoch']}, step {ckpt['step']} of "
-              f"{total_steps}", flush=True)
-        del ckpt
-    if n_gpus > 1:
-        model = nn.DataParallel(model)
-    print(f"{steps_per_epoch} steps of {batch_size} per epoch, {args.epochs} epochs, "
-          f"{args.optimizer} peak lr {peak_lr:.4g}", flush=True)
+    schedule = WarmupCosine(peak_lr, int(round(args.warmup_epochs * steps_per_epoch)),
+                            args.epochs * steps_per_epoch)
+    print0(f"{steps_per_epoch} steps of {batch_size} per epoch ({get_world_size()} "
+           f"process(es) x {sampler.batch_size}), {args.epochs} epochs, {args.optimizer} peak lr "
+           f"{peak_lr:.4g}, amp {precision.mode}", flush=True)
+    trainer = Trainer(Run(
+        task=FinetuneTask(args.freeze, val_loader, device), model=model,
+        optimizer=build_optimizer(model, args.optimizer, peak_lr, args.weight_decay),
+        schedule=schedule, sampler=sampler, loader=train_loader, precision=precision,
+        settings=LoopSettings.from_args(args, steps_per_epoch, eval_every=args.val_every,
+                                        tensorboard_dir=tensorboard_dir(args.respath)),
+        files=RunFiles(checkpoint_path, os.path.join(args.respath, "best.pth")),
+        device=device, resume=ckpt,
+        record={"args": vars(args), "model_meta": meta, "extra": {"classes": classes}}))
+    del ckpt
+    status = report_outcome(trainer.fit(), trainer)
+    if status == 0 and is_main_process():
+        report(args, trainer, meta, (train_images, val_images, test_images), test_loader)
+    barrier()
+    return status
 
-    def save():
-        save_checkpoint(run_state_dict(model, optimizer, state, args, meta, classes),
-                        checkpoint_path)
 
-    criterion = nn.CrossEntropyLoss()
-    with GracefulStop() as stop:
-        while len(state["step_losses"]) < total_steps:
-            epoch, start_batch = divmod(len(state["step_losses"]), steps_per_epoch)
-            sampler.set_epoch(epoch, start_batch)
-            if not train_one_epoch(model, criterion, optimizer, train_loader, device, epoch,
-                                   state, schedule, args.freeze, stop):
-                save()
-                print(f"interrupted at step {len(state['step_losses'])}: checkpoint saved in "
-                      f"{checkpoint_path}; run the same command to resume", file=sys.stderr)
-                return 130
-            epoch_loss = np.mean(state["step_losses"][-steps_per_epoch:])
-            if (epoch + 1) % args.val_every and epoch + 1 < args.epochs:
-                state["val_accuracy"].append(float("nan"))
-                print(f"epoch {epoch + 1}/{args.epochs}  loss {epoch_loss:.4f}", flush=True)
-                save()
-                continue
-            probs, labels = predict(model, val_loader, device)
-            accuracy = float(np.mean(probs.argmax(1) == labels))
-            state["val_accuracy"].append(accuracy)
-            improved = accuracy > state["best"]["val_accuracy"]
-            print(f"epoch {epoch + 1}/{args.epochs}  loss {epoch_loss:.4f}  validation accuracy "
-                  f"{100 * accuracy:.2f} %{'  (best)' if improved else ''}", flush=True)
-            if improved:
-                state["best"] = {"epoch": epoch + 1, "val_accuracy": accuracy}
-                atomic_torch_save({"script": "finetune", "model": unwrap_model(model).state_dict(),
-                                   "epoch": epoch + 1, "val_accuracy": accuracy,
-                                   "model_meta": meta, "classes": classes, "head": args.head},
-                                  best_path)
-            save()
-            if stop.requested:
-                print(f"interrupted after epoch {epoch + 1}: run the same command to resume",
-                      file=sys.stderr)
-                return 130
-
-    epoch_losses = epoch_means(state["step_losses"], steps_per_epoch)
-    plot_finetune_curves(epoch_losses, state["val_accuracy"],
+def report(args, trainer, meta, splits, test_loader):
+    """Rank 0, after training: the curves, the best model's test metrics and run.json."""
+    train_images, val_images, test_images = splits
+    counts = np.bincount(train_images.labels, minlength=len(train_images.classes))
+    history = trainer.history
+    epoch_losses = history.epoch_means()
+    validated = {e["epoch"]: e["val_accuracy"] for e in history.evaluations}
+    val_accuracy = [validated.get(epoch, float("nan"))
+                    for epoch in range(1, len(epoch_losses) + 1)]
+    plot_finetune_curves(epoch_losses, val_accuracy,
                          os.path.join(args.respath, "training_curves.png"),
-                         title=f"{kind}, {len(train_images)} labelled images")
-    best = torch.load(best_path, map_location="cpu", weights_only=True)
-    unwrap_model(model).load_state_dict(best["model"])
-    probs, labels = predict(model, test_loader, device)
-    print(f"test split, model of epoch {best['epoch']} (validation accuracy "
-          f"{100 * best['val_accuracy']:.2f} %):")
+                         title=f"{run_kind(args)}, {len(train_images)} labelled images")
+    best = load_best(trainer.run.files.best, "finetune")
+    trainer.plain.load_state_dict(best["model"])
+    probs, labels = predict(trainer.plain, test_loader, trainer.device)
+    print(f"test split, model of epoch {best['best']['epoch']} (validation accuracy "
+          f"{100 * best['best']['val_accuracy']:.2f} %):")
     metrics = write_classification_report(
-        labels, probs.argmax(1), probs, classes, args.respath,
+        labels, probs.argmax(1), probs, train_images.classes, args.respath,
         {"method": "baseline" if args.baseline else "frozen" if args.freeze else "finetune",
-         "modelpath": args.modelpath, "head": args.head, "best_epoch": best["epoch"],
-         "val_accuracy": best["val_accuracy"], "n_train": len(train_images),
+         "modelpath": args.modelpath, "head": args.head, "best_epoch": best["best"]["epoch"],
+         "val_accuracy": best["best"]["val_accuracy"], "n_train": len(train_images),
          "n_val": len(val_images), "n_test": len(test_images),
          "train_per_class": counts.tolist(), "epochs": args.epochs,
-         "environment": environment_info(device)},
+         "processes": get_world_size(), "environment": environment_info(trainer.device)},
         names=test_images.paths)
     json_dump({"args": vars(args), "model_meta": meta, "metrics": metrics,
-               "val_accuracy": state["val_accuracy"], "epoch_losses": epoch_losses.tolist()},
+               "val_accuracy": val_accuracy, "epoch_losses": epoch_losses.tolist(),
+               "launcher": launcher_name(), "processes": get_world_size(),
+               "images_per_s": trainer.images_per_second()},
               os.path.join(args.respath, "run.json"))
     print(f"test accuracy {100 * metrics['accuracy']:.2f} %; report in {args.respath}")
-    return 0
 
 
 if __name__ == "__main__":

@@ -16,39 +16,42 @@ image size are used. With --baseline the weights are random: MODELPATH then only
 architecture and normalisation, or without MODELPATH --arch/--stem do, with channels, mean/std
 and image size from the training images. RESPATH receives checkpoint.pth (the same command
 resumes; --fresh starts over), best.pth (the weights of the epoch with the best validation
-mIoU), metrics.json, metrics.csv and predictions.png.
+mIoU), metrics.json, metrics.csv and predictions.png. Training runs on the engine
+(utils/engine.py): --multiple_gpus or torchrun train on every GPU with -bs the global batch,
+and --amp, --compile, --tensorboard and exact mid-epoch resume work as in pretraining.
 """
 import argparse
 import csv
-import functools
 import io
 import math
 import os
-import sys
 import time
 
 import numpy as np
 import torch
 import torch.nn.functional as F
-from torch import nn
 from tqdm import tqdm
 
-from utils.errors import UserError
-from utils.fileio import atomic_write_bytes, json_dump
-from simclr import build_optimizer
-from utils.checkpoint import (load_checkpoint, load_pretrained, rng_state, save_checkpoint,
-                              set_rng_state)
-from utils.cli import (add_data_loading_args, ensure_writable_dir, print_args, run_main,
-                       select_device)
+from utils.checkpoint import load_best, load_pretrained, unwrap_model
+from utils.cli import (add_data_loading_args, add_training_args, check_training_args,
+                       ensure_writable_dir, print_args, run_main)
 from utils.data import (EpochBatchSampler, ImageList, dataset_statistics, make_loader,
                         warn_if_colour_dropped)
+from utils.distributed import (all_reduce_sum, barrier, cleanup, decide_on_main, get_rank,
+                               get_world_size, is_main_process, setup)
+from utils.engine import (LoopSettings, Run, RunFiles, Task, Trainer, launcher_name,
+                          load_resumable, report_outcome)
+from utils.errors import UserError
+from utils.fileio import atomic_write_bytes, json_dump
 from utils.model import FEATURE_DIMS, encoder_state, load_state_strict, resolve_stem
+from utils.optim import WarmupCosine, build_optimizer
+from utils.precision import MixedPrecision, resolve_amp
 from utils.segmentation import (DECODERS, IGNORE_INDEX, JointTransform, SegmentationDataset,
                                 build_segmentation_net, check_class_indices, confusion_matrix,
                                 plot_segmentation_grid, read_pair_list,
                                 scan_pairs, segmentation_scores)
 from utils.sources import read_list_lines
-from utils.training import GracefulStop, check_resume_compatible, epoch_means, learning_rate_at
+from utils.tensorboard import tensorboard_dir
 from utils.transforms import denormalize
 
 # Settings that define the run: resuming with a different value is an error, not a silent mix.
@@ -111,8 +114,6 @@ def get_args_parser():
                      help="--baseline without MODELPATH: cifar = 3x3 conv stride 1, no "
                           "max-pool; imagenet = 7x7 stride 2 + max-pool; auto (the default) = "
                           "cifar for images <= 64 px")
-    mod.add_argument("--channels-last", action=argparse.BooleanOptionalAction, default=True,
-                     help="channels-last memory format")
 
     opt = parser.add_argument_group("optimisation")
     opt.add_argument("--epochs", type=int, default=10, help="total epochs of the run")
@@ -133,6 +134,7 @@ def get_args_parser():
                           "val, else train)")
     out.add_argument("--fresh", action="store_true",
                      help="start over even if RESPATH holds a run (its files are replaced)")
+    add_training_args(parser)
     return parser
 
 
@@ -155,8 +157,8 @@ def resolve_args(args):
     args.lr = DEFAULT_LR[args.optimizer] if args.lr is None else args.lr
     if args.weight_decay is None:
         args.weight_decay = DEFAULT_WEIGHT_DECAY[args.optimizer]
-    checks = [(args.epochs >= 1, f"--epochs {args.epochs} must be at least 1"),
-              (args.batch_size >= 2,
+    check_training_args(args)
+    checks = [(args.batch_size >= 2,
                f"-bs {args.batch_size} must be at least 2 (BatchNorm needs two images)"),
               (args.num_classes is None or args.num_classes >= 2,
                f"--num-classes {args.num_classes} must be at least 2"),
@@ -231,7 +233,8 @@ def loaders(args, splits, meta, device):
     train_set = SegmentationDataset(splits["train"], meta["in_channels"],
                                     JointTransform(size, mean, std, True, args.min_scale),
                                     args.seed)
-    sampler = EpochBatchSampler(len(train_set), args.batch_size, args.seed)
+    sampler = EpochBatchSampler(len(train_set), args.batch_size, args.seed, get_rank(),
+                                get_world_size())
     pin = device.type == "cuda"
     train_loader = make_loader(train_set, batch_sampler=sampler, num_workers=args.num_workers,
                                pin_memory=pin)
@@ -270,25 +273,79 @@ def majority_reference(matrix, majority):
     return segmentation_scores(constant)
 
 
+class SegmentationTask(Task):
+    """The segmentation step for the engine: cross-entropy over the non-ignored pixels of the
+    global batch, and the val split's mIoU as the evaluation (best.pth keeps its best epoch;
+    without a val split every epoch is the best known). With `freeze` the encoder stays in eval
+    mode (its BatchNorm statistics are part of what is frozen)."""
+    script = "segment"
+    series = {"loss": "loss"}
+    best_metric = "miou"
+
+    def __init__(self, args, num_classes, val_loader, device):
+        self.ignore_index, self.freeze, self.k = args.ignore_index, args.freeze, num_classes
+        self.val_loader, self.device, self.channels_last = val_loader, device, args.channels_last
+
+    def train_mode(self, model):
+        model.train()
+        if self.freeze:
+            unwrap_model(model).encoder.eval()
+
+    def step(self, trainer, batch, step):
+        """loss = sum of the pixel cross-entropies of this process * W / V, V the non-ignored
+        pixels of the global batch over W processes: DDP's mean over processes is then the
+        mean over every valid pixel of the global batch (0, not NaN, when there is none)."""
+        x, y = batch
+        x, y = x.to(trainer.device, non_blocking=True), y.to(trainer.device, non_blocking=True)
+        if trainer.settings.channels_last:
+            x = x.contiguous(memory_format=torch.channels_last)
+        with trainer.precision.autocast():
+            logits = trainer.model(x)
+        valid = all_reduce_sum((y != self.ignore_index).sum().to(torch.float32))
+        loss = (F.cross_entropy(logits.float(), y, ignore_index=self.ignore_index,
+                                reduction="sum") * get_world_size() / valid.clamp_min(1))
+        trainer.precision.backward(loss)
+        return loss.detach(), ()
+
+    def evaluate(self, model, epoch):
+        if self.val_loader is None:
+            return None
+        scores = segmentation_scores(predict(model, self.val_loader, self.device, self.k,
+                                             self.ignore_index, self.channels_last)[0])
+        print(f"epoch {epoch}: val mIoU {100 * scores['miou']:.2f} %  pixel accuracy "
+              f"{100 * scores['pixel_accuracy']:.2f} %", flush=True)
+        return {"miou": scores["miou"], "pixel_accuracy": scores["pixel_accuracy"]}
+
+
 def main(args):
     resolve_args(args)
-    device, n_gpus = select_device(args.cuda, args.multiple_gpus)
-    ensure_writable_dir(args.respath)
-    print_args(args)
+    device = setup(args.cuda)
+    try:
+        return segment(args, device)
+    finally:
+        cleanup()
+
+
+def segment(args, device):
+    """Train on this process's `device` (one of `get_world_size()`), then report on rank 0."""
+    precision = MixedPrecision(resolve_amp(args.amp, device, is_main_process()), device)
     paths = {name: os.path.join(args.respath, name) for name in OUTPUTS}
-    ckpt = None
-    if os.path.exists(paths["checkpoint.pth"]) and not args.fresh:
-        ckpt = load_checkpoint(paths["checkpoint.pth"], "segment")
-        check_resume_compatible(ckpt, args, paths["checkpoint.pth"], RUN_DEFINING_ARGS)
+
+    def prepare():
+        ensure_writable_dir(args.respath)
+        print_args(args)
+        return load_resumable(paths["checkpoint.pth"], "segment", args, RUN_DEFINING_ARGS)
+    ckpt = decide_on_main(prepare)
     splits = read_splits(args)
-    meta, weights = model_setup(args, splits["train"])
-    classes, counts = decide_classes(args, splits)
+    meta, weights = decide_on_main(lambda: model_setup(args, splits["train"]))
+    classes, counts = decide_on_main(lambda: decide_classes(args, splits))
     k, n_train = len(classes), len(splits["train"])
-    if ckpt is not None and (ckpt["num_classes"], ckpt["n_train"]) != (k, n_train):
-        raise UserError(f"{paths['checkpoint.pth']} was started with {ckpt['n_train']} training "
-                        f"pairs and {ckpt['num_classes']} classes, the lists now give {n_train} "
-                        f"and {k}; use --fresh or another RESPATH")
-    describe_run(args, splits, classes, counts, meta, weights)
+    if ckpt is not None and (ckpt["extra"]["num_classes"], ckpt["extra"]["n_train"]) != (k, n_train):
+        raise UserError(f"{paths['checkpoint.pth']} was started with {ckpt['extra']['n_train']} "
+                        f"training pairs and {ckpt['extra']['num_classes']} classes, the lists "
+                        f"now give {n_train} and {k}; use --fresh or another RESPATH")
+    if is_main_process():
+        describe_run(args, splits, classes, counts, meta, weights)
 
     torch.manual_seed(args.seed)
     net = build_segmentation_net(meta["arch"], meta["in_channels"], meta["stem"], k,
@@ -296,62 +353,40 @@ def main(args):
     if weights is not None:
         load_state_strict(net.encoder, weights, args.modelpath)
     net = net.to(device)
-    if args.channels_last:
-        net = net.to(memory_format=torch.channels_last)
-    optimizer = build_optimizer(nn.ParameterList(p for p in net.parameters() if p.requires_grad),
-                                args.optimizer, args.lr, args.weight_decay)
-    history = {"step_losses": [], "val": [], "best_val_miou": -1.0, "best_epoch": 0}
-    if ckpt is not None:
-        net.load_state_dict(ckpt["model"])
-        optimizer.load_state_dict(ckpt["optimizer"])
-        history = {"step_losses": ckpt["history"]["step_losses"].tolist(),
-                   "val": ckpt["history"]["val"].tolist(),
-                   "best_val_miou": ckpt["best_val_miou"], "best_epoch": ckpt["best_epoch"]}
-        set_rng_state(ckpt["rng"])
-        print(f"resuming {paths['checkpoint.pth']}: epoch {ckpt['epoch']}, step {ckpt['step']} "
-              f"of {args.epochs * (n_train // args.batch_size)}", flush=True)
-    del ckpt
-    model = nn.DataParallel(net) if n_gpus > 1 else net
     sampler, train_loader, eval_loaders = loaders(args, splits, meta, device)
     steps_per_epoch = n_train // args.batch_size
-
-    def save(path, with_run_state):
-        """best.pth: the weights and what rebuilding them needs; checkpoint.pth: also the
-        optimizer, history and RNG state that resuming needs."""
-        done = len(history["step_losses"])
-        state = {"script": "segment", "model": net.state_dict(), "model_meta": meta,
-                 "num_classes": k, "classes": classes, "decoder": args.decoder,
-                 "n_train": n_train, "args": vars(args), "epoch": done // steps_per_epoch,
-                 "best_val_miou": history["best_val_miou"], "best_epoch": history["best_epoch"]}
-        if with_run_state:
-            state.update(optimizer=optimizer.state_dict(), step=done, rng=rng_state(), history={
-                "step_losses": torch.tensor(history["step_losses"], dtype=torch.float64),
-                "val": torch.tensor(history["val"], dtype=torch.float64).reshape(-1, 3)})
-        save_checkpoint(state, path)
-
-    started, first_step = time.perf_counter(), len(history["step_losses"])
-    outcome = fit(model, sampler, train_loader, eval_loaders.get("val"), optimizer, history,
-                  device, args, k, save, paths)
-    if outcome == "stopped":
-        print(f"interrupted at step {len(history['step_losses'])}: checkpoint saved in "
-              f"{paths['checkpoint.pth']}; run the same command to resume", file=sys.stderr)
-        return 130
-    seconds = time.perf_counter() - started
-    trained = (len(history["step_losses"]) - first_step) * args.batch_size
-    if not trained:
-        print(f"{args.respath} already holds a finished run of {args.epochs} epochs (pass a "
-              f"larger --epochs to continue it, --fresh to start over); evaluating best.pth",
-              flush=True)
-    net.load_state_dict(load_checkpoint(paths["best.pth"], "segment")["model"])
-    report = evaluate_and_write(model, eval_loaders, splits, counts, classes, meta, args, device,
-                                paths, history)
-    report.update(train_seconds=round(seconds, 1),
-                  train_images_per_s=round(trained / seconds, 1) if trained else None)
-    json_dump(report, paths["metrics.json"])
-    print(f"done: metrics in {paths['metrics.json']} and metrics.csv, figure "
-          f"{paths['predictions.png']}, best weights {paths['best.pth']} "
-          f"(epoch {history['best_epoch']})")
-    return 0
+    schedule = WarmupCosine(args.lr, round(args.warmup_epochs * steps_per_epoch),
+                            args.epochs * steps_per_epoch)
+    trainer = Trainer(Run(
+        task=SegmentationTask(args, k, eval_loaders.get("val"), device), model=net,
+        optimizer=build_optimizer(net, args.optimizer, args.lr, args.weight_decay),
+        schedule=schedule, sampler=sampler, loader=train_loader, precision=precision,
+        settings=LoopSettings.from_args(args, steps_per_epoch, eval_every=1,
+                                        tensorboard_dir=tensorboard_dir(args.respath)),
+        files=RunFiles(paths["checkpoint.pth"], paths["best.pth"]), device=device, resume=ckpt,
+        record={"args": vars(args), "model_meta": meta,
+                "extra": {"classes": classes, "num_classes": k, "n_train": n_train,
+                          "decoder": args.decoder}}))
+    del ckpt
+    first_step = trainer.history.step
+    status = report_outcome(trainer.fit(), trainer)
+    if status == 0 and is_main_process():
+        if trainer.history.step == first_step:
+            print(f"{args.respath} already holds a finished run of {args.epochs} epochs (pass a "
+                  f"larger --epochs to continue it, --fresh to start over); evaluating best.pth",
+                  flush=True)
+        net.load_state_dict(load_best(paths["best.pth"], "segment")["model"])
+        report = evaluate_and_write(net, eval_loaders, splits, counts, classes, meta, args,
+                                    device, paths, trainer.history)
+        report.update(train_seconds=round(time.perf_counter() - trainer.started, 1),
+                      train_images_per_s=trainer.images_per_second(),
+                      processes=get_world_size(), launcher=launcher_name())
+        json_dump(report, paths["metrics.json"])
+        print(f"done: metrics in {paths['metrics.json']} and metrics.csv, figure "
+              f"{paths['predictions.png']}, best weights {paths['best.pth']} "
+              f"(epoch {trainer.history.best['epoch']})")
+    barrier()
+    return status
 
 
 def describe_run(args, splits, classes, counts, meta, weights):
@@ -364,78 +399,6 @@ def describe_run(args, splits, classes, counts, meta, weights):
     print(f"model: {meta['arch']} ({meta['stem']} stem, {meta['in_channels']} channel(s)), "
           f"{args.decoder} decoder, {source}{', encoder frozen' if args.freeze else ''}; "
           f"{meta['image_size']} px", flush=True)
-
-
-def fit(model, sampler, loader, val_loader, optimizer, history, device, args, k, save, paths):
-    """Train until args.epochs are complete, resuming from len(history['step_losses']); after
-    every epoch score the val split, write best.pth when its mIoU is the best so far (every
-    epoch without a val split) and checkpoint.pth. Returns 'finished' or 'stopped' (Ctrl-C or
-    SIGTERM: checkpoint written after the current step)."""
-    steps_per_epoch = sampler.n_items // sampler.global_batch_size
-    total_steps = args.epochs * steps_per_epoch
-    schedule = functools.partial(learning_rate_at, base_lr=args.lr,
-                                 warmup_steps=round(args.warmup_epochs * steps_per_epoch),
-                                 total_steps=total_steps)
-    with GracefulStop() as stop:
-        while len(history["step_losses"]) < total_steps:
-            epoch, start_batch = divmod(len(history["step_losses"]), steps_per_epoch)
-            sampler.set_epoch(epoch, start_batch)
-            tic = time.perf_counter()
-            if not train_epoch(model, loader, optimizer, schedule, history, device, args, epoch,
-                               stop):
-                save(paths["checkpoint.pth"], True)
-                return "stopped"
-            seconds = time.perf_counter() - tic
-            line = (f"epoch {epoch + 1}/{args.epochs}  loss "
-                    f"{np.mean(history['step_losses'][-steps_per_epoch:]):.4f}")
-            is_best = val_loader is None
-            if val_loader is not None:
-                scores = segmentation_scores(predict(model, val_loader, device, k,
-                                                     args.ignore_index, args.channels_last)[0])
-                history["val"].append([epoch + 1, scores["miou"], scores["pixel_accuracy"]])
-                is_best = history["best_epoch"] == 0 or scores["miou"] > history["best_val_miou"]
-                line += (f"  val mIoU {100 * scores['miou']:.2f} %  pixel accuracy "
-                         f"{100 * scores['pixel_accuracy']:.2f} %")
-            if is_best:
-                history["best_val_miou"] = history["val"][-1][1] if history["val"] else math.nan
-                history["best_epoch"] = epoch + 1
-                save(paths["best.pth"], False)
-            images = (steps_per_epoch - start_batch) * args.batch_size
-            print(f"{line}  lr {schedule(len(history['step_losses']) - 1):.3g}  "
-                  f"{images / seconds:.1f} img/s  {seconds:.0f} s", flush=True)
-            save(paths["checkpoint.pth"], True)
-            if stop.requested:
-                return "stopped" if len(history["step_losses"]) < total_steps else "finished"
-    return "finished"
-
-
-def train_epoch(model, loader, optimizer, schedule, history, device, args, epoch, stop):
-    """One pass over `loader` (which may start mid-epoch): per step, the learning rate of the
-    global step, cross-entropy over the non-ignored pixels, a step of the optimizer. Returns
-    False when a signal asked to stop (after the step it arrived in)."""
-    model.train()
-    for x, y in tqdm(loader, desc=f"epoch {epoch + 1}", leave=False, disable=None):
-        step = len(history["step_losses"])
-        for group in optimizer.param_groups:
-            group["lr"] = schedule(step)
-        x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
-        if args.channels_last:
-            x = x.contiguous(memory_format=torch.channels_last)
-        logits = model(x)
-        valid = (y != args.ignore_index).sum().clamp_min(1)
-        # the mean over valid pixels, and 0 (not NaN) for a batch of ignored pixels only
-        loss = F.cross_entropy(logits, y, ignore_index=args.ignore_index, reduction="sum") / valid
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        value = loss.item()
-        if not math.isfinite(value):
-            raise UserError(f"the loss became {value} at step {step} (the last checkpoint is "
-                            f"intact); start again with a lower --lr and --fresh")
-        optimizer.step()
-        history["step_losses"].append(value)
-        if stop.requested:
-            return False
-    return True
 
 
 def evaluate_and_write(model, eval_loaders, splits, counts, classes, meta, args, device, paths,
@@ -482,11 +445,9 @@ def evaluate_and_write(model, eval_loaders, splits, counts, classes, meta, args,
             "resolution": meta["image_size"], "decoder": args.decoder, "freeze": args.freeze,
             "baseline": args.baseline, "modelpath": args.modelpath, "model_meta": meta,
             "n_pairs": {s: len(p) for s, p in splits.items() if p is not None},
-            "epochs": args.epochs, "best_epoch": history["best_epoch"],
-            "epoch_losses": epoch_means(history["step_losses"], len(splits["train"]) //
-                                        args.batch_size).tolist(),
-            "val_per_epoch": [{"epoch": int(e), "miou": m, "pixel_accuracy": a}
-                              for e, m, a in history["val"]], **results}
+            "epochs": args.epochs, "best_epoch": history.best["epoch"],
+            "epoch_losses": history.epoch_means().tolist(),
+            "val_per_epoch": [dict(e) for e in history.evaluations], **results}
 
 
 def nan_to_none(values):

@@ -156,6 +156,19 @@ def all_reduce_mean(tensor):
     return tensor / get_world_size()
 
 
+def all_reduce_sum(tensor):
+    """Sum of a (small, detached) tensor over ranks without a host transfer (the collective
+    runs on the device's stream); the identity in a single process."""
+    if not is_distributed():
+        return tensor
+    tensor = tensor.detach().clone()
+    try:
+        dist.all_reduce(tensor)
+    except (RuntimeError, dist.DistError) as err:
+        raise _lost_peer(err) from None
+    return tensor
+
+
 def gather_with_grad(u):
     """All-gather `u` (n, D) from every rank: returns (all (nW, D), offset of this rank's rows).
 
