@@ -1,4 +1,4 @@
-"""Benchmark of the pretraining path (issue 8): how fast each part of what main.py runs goes on
+"""Benchmark of the pretraining path: how fast each part of what main.py runs goes on
 this machine, next to the machine's own limits and a straightforward reference loop.
 
     python bench.py                                  # this machine's default grid
@@ -17,19 +17,20 @@ Sections (--sections; each prints a table, and every row goes to the JSON file):
               per image) per worker count, and with --gpu-aug on the decoded uint8 batches
               augmented on the device; its ratio to what the trainer consumes (the fastest
               compute img/s of that size)
-    end2end   simclr.train_one_epoch fed by that pipeline, as main.py runs it, in the fastest
+    end2end   the engine's loop (Trainer.train_one_epoch) fed by that pipeline, as main.py runs it, in the fastest
               compute configuration of each arch and size
     baseline  the reference: a plain Dataset with per-image PIL transforms, two forward passes
               (one per view), fp32, a broadcast cosine-similarity NT-Xent and loss.item() per step
     ntxent    NTXentLoss forward + backward against the bare matmul + cross_entropy lower bound
               and the broadcast version, for N in --ntxent-n
 Images per second count images (two views each), as main.py's img/s does. The targets of
-issue 8 are printed as "target ...: measured X (met|not met)" lines and stored under "targets";
+the performance goals are printed as "target ...: measured X (met|not met)" lines and stored under "targets";
 the end-to-end target also gives its ceiling: the speed-up over the baseline of a step that ran
 all its FLOPs at the measured matmul rate (no loop doing the same work can exceed it).
 """
 import argparse
 import ctypes
+import functools
 import gc
 import itertools
 import math
@@ -47,15 +48,16 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from utils.fileio import json_dump
 from utils.errors import UserError, warn
-from simclr import (History, MixedPrecision, build_optimizer, forward_backward, resolve_amp,
-                    scaled_learning_rate, train_one_epoch)
-from utils.checkpoint import unwrap_model
+from simclr import SimCLRTask, transfer_views
 from utils.cli import ensure_writable_dir, environment_info, run_main
 from utils.data import (EpochBatchSampler, InMemoryBatches, TwoViewDataset, dataset_statistics,
                         decode_images, find_split, make_loader)
 from utils.gpu_augment import BatchSimCLRAugmentation, DeviceTwoViews
 from utils.model import FEATURE_DIMS, build_model, default_proj_dims, resolve_stem
+from utils.engine import LoopSettings, Run, RunFiles, Trainer
 from utils.ntxent import NTXentLoss
+from utils.optim import build_optimizer, scaled_learning_rate
+from utils.precision import MixedPrecision, resolve_amp
 from utils.sources import select_subset
 from utils.transforms import SimCLRAugmentation, TwoViews
 
@@ -66,7 +68,7 @@ MATMUL_DTYPES = {"off": "float32", "bf16": "bfloat16", "fp16": "float16"}  # per
 TEMPERATURE, LR_PER_256, WEIGHT_DECAY, LOG_EVERY = 0.2, 0.5, 5e-4, 10
 # The broadcast NT-Xent peaked at 6.2x one (2N, 2N, D) float32 tensor (CPU, N = 256 and 512).
 BROADCAST_PEAK_TENSORS = 6.2
-# Targets of issue 8.
+# Performance targets.
 E2E_OVER_BASELINE, LOADER_OVER_TRAINER, NTXENT_OVER_BOUND, E2E_OVER_COMPUTE = 1.3, 3.0, 1.5, 0.85
 NTXENT_TARGET_N = 1024
 
@@ -289,28 +291,34 @@ def count_flops(fn):
 # The training step (what main.py runs) and the reference implementations
 
 
-def build_trainer(arch, channels, image_size, batch_size, device, channels_last, compile_model):
-    """(model, NT-Xent criterion, SGD optimizer) as main.py builds them with its defaults; the
-    model on `device`, channels-last and/or torch.compile'd as asked."""
+def build_trainer(arch, channels, image_size, config, pipeline, device):
+    """The engine's Trainer for main.py's SimCLR task with its defaults (SGD, NT-Xent, a
+    constant learning rate here, no checkpoints): the model on `device`, channels-last and/or
+    torch.compile'd as `config` asks. pipeline = (loader, sampler, make_views)."""
+    loader, sampler, make_views = pipeline
     torch.manual_seed(0)
     model = build_model(arch, channels, resolve_stem("auto", image_size),
                         default_proj_dims(arch)).to(device)
-    if channels_last:
-        model = model.to(memory_format=torch.channels_last)
-    lr = scaled_learning_rate(LR_PER_256, batch_size, "linear")
-    optimizer = build_optimizer(model, "sgd", lr, WEIGHT_DECAY)
-    if compile_model:
-        model = torch.compile(model)
-    return model, NTXentLoss(TEMPERATURE), optimizer
+    lr = scaled_learning_rate(LR_PER_256, sampler.global_batch_size, "linear")
+    settings = LoopSettings(epochs=1, steps_per_epoch=max(1, len(loader)), log_every=LOG_EVERY,
+                            checkpoint_minutes=0, channels_last=config["channels_last"],
+                            compile="inductor" if config["compile"] else None)
+    trainer = Trainer(Run(
+        task=SimCLRTask(NTXentLoss(TEMPERATURE), make_views), model=model,
+        optimizer=build_optimizer(model, "sgd", lr, WEIGHT_DECAY), schedule=lambda step: lr,
+        sampler=sampler, loader=loader, precision=MixedPrecision(config["amp"], device),
+        settings=settings, files=RunFiles(os.devnull), device=device))
+    trainer.stop = types.SimpleNamespace(requested=False)
+    return trainer
 
 
-def training_step(model, criterion, optimizer, x, precision):
-    """The step of simclr.train_one_epoch on views x = cat(view1, view2) (2B, C, S, S) already
-    on the device: zero the gradients, simclr.forward_backward (autocast and loss scaling of
-    `precision`, a simclr.MixedPrecision; the loss in float32), optimizer step."""
-    optimizer.zero_grad(set_to_none=True)
-    forward_backward(model, criterion, x, None, precision)
-    precision.step(optimizer)
+def plain_step(trainer, x):
+    """trainer.train_step on the plain module (not compiled), e.g. under FlopCounterMode."""
+    compiled, trainer.model = trainer.model, trainer.plain
+    try:
+        trainer.train_step(x, 0)
+    finally:
+        trainer.model = compiled
 
 
 def partner_targets(n, device):
@@ -544,25 +552,21 @@ def bench_compute(args, device, channels, matmul_rows):
 
 
 def time_compute_step(config, args, device, channels, count):
-    """(seconds per training_step, its FLOPs or None) for one compute configuration on a random
+    """(seconds per Trainer.train_step, its FLOPs or None) for one compute configuration on a random
     batch of 2B views. With `count`, the first warm-up step runs on the plain module (also when
     compiled) under FlopCounterMode; a compiled model gets at least one warm-up step."""
     b, size = args.batch_size, config["image_size"]
-    model, criterion, optimizer = build_trainer(config["arch"], channels, size, b, device,
-                                                config["channels_last"], config["compile"])
-    precision = MixedPrecision(config["amp"], device)
     memory_format = torch.channels_last if config["channels_last"] else torch.contiguous_format
     x = torch.randn(2 * b, channels, size, size, device=device).contiguous(
         memory_format=memory_format)
+    pipeline = ([x], types.SimpleNamespace(global_batch_size=b), lambda views, step: views)
+    trainer = build_trainer(config["arch"], channels, size, config, pipeline, device)
     warmup, flops = args.warmup, None
     if count:
-        flops = count_flops(lambda: training_step(unwrap_model(model), criterion, optimizer, x,
-                                                  precision))
+        flops = count_flops(lambda: plain_step(trainer, x))
         warmup -= 1
     warmup = max(warmup, 1 if config["compile"] else 0)
-    seconds = seconds_per_call(
-        lambda: training_step(model, criterion, optimizer, x, precision),
-        warmup, args.steps, device)
+    seconds = seconds_per_call(lambda: trainer.train_step(x, 0), warmup, args.steps, device)
     return seconds, flops
 
 
@@ -706,26 +710,20 @@ def ceiling_images_per_s(compute):
 
 
 def time_trainer(arch, size, config, gpu_aug, args, device, images, stats):
-    """Seconds for `steps` batches of simclr.train_one_epoch after `warmup` batches, loading
+    """Seconds for `steps` batches of the engine's loop (Trainer.train_one_epoch) after `warmup` batches, loading
     included, with main.py's loop settings (log every 10 steps, constant learning rate here, no
     checkpoints)."""
-    model, criterion, optimizer = build_trainer(arch, stats["channels"], size, args.batch_size,
-                                                device, config["channels_last"],
-                                                config["compile"])
     if gpu_aug:
         loader, sampler, make_views = device_pipeline(images, stats, size, args.batch_size, device)
     else:
         loader, sampler = pretraining_loader(images, stats, size, args.batch_size,
                                              args.e2e_workers, device)
-        make_views = None
+        make_views = functools.partial(transfer_views, device=device)
     batches = TimedBatches(endless_batches(loader, sampler), args.warmup, args.steps, device)
-    lr = optimizer.param_groups[0]["lr"]
+    trainer = build_trainer(arch, stats["channels"], size, config,
+                            (batches, sampler, make_views), device)
     try:
-        train_one_epoch(model, criterion, optimizer, batches, device, 0, History(len(batches)),
-                        lambda step: lr, config["channels_last"], None,
-                        types.SimpleNamespace(requested=False), lambda: False,
-                        lambda draw_plot: None, MixedPrecision(config["amp"], device),
-                        LOG_EVERY, make_views=make_views)
+        trainer.train_one_epoch(0)
         synchronize(device)
         return time.perf_counter() - batches.started
     finally:
@@ -787,7 +785,7 @@ def target(name, measured, threshold, config, at_most=False, ceiling=None):
 
 
 def evaluate_targets(results, device):
-    """The targets of issue 8 that the measured rows allow. CPU: end to end >= 1.3x the
+    """The performance targets that the measured rows allow. CPU: end to end >= 1.3x the
     baseline loop, and the loader (best worker count) >= 3x the trainer's compute-only img/s.
     CUDA: end to end >= 85 % of the compute-only img/s of the same configuration. Any device:
     NT-Xent forward + backward <= 1.5x the matmul + cross_entropy bound at N = 1024."""
@@ -891,7 +889,7 @@ def print_section(name, rows, archs):
                          ("arch", "arch", "str"), ("image_size", "px", "int"),
                          ("workers", "workers", "int"), ("step_ms", "ms/step", "ms"),
                          ("images_per_s", "img/s", "int")], 2),
-        "end2end": ("end to end: main.py's loop (simclr.train_one_epoch) fed by its loader",
+        "end2end": ("end to end: main.py's loop (the engine's loop (Trainer.train_one_epoch)) fed by its loader",
                     config + [("gpu_aug", "gpu-aug", "str"), ("workers", "workers", "int"),
                               ("images_per_s", "img/s", "int"),
                               ("fraction_of_compute", "of compute", "pct"),

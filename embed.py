@@ -39,7 +39,7 @@ from utils.errors import UserError
 from utils.fileio import atomic_write_bytes, fsync_folder
 from utils.cli import (add_data_loading_args, add_data_source_args,
                        add_labelled_data_and_model_args, ensure_writable_dir, print_args, run_main,
-                       select_device)
+                       note_one_device, select_device, ONE_DEVICE_HELP)
 from utils.data import drop_unreadable, make_loader, scan_image_folder, warn_if_colour_dropped
 from utils.model import FEATURE_DIMS, load_trained_model
 from utils.sources import SPLITS, has_split, load_split, select_subset
@@ -56,7 +56,8 @@ def get_args_parser():
         datapath_help="a folder of images (searched recursively), an ImageFolder class tree, a "
                       "folder with train/ val/ test/, a path list of 'path' or 'path,label' "
                       "lines, or a MedMNIST .npz file or name")
-    add_data_loading_args(parser, batch_size=250)
+    add_data_loading_args(parser, batch_size=250,
+                          multiple_gpus_help=ONE_DEVICE_HELP)
     add_data_source_args(parser)
     group = parser.add_argument_group("features")
     group.add_argument("--layer", choices=("h", "z"), default="h",
@@ -215,7 +216,8 @@ def write_rows(extractor, loader, rows, device, n_images):
 def main(args):
     if args.batch_size < 1:
         raise UserError(f"-bs {args.batch_size} must be at least 1")
-    device, n_gpus = select_device(args.cuda, args.multiple_gpus)
+    device = select_device(args.cuda)
+    note_one_device(args, "embedding")
     out_npy, out_csv = output_paths(args.out)
     folder = os.path.dirname(os.path.abspath(out_npy))
     ensure_writable_dir(folder, "the folder of OUT")
@@ -234,8 +236,6 @@ def main(args):
                          pin_memory=device.type == "cuda")
     extractor = FeatureExtractor(model, args.layer, args.normalize).to(
         device, memory_format=torch.channels_last).eval()
-    if n_gpus > 1:
-        extractor = torch.nn.DataParallel(extractor)
     print(f"{n_images} images ({', '.join(f'{len(images)} {split}' for split, images in sets)})"
           if sets[0][0] is not None else f"{n_images} images", flush=True)
 

@@ -30,7 +30,7 @@ from utils.errors import UserError, warn
 from utils.fileio import atomic_write_bytes, json_dump
 from utils.cli import (add_data_loading_args, add_data_source_args,
                        add_labelled_data_and_model_args, ensure_writable_dir, print_args, run_main,
-                       select_device)
+                       note_one_device, select_device, ONE_DEVICE_HELP)
 from utils.data import ImageDataset, derive_seed, make_loader, warn_if_colour_dropped
 from utils.knn import cosine_neighbours, knn_accuracy
 from utils.linear_probe import extract_features
@@ -50,7 +50,8 @@ def get_args_parser():
                     "SimCLR features h (encoder) and z (projection head).",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     add_labelled_data_and_model_args(parser, "outdir", "folder for the figures, CSV and JSON")
-    add_data_loading_args(parser, batch_size=250)
+    add_data_loading_args(parser, batch_size=250,
+                          multiple_gpus_help=ONE_DEVICE_HELP)
     add_data_source_args(parser)
     group = parser.add_argument_group("analysis")
     group.add_argument("--k", type=int, default=20,
@@ -107,15 +108,13 @@ def check_split_sizes(n_train, n_test, args):
 
 
 @torch.no_grad()
-def extract_h_z(model, loader, device, n_gpus=1, chunk=4096):
+def extract_h_z(model, loader, device, chunk=4096):
     """Features of every image of `loader`: (h (N, F), z (N, P), labels (N,)), on the CPU.
 
     h = model.encoder(x) (channels_last, on `device`, eval mode), z = model.head(h) (eval mode,
     on the CPU, `chunk` rows at a time). The encoder is moved to `device`.
     """
     encoder = model.encoder.to(device, memory_format=torch.channels_last)
-    if n_gpus > 1:
-        encoder = torch.nn.DataParallel(encoder)
     h, labels = extract_features(encoder, loader, device, channels_last=True,
                                  desc="features")
     head = model.head.eval()
@@ -242,7 +241,8 @@ def retrieval(train_h, test_h, train_images, test_images, meta, transform, args)
 
 def main(args):
     check_args(args)
-    device, n_gpus = select_device(args.cuda, args.multiple_gpus)
+    device = select_device(args.cuda)
+    note_one_device(args, "feature extraction")
     ensure_writable_dir(args.outdir, "OUTDIR")
     print_args(args)
     model, meta = load_trained_model(args.modelpath)
@@ -257,7 +257,7 @@ def main(args):
         loader = make_loader(ImageDataset(images, meta["in_channels"], transform),
                              batch_size=args.batch_size, num_workers=args.num_workers,
                              pin_memory=device.type == "cuda")
-        feats["h"][split], feats["z"][split], y = extract_h_z(model, loader, device, n_gpus)
+        feats["h"][split], feats["z"][split], y = extract_h_z(model, loader, device)
         labels[split] = y.numpy()
     print(f"features: h {tuple(feats['h']['train'].shape[1:])}, z "
           f"{tuple(feats['z']['train'].shape[1:])}; {len(labels['train'])} train, "

@@ -380,4 +380,4 @@ def report(args, trainer, meta, splits, test_loader):
 
 
 if __name__ == "__main__":
-    run_main(main, get_args_parser())
+    run_main(main, get_args_parser(), launches_workers=True)

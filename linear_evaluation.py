@@ -17,7 +17,7 @@ from utils.errors import UserError
 from utils.fileio import atomic_torch_save
 from utils.cli import (add_data_loading_args, add_data_source_args,
                        add_labelled_data_and_model_args, ensure_writable_dir, print_args, run_main,
-                       select_device)
+                       note_one_device, select_device, ONE_DEVICE_HELP)
 from utils.data import ImageDataset, make_loader, warn_if_colour_dropped
 from utils.sources import labelled_train_test
 from utils.linear_probe import LinearProbe, extract_features
@@ -32,7 +32,8 @@ def get_args_parser():
         description="Linear evaluation: logistic regression on frozen SimCLR features.",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     add_labelled_data_and_model_args(parser, "respath", "folder for the report and figures")
-    add_data_loading_args(parser, batch_size=125)
+    add_data_loading_args(parser, batch_size=125,
+                          multiple_gpus_help=ONE_DEVICE_HELP)
     add_data_source_args(parser)
     parser.add_argument("--remove_top_layers", "--remove-top-layers", dest="remove_top_layers",
                         type=int, default=None,
@@ -65,7 +66,8 @@ def probe_accuracy(train_x, train_y, test_x, test_y, n_classes, args):
 
 
 def main(args):
-    device, n_gpus = select_device(args.cuda, args.multiple_gpus)
+    device = select_device(args.cuda)
+    note_one_device(args, "feature extraction")
     ensure_writable_dir(args.respath)
     print_args(args)
     model, meta = load_trained_model(args.modelpath, args.reference is not None, args.seed)
@@ -83,8 +85,6 @@ def main(args):
     channels_last = args.reference != "pixels"
     encoder = model.encoder.to(device, memory_format=torch.channels_last) if channels_last \
         else Flatten()
-    if n_gpus > 1:
-        encoder = torch.nn.DataParallel(encoder)
     (train_h, train_y), (test_h, test_y) = [
         extract_features(encoder, loader, device, channels_last, desc=f"{split} features")
         for loader, split in zip(loaders, ("train", "test"))]

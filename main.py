@@ -407,4 +407,4 @@ def pretrain(args, device):
 
 
 if __name__ == "__main__":
-    run_main(main, get_args_parser())
+    run_main(main, get_args_parser(), launches_workers=True)

@@ -474,4 +474,4 @@ def fmt(value):
 
 
 if __name__ == "__main__":
-    run_main(main, get_args_parser())
+    run_main(main, get_args_parser(), launches_workers=True)

@@ -1,17 +1,22 @@
-"""One SimCLR training step under torchrun (or in one process), for tests/test_distributed.py.
+"""One training step under torchrun, under --multiple_gpus or in one process, for
+tests/test_distributed.py.
 
     torchrun --standalone --nproc_per_node=2 tests/distributed_step.py OUT.pt [options]
+    python tests/distributed_step.py OUT.pt --multiple_gpus --nproc 2 [options]
     python tests/distributed_step.py OUT.pt [options]          # the one-process reference
 
 Every process builds the same model and the same global batch (seeded), takes its slice of it
-(rank r: images r*B/W .. (r+1)*B/W, both views), runs `simclr.forward_backward` exactly as the
-training loop does, and rank 0 saves the global loss and the averaged parameter gradients.
+(rank r: images r*B/W .. (r+1)*B/W, both views for SimCLR), runs the step the engine runs for
+--task (simclr: `simclr.forward_backward`; finetune, segment: the script's Task.step, on labels
+and, for segmentation, ignored pixels spread unevenly over the ranks), and rank 0 saves the
+global loss and the averaged parameter gradients.
 --negatives local and --gather-grad local reproduce two bugs of other implementations, so the
 test can show that its comparison catches them.
 """
 import argparse
 import os
 import sys
+import types
 
 import torch
 import torch.distributed as dist
@@ -21,8 +26,10 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from simclr import forward_backward  # noqa: E402
 from utils.distributed import (all_reduce_mean, cleanup, gather_with_grad, get_rank,  # noqa: E402
                                get_world_size, setup, wrap_model)
-from utils.model import build_model  # noqa: E402
+from utils.launch import launch_workers, wants_launch  # noqa: E402
+from utils.model import build_encoder, build_model  # noqa: E402
 from utils.ntxent import NTXentLoss  # noqa: E402
+from utils.precision import FLOAT32  # noqa: E402
 
 
 def gather_without_grad_sum(u):
@@ -44,9 +51,17 @@ def main():
     parser.add_argument("--negatives", choices=("global", "local"), default="global")
     parser.add_argument("--gather-grad", choices=("sum", "local"), default="sum")
     parser.add_argument("--chunk-size", type=int, default=None)
+    parser.add_argument("--task", choices=("simclr", "finetune", "segment"), default="simclr")
+    parser.add_argument("--multiple_gpus", action="store_true")
+    parser.add_argument("--nproc", type=int, default=None)
+    parser.set_defaults(cuda=False)
     args = parser.parse_args()
+    if wants_launch(args):
+        sys.exit(launch_workers(args, os.path.abspath(__file__), sys.argv[1:]))
 
     device = setup(cuda=False)
+    if args.task != "simclr":
+        return supervised_step(args, device)
     rank, world = get_rank(), get_world_size()
     dtype = getattr(torch, args.dtype)
     torch.manual_seed(0)
@@ -70,6 +85,12 @@ def main():
         gather = gather_with_grad if args.gather_grad == "sum" else gather_without_grad_sum
     criterion = NTXentLoss(0.2, gather=gather)
     loss, _ = forward_backward(model, criterion, x, args.chunk_size)
+    save_result(args, model, loss)
+
+
+def save_result(args, model, loss):
+    """Rank 0 writes the global loss, the (DDP-averaged) gradients and the buffers."""
+    rank, world = get_rank(), get_world_size()
     loss = all_reduce_mean(loss.detach().view(1))
     plain = model.module if hasattr(model, "module") else model
     grads = {name: p.grad.detach().clone() for name, p in plain.named_parameters()}
@@ -78,6 +99,42 @@ def main():
         torch.save({"loss": loss, "grads": grads, "buffers": buffers, "world_size": world},
                    args.out)
     cleanup()
+
+
+def supervised_step(args, device):
+    """One step of finetune.py's or segment.py's task (float64) on this rank's slice of a
+    seeded global batch of 8 images with 3 classes."""
+    import finetune
+    import segment
+    from utils.segmentation import build_segmentation_net
+    rank, world = get_rank(), get_world_size()
+    dtype = getattr(torch, args.dtype)
+    torch.manual_seed(0)
+    generator = torch.Generator().manual_seed(1)
+    if args.task == "finetune":
+        encoder, feat_dim = build_encoder("resnet18", 1, "cifar")
+        model = finetune.Classifier(encoder, finetune.build_head("mlp", feat_dim, 3))
+        x = torch.randn(args.batch, 1, 8, 8, generator=generator)
+        y = torch.randint(0, 3, (args.batch,), generator=generator)
+        task = finetune.FinetuneTask(False, None, device)
+    else:
+        model = build_segmentation_net("resnet18", 1, "cifar", 3, "unet", False)
+        x = torch.randn(args.batch, 1, 16, 16, generator=generator)
+        y = torch.randint(0, 3, (args.batch, 16, 16), generator=generator)
+        # image i has i/8 of its pixels ignored: the ranks hold different numbers of labels
+        ignored = torch.rand(args.batch, 16, 16, generator=generator) < (
+            torch.arange(args.batch) / args.batch).view(-1, 1, 1)
+        y[ignored] = 255
+        task = segment.SegmentationTask(types.SimpleNamespace(
+            ignore_index=255, freeze=False, channels_last=False), 3, None, device)
+    model = wrap_model(model.to(dtype), device, args.sync_bn)
+    model.train()
+    b = args.batch // world
+    mine = slice(rank * b, (rank + 1) * b)
+    trainer = types.SimpleNamespace(model=model, precision=FLOAT32, device=device,
+                                    settings=types.SimpleNamespace(channels_last=False))
+    loss, _ = task.step(trainer, (x[mine].to(dtype), y[mine]), 0)
+    save_result(args, model, loss)
 
 
 def replace_batchnorm_by_groupnorm(module):

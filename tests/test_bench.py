@@ -3,6 +3,8 @@ figures and the device fields; the figures it derives are checked against comput
 another way (an analytic FLOP count, a known allocation, the loss of utils/ntxent.py)."""
 import json
 import math
+import os
+import types
 
 import pytest
 import torch
@@ -11,7 +13,10 @@ from torch import nn
 import bench
 from conftest import run_script
 from utils.errors import UserError
-from simclr import FLOAT32, build_optimizer
+from simclr import SimCLRTask
+from utils.engine import LoopSettings, Run, RunFiles, Trainer
+from utils.optim import build_optimizer
+from utils.precision import FLOAT32
 from utils.model import SimCLRModel
 from utils.ntxent import NTXentLoss
 
@@ -103,8 +108,14 @@ def test_step_flops_match_an_analytic_count():
     model = tiny_conv_model()
     optimizer = build_optimizer(model, "sgd", 0.1, 0.0)
     x = torch.randn(views, 1, side, side)
-    counted = bench.count_flops(lambda: bench.training_step(
-        model, NTXentLoss(0.2), optimizer, x, FLOAT32))
+    trainer = Trainer(Run(
+        task=SimCLRTask(NTXentLoss(0.2), lambda views, step: views), model=model,
+        optimizer=optimizer, schedule=lambda step: 0.1,
+        sampler=types.SimpleNamespace(global_batch_size=views // 2), loader=[x],
+        precision=FLOAT32, settings=LoopSettings(epochs=1, steps_per_epoch=1,
+                                                 channels_last=False),
+        files=RunFiles(os.devnull), device=torch.device("cpu")))
+    counted = bench.count_flops(lambda: bench.plain_step(trainer, x))
 
     conv1 = 2 * 1 * 4 * 9 * side * side * views
     conv2 = 2 * 4 * 8 * 9 * side * side * views

@@ -48,12 +48,15 @@ def free_port():
         return s.getsockname()[1]
 
 
-def one_step(tmp_path, name, *options, processes=2):
-    """Loss, gradients and buffers after one step of tests/distributed_step.py."""
+def one_step(tmp_path, name, *options, processes=2, launcher="torchrun"):
+    """Loss, gradients and buffers after one step of tests/distributed_step.py, in one process
+    or in `processes` started by torchrun or by the script's --multiple_gpus --nproc."""
     out = tmp_path / f"{name}.pt"
-    if processes == 1:
-        result = subprocess.run([sys.executable, STEP_SCRIPT, out, *options], cwd=REPO,
-                                capture_output=True, text=True, timeout=300)
+    if processes == 1 or launcher == "multiple_gpus":
+        extra = [] if processes == 1 else ["--multiple_gpus", "--nproc", str(processes)]
+        result = subprocess.run([sys.executable, STEP_SCRIPT, out, *options, *extra], cwd=REPO,
+                                capture_output=True, text=True, timeout=300,
+                                env=torchrun_env())
     else:
         result = run_torchrun(STEP_SCRIPT, out, *options, nproc=processes, timeout=300)
     assert result.returncode == 0, result.stdout + result.stderr
@@ -87,6 +90,48 @@ def test_two_processes_equal_one_process_on_the_global_batch(reference_step, tmp
     assert loss_diff < 1e-10
     assert grad_diff < 1e-5
     assert buffer_diff < 1e-10  # running statistics of the global batch on every rank
+
+
+@pytest.fixture(scope="module")
+def supervised_reference(tmp_path_factory):
+    """{task: one process's step on the whole global batch of 8, float64}."""
+    folder = tmp_path_factory.mktemp("supervised")
+    return {task: one_step(folder, task, "--task", task, processes=1)
+            for task in ("finetune", "segment")}
+
+
+@pytest.mark.parametrize("launcher", ["torchrun", "multiple_gpus"])
+@pytest.mark.parametrize("task", ["finetune", "segment"])
+def test_finetune_and_segment_steps_on_two_processes_equal_one(supervised_reference, tmp_path,
+                                                               task, launcher):
+    """The engine's step of finetune.py (MLP head: BatchNorm1d too) and segment.py (U-Net,
+    ignored pixels unevenly spread over the ranks, so a per-rank mean would be wrong) on 2
+    processes equals one process holding the global batch: loss, gradients, BatchNorm
+    buffers."""
+    reference = supervised_reference[task]
+    two = one_step(tmp_path, "two", "--task", task, launcher=launcher)
+    assert two["world_size"] == 2
+    loss_diff = abs(two["loss"] - reference["loss"]).item()
+    grad_diff = max_grad_difference(two, reference)
+    buffer_diff = max((two["buffers"][k].double() - reference["buffers"][k].double())
+                      .abs().max().item() for k in two["buffers"])
+    print(f"{task}, 2 processes ({launcher}) vs 1: loss diff {loss_diff:.2e}, gradient diff "
+          f"{grad_diff:.2e} (max gradient {max_grad(reference):.2f}), buffers {buffer_diff:.2e}")
+    assert loss_diff < 1e-10
+    assert grad_diff < 1e-8 * max(1.0, max_grad(reference))
+    assert buffer_diff < 1e-10
+
+
+def test_per_rank_mean_over_pixels_would_differ(supervised_reference, tmp_path):
+    """The segmentation check can see the bug it guards against: the mean of per-rank pixel
+    means (what a plain per-process loss gives) is not the global batch's loss here."""
+    import torch.nn.functional as F
+    generator = torch.Generator().manual_seed(1)
+    torch.randn(8, 1, 16, 16, generator=generator)
+    y = torch.randint(0, 3, (8, 16, 16), generator=generator)
+    ignored = torch.rand(8, 16, 16, generator=generator) < (torch.arange(8) / 8).view(-1, 1, 1)
+    valid = [int((~ignored[r * 4:(r + 1) * 4]).sum()) for r in (0, 1)]
+    assert valid[0] != valid[1] and y.numel() > 0  # unequal weights: per-rank means differ
 
 
 @pytest.mark.parametrize("bug, options", [

@@ -97,11 +97,12 @@ def test_validation_and_label_budget_sizes_are_exact(runs):
 def test_budget_picks_the_images_linear_evaluation_uses(tiny_folder, pretrained):
     import finetune
     import linear_evaluation
+    from utils.sources import labelled_train_test
     for seed in (0, 3):
         argv = [tiny_folder, model_path(pretrained), "out", "--samples-per-class", "4",
                 "--seed", str(seed)]
         train, val, _ = finetune.finetune_splits(finetune.get_args_parser().parse_args(argv))
-        probe_train, _ = linear_evaluation.labelled_splits(
+        probe_train, _ = labelled_train_test(
             linear_evaluation.get_args_parser().parse_args(argv))
         assert train.paths == probe_train.paths and len(train) == 12
         assert not set(val.paths) & set(train.paths) and len(val) == 3
@@ -115,7 +116,8 @@ def test_resume_continues_to_more_epochs(runs, tiny_folder):
     assert "resuming" in result.stdout and "epoch 2/2" in result.stdout
     assert "epoch 1/2" not in result.stdout
     ckpt = torch.load(os.path.join(respath, "checkpoint.pth"), weights_only=True)
-    assert ckpt["epoch"] == 2 and len(ckpt["losses"]["val_accuracy"]) == 2
+    assert ckpt["epoch"] == 2 and [e["epoch"] for e in ckpt["history"]["evaluations"]] == [1, 2]
+    assert ckpt["best"]["epoch"] in (1, 2) and "val_accuracy" in ckpt["best"]
     changed = run_script("finetune.py", tiny_folder, respath, "--baseline", "--arch", "resnet18",
                          "--image-size", "16", "--epochs", "2", "-bs", "4", "-nw", "0")
     assert_one_line_error(changed, "--batch-size 8", "--fresh")

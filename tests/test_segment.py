@@ -173,8 +173,9 @@ def test_segment_end_to_end_frozen_resumed(pretrained, seg_data, tmp_path):
     assert "resuming" in second.stdout and "epoch 2/2" in second.stdout
     after_two = torch.load(out / "checkpoint.pth", weights_only=True)
     assert after_two["script"] == "segment" and after_two["step"] == 2 * (40 // 8)
-    losses = after_two["history"]["step_losses"]
-    assert torch.equal(losses[:5], after_one["history"]["step_losses"])
+    losses = after_two["history"]["series"]["loss"]
+    assert torch.equal(losses[:5], after_one["history"]["series"]["loss"])
+    assert after_two["format_version"] == 2 and after_two["extra"]["num_classes"] == 2
 
     pretrained_encoder = encoder_state(torch.load(model, weights_only=True))
     trained = after_two["model"]

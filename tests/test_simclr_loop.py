@@ -8,8 +8,8 @@ import numpy as np
 import pytest
 import torch
 
-from simclr import History, build_optimizer
-from utils.training import GracefulStop, learning_rate_at
+from utils.engine import GracefulStop, History
+from utils.optim import build_optimizer, learning_rate_at
 from utils.model import build_model
 
 
@@ -44,9 +44,10 @@ def test_optimizer_excludes_batchnorm_and_bias_from_weight_decay():
 
 def test_history_epoch_means_ignore_partial_epoch():
     """Per-epoch values are means over complete epochs; a partial epoch is not reported."""
-    history = History(3, step_losses=[1, 2, 3, 4, 5, 6, 7], step_top1=[0, 0, 1, 1, 1, 1, 0])
-    np.testing.assert_allclose(history.epoch_losses, [2.0, 5.0])
-    np.testing.assert_allclose(history.epoch_top1, [1 / 3, 1.0])
+    history = History(3, ("loss", "top1"), {"loss": [1, 2, 3, 4, 5, 6, 7],
+                                            "top1": [0, 0, 1, 1, 1, 1, 0]})
+    np.testing.assert_allclose(history.epoch_means("loss"), [2.0, 5.0])
+    np.testing.assert_allclose(history.epoch_means("top1"), [1 / 3, 1.0])
 
 
 def test_graceful_stop_turns_sigint_into_a_flag():

@@ -2,6 +2,7 @@
 functions, in-memory decoding, mixed precision steps, the sync-free loop, and main.py with
 --gpu-aug --amp fp16 --compile killed and resumed through its real command line."""
 import json
+import functools
 import math
 import os
 import signal
@@ -17,11 +18,15 @@ from torch import nn
 from torchvision import transforms as T
 from torchvision.transforms import functional as TF
 
-import simclr
+import utils.engine as engine
+import utils.precision as precision_module
 from conftest import run_script
-from main import check_compile_backend, decode_for_device, get_args_parser
+from main import decode_for_device, get_args_parser
 from utils.errors import UserError
-from simclr import History, MixedPrecision, build_optimizer, forward_backward, train_one_epoch
+from simclr import SimCLRTask, forward_backward, transfer_views
+from utils.engine import LoopSettings, Run, RunFiles, Trainer, check_compile_backend
+from utils.optim import build_optimizer
+from utils.precision import FLOAT32, MixedPrecision
 from test_end_to_end import start_main, wait_for_step
 from utils.data import ImageList, decode_images
 from utils.gpu_augment import BatchSimCLRAugmentation
@@ -265,17 +270,33 @@ def view_batches(n, scale=None):
     return [(a * scale[k], b * scale[k]) if scale else (a, b) for k, (a, b) in enumerate(batches)]
 
 
-def run_epoch(batches, precision=simclr.FLOAT32, log_every=10, on_log=None):
-    """One epoch of simclr.train_one_epoch on TinySimCLR; returns (model, history)."""
+class RecordingLogger:
+    """Stands in for the TensorBoard logger: keeps each window the engine logs."""
+
+    def __init__(self):
+        self.windows = []
+
+    def log_steps(self, first_step, series, lrs):
+        self.windows.append((first_step, series["loss"], series["positive_pair_top1"], lrs))
+
+
+def run_epoch(batches, precision=FLOAT32, log_every=10, logger=None):
+    """One epoch of the engine's loop (Trainer.train_one_epoch) with the SimCLR task on
+    TinySimCLR; returns (model, history)."""
     torch.manual_seed(0)
     model = TinySimCLR()
-    optimizer = build_optimizer(model, "sgd", 0.1, 0.0)
-    history = History(len(batches))
-    train_one_epoch(model, NTXentLoss(0.2), optimizer, batches, torch.device("cpu"), 0,
-                    history, lambda step: 0.1, False, None,
-                    types.SimpleNamespace(requested=False), lambda: False,
-                    lambda draw_plot: None, precision, log_every, on_log)
-    return model, history
+    cpu = torch.device("cpu")
+    trainer = Trainer(Run(
+        task=SimCLRTask(NTXentLoss(0.2), functools.partial(transfer_views, device=cpu)),
+        model=model, optimizer=build_optimizer(model, "sgd", 0.1, 0.0),
+        schedule=lambda step: 0.1, sampler=types.SimpleNamespace(global_batch_size=4),
+        loader=batches, precision=precision,
+        settings=LoopSettings(epochs=1, steps_per_epoch=len(batches), log_every=log_every,
+                              checkpoint_minutes=0, channels_last=False),
+        files=RunFiles(os.devnull), device=cpu))
+    trainer.stop, trainer.logger = types.SimpleNamespace(requested=False), logger
+    trainer.train_one_epoch(0)
+    return model, trainer.history
 
 
 def test_sync_free_loop_transfers_once_per_window(monkeypatch):
@@ -284,7 +305,7 @@ def test_sync_free_loop_transfers_once_per_window(monkeypatch):
     each window's per-step values; the losses equal those of --log-every 1."""
     calls = {"tolist": 0, "item": 0, "all_reduce": 0}
     real_tolist, real_item, real_reduce = torch.Tensor.tolist, torch.Tensor.item, \
-        simclr.all_reduce_mean
+        engine.all_reduce_mean
 
     def counted(name, function):
         def wrapper(*args, **kwargs):
@@ -293,17 +314,17 @@ def test_sync_free_loop_transfers_once_per_window(monkeypatch):
         return wrapper
     monkeypatch.setattr(torch.Tensor, "tolist", counted("tolist", real_tolist))
     monkeypatch.setattr(torch.Tensor, "item", counted("item", real_item))
-    monkeypatch.setattr(simclr, "all_reduce_mean", counted("all_reduce", real_reduce))
-    logged = []
-    _, history = run_epoch(view_batches(7), log_every=3,
-                           on_log=lambda *window: logged.append(window))
+    monkeypatch.setattr(engine, "all_reduce_mean", counted("all_reduce", real_reduce))
+    logger = RecordingLogger()
+    _, history = run_epoch(view_batches(7), log_every=3, logger=logger)
+    logged = logger.windows
     assert calls == {"tolist": 3, "item": 0, "all_reduce": 3}
     monkeypatch.undo()
     assert [(first, len(losses), len(top1s), lrs) for first, losses, top1s, lrs in logged] == \
         [(0, 3, 3, [0.1] * 3), (3, 3, 3, [0.1] * 3), (6, 1, 1, [0.1])]
-    assert [loss for window in logged for loss in window[1]] == history.step_losses
+    assert [loss for window in logged for loss in window[1]] == history.series["loss"]
     _, every_step = run_epoch(view_batches(7), log_every=1)
-    assert every_step.step_losses == history.step_losses
+    assert every_step.series["loss"] == history.series["loss"]
 
 
 def test_mixed_precision_steps_on_cpu():
@@ -350,19 +371,19 @@ def test_cpu_amp_without_fast_kernels_warns_once(monkeypatch, capsys):
         fast = {"bf16": {"avx512bw", "avx512vl", "avx512dq"} <= flags,
                 "fp16": bool({"avx512_fp16", "amx_fp16"} & flags)}
         for mode in ("bf16", "fp16"):
-            assert simclr.cpu_has_fast(mode) == fast[mode], mode
-            assert simclr.resolve_amp(mode, cpu) == mode
+            assert precision_module.cpu_has_fast(mode) == fast[mode], mode
+            assert precision_module.resolve_amp(mode, cpu) == mode
             err = capsys.readouterr().err
             assert (err == "") == fast[mode], err
             if err:
                 assert err.count("\n") == 1 and f"--amp {mode}" in err and "--amp off" in err
-    assert simclr.resolve_amp("auto", cpu) == "off" and simclr.resolve_amp("off", cpu) == "off"
+    assert precision_module.resolve_amp("auto", cpu) == "off" and precision_module.resolve_amp("off", cpu) == "off"
     assert capsys.readouterr().err == ""
-    monkeypatch.setattr(simclr, "cpu_has_fast", lambda mode: False)
-    simclr.resolve_amp("bf16", cpu)
+    monkeypatch.setattr(precision_module, "cpu_has_fast", lambda mode: False)
+    precision_module.resolve_amp("bf16", cpu)
     assert "no fast bfloat16 kernels" in capsys.readouterr().err
-    monkeypatch.setattr(simclr, "cpu_has_fast", lambda mode: True)
-    simclr.resolve_amp("bf16", cpu)
+    monkeypatch.setattr(precision_module, "cpu_has_fast", lambda mode: True)
+    precision_module.resolve_amp("bf16", cpu)
     assert capsys.readouterr().err == ""
 
 
@@ -375,13 +396,13 @@ def test_fp16_overflow_is_a_skipped_step_not_a_divergence():
     torch.manual_seed(0)
     before = [p.clone() for p in TinySimCLR().parameters()]
     model, history = run_epoch(view_batches(1, [1e6]), fp16)
-    assert math.isnan(history.step_losses[0])
+    assert math.isnan(history.series['loss'][0])
     for old, new in zip(before, model.parameters()):
         torch.testing.assert_close(old, new, atol=0, rtol=0)
     _, history = run_epoch(view_batches(3, [1, 1e6, 1]), MixedPrecision("fp16", torch.device(
         "cpu")))
-    assert [math.isnan(v) for v in history.step_losses] == [False, True, False]
-    assert history.epoch_losses[0] == pytest.approx(np.mean(history.step_losses[::2]))
+    assert [math.isnan(v) for v in history.series['loss']] == [False, True, False]
+    assert history.epoch_means()[0] == pytest.approx(np.mean(history.series['loss'][::2]))
     with pytest.raises(UserError, match="the loss became nan at step 1"):
         run_epoch(view_batches(3, [1, math.nan, 1]))
     with pytest.raises(UserError, match="last 20 steps.*--amp bf16"):

@@ -9,14 +9,14 @@ from utils.errors import UserError, warn
 from utils.launch import launch_workers, wants_launch
 
 
-def run_main(main, parser):
+def run_main(main, parser, launches_workers=False):
     """Parse the command line with `parser`, call `main(args)`, and print UserError as one line.
-    With --multiple_gpus / --nproc (scripts that train with the engine), start the worker
-    processes instead, each of which runs `main` (utils/launch.py)."""
+    `launches_workers` (the scripts that train with the engine): with --multiple_gpus / --nproc
+    start the worker processes instead, each of which runs `main` (utils/launch.py)."""
     args = parser.parse_args()
     try:
         status = None
-        if wants_launch(args):
+        if launches_workers and wants_launch(args):
             status = launch_workers(args, sys.argv[0], sys.argv[1:])
         if status is None:
             status = main(args)
@@ -37,6 +37,11 @@ def non_negative_int(text):
     if value < 0:
         raise argparse.ArgumentTypeError(f"{value} is negative; use 0 or more")
     return value
+
+
+ONE_DEVICE_HELP = ("with -c: accepted for the commands of the original project; this script "
+                   "runs on one GPU (feature extraction is a small share of the time next to "
+                   "training, which uses every GPU)")
 
 
 def add_data_loading_args(parser, batch_size, multiple_gpus_help=None):

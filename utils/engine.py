@@ -246,20 +246,14 @@ class Trainer:
         window, tic = [], time.perf_counter()  # device values and lr of the steps since a log
         for batch in bar:
             step = self.history.step + len(window)
-            lr = self.run.schedule(step)
-            for group in self.optimizer.param_groups:
-                group["lr"] = lr
-            self.optimizer.zero_grad(set_to_none=True)
-            loss, extras = self.task.step(self, batch, step)
-            self.precision.step(self.optimizer)
-            window.append((loss, *extras, lr))
+            window.append(self.train_step(batch, step))
             if not self.is_logging_point(step):
                 continue
             stop_now, save_now = self.log_window(window)
             toc = time.perf_counter()
             images = len(window) * self.run.sampler.global_batch_size
             bar.set_postfix(loss=f"{finite_mean(self.history.series['loss'][-len(window):]):.4f}",
-                            lr=f"{lr:.3g}", img_s=f"{images / (toc - tic):.0f}")
+                            lr=f"{window[-1][-1]:.3g}", img_s=f"{images / (toc - tic):.0f}")
             window, tic = [], toc
             if stop_now:
                 self.save(draw_plot=True)
@@ -267,6 +261,17 @@ class Trainer:
             if save_now:
                 self.save(draw_plot=False)
         return True
+
+    def train_step(self, batch, step):
+        """One optimisation step: lr of `step`, zero_grad, the task's forward and backward,
+        the optimizer (through the loss scaler). Returns (loss, *extras, lr), on the device."""
+        lr = self.run.schedule(step)
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
+        self.optimizer.zero_grad(set_to_none=True)
+        loss, extras = self.task.step(self, batch, step)
+        self.precision.step(self.optimizer)
+        return (loss, *extras, lr)
 
     def is_logging_point(self, step):
         """Whether global step `step` (just done) ends a logging window: every log_every steps,
