@@ -33,8 +33,8 @@ from utils.cli import (add_data_loading_args, add_data_source_args, add_training
                        run_main)
 from utils.data import (EpochBatchSampler, ImageDataset, LabelledViewDataset, dataset_statistics,
                         make_loader, warn_if_colour_dropped)
-from utils.distributed import (barrier, cleanup, decide_on_main, get_rank, get_world_size,
-                               is_main_process, print0, setup)
+from utils.distributed import (barrier, decide_on_main, get_rank, get_world_size,
+                               is_main_process, print0, run_in_process_group)
 from utils.engine import (LoopSettings, Run, RunFiles, Task, Trainer, launcher_name,
                           load_resumable, report_outcome)
 from utils.errors import UserError
@@ -268,11 +268,7 @@ def run_kind(args):
 
 def main(args):
     check_args(args)
-    device = setup(args.cuda)
-    try:
-        return finetune(args, device)
-    finally:
-        cleanup()
+    return run_in_process_group(finetune, args)
 
 
 def finetune(args, device):

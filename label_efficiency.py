@@ -32,7 +32,7 @@ from utils.fileio import atomic_write_bytes
 from utils.cli import (add_data_loading_args, add_data_source_args,
                        add_labelled_data_and_model_args, ensure_writable_dir, run_main)
 from utils.plotfuncs import plot_label_efficiency
-from utils.training import GracefulStop
+from utils.engine import GracefulStop
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 METHODS = ("linear", "finetune", "frozen", "baseline")

@@ -30,9 +30,9 @@ from utils.cli import (add_augmentation_args, add_data_loading_args, add_data_so
                        ensure_writable_dir, environment_info, print_args, run_main)
 from utils.data import (EpochBatchSampler, ImageDataset, InMemoryBatches, TwoViewDataset,
                         dataset_statistics, decode_images, decoded_size_bytes, make_loader)
-from utils.distributed import (check_same_on_all_ranks, cleanup, decide_on_main,
+from utils.distributed import (check_same_on_all_ranks, decide_on_main,
                                gather_with_grad, get_rank, get_world_size, is_main_process,
-                               print0, setup)
+                               print0, run_in_process_group)
 from utils.engine import (LoopSettings, Run, RunFiles, Trainer, launcher_name, load_resumable,
                           peak_memory_mb, report_outcome)
 from utils.errors import UserError
@@ -325,11 +325,7 @@ def main(args):
     fill_defaults(args)
     if args.fout:
         args.respath = os.path.join(args.respath, args.fout)
-    device = setup(args.cuda)
-    try:
-        return pretrain(args, device)
-    finally:
-        cleanup()
+    return run_in_process_group(pretrain, args)
 
 
 def pretrain(args, device):

@@ -37,8 +37,8 @@ from utils.cli import (add_data_loading_args, add_training_args, check_training_
                        ensure_writable_dir, print_args, run_main)
 from utils.data import (EpochBatchSampler, ImageList, dataset_statistics, make_loader,
                         warn_if_colour_dropped)
-from utils.distributed import (all_reduce_sum, barrier, cleanup, decide_on_main, get_rank,
-                               get_world_size, is_main_process, setup)
+from utils.distributed import (all_reduce_sum, barrier, decide_on_main, get_rank,
+                               get_world_size, is_main_process, run_in_process_group)
 from utils.engine import (LoopSettings, Run, RunFiles, Task, Trainer, launcher_name,
                           load_resumable, report_outcome)
 from utils.errors import UserError
@@ -319,11 +319,7 @@ class SegmentationTask(Task):
 
 def main(args):
     resolve_args(args)
-    device = setup(args.cuda)
-    try:
-        return segment(args, device)
-    finally:
-        cleanup()
+    return run_in_process_group(segment, args)
 
 
 def segment(args, device):

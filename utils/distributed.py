@@ -61,6 +61,16 @@ def setup(cuda, timeout_minutes=30):
     return device
 
 
+def run_in_process_group(train, args):
+    """train(args, device) on this process's device (`setup(args.cuda)`), leaving the process
+    group afterwards, whatever happens."""
+    device = setup(args.cuda)
+    try:
+        return train(args, device)
+    finally:
+        cleanup()
+
+
 def cleanup():
     """Leave the process group (no-op in a single process)."""
     if is_distributed():
