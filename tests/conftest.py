@@ -4,9 +4,11 @@ its real command line."""
 import os
 import subprocess
 import sys
+import time
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -54,6 +56,34 @@ def run_script(script, *args, timeout=600, env=None):
     return subprocess.run([sys.executable, os.path.join(REPO, script), *map(str, args)],
                           cwd=REPO, capture_output=True, text=True, timeout=timeout,
                           env=full_env)
+
+
+def start_script(script, *args):
+    """Start `python SCRIPT ARGS...` from the repository root without waiting: a Popen (text)."""
+    return subprocess.Popen([sys.executable, os.path.join(REPO, script), *map(str, args)],
+                            cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            env={**os.environ, "PYTHONUNBUFFERED": "1"})
+
+
+def wait_for_step(checkpoint, min_steps, proc, timeout=300):
+    """Wait until the checkpoint file holds at least `min_steps` steps (proc still running)."""
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        assert proc.poll() is None, proc.communicate()
+        if os.path.exists(checkpoint):
+            try:
+                if torch.load(checkpoint, weights_only=True)["step"] >= min_steps:
+                    return
+            except Exception:  # replaced while reading
+                pass
+        time.sleep(0.05)
+    raise AssertionError(f"{checkpoint} did not reach step {min_steps} in time")
+
+
+def step_losses(checkpoint):
+    """The per-step training losses a checkpoint holds (any script): float64 array."""
+    ckpt = torch.load(checkpoint, weights_only=True)
+    return np.asarray(ckpt["history"]["series"]["loss"], dtype=np.float64)
 
 
 def assert_one_line_error(result, *fragments):

@@ -4,8 +4,6 @@ Ctrl-C leaves a resumable run."""
 import json
 import os
 import signal
-import subprocess
-import sys
 import time
 
 import numpy as np
@@ -13,7 +11,7 @@ import pytest
 import torch
 from PIL import Image
 
-from conftest import FAST_PRETRAIN, REPO, run_script
+from conftest import FAST_PRETRAIN, run_script, start_script, wait_for_step
 from utils.model import build_model
 
 
@@ -36,9 +34,12 @@ def test_pretraining_writes_every_output(pretrained):
     opt = torch.load(os.path.join(respath, "model", "optimizer.pth"), weights_only=True)
     assert "state" in opt and "param_groups" in opt
     ckpt = torch.load(os.path.join(respath, "model", "checkpoint.pth"), weights_only=True)
-    for key in ("model", "optimizer", "scheduler", "epoch", "step", "losses", "args",
-                "model_meta", "rng"):
+    for key in ("model", "optimizer", "schedule", "epoch", "step", "history", "args",
+                "model_meta", "rng", "extra"):
         assert key in ckpt
+    assert ckpt["kind"] == "simclr-toolkit-checkpoint" and ckpt["format_version"] == 2
+    assert ckpt["script"] == "main" and ckpt["steps_per_epoch"] == 36 // 12
+    np.testing.assert_allclose(ckpt["history"]["series"]["loss"], epoch_losses(respath)[1])
     assert ckpt["epoch"] == 2 and ckpt["step"] == 2 * (36 // 12)
     epochs, steps = epoch_losses(respath)
     assert epochs.shape == (2,) and steps.shape == (6,)
@@ -123,26 +124,11 @@ def test_running_again_resumes_and_extends(pretrained, tmp_path):
 
 
 def start_main(datapath, respath, *extra):
-    return subprocess.Popen(
-        [sys.executable, os.path.join(REPO, "main.py"), datapath, respath, *extra],
-        cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-        env={**os.environ, "PYTHONUNBUFFERED": "1"})
+    return start_script("main.py", datapath, respath, *extra)
 
 
-def wait_for_step(respath, min_steps, proc, timeout=300):
-    """Wait until the run's checkpoint holds at least `min_steps` steps."""
-    path = os.path.join(respath, "model", "checkpoint.pth")
-    deadline = time.time() + timeout
-    while time.time() < deadline:
-        assert proc.poll() is None, proc.communicate()
-        if os.path.exists(path):
-            try:
-                if torch.load(path, weights_only=True)["step"] >= min_steps:
-                    return
-            except Exception:  # replaced while reading
-                pass
-        time.sleep(0.05)
-    raise AssertionError("run did not reach the step in time")
+def wait_for_main_step(respath, min_steps, proc):
+    wait_for_step(os.path.join(respath, "model", "checkpoint.pth"), min_steps, proc)
 
 
 # --log-every 1: decisions (and so mid-epoch checkpoints) at every step
@@ -165,7 +151,7 @@ def test_sigkill_mid_epoch_then_resume_equals_uninterrupted(tiny_folder, tmp_pat
     respath = str(tmp_path / "killed")
     for min_steps in (2, 5):  # steps 2 and 5 are inside epochs 1 and 2 (3 steps per epoch)
         proc = start_main(tiny_folder, respath, *RESUME_ARGS)
-        wait_for_step(respath, min_steps, proc)
+        wait_for_main_step(respath, min_steps, proc)
         time.sleep(0.1)
         proc.send_signal(signal.SIGKILL)
         proc.wait()
@@ -185,7 +171,7 @@ def test_ctrl_c_saves_resumable_checkpoint(tiny_folder, tmp_path, uninterrupted)
     respath = str(tmp_path / "interrupted")
     args = [a if a != "0.0001" else "0" for a in RESUME_ARGS]  # epoch-end checkpoints only
     proc = start_main(tiny_folder, respath, *args)
-    wait_for_step(respath, 3, proc)  # end of epoch 1 saved; now inside epoch 2
+    wait_for_main_step(respath, 3, proc)  # end of epoch 1 saved; now inside epoch 2
     proc.send_signal(signal.SIGINT)
     stdout, stderr = proc.communicate(timeout=120)
     assert proc.returncode == 130, stderr

@@ -27,7 +27,7 @@ from simclr import SimCLRTask, forward_backward, transfer_views
 from utils.engine import LoopSettings, Run, RunFiles, Trainer, check_compile_backend
 from utils.optim import build_optimizer
 from utils.precision import FLOAT32, MixedPrecision
-from test_end_to_end import start_main, wait_for_step
+from test_end_to_end import start_main, wait_for_main_step
 from utils.data import ImageList, decode_images
 from utils.gpu_augment import BatchSimCLRAugmentation
 from utils.model import build_model
@@ -442,7 +442,7 @@ def test_gpu_aug_fp16_compile_run_resumes_exactly(tiny_folder, tmp_path):
     killed = str(tmp_path / "killed")
     proc = start_main(tiny_folder, killed, *SPEED_RUN, "--log-every", "1",
                       "--checkpoint-minutes", "0.0001")
-    wait_for_step(killed, 1, proc)  # step 1 of 2 in epoch 1
+    wait_for_main_step(killed, 1, proc)  # step 1 of 2 in epoch 1
     time.sleep(0.1)
     proc.send_signal(signal.SIGKILL)
     proc.wait()
