@@ -244,6 +244,30 @@ def test_torchrun_interrupted_and_resumed_equals_uninterrupted(torchrun_run, tin
     np.testing.assert_allclose(losses(resumed), losses(respath), atol=1e-6)
 
 
+def output_files(respath):
+    return sorted(os.path.relpath(os.path.join(folder, name), respath)
+                  for folder, _, names in os.walk(respath) for name in names)
+
+
+def test_multiple_gpus_with_nproc_equals_torchrun(torchrun_run, pretrained, tiny_folder,
+                                                  tmp_path):
+    """The headline command `main.py DATAPATH RESPATH -bs B --multiple_gpus`, here with
+    --nproc 2 (CPU processes, gloo): the same per-step losses as the torchrun run, the same
+    files as a single-process run, and one report."""
+    respath, _ = torchrun_run
+    launched = str(tmp_path / "multiple_gpus")
+    result = run_script("main.py", tiny_folder, launched, "--epochs", "4", *FAST_PRETRAIN,
+                        "--multiple_gpus", "--nproc", "2", env={"OMP_NUM_THREADS": "1"})
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert result.stdout.count("epoch 4/4") == 1
+    assert "global batch 12 = 2 process(es) x 6" in result.stdout
+    np.testing.assert_allclose(losses(launched), losses(respath), rtol=0, atol=1e-6)
+    assert output_files(launched) == output_files(pretrained[0])
+    run = json.load(open(os.path.join(launched, "run.json")))
+    assert run["processes"] == 2 and run["launcher"] == "multiple_gpus"
+    assert json.load(open(os.path.join(respath, "run.json")))["launcher"] == "torchrun"
+
+
 def test_two_nodes_on_localhost_equal_two_processes_on_one(torchrun_run, tiny_folder, tmp_path):
     respath, _ = torchrun_run
     nodes = str(tmp_path / "nodes")

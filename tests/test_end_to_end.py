@@ -12,6 +12,7 @@ import torch
 from PIL import Image
 
 from conftest import FAST_PRETRAIN, run_script, start_script, wait_for_step
+from old_layouts import to_format_1
 from utils.model import build_model
 
 
@@ -163,6 +164,25 @@ def test_sigkill_mid_epoch_then_resume_equals_uninterrupted(tiny_folder, tmp_pat
     np.testing.assert_allclose(epochs, uninterrupted[0], rtol=0, atol=1e-5)
     leftovers = [f for f in os.listdir(os.path.join(respath, "model")) if ".tmp" in f]
     assert not leftovers
+
+
+def test_checkpoint_written_before_the_engine_resumes(tiny_folder, tmp_path, uninterrupted):
+    """A mid-epoch checkpoint rewritten in the layout main.py wrote before the engine (format
+    1: losses, scheduler, data) resumes to the uninterrupted losses and is then written in the
+    current layout."""
+    respath = str(tmp_path / "old")
+    proc = start_main(tiny_folder, respath, *RESUME_ARGS)
+    wait_for_main_step(respath, 4, proc)  # inside epoch 2
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    checkpoint = os.path.join(respath, "model", "checkpoint.pth")
+    torch.save(to_format_1(torch.load(checkpoint, weights_only=True)), checkpoint)
+    final = run_script("main.py", tiny_folder, respath, *RESUME_ARGS)
+    assert final.returncode == 0, final.stderr
+    assert "resuming" in final.stdout
+    epochs, steps = epoch_losses(respath)
+    np.testing.assert_allclose(steps, uninterrupted[1], rtol=0, atol=1e-5)
+    assert torch.load(checkpoint, weights_only=True)["format_version"] == 2
 
 
 def test_ctrl_c_saves_resumable_checkpoint(tiny_folder, tmp_path, uninterrupted):

@@ -5,6 +5,8 @@ saved predictions, the label budget gives the exact number of images, and runs r
 import csv
 import json
 import os
+import shutil
+import signal
 
 import numpy as np
 import pytest
@@ -12,7 +14,8 @@ import torch
 from sklearn.metrics import (accuracy_score, balanced_accuracy_score, confusion_matrix, f1_score,
                              roc_auc_score)
 
-from conftest import assert_one_line_error, run_script
+from conftest import assert_one_line_error, run_script, start_script, step_losses, wait_for_step
+from old_layouts import to_format_1
 
 QUICK = ["--epochs", "1", "-bs", "8", "-nw", "0"]
 
@@ -126,3 +129,45 @@ def test_resume_continues_to_more_epochs(runs, tiny_folder):
 def test_missing_model_is_one_line_error(tiny_folder, tmp_path):
     assert_one_line_error(run_script("finetune.py", tiny_folder, str(tmp_path / "out")),
                           "MODELPATH", "--baseline")
+
+
+# Full fine-tuning with augmentation in 2 worker processes; a decision (and so a mid-epoch
+# checkpoint) at every step: 4 steps per epoch, 8 in all.
+KILLED_RUN = ["--epochs", "2", "-bs", "8", "-nw", "2", "--log-every", "1",
+              "--checkpoint-minutes", "0.0001"]
+
+
+@pytest.fixture(scope="module")
+def uninterrupted_and_killed(tiny_folder, pretrained, tmp_path_factory):
+    """The per-step losses of an uninterrupted run, and the RESPATH of the same run SIGKILLed
+    inside epoch 2 (its checkpoint holds at least 5 steps)."""
+    model = model_path(pretrained)
+    full = str(tmp_path_factory.mktemp("full"))
+    result = run_script("finetune.py", tiny_folder, model, full, *KILLED_RUN)
+    assert result.returncode == 0, result.stderr[-3000:]
+    killed = str(tmp_path_factory.mktemp("killed"))
+    proc = start_script("finetune.py", tiny_folder, model, killed, *KILLED_RUN)
+    wait_for_step(os.path.join(killed, "checkpoint.pth"), 5, proc)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    return step_losses(os.path.join(full, "checkpoint.pth")), killed
+
+
+@pytest.mark.parametrize("layout", ["current", "before the engine"])
+def test_sigkill_mid_epoch_then_resume_equals_uninterrupted(uninterrupted_and_killed, layout,
+                                                            tiny_folder, pretrained, tmp_path):
+    """The killed run resumed with the same command gives the uninterrupted per-step losses;
+    so does its checkpoint rewritten in the layout finetune.py wrote before the engine."""
+    reference, killed = uninterrupted_and_killed
+    respath = shutil.copytree(killed, tmp_path / "run")
+    checkpoint = respath / "checkpoint.pth"
+    assert 5 <= torch.load(checkpoint, weights_only=True)["step"] < 8
+    if layout != "current":
+        torch.save(to_format_1(torch.load(checkpoint, weights_only=True)), checkpoint)
+    result = run_script("finetune.py", tiny_folder, model_path(pretrained), respath, *KILLED_RUN)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "resuming" in result.stdout
+    np.testing.assert_allclose(step_losses(checkpoint), reference, rtol=0, atol=1e-5)
+    ckpt = torch.load(checkpoint, weights_only=True)
+    assert ckpt["format_version"] == 2 and [e["epoch"] for e in ckpt["history"]["evaluations"]] \
+        == [1, 2]

@@ -10,10 +10,11 @@ import torch
 import torchvision
 from torch import nn
 
+from utils.checkpoint import (load_checkpoint, load_pretrained, rng_state, save_checkpoint,
+                              set_rng_state, strip_prefixes, training_device_cuda_state,
+                              unwrap_model)
 from utils.errors import UserError
 from utils.fileio import atomic_torch_save
-from utils.checkpoint import (load_checkpoint, load_pretrained, rng_state, save_checkpoint,
-                              set_rng_state, strip_prefixes, unwrap_model)
 from utils.model import build_model, build_projection_head, load_state_strict, truncate_head
 
 FEATURES = {"resnet18": 512, "resnet34": 512, "resnet50": 2048}
@@ -283,3 +284,30 @@ def test_unwrap_model():
     assert unwrap_model(nn.DataParallel(inner)) is inner
     assert unwrap_model(nn.DataParallel(nn.DataParallel(inner))) is inner
     assert unwrap_model(inner) is inner
+
+
+def test_rng_state_of_eight_gpus_restores_on_fewer(monkeypatch):
+    """A format-1 checkpoint's "cuda" entry holds get_rng_state_all() of its writer, here 8 GPUs.
+    Restoring on a machine with fewer (CPU here; one GPU emulated by recording
+    torch.cuda.set_rng_state) sets the CPU streams and gives the training device the writer's
+    training device (GPU 0) state, once; a format-2 entry (one state) is used as it is."""
+    random.seed(7)
+    np.random.seed(8)
+    torch.manual_seed(9)
+    gpu_states = [torch.full((16,), i, dtype=torch.uint8) for i in range(8)]
+    state = {**rng_state(), "cuda": gpu_states}
+    first = _draws()
+    assert training_device_cuda_state(gpu_states) is gpu_states[0]
+    assert training_device_cuda_state(gpu_states[3]) is gpu_states[3]
+    assert training_device_cuda_state(None) is None and training_device_cuda_state([]) is None
+
+    set_rng_state(state, torch.device("cpu"))  # no CUDA here: the CUDA entry is left alone
+    assert _draws() == first
+    calls = []
+    monkeypatch.setattr(torch.cuda, "set_rng_state", lambda s, d: calls.append((s, d)))
+    set_rng_state(state, torch.device("cuda", 0))
+    assert _draws() == first
+    assert len(calls) == 1 and torch.equal(calls[0][0], gpu_states[0])
+    assert calls[0][1] == torch.device("cuda", 0)
+    set_rng_state({**state, "cuda": gpu_states[5]}, torch.device("cuda", 0))
+    assert torch.equal(calls[1][0], gpu_states[5])

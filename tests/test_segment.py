@@ -5,6 +5,8 @@ predicting the majority class, frozen encoder bit-identical, resumed exactly) an
 errors for bad labelmaps, all through the real command line where users go."""
 import json
 import os
+import shutil
+import signal
 from pathlib import Path
 
 import numpy as np
@@ -14,8 +16,9 @@ from PIL import Image
 from sklearn.metrics import accuracy_score, jaccard_score
 from sklearn.metrics import confusion_matrix as sk_confusion_matrix
 
-from conftest import assert_one_line_error, run_script
+from conftest import assert_one_line_error, run_script, start_script, step_losses, wait_for_step
 from make_demo_data import build_segmentation_data
+from old_layouts import to_format_1
 from utils.model import build_model, encoder_state
 from utils.segmentation import (JointTransform, build_segmentation_net, confusion_matrix,
                                 segmentation_scores)
@@ -256,3 +259,48 @@ def test_bad_labelmap_is_one_line_error_naming_it(pretrained, gray_image, tmp_pa
                         tmp_path / "out", "--num-classes", "3", *FAST_SEGMENT, env=ONE_THREAD)
     assert_one_line_error(result, *fragments)
     assert not (tmp_path / "out" / "checkpoint.pth").exists()
+
+
+def killed_run_args(pretrained, seg_data, out):
+    """Encoder trained too, augmentation in 2 worker processes, a decision (and so a mid-epoch
+    checkpoint) at every step: 5 steps per epoch, 10 in all."""
+    model = os.path.join(pretrained[0], "model", "model.pth")
+    return [seg_data / "train.txt", model, out, "--val-list", seg_data / "val.txt",
+            "--classes", seg_data / "classes.txt", "--epochs", "2", *FAST_SEGMENT, "-nw", "2",
+            "--log-every", "1", "--checkpoint-minutes", "0.0001"]
+
+
+@pytest.fixture(scope="module")
+def uninterrupted_and_killed(pretrained, seg_data, tmp_path_factory):
+    """The per-step losses of an uninterrupted run, and the RESPATH of the same run SIGKILLed
+    inside epoch 2 (its checkpoint holds at least 6 steps)."""
+    full = tmp_path_factory.mktemp("full")
+    result = run_script("segment.py", *killed_run_args(pretrained, seg_data, full),
+                        env=ONE_THREAD)
+    assert result.returncode == 0, result.stderr[-3000:]
+    killed = tmp_path_factory.mktemp("killed")
+    proc = start_script("segment.py", *killed_run_args(pretrained, seg_data, killed))
+    wait_for_step(killed / "checkpoint.pth", 6, proc)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    return step_losses(full / "checkpoint.pth"), killed
+
+
+@pytest.mark.parametrize("layout", ["current", "before the engine"])
+def test_sigkill_mid_epoch_then_resume_equals_uninterrupted(uninterrupted_and_killed, layout,
+                                                            pretrained, seg_data, tmp_path):
+    """The killed run resumed with the same command gives the uninterrupted per-step losses;
+    so does its checkpoint rewritten in the layout segment.py wrote before the engine."""
+    reference, killed = uninterrupted_and_killed
+    respath = shutil.copytree(killed, tmp_path / "run")
+    checkpoint = respath / "checkpoint.pth"
+    assert 6 <= torch.load(checkpoint, weights_only=True)["step"] < 10
+    if layout != "current":
+        torch.save(to_format_1(torch.load(checkpoint, weights_only=True)), checkpoint)
+    result = run_script("segment.py", *killed_run_args(pretrained, seg_data, respath),
+                        env=ONE_THREAD)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "resuming" in result.stdout
+    np.testing.assert_allclose(step_losses(checkpoint), reference, rtol=0, atol=1e-5)
+    ckpt = torch.load(checkpoint, weights_only=True)
+    assert [e["epoch"] for e in ckpt["history"]["evaluations"]] == [1, 2]
