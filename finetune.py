@@ -233,10 +233,7 @@ class FinetuneTask(Task):
             unwrap_model(model).encoder.eval()
 
     def step(self, trainer, batch, step):
-        x, y = batch
-        x, y = x.to(trainer.device, non_blocking=True), y.to(trainer.device, non_blocking=True)
-        if trainer.settings.channels_last:
-            x = x.contiguous(memory_format=torch.channels_last)
+        x, y = trainer.images_and_targets(batch)
         with trainer.precision.autocast():
             logits = trainer.model(x)
         loss = self.criterion(logits.float(), y)

@@ -26,6 +26,7 @@ import io
 import math
 import os
 import time
+from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -295,10 +296,7 @@ class SegmentationTask(Task):
         """loss = sum of the pixel cross-entropies of this process * W / V, V the non-ignored
         pixels of the global batch over W processes: DDP's mean over processes is then the
         mean over every valid pixel of the global batch (0, not NaN, when there is none)."""
-        x, y = batch
-        x, y = x.to(trainer.device, non_blocking=True), y.to(trainer.device, non_blocking=True)
-        if trainer.settings.channels_last:
-            x = x.contiguous(memory_format=torch.channels_last)
+        x, y = trainer.images_and_targets(batch)
         with trainer.precision.autocast():
             logits = trainer.model(x)
         valid = all_reduce_sum((y != self.ignore_index).sum().to(torch.float32))
@@ -372,8 +370,8 @@ def segment(args, device):
                   f"larger --epochs to continue it, --fresh to start over); evaluating best.pth",
                   flush=True)
         net.load_state_dict(load_best(paths["best.pth"], "segment")["model"])
-        report = evaluate_and_write(net, eval_loaders, splits, counts, classes, meta, args,
-                                    device, paths, trainer.history)
+        data = SegmentationData(splits, classes, counts, meta, eval_loaders)
+        report = evaluate_and_write(net, data, args, device, paths, trainer.history)
         report.update(train_seconds=round(time.perf_counter() - trainer.started, 1),
                       train_images_per_s=trainer.images_per_second(),
                       processes=get_world_size(), launcher=launcher_name())
@@ -397,53 +395,79 @@ def describe_run(args, splits, classes, counts, meta, weights):
           f"{meta['image_size']} px", flush=True)
 
 
-def evaluate_and_write(model, eval_loaders, splits, counts, classes, meta, args, device, paths,
-                       history):
+@dataclass
+class SegmentationData:
+    """What a segmentation run evaluates on: the pair lists per split, the class names, the
+    training pixels per class (`counts["train"]`, (K,)), the model description (mean/std) and
+    the evaluation loaders per split."""
+    splits: dict
+    classes: list
+    counts: dict
+    meta: dict
+    eval_loaders: dict
+
+    def shown_split(self):
+        """The split whose predictions the figure shows: test, else val, else train."""
+        return next(s for s in ("test", "val", "train") if s in self.eval_loaders or s == "train")
+
+
+def evaluate_and_write(model, data, args, device, paths, history):
     """Scores of the loaded weights on val and test (also printed), metrics.csv and the
     prediction grid; returns the metrics.json dict."""
-    k, majority = len(classes), int(np.argmax(counts["train"]))
-    shown = "test" if "test" in eval_loaders else "val" if "val" in eval_loaders else "train"
-    n_shown = len(splits[shown])
+    shown = data.shown_split()
+    n_shown = len(data.splits[shown])
     keep = sorted(set(np.linspace(0, n_shown - 1, min(args.grid_rows, n_shown)).round()
                       .astype(int).tolist()))
     results = {}
-    for split in [s for s in ("val", "test") if s in eval_loaders] + (
+    for split in [s for s in ("val", "test") if s in data.eval_loaders] + (
             ["train"] if shown == "train" else []):
-        matrix, kept = predict(model, eval_loaders[split], device, k, args.ignore_index,
-                               args.channels_last, keep if split == shown else ())
-        scores = segmentation_scores(matrix)
-        results[split] = {"iou": dict(zip(classes, nan_to_none(scores["iou"]))),
-                          "miou": scores["miou"], "pixel_accuracy": scores["pixel_accuracy"],
-                          "pixels": scores["pixels"], "images": len(splits[split]),
-                          "confusion_matrix": matrix.tolist(),
-                          "majority_class_reference": {
-                              key: majority_reference(matrix, majority)[key]
-                              for key in ("miou", "pixel_accuracy")}}
-        print(f"{split}: mIoU {100 * scores['miou']:.2f} %, pixel accuracy "
-              f"{100 * scores['pixel_accuracy']:.2f} % over {scores['pixels']} pixels of "
-              f"{len(splits[split])} images (predicting '{classes[majority]}' everywhere: "
-              f"mIoU {100 * results[split]['majority_class_reference']['miou']:.2f} %)")
-        print("  IoU " + ", ".join(f"{name} -" if math.isnan(v) else f"{name} {100 * v:.1f}"
-                                   for name, v in zip(classes, scores["iou"])), flush=True)
+        matrix, kept = predict(model, data.eval_loaders[split], device, len(data.classes),
+                               args.ignore_index, args.channels_last,
+                               keep if split == shown else ())
+        results[split] = split_scores(matrix, data, split)
         if split == shown:
-            images, truths, preds = kept
-            pixels = denormalize(images.float(), meta["mean"], meta["std"]).permute(0, 2, 3, 1)
-            pixels = pixels[..., 0] if pixels.shape[-1] == 1 else pixels
-            valid = truths != args.ignore_index
-            correct = ((preds == truths) & valid).flatten(1).sum(1) / valid.flatten(1).sum(
-                1).clamp_min(1)
-            plot_segmentation_grid(pixels.numpy(), truths.numpy(), preds.numpy(), classes,
-                                   paths["predictions.png"],
-                                   [f"{100 * c:.0f} % of pixels right" for c in correct.tolist()],
-                                   args.ignore_index)
-    write_metrics_csv(results, classes, paths["metrics.csv"])
-    return {"classes": classes, "num_classes": k, "ignore_index": args.ignore_index,
-            "resolution": meta["image_size"], "decoder": args.decoder, "freeze": args.freeze,
-            "baseline": args.baseline, "modelpath": args.modelpath, "model_meta": meta,
-            "n_pairs": {s: len(p) for s, p in splits.items() if p is not None},
+            write_prediction_grid(kept, data, args.ignore_index, paths["predictions.png"])
+    write_metrics_csv(results, data.classes, paths["metrics.csv"])
+    return {"classes": data.classes, "num_classes": len(data.classes),
+            "ignore_index": args.ignore_index, "resolution": data.meta["image_size"],
+            "decoder": args.decoder, "freeze": args.freeze, "baseline": args.baseline,
+            "modelpath": args.modelpath, "model_meta": data.meta,
+            "n_pairs": {s: len(p) for s, p in data.splits.items() if p is not None},
             "epochs": args.epochs, "best_epoch": history.best["epoch"],
             "epoch_losses": history.epoch_means().tolist(),
             "val_per_epoch": [dict(e) for e in history.evaluations], **results}
+
+
+def split_scores(matrix, data, split):
+    """The metrics.json entry of one split from its confusion matrix (K, K), printed too: IoU
+    per class, mIoU, pixel accuracy, and the same for predicting the majority training class."""
+    classes, majority = data.classes, int(np.argmax(data.counts["train"]))
+    scores = segmentation_scores(matrix)
+    reference = majority_reference(matrix, majority)
+    print(f"{split}: mIoU {100 * scores['miou']:.2f} %, pixel accuracy "
+          f"{100 * scores['pixel_accuracy']:.2f} % over {scores['pixels']} pixels of "
+          f"{len(data.splits[split])} images (predicting '{classes[majority]}' everywhere: "
+          f"mIoU {100 * reference['miou']:.2f} %)")
+    print("  IoU " + ", ".join(f"{name} -" if math.isnan(v) else f"{name} {100 * v:.1f}"
+                               for name, v in zip(classes, scores["iou"])), flush=True)
+    return {"iou": dict(zip(classes, nan_to_none(scores["iou"]))), "miou": scores["miou"],
+            "pixel_accuracy": scores["pixel_accuracy"], "pixels": scores["pixels"],
+            "images": len(data.splits[split]), "confusion_matrix": matrix.tolist(),
+            "majority_class_reference": {key: reference[key]
+                                         for key in ("miou", "pixel_accuracy")}}
+
+
+def write_prediction_grid(kept, data, ignore_index, path):
+    """predictions.png: image, truth and prediction of the kept pairs (images (N, C, H, W)
+    normalised, masks (N, H, W)), each titled with its share of valid pixels right."""
+    images, truths, preds = kept
+    pixels = denormalize(images.float(), data.meta["mean"], data.meta["std"]).permute(0, 2, 3, 1)
+    pixels = pixels[..., 0] if pixels.shape[-1] == 1 else pixels
+    valid = truths != ignore_index
+    correct = ((preds == truths) & valid).flatten(1).sum(1) / valid.flatten(1).sum(1).clamp_min(1)
+    plot_segmentation_grid(pixels.numpy(), truths.numpy(), preds.numpy(), data.classes, path,
+                           [f"{100 * c:.0f} % of pixels right" for c in correct.tolist()],
+                           ignore_index)
 
 
 def nan_to_none(values):

@@ -273,6 +273,15 @@ class Trainer:
         self.precision.step(self.optimizer)
         return (loss, *extras, lr)
 
+    def images_and_targets(self, batch):
+        """A supervised batch (images (B, C, H, W), targets) on the training device, the images
+        channels-last when the run uses that layout."""
+        x, y = batch
+        x, y = x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True)
+        if self.settings.channels_last:
+            x = x.contiguous(memory_format=torch.channels_last)
+        return x, y
+
     def is_logging_point(self, step):
         """Whether global step `step` (just done) ends a logging window: every log_every steps,
         at the end of an epoch, and in a single process as soon as a stop is requested (with
