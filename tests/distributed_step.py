@@ -10,10 +10,12 @@ Every process builds the same model and the same global batch (seeded), takes it
 --task (simclr: `simclr.forward_backward`; finetune, segment: the script's Task.step, on labels
 and, for segmentation, ignored pixels spread unevenly over the ranks), and rank 0 saves the
 global loss and the averaged parameter gradients.
---negatives local and --gather-grad local reproduce two bugs of other implementations, so the
+--negatives local and --gather-grad local reproduce two bugs of other implementations, and
+--pixel-mean per-rank the per-process mean over pixels of a plain segmentation loss, so the
 test can show that its comparison catches them.
 """
 import argparse
+import functools
 import os
 import sys
 import types
@@ -24,6 +26,7 @@ import torch.distributed as dist
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from simclr import forward_backward  # noqa: E402
+from utils.engine import Trainer  # noqa: E402
 from utils.distributed import (all_reduce_mean, cleanup, gather_with_grad, get_rank,  # noqa: E402
                                get_world_size, setup, wrap_model)
 from utils.launch import launch_workers, wants_launch  # noqa: E402
@@ -52,6 +55,7 @@ def main():
     parser.add_argument("--gather-grad", choices=("sum", "local"), default="sum")
     parser.add_argument("--chunk-size", type=int, default=None)
     parser.add_argument("--task", choices=("simclr", "finetune", "segment"), default="simclr")
+    parser.add_argument("--pixel-mean", choices=("global", "per-rank"), default="global")
     parser.add_argument("--multiple_gpus", action="store_true")
     parser.add_argument("--nproc", type=int, default=None)
     parser.set_defaults(cuda=False)
@@ -125,6 +129,8 @@ def supervised_step(args, device):
         ignored = torch.rand(args.batch, 16, 16, generator=generator) < (
             torch.arange(args.batch) / args.batch).view(-1, 1, 1)
         y[ignored] = 255
+        if args.pixel_mean == "per-rank":  # count this rank's valid pixels only
+            segment.all_reduce_sum = lambda t: t
         task = segment.SegmentationTask(types.SimpleNamespace(
             ignore_index=255, freeze=False, channels_last=False), 3, None, device)
     model = wrap_model(model.to(dtype), device, args.sync_bn)
@@ -133,6 +139,7 @@ def supervised_step(args, device):
     mine = slice(rank * b, (rank + 1) * b)
     trainer = types.SimpleNamespace(model=model, precision=FLOAT32, device=device,
                                     settings=types.SimpleNamespace(channels_last=False))
+    trainer.images_and_targets = functools.partial(Trainer.images_and_targets, trainer)
     loss, _ = task.step(trainer, (x[mine].to(dtype), y[mine]), 0)
     save_result(args, model, loss)
 

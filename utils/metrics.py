@@ -6,8 +6,6 @@ import math
 import os
 
 import numpy as np
-from sklearn.metrics import (balanced_accuracy_score, classification_report, confusion_matrix,
-                             f1_score, roc_auc_score)
 
 from utils.fileio import atomic_write_bytes, json_dump
 from utils.plotfuncs import plot_confusion_matrix
@@ -17,6 +15,7 @@ def auroc_one_vs_rest(y_true, probs):
     """Macro AUROC of each class against the rest from probabilities (N, K); NaN (not an error)
     when a class of 0..K-1 has no test image, where AUROC is undefined. K = 2 gives the
     ordinary AUROC of class 1."""
+    from sklearn.metrics import roc_auc_score  # imported when used: 1 s of start-up
     n_classes = probs.shape[1]
     if len(np.unique(y_true)) < n_classes:
         return math.nan
@@ -30,6 +29,7 @@ def classification_metrics(y_true, pred, probs):
     """accuracy, balanced accuracy (mean recall over the classes present), macro-F1 over all K
     classes and one-vs-rest AUROC, for labels y_true (N,), predictions pred (N,) and class
     probabilities probs (N, K) whose rows sum to 1."""
+    from sklearn.metrics import balanced_accuracy_score, f1_score
     labels = list(range(probs.shape[1]))
     return {"accuracy": float(np.mean(y_true == pred)),
             "balanced_accuracy": float(balanced_accuracy_score(y_true, pred)),
@@ -58,6 +58,7 @@ def write_classification_report(y_true, pred, probs, classes, respath, extra, na
     y_true, pred: (N,) ints; probs: (N, K) floats; names: N image names (or None).
     Returns the metrics dict.
     """
+    from sklearn.metrics import classification_report, confusion_matrix
     labels = list(range(len(classes)))
     print(classification_report(y_true, pred, labels=labels, target_names=classes, digits=4,
                                 zero_division=0))

@@ -327,9 +327,10 @@ def plot_segmentation_grid(images, truths, predictions, class_names, path, title
     """
     from matplotlib.patches import Patch
 
-    from utils.plotfuncs import class_colours, save_figure, show_image, plt
+    from utils.plotfuncs import class_colours, pyplot, save_figure, show_image
 
     colours = class_colours(len(class_names))
+    plt = pyplot()
     fig, axes = plt.subplots(len(images), 3, figsize=(6, 2 * len(images) + 0.6), squeeze=False)
     for row, (image, truth, pred) in enumerate(zip(images, truths, predictions)):
         panels = (image, overlay(image, truth, colours, ignore_index),
