@@ -17,14 +17,17 @@ SimCLR step is simclr.py's.
 """
 import argparse
 import functools
+import json
 import os
+import pickle
 import time
 
 import numpy as np
 import torch
 
 from simclr import SimCLRTask, transfer_views
-from utils.checkpoint import RunPaths, load_pretrained
+from utils.checkpoint import (RunPaths, load_pretrained, model_metadata, read_losses_file,
+                              strip_prefixes)
 from utils.cli import (add_augmentation_args, add_data_loading_args, add_data_source_args,
                        add_training_args, check_augmentation_args, check_training_args,
                        ensure_writable_dir, environment_info, print_args, run_main)
@@ -189,6 +192,9 @@ def prepare_run(args, images, paths):
     meta = {"arch": args.arch, "stem": resolve_stem(args.stem, image_size),
             "proj_dims": list(args.proj_dims), "in_channels": stats["channels"],
             "image_size": image_size, "mean": stats["mean"], "std": stats["std"]}
+    if not args.fresh and os.path.exists(paths.model):
+        ckpt = resume_from_outputs(args, paths, meta, len(images) // args.batch_size)
+        return ckpt, ckpt["model_meta"], None
     if args.fin is None:
         return None, meta, None
     if not os.path.isfile(args.fin):
@@ -203,6 +209,79 @@ def prepare_run(args, images, paths):
               flush=True)
         state = adapt_input_channels(state, meta["in_channels"])
     return None, meta, state
+
+
+def resume_from_outputs(args, paths, meta, steps_per_epoch):
+    """A resume state from what the original project kept (model/model.pth, optimizer.pth,
+    lossesfile.npz) when checkpoint.pth is gone: the weights (strict, else a UserError naming the
+    file), the optimizer state where it fits these weights, the position from the step losses.
+    The model description is run.json's when there is one, else this command's (`meta`)."""
+    if os.path.exists(paths.run_json):
+        try:
+            with open(paths.run_json) as f:
+                meta = model_metadata(json.load(f))
+        except (OSError, ValueError, KeyError):
+            pass  # not ours or damaged: this command describes the model
+    state = load_model_state(paths.model, meta)
+    optimizer_state, optimizer_note = fitting_optimizer_state(args, paths.optimizer, meta, state)
+    series, knn = {"loss": np.zeros(0)}, []
+    if os.path.exists(paths.losses):
+        history = read_losses_file(paths.losses)
+        series, knn = {k: v for k, v in history.items() if k != "knn"}, history["knn"]
+    step = len(series["loss"])
+    print(f"resuming from {paths.model} without checkpoint.pth: weights, {optimizer_note}, "
+          f"position step {step} (epoch {step // steps_per_epoch}) from "
+          f"{'lossesfile.npz' if step else 'nothing (no step losses): step 0'}; the random state "
+          f"restarts, so this resume is not bit-exact as one from checkpoint.pth is", flush=True)
+    return {"model": state, "optimizer": optimizer_state, "scaler": None, "step": step,
+            "epoch": step // steps_per_epoch, "steps_per_epoch": steps_per_epoch,
+            "history": {"series": series, "evaluations": [
+                {"epoch": int(e), "knn_accuracy": float(a)} for e, a in knn]},
+            "best": None, "rng": None, "model_meta": meta, "args": vars(args),
+            "resumed_from": paths.model}
+
+
+def load_model_state(path, meta):
+    """The state dict in `path` if it loads strictly into the model `meta` describes; UserError
+    naming the file and the choices otherwise."""
+    model = build_model(meta["arch"], meta["in_channels"], meta["stem"], meta["proj_dims"])
+    try:
+        state = strip_prefixes(torch.load(path, map_location="cpu", weights_only=True))
+        model.load_state_dict(state, strict=True)
+        return state
+    except RuntimeError as err:
+        lines = str(err).splitlines()
+        reason = (lines[1] if len(lines) > 1 else lines[0]).strip()[:160]
+    except (OSError, ValueError, AttributeError, pickle.UnpicklingError) as err:
+        reason = f"unreadable ({type(err).__name__})"
+    raise UserError(f"{path} cannot be resumed as a {meta['arch']} ({meta['stem']} stem, "
+                    f"{meta['in_channels']} channel(s), head {meta['proj_dims']}): {reason}; "
+                    f"pass the flags it was trained with, --fresh to overwrite it, or another "
+                    f"RESPATH")
+
+
+def fitting_optimizer_state(args, path, meta, state):
+    """(optimizer.pth's state or None, a note saying which): used when it loads into this
+    command's optimizer over these weights with every tensor of its parameter's shape."""
+    if not os.path.exists(path):
+        return None, "no optimizer.pth (a fresh optimizer)"
+    model = build_model(meta["arch"], meta["in_channels"], meta["stem"], meta["proj_dims"])
+    model.load_state_dict(state)
+    optimizer = build_optimizer(model, args.optimizer, args.lr, args.weight_decay)
+    try:
+        saved = torch.load(path, map_location="cpu", weights_only=True)
+        if [set(g) for g in saved["param_groups"]] != [set(g) for g in
+                                                       optimizer.state_dict()["param_groups"]]:
+            raise ValueError("other settings")  # another optimizer's kind of parameter group
+        optimizer.load_state_dict(saved)
+        params = [p for group in optimizer.param_groups for p in group["params"]]
+        for p in params:
+            for value in optimizer.state.get(p, {}).values():
+                if torch.is_tensor(value) and value.dim() and value.shape != p.shape:
+                    raise ValueError("state shape")
+    except Exception as err:  # another optimizer or model: not worth stopping for
+        return None, f"not optimizer.pth ({type(err).__name__}: it belongs to another optimizer)"
+    return saved, "the optimizer state of optimizer.pth"
 
 
 def build_knn_monitor(args, meta, images, device):

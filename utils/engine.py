@@ -39,6 +39,7 @@ from utils.distributed import (all_reduce_mean, barrier, decide_on_main, get_wor
                                is_main_process, print0, wrap_model)
 from utils.errors import UserError
 from utils.launch import launched_by_torchrun, launched_by_us
+from utils.runlock import acquire_run_lock
 
 # fp16: a non-finite loss is a step GradScaler skips; this many in a row is an overflow that
 # skipping does not cure (the forward pass itself overflows), so the run stops.
@@ -198,13 +199,15 @@ class Trainer:
     def restore(self, ckpt):
         """Continue the checkpoint `ckpt`: weights, optimizer, loss scale, history, RNG."""
         self.plain.load_state_dict(ckpt["model"])
-        self.optimizer.load_state_dict(ckpt["optimizer"])
+        if ckpt["optimizer"] is not None:  # None: resumed from weights alone
+            self.optimizer.load_state_dict(ckpt["optimizer"])
         self.precision.load_state_dict(ckpt.get("scaler"))
         self.history = History.from_checkpoint(ckpt, self.settings.steps_per_epoch,
                                                tuple(self.task.series))
-        set_rng_state(ckpt["rng"], self.device)
-        print0(f"resuming {self.run.files.checkpoint}: epoch {ckpt['epoch']}, step "
-               f"{ckpt['step']} of {self.settings.total_steps}", flush=True)
+        if ckpt["rng"] is not None:
+            set_rng_state(ckpt["rng"], self.device)
+        print0(f"resuming {ckpt.get('resumed_from', self.run.files.checkpoint)}: epoch "
+               f"{ckpt['epoch']}, step {ckpt['step']} of {self.settings.total_steps}", flush=True)
 
     @property
     def finished(self):
@@ -467,7 +470,9 @@ def report_outcome(outcome, trainer):
 
 def load_resumable(path, script, args, run_defining, legacy=None):
     """The checkpoint at `path` to resume (None without one, or with --fresh), checked against
-    this command's run-defining flags."""
+    this command's run-defining flags. Takes RESPATH's lock first (utils/runlock.py): one run
+    per RESPATH."""
+    acquire_run_lock(args.respath, script)
     if args.fresh or not os.path.exists(path):
         return None
     ckpt = load_checkpoint(path, script)

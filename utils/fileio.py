@@ -1,11 +1,17 @@
 """Atomic file writes: every output goes to a fsynced temporary file in the same folder and is
 renamed over the target, so a kill at any moment leaves either the old or the new file."""
+import errno
 import io
 import json
 import os
+import shutil
 
 import numpy as np
 import torch
+
+from utils.errors import UserError
+
+NO_SPACE = (errno.ENOSPC, errno.EDQUOT)
 
 
 def atomic_write_bytes(path, data):
@@ -23,10 +29,30 @@ def atomic_write_bytes(path, data):
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
+    except OSError as err:
+        if err.errno not in NO_SPACE:
+            raise
+        _remove_quietly(tmp)
+        raise UserError(no_space_message(path, len(data))) from None
     finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
+        _remove_quietly(tmp)
     fsync_folder(folder)
+
+
+def no_space_message(path, needed):
+    """The one line for a full disk: the file, the space it needs and the space free."""
+    free = shutil.disk_usage(os.path.dirname(os.path.abspath(path))).free
+    kept = "the previous version is intact" if os.path.exists(path) else "nothing was replaced"
+    return (f"no space left on the device for {path}: it needs {needed / 2 ** 20:.1f} MB, "
+            f"{free / 2 ** 20:.1f} MB are free ({kept}); free some space and run the same "
+            f"command again to resume")
+
+
+def _remove_quietly(path):
+    try:
+        os.remove(path)
+    except FileNotFoundError:
+        pass
 
 
 def fsync_folder(folder):
