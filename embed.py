@@ -38,9 +38,11 @@ from tqdm import tqdm
 from utils.errors import UserError
 from utils.fileio import atomic_write_bytes, fsync_folder
 from utils.cli import (add_data_loading_args, add_data_source_args,
-                       add_labelled_data_and_model_args, ensure_writable_dir, print_args, run_main,
-                       note_one_device, select_device, ONE_DEVICE_HELP)
+                       add_labelled_data_and_model_args, add_weight_description_args,
+                       ensure_writable_dir, note_one_device, print_args, run_main, select_device,
+                       ONE_DEVICE_HELP)
 from utils.data import drop_unreadable, make_loader, scan_image_folder, warn_if_colour_dropped
+from utils.foreign_weights import WeightSettings
 from utils.model import FEATURE_DIMS, load_trained_model
 from utils.sources import SPLITS, has_split, load_split, select_subset
 from utils.transforms import EvalTransform
@@ -70,6 +72,7 @@ def get_args_parser():
                        help="for a DATAPATH with splits (train/ val/ test/ folders, MedMNIST): "
                             "embed this split only; 'all' embeds every split it has, in the "
                             "order train, val, test")
+    add_weight_description_args(parser)
     return parser
 
 
@@ -222,7 +225,7 @@ def main(args):
     folder = os.path.dirname(os.path.abspath(out_npy))
     ensure_writable_dir(folder, "the folder of OUT")
     print_args(args)
-    model, meta = load_trained_model(args.modelpath)
+    model, meta = load_trained_model(args.modelpath, settings=WeightSettings.from_args(args))
     sets = image_sets(args)
     warn_if_colour_dropped(sets[0][1], meta["in_channels"], f"DATAPATH {args.datapath}")
     n_images, dim = sum(len(images) for _, images in sets), feature_dim(meta, args.layer)

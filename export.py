@@ -35,7 +35,8 @@ import torch
 import torchvision
 
 from utils.fileio import atomic_torch_save, atomic_write_bytes
-from utils.cli import ensure_writable_dir, print_args, run_main
+from utils.cli import add_weight_description_args, ensure_writable_dir, print_args, run_main
+from utils.foreign_weights import WeightSettings
 from utils.model import FEATURE_DIMS, build_torchvision_backbone, load_trained_model
 
 TOLERANCE = 1e-5
@@ -62,6 +63,7 @@ def get_args_parser():
     parser.add_argument("out", metavar="OUT",
                         help="output name: writes OUT.pth and OUT.pt2 (a trailing .pth or .pt2 "
                              "is dropped)")
+    add_weight_description_args(parser)
     return parser
 
 
@@ -104,7 +106,7 @@ def main(args):
     state_path, program_path = output_paths(args.out)
     ensure_writable_dir(os.path.dirname(os.path.abspath(state_path)), "the folder of OUT")
     print_args(args)
-    model, meta = load_trained_model(args.modelpath)
+    model, meta = load_trained_model(args.modelpath, settings=WeightSettings.from_args(args))
     encoder = model.encoder
     state_dict = {k: v.clone() for k, v in encoder.state_dict().items()}
     exported_meta = backbone_meta(meta, encoder, args.modelpath, state_path)

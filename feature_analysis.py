@@ -29,9 +29,11 @@ import torch
 from utils.errors import UserError, warn
 from utils.fileio import atomic_write_bytes, json_dump
 from utils.cli import (add_data_loading_args, add_data_source_args,
-                       add_labelled_data_and_model_args, ensure_writable_dir, print_args, run_main,
-                       note_one_device, select_device, ONE_DEVICE_HELP)
+                       add_labelled_data_and_model_args, add_weight_description_args,
+                       ensure_writable_dir, note_one_device, print_args, run_main, select_device,
+                       ONE_DEVICE_HELP)
 from utils.data import ImageDataset, derive_seed, make_loader, warn_if_colour_dropped
+from utils.foreign_weights import WeightSettings
 from utils.knn import cosine_neighbours, knn_accuracy
 from utils.linear_probe import extract_features
 from utils.model import load_trained_model
@@ -73,6 +75,7 @@ def get_args_parser():
                        help="t-SNE only: embed at most N images of each split, a random subset "
                             "chosen by --seed (t-SNE time grows fast with N); PCA, kNN and "
                             "retrieval always use every image")
+    add_weight_description_args(parser)
     return parser
 
 
@@ -245,7 +248,7 @@ def main(args):
     note_one_device(args, "feature extraction")
     ensure_writable_dir(args.outdir, "OUTDIR")
     print_args(args)
-    model, meta = load_trained_model(args.modelpath)
+    model, meta = load_trained_model(args.modelpath, settings=WeightSettings.from_args(args))
     train_images, test_images = labelled_train_test(args)
     warn_if_colour_dropped(train_images, meta["in_channels"], f"DATAPATH {args.datapath}")
     check_split_sizes(len(train_images), len(test_images), args)

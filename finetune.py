@@ -29,8 +29,8 @@ from tqdm import tqdm
 
 from utils.checkpoint import load_best, load_pretrained, unwrap_model
 from utils.cli import (add_data_loading_args, add_data_source_args, add_training_args,
-                       check_training_args, ensure_writable_dir, environment_info, print_args,
-                       run_main)
+                       add_weight_description_args, check_training_args, ensure_writable_dir,
+                       environment_info, print_args, run_main)
 from utils.data import (EpochBatchSampler, ImageDataset, LabelledViewDataset, dataset_statistics,
                         make_loader, warn_if_colour_dropped)
 from utils.distributed import (barrier, decide_on_main, get_rank, get_world_size,
@@ -39,6 +39,7 @@ from utils.engine import (LoopSettings, Run, RunFiles, Task, Trainer, launcher_n
                           load_resumable, report_outcome)
 from utils.errors import UserError
 from utils.fileio import json_dump
+from utils.foreign_weights import WeightSettings
 from utils.metrics import write_classification_report
 from utils.model import FEATURE_DIMS, build_encoder, encoder_state, load_state_strict, resolve_stem
 from utils.optim import WarmupCosine, build_optimizer, scaled_learning_rate
@@ -113,6 +114,7 @@ def get_args_parser():
     train.add_argument("--fresh", action="store_true",
                        help="start over, replacing the run in RESPATH")
     add_training_args(parser)
+    add_weight_description_args(parser, image_size=False)
     return parser
 
 
@@ -194,7 +196,7 @@ def finetune_splits(args):
 def model_description(args, train_images):
     """(model_meta, state dict of the pretrained model or None) for this run."""
     if args.modelpath is not None:
-        state, meta = load_pretrained(args.modelpath)
+        state, meta = load_pretrained(args.modelpath, WeightSettings.from_args(args))
         return meta, None if args.baseline else state
     stats = dataset_statistics(train_images, os.path.join(args.respath, "data_stats.json"),
                                args.seed)

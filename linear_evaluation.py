@@ -16,9 +16,11 @@ import torch
 from utils.errors import UserError
 from utils.fileio import atomic_torch_save
 from utils.cli import (add_data_loading_args, add_data_source_args,
-                       add_labelled_data_and_model_args, ensure_writable_dir, print_args, run_main,
-                       note_one_device, select_device, ONE_DEVICE_HELP)
+                       add_labelled_data_and_model_args, add_weight_description_args,
+                       ensure_writable_dir, note_one_device, print_args, run_main, select_device,
+                       ONE_DEVICE_HELP)
 from utils.data import ImageDataset, make_loader, warn_if_colour_dropped
+from utils.foreign_weights import WeightSettings
 from utils.sources import labelled_train_test
 from utils.linear_probe import LinearProbe, extract_features
 from utils.model import head_depth, load_trained_model, truncate_head
@@ -49,6 +51,7 @@ def get_args_parser():
                         help="evaluate a reference instead of the trained weights: 'random' = "
                              "the same architecture randomly initialised (--seed), 'pixels' = "
                              "the normalised pixels themselves")
+    add_weight_description_args(parser)
     return parser
 
 
@@ -70,7 +73,8 @@ def main(args):
     note_one_device(args, "feature extraction")
     ensure_writable_dir(args.respath)
     print_args(args)
-    model, meta = load_trained_model(args.modelpath, args.reference is not None, args.seed)
+    model, meta = load_trained_model(args.modelpath, args.reference is not None, args.seed,
+                                     WeightSettings.from_args(args))
     train_images, test_images = labelled_train_test(args)
     warn_if_colour_dropped(train_images, meta["in_channels"], f"DATAPATH {args.datapath}")
     depth = head_depth(model.head)

@@ -43,8 +43,9 @@ from utils.fileio import atomic_savez, atomic_torch_save, json_dump
 from utils.gpu_augment import BatchSimCLRAugmentation, DeviceTwoViews
 from utils.knn import knn_accuracy
 from utils.linear_probe import extract_features
-from utils.model import (FEATURE_DIMS, adapt_input_channels, build_model, default_proj_dims,
-                         load_state_strict, resolve_stem)
+from utils.foreign_weights import WeightSettings
+from utils.model import (adapt_input_channels, build_model_from_meta, default_proj_dims,
+                         load_state_strict, resolve_stem, FEATURE_DIMS)
 from utils.ntxent import NTXentLoss
 from utils.optim import WarmupCosine, build_optimizer, scaled_learning_rate
 from utils.plotfuncs import plot_training_losses
@@ -200,8 +201,11 @@ def prepare_run(args, images, paths):
     if not os.path.isfile(args.fin):
         raise UserError(f"--fin {args.fin} does not exist; give the model.pth or "
                         f"checkpoint.pth of an earlier main.py run")
-    state, fin_meta = load_pretrained(args.fin)
+    state, fin_meta = load_pretrained(args.fin, WeightSettings(meta["image_size"],
+                                                               from_flags=False))
     meta.update(arch=fin_meta["arch"], stem=fin_meta["stem"], proj_dims=fin_meta["proj_dims"])
+    if not fin_meta.get("head_norm", True):
+        meta["head_norm"] = False
     if fin_meta["in_channels"] != meta["in_channels"]:
         print(f"--fin: {args.fin} takes {fin_meta['in_channels']} channel(s), this data has "
               f"{meta['in_channels']}: the first convolution is adapted (filters "
@@ -244,7 +248,7 @@ def resume_from_outputs(args, paths, meta, steps_per_epoch):
 def load_model_state(path, meta):
     """The state dict in `path` if it loads strictly into the model `meta` describes; UserError
     naming the file and the choices otherwise."""
-    model = build_model(meta["arch"], meta["in_channels"], meta["stem"], meta["proj_dims"])
+    model = build_model_from_meta(meta)
     try:
         state = strip_prefixes(torch.load(path, map_location="cpu", weights_only=True))
         model.load_state_dict(state, strict=True)
@@ -265,7 +269,7 @@ def fitting_optimizer_state(args, path, meta, state):
     command's optimizer over these weights with every tensor of its parameter's shape."""
     if not os.path.exists(path):
         return None, "no optimizer.pth (a fresh optimizer)"
-    model = build_model(meta["arch"], meta["in_channels"], meta["stem"], meta["proj_dims"])
+    model = build_model_from_meta(meta)
     model.load_state_dict(state)
     optimizer = build_optimizer(model, args.optimizer, args.lr, args.weight_decay)
     try:
@@ -393,7 +397,7 @@ def build_pretraining_model(args, meta, initial_state, device):
     """The SimCLR model of `meta` on `device`, initialised from `args.seed`, or with the --fin
     weights."""
     torch.manual_seed(args.seed)
-    model = build_model(meta["arch"], meta["in_channels"], meta["stem"], meta["proj_dims"])
+    model = build_model_from_meta(meta)
     if initial_state is not None:
         load_state_strict(model, initial_state, args.fin)
         print0(f"starting from {args.fin} ({meta['arch']}, {meta['stem']} stem)", flush=True)

@@ -34,8 +34,8 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from utils.checkpoint import load_best, load_pretrained, unwrap_model
-from utils.cli import (add_data_loading_args, add_training_args, check_training_args,
-                       ensure_writable_dir, print_args, run_main)
+from utils.cli import (add_data_loading_args, add_training_args, add_weight_description_args,
+                       check_training_args, ensure_writable_dir, print_args, run_main)
 from utils.data import (EpochBatchSampler, ImageList, dataset_statistics, make_loader,
                         warn_if_colour_dropped)
 from utils.distributed import (all_reduce_sum, barrier, decide_on_main, get_rank,
@@ -44,6 +44,7 @@ from utils.engine import (LoopSettings, Run, RunFiles, Task, Trainer, launcher_n
                           load_resumable, report_outcome)
 from utils.errors import UserError
 from utils.fileio import atomic_write_bytes, json_dump
+from utils.foreign_weights import WeightSettings
 from utils.model import FEATURE_DIMS, encoder_state, load_state_strict, resolve_stem
 from utils.optim import WarmupCosine, build_optimizer
 from utils.precision import MixedPrecision, resolve_amp
@@ -136,6 +137,7 @@ def get_args_parser():
     out.add_argument("--fresh", action="store_true",
                      help="start over even if RESPATH holds a run (its files are replaced)")
     add_training_args(parser)
+    add_weight_description_args(parser, image_size=False)
     return parser
 
 
@@ -214,7 +216,7 @@ def model_setup(args, train_pairs):
     """(model_meta, encoder weights or None): arch, stem, in_channels, mean, std and the
     resolution S, from MODELPATH or (--baseline alone) from the training images."""
     if args.modelpath is not None:
-        state, meta = load_pretrained(args.modelpath)
+        state, meta = load_pretrained(args.modelpath, WeightSettings.from_args(args))
         meta = {k: meta[k] for k in ("arch", "stem", "in_channels", "mean", "std")} | {
             "image_size": args.image_size or meta["image_size"]}
         warn_if_colour_dropped(ImageList(train_pairs.images), meta["in_channels"],
@@ -334,7 +336,8 @@ def segment(args, device):
     meta, weights = decide_on_main(lambda: model_setup(args, splits["train"]))
     classes, counts = decide_on_main(lambda: decide_classes(args, splits))
     k, n_train = len(classes), len(splits["train"])
-    if ckpt is not None and (ckpt["extra"]["num_classes"], ckpt["extra"]["n_train"]) != (k, n_train):
+    started_with = ckpt and (ckpt["extra"]["num_classes"], ckpt["extra"]["n_train"])
+    if ckpt is not None and started_with != (k, n_train):
         raise UserError(f"{paths['checkpoint.pth']} was started with {ckpt['extra']['n_train']} "
                         f"training pairs and {ckpt['extra']['num_classes']} classes, the lists "
                         f"now give {n_train} and {k}; use --fresh or another RESPATH")

@@ -31,8 +31,9 @@ def to_format_1(ckpt):
         old.update(scheduler=ckpt["schedule"], scaler=ckpt["scaler"], data=ckpt["extra"]["data"],
                    losses={"step_losses": _f64(series["loss"]),
                            "step_top1": _f64(series["positive_pair_top1"]),
-                           "knn": torch.tensor([[e["epoch"], e["knn_accuracy"]] for e in evaluations],
-                                               dtype=torch.float64).reshape(-1, 2)})
+                           "knn": torch.tensor(
+                               [[e["epoch"], e["knn_accuracy"]] for e in evaluations],
+                               dtype=torch.float64).reshape(-1, 2)})
     elif script == "finetune":
         by_epoch = {e["epoch"]: e["val_accuracy"] for e in evaluations}
         best = ckpt["best"] or {"epoch": 0, "val_accuracy": -1.0}
@@ -45,7 +46,8 @@ def to_format_1(ckpt):
         best = ckpt["best"] or {"epoch": 0, "miou": -1.0}
         old.update(script="segment", best_val_miou=best.get("miou", -1.0),
                    best_epoch=best["epoch"],
-                   **{k: ckpt["extra"][k] for k in ("classes", "num_classes", "n_train", "decoder")},
+                   **{k: ckpt["extra"][k]
+                      for k in ("classes", "num_classes", "n_train", "decoder")},
                    history={"step_losses": _f64(series["loss"]),
                             "val": torch.tensor([[e["epoch"], e["miou"], e["pixel_accuracy"]]
                                                  for e in evaluations],

@@ -72,7 +72,8 @@ def test_resume_with_different_arch(pretrained, tmp_path):
     respath, _ = pretrained
     copy = tmp_path / "copy"
     shutil.copytree(respath, copy)
-    datapath = torch.load(copy / "model" / "checkpoint.pth", weights_only=True)["extra"]["data"]["datapath"]
+    ckpt = torch.load(copy / "model" / "checkpoint.pth", weights_only=True)
+    datapath = ckpt["extra"]["data"]["datapath"]
     result = run_script("main.py", datapath, copy, "--epochs", "3", *FAST_PRETRAIN,
                         "--arch", "resnet34")
     assert_one_line_error(result, "--arch", "resnet18", "resnet34", "--fresh")

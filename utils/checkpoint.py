@@ -29,6 +29,7 @@ import torch
 
 from utils.errors import UserError
 from utils.fileio import atomic_torch_save
+from utils.foreign_weights import WeightSettings, convert_torchvision_resnet, is_torchvision_resnet
 
 FORMAT_VERSION = 2
 KIND = "simclr-toolkit-checkpoint"
@@ -265,14 +266,19 @@ def read_losses_file(path):
 def model_metadata(ckpt):
     """What rebuilding the model needs, as stored in a checkpoint or run.json."""
     keys = ("arch", "stem", "proj_dims", "in_channels", "image_size", "mean", "std")
-    return {k: ckpt["model_meta"][k] for k in keys}
+    meta = {k: ckpt["model_meta"][k] for k in keys}
+    if ckpt["model_meta"].get("head_norm", True) is False:  # a head from foreign weights
+        meta["head_norm"] = False
+    return meta
 
 
-def load_pretrained(path):
+def load_pretrained(path, settings=None):
     """Load a pretrained model for evaluation: returns (state_dict, meta).
 
     `path` may be a checkpoint.pth (the metadata is inside) or a bare model.pth state dict, in
-    which case the metadata comes from the sibling checkpoint.pth or the run's run.json.
+    which case the metadata comes from the sibling checkpoint.pth or the run's run.json, or a
+    state dict in torchvision's ResNet layout (another project's weights, ImageNet weights, a
+    bare backbone: utils/foreign_weights.py, image size and mean/std from `settings`).
     Keys with `module.` prefixes (DataParallel/DDP) are accepted and stripped.
     """
     obj = _torch_load(path)
@@ -284,8 +290,15 @@ def load_pretrained(path):
     if not isinstance(obj, dict) or not obj or not all(
             isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in obj.items()):
         raise UserError(f"{path} is not a model of this toolkit; give the model.pth or "
-                        f"checkpoint.pth that main.py wrote")
+                        f"checkpoint.pth that main.py wrote, or a ResNet state dict in "
+                        f"torchvision's layout")
     state_dict = strip_prefixes(obj)
+    if is_torchvision_resnet(state_dict):
+        return convert_torchvision_resnet(state_dict, path, settings or WeightSettings())
+    if not any(k.startswith("encoder.") for k in state_dict):
+        raise UserError(f"{path} is not a model of this toolkit nor a ResNet state dict in "
+                        f"torchvision's layout (conv1, bn1, layer1..layer4, optionally fc); "
+                        f"its first keys are {list(state_dict)[:3]}")
     folder = os.path.dirname(os.path.abspath(path))
     sibling = os.path.join(folder, "checkpoint.pth")
     run_json = os.path.join(os.path.dirname(folder), "run.json")

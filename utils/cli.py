@@ -78,8 +78,24 @@ def add_labelled_data_and_model_args(parser, output_name, output_help, datapath_
         "folder with train/ and test/, each with one subfolder per class; or a MedMNIST .npz "
         "file or name; or a path list of 'path,label' lines (with --test-list)"))
     parser.add_argument("modelpath", metavar="MODELPATH",
-                        help="model.pth or checkpoint.pth written by main.py")
+                        help="model.pth or checkpoint.pth written by main.py, or a ResNet "
+                             "state dict in torchvision's layout (see --mean/--std)")
     parser.add_argument(output_name, metavar=output_name.upper(), help=output_help)
+
+
+def add_weight_description_args(parser, image_size=True):
+    """--image-size, --mean, --std: what a MODELPATH in torchvision's layout (another project's
+    weights, ImageNet weights, a bare backbone) does not record. Our own files ignore them."""
+    group = parser.add_argument_group("weights in torchvision's layout")
+    if image_size:
+        group.add_argument("--image-size", type=int, default=None,
+                           help="input side in pixels for such weights (default 224 for a 7x7 "
+                                "stem, 32 for a 3x3 one)")
+    group.add_argument("--mean", type=float, nargs="+", default=None,
+                       help="per-channel normalisation mean for such weights (default ImageNet's)")
+    group.add_argument("--std", type=float, nargs="+", default=None,
+                       help="per-channel normalisation std for such weights (default ImageNet's)")
+    return group
 
 
 def add_data_source_args(parser):

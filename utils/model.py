@@ -58,14 +58,21 @@ def build_torchvision_backbone(meta):
     return build_encoder(meta["arch"], meta["in_channels"], meta["stem"])[0]
 
 
-def build_projection_head(in_dim, proj_dims):
+def build_projection_head(in_dim, proj_dims, norm=True):
     """nn.Sequential MLP: for each hidden width Linear -> BatchNorm1d -> ReLU, then a final
-    Linear to proj_dims[-1]. proj_dims [512, 128] gives 512->512->128 from a 512-d h."""
+    Linear to proj_dims[-1]. proj_dims [512, 128] gives 512->512->128 from a 512-d h.
+    norm=False: Linear (with bias) -> ReLU for the hidden layers, the head of other projects'
+    weights (utils/foreign_weights.py); proj_dims [] is no head (z = h)."""
     layers, dim = [], in_dim
     for width in proj_dims[:-1]:
-        layers += [nn.Linear(dim, width, bias=False), nn.BatchNorm1d(width), nn.ReLU(inplace=True)]
+        if norm:
+            layers += [nn.Linear(dim, width, bias=False), nn.BatchNorm1d(width)]
+        else:
+            layers.append(nn.Linear(dim, width))
+        layers.append(nn.ReLU(inplace=True))
         dim = width
-    layers.append(nn.Linear(dim, proj_dims[-1]))
+    if proj_dims:
+        layers.append(nn.Linear(dim, proj_dims[-1]))
     return nn.Sequential(*layers)
 
 
@@ -104,10 +111,16 @@ class SimCLRModel(nn.Module):
         return h, self.head(h)
 
 
-def build_model(arch, in_channels, stem, proj_dims):
+def build_model(arch, in_channels, stem, proj_dims, head_norm=True):
     """The SimCLR model for these settings (stem already resolved, proj_dims a list)."""
     encoder, feat_dim = build_encoder(arch, in_channels, stem)
-    return SimCLRModel(encoder, build_projection_head(feat_dim, proj_dims))
+    return SimCLRModel(encoder, build_projection_head(feat_dim, proj_dims, head_norm))
+
+
+def build_model_from_meta(meta):
+    """build_model with the settings a checkpoint's model_meta (or run.json) records."""
+    return build_model(meta["arch"], meta["in_channels"], meta["stem"], meta["proj_dims"],
+                       meta.get("head_norm", True))
 
 
 def load_state_strict(model, state_dict, source):
@@ -146,13 +159,14 @@ def adapt_input_channels(state_dict, channels, key="encoder.conv1.weight"):
     return {**state_dict, key: adapted}
 
 
-def load_trained_model(modelpath, random_weights=False, seed=0):
+def load_trained_model(modelpath, random_weights=False, seed=0, settings=None):
     """The SimCLR model of a main.py model.pth / checkpoint.pth, strictly loaded, in eval mode,
     and its metadata (arch, stem, proj_dims, in_channels, image_size, mean, std).
-    random_weights: the same architecture initialised from `seed` instead (a reference)."""
-    state_dict, meta = load_pretrained(modelpath)
+    random_weights: the same architecture initialised from `seed` instead (a reference).
+    settings: image size and mean/std for weights in torchvision's layout (WeightSettings)."""
+    state_dict, meta = load_pretrained(modelpath, settings)
     torch.manual_seed(seed)
-    model = build_model(meta["arch"], meta["in_channels"], meta["stem"], meta["proj_dims"])
+    model = build_model_from_meta(meta)
     if not random_weights:
         load_state_strict(model, state_dict, modelpath)
     return model.eval(), meta
