@@ -416,11 +416,11 @@ def load_bench_images(args, workdir):
 
 
 def main_augmentation_args(image_size, stats):
-    """The arguments of main.py's default augmentation (natural preset, jitter 0.5, blur above
+    """The arguments of main.py's default augmentation (simclr preset, jitter 0.5, blur above
     32 px, crops down to 8 %) at `image_size`, for SimCLRAugmentation (one PIL image ->
     normalised (C, S, S)) or BatchSimCLRAugmentation (a uint8 batch on the device)."""
     return (image_size, stats["channels"], stats["mean"], stats["std"], 0.5, image_size > 32,
-            0.08, "natural", 0.0, 0.0, 0.0)
+            0.08, "simclr", 0.0, 0.0, 0.0)
 
 
 def pretraining_loader(images, stats, image_size, batch_size, workers, device):

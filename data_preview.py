@@ -147,8 +147,9 @@ def main(args):
             ax.set_yticks([])
             if row == 0:
                 ax.set_title("original" if col == 0 else f"view {col}", fontsize=10)
-    fig.suptitle(f"augmentation preset '{args.aug}' ({extras_text(args)})\n{size} px, "
-                 f"{'blur' if blur else 'no blur'}, jitter strength {args.jitter_strength:g}",
+    settings = (f"{'blur' if blur else 'no blur'}, jitter strength {args.jitter_strength:g}"
+                if args.aug == "simclr" else "j-freddy's published sequence")
+    fig.suptitle(f"augmentation preset '{args.aug}' ({extras_text(args)})\n{size} px, {settings}",
                  fontsize=9, y=1 - 0.1 * TITLE_INCHES * DPI / height)
     out = args.out or f"preview_{args.aug}.png"
     folder = os.path.dirname(os.path.abspath(out))

@@ -26,8 +26,8 @@ import numpy as np
 import torch
 
 from simclr import SimCLRTask, transfer_views
-from utils.checkpoint import (RunPaths, load_pretrained, model_metadata, read_losses_file,
-                              strip_prefixes)
+from utils.checkpoint import (AUG_PRESETS_VERSION, RunPaths, load_pretrained, model_metadata,
+                              read_losses_file, strip_prefixes)
 from utils.cli import (add_augmentation_args, add_data_loading_args, add_data_source_args,
                        add_training_args, check_augmentation_args, check_training_args,
                        ensure_writable_dir, environment_info, print_args, run_main)
@@ -60,7 +60,7 @@ RUN_DEFINING_ARGS = ("arch", "stem", "proj_dims", "image_size", "batch_size", "o
                      "jitter_strength", "blur", "min_scale", "aug", "noise", "rotate", "cutout",
                      "seed", "fin")
 # What a checkpoint written before a flag existed meant by it (so older runs still resume).
-LEGACY_VALUES = {"lr_scaling": "none", "aug": "natural", "noise": 0.0, "rotate": 0.0,
+LEGACY_VALUES = {"lr_scaling": "none", "aug": "simclr", "noise": 0.0, "rotate": 0.0,
                  "cutout": 0.0, "fin": None}
 KNN_MEMORY = 10_000  # training images kept as the kNN memory of --knn-every
 DEFAULT_LR = {"sgd": 0.5, "lars": 0.3, "adamw": 1e-3}
@@ -155,6 +155,10 @@ def fill_defaults(args):
         raise UserError(f"--max-memory-gb {args.max_memory_gb} must be positive, e.g. 4")
     if args.knn_every and args.knn_k < 1:
         raise UserError("--knn-k must be at least 1")
+    if args.gpu_aug and args.aug != "simclr":
+        raise UserError(f"--gpu-aug has the steps of --aug simclr only; --aug {args.aug} "
+                        f"(j-freddy's published sequence, with luma equalisation and random "
+                        f"sharpness) runs in the CPU workers: drop --gpu-aug")
 
 
 def decode_for_device(args, images, meta, device):
@@ -471,7 +475,8 @@ def pretrain(args, device):
         settings=LoopSettings.from_args(args, steps_per_epoch, eval_every=args.knn_every,
                                         tensorboard_dir=tensorboard_dir(paths.root)),
         files=RunFiles(paths.checkpoint), device=device, resume=ckpt,
-        record={"args": vars(args), "model_meta": meta, "extra": {"data": data_info}},
+        record={"args": vars(args), "model_meta": meta,
+                "extra": {"data": data_info, "aug_presets": AUG_PRESETS_VERSION}},
         write_outputs=PretrainingOutputs(paths, run_info)))
     del ckpt
     if trainer.finished:

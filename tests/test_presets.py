@@ -1,6 +1,7 @@
-"""Augmentation presets (natural, novel, simple, greyscale) and the extras (noise, rotate,
-cutout): the documented step sequences written out by hand, natural against the pre-existing
-pipeline, seeding from torch's RNG only, the measured effect of noise/rotation/cutout, pickling,
+"""Augmentation presets (simclr, and natural, novel, simple, greyscale as j-freddy published
+them) and the extras (noise, rotate, cutout): the documented step sequences written out by hand,
+simclr against the pre-existing pipeline, the luma equalisation and random sharpness against
+their definitions, seeding from torch's RNG only, the measured effect of noise/rotation/cutout, pickling,
 the command-line flags, and data_preview.py end to end."""
 import argparse
 import json
@@ -13,17 +14,19 @@ import sys
 import numpy as np
 import pytest
 import torch
-from PIL import Image
+from PIL import Image, ImageOps
 from torchvision import transforms as T
 
 from conftest import FAST_PRETRAIN, REPO, assert_one_line_error, run_script
 from utils.errors import UserError
 from utils.cli import add_augmentation_args
 from utils.data import TwoViewDataset, scan_image_folder
-from utils.transforms import (AUGMENTATION_PRESETS, AddGaussianNoise, SimCLRAugmentation,
-                              TwoViews)
+from torchvision.transforms import functional as TF
 
-PRESETS = ("natural", "novel", "simple", "greyscale")
+from utils.transforms import (AUGMENTATION_PRESETS, AddGaussianNoise, RandomLumaEqualize,
+                              RandomSharpness, SimCLRAugmentation, TwoViews)
+
+PRESETS = ("simclr", "natural", "novel", "simple", "greyscale")
 MEAN = {1: [0.3], 3: [0.4, 0.5, 0.2]}
 STD = {1: [0.3], 3: [0.3, 0.3, 0.2]}
 
@@ -57,6 +60,10 @@ def step_summary(t):
         return name, tuple(t.degrees), t.interpolation, t.fill
     if isinstance(t, AddGaussianNoise):
         return name, t.sigma
+    if isinstance(t, RandomLumaEqualize):
+        return name, t.p
+    if isinstance(t, RandomSharpness):
+        return name, t.low, t.high
     if isinstance(t, T.Normalize):
         return name, tuple(t.mean), tuple(t.std)
     if isinstance(t, T.RandomErasing):
@@ -68,8 +75,8 @@ def summary(aug):
     return [step_summary(t) for t in aug.transform.transforms]
 
 
-# The documented sequences for S=32, s=0.5, min_scale=0.2, blur on, written out by hand:
-# natural jitter 0.8s = 0.4 (factors 0.6-1.4), hue 0.2s = 0.1; novel half of that.
+# The documented sequences for S=32, s=0.5, min_scale=0.2, blur on, written out by hand.
+# simclr: jitter 0.8s = 0.4 (factors 0.6-1.4), hue 0.2s = 0.1.
 CROP = ("RandomResizedCrop", (32, 32), (0.2, 1.0))
 FLIP = ("RandomHorizontalFlip", 0.5)
 BLUR = ("RandomApply", 0.5, ("GaussianBlur", (3, 3), (0.1, 2.0)))
@@ -78,20 +85,20 @@ TAIL = {c: [("ToTensor",), ("Normalize", tuple(MEAN[c]), tuple(STD[c]))] for c i
 JITTER_1 = ("RandomApply", 0.8, ("ColorJitter", (0.6, 1.4), (0.6, 1.4), None, None))
 JITTER_3 = ("RandomApply", 0.8, ("ColorJitter", (0.6, 1.4), (0.6, 1.4), (0.6, 1.4),
                                  (-0.1, 0.1)))
-HALF_1 = ("RandomApply", 0.8, ("ColorJitter", (0.8, 1.2), (0.8, 1.2), None, None))
-HALF_3 = ("RandomApply", 0.8, ("ColorJitter", (0.8, 1.2), (0.8, 1.2), (0.8, 1.2),
-                               (-0.05, 0.05)))
-EQ_SHARP = [("RandomEqualize", 0.5), ("RandomAdjustSharpness", 2.0, 0.5)]
-EXPECTED = {
-    ("natural", 1): [CROP, FLIP, JITTER_1, BLUR],
-    ("natural", 3): [CROP, FLIP, JITTER_3, GRAY, BLUR],
-    ("novel", 1): [CROP, FLIP, HALF_1, BLUR] + EQ_SHARP,
-    ("novel", 3): [CROP, FLIP, HALF_3, GRAY, BLUR] + EQ_SHARP,
-    ("simple", 1): [CROP, JITTER_1, BLUR],
-    ("simple", 3): [CROP, JITTER_3, BLUR],
-    ("greyscale", 1): [CROP, FLIP, BLUR],
-    ("greyscale", 3): [CROP, FLIP, BLUR],
-}
+# j-freddy/simclr-medical-imaging, pretrain/simclr/aug_sequences.py (newest version), at 28 px:
+# ColorJitter(0.5, 0.5, 0.5, 0.1) or (0.2, 0.2, 0.2, 0.04) with p 0.8, GaussianBlur(9) always
+# (here 32 px: round(9 * 32 / 28) = 10, made odd: 11), equalisation p 0.5, sharpness U(1, 10).
+STRONG = ("RandomApply", 0.8, ("ColorJitter", (0.5, 1.5), (0.5, 1.5), (0.5, 1.5), (-0.1, 0.1)))
+WEAK = ("RandomApply", 0.8, ("ColorJitter", (0.8, 1.2), (0.8, 1.2), (0.8, 1.2), (-0.04, 0.04)))
+BLUR9 = ("GaussianBlur", (11, 11), (0.1, 2.0))
+CONTRAST = [("RandomLumaEqualize", 0.5), ("RandomSharpness", 1.0, 10.0)]
+PUBLISHED = {"natural": [FLIP, CROP, STRONG, GRAY, BLUR9],
+             "simple": [CROP, STRONG, BLUR9],
+             "novel": [FLIP, CROP, WEAK, GRAY, BLUR9] + CONTRAST,
+             "greyscale": [FLIP, CROP, BLUR9] + CONTRAST}
+EXPECTED = {("simclr", 1): [CROP, FLIP, JITTER_1, BLUR],
+            ("simclr", 3): [CROP, FLIP, JITTER_3, GRAY, BLUR],
+            **{(name, c): steps for name, steps in PUBLISHED.items() for c in (1, 3)}}
 
 
 def test_preset_names():
@@ -111,11 +118,67 @@ def test_preset_sequence(preset, channels):
 
 @pytest.mark.parametrize("preset", PRESETS)
 def test_without_blur_or_jitter(preset):
-    """blur=False drops the blur step and s=0 the jitter step in every preset; nothing else
-    changes."""
+    """In simclr blur=False drops the blur step and s=0 the jitter step, nothing else; the
+    published presets keep their own blur and jitter."""
     full = summary(make(preset, 3))
-    assert summary(make(preset, 3, blur=False)) == [s for s in full if s != BLUR]
-    assert summary(make(preset, 3, s=0)) == [s for s in full if s not in (JITTER_3, HALF_3)]
+    if preset == "simclr":
+        assert summary(make(preset, 3, blur=False)) == [s for s in full if s != BLUR]
+        assert summary(make(preset, 3, s=0)) == [s for s in full if s != JITTER_3]
+    else:
+        assert summary(make(preset, 3, blur=False)) == summary(make(preset, 3, s=0)) == full
+
+
+@pytest.mark.parametrize("size, kernel", [(16, 5), (28, 9), (64, 21), (224, 73)])
+def test_published_blur_kernel_scales_with_the_image(size, kernel):
+    blur = [t for t in make("natural", 3, size=size).transform.transforms
+            if isinstance(t, T.GaussianBlur)]
+    assert [tuple(t.kernel_size) for t in blur] == [(kernel, kernel)]
+
+
+def pil_equalize_reference(channel):
+    """Histogram equalisation of one 8-bit channel (H, W) as PIL defines it, in numpy: the
+    step is (pixels - count of the highest level) // 255, lut[i] = (step // 2 + pixels below
+    level i) // step."""
+    h = np.bincount(channel.ravel(), minlength=256)
+    step = (h.sum() - h[np.nonzero(h)[0][-1]]) // 255
+    if step == 0:
+        return channel
+    lut = np.minimum((step // 2 + np.concatenate([[0], np.cumsum(h)[:-1]])) // step, 255)
+    return lut[channel].astype(np.uint8)
+
+
+def test_luma_equalisation_equalises_y_and_keeps_the_chroma(rgb_image, gray_image):
+    """p=1 on RGB: the image is PIL's YCbCr (ITU-R 601 luma) with Y equalised by the numpy
+    reference and Cb, Cr as they were, back in RGB; a 1-channel image is equalised directly;
+    p=0 never changes the image."""
+    low_contrast = rgb_image.point(lambda v: 100 + v // 4)
+    y_in, cb_in, cr_in = low_contrast.convert("YCbCr").split()
+    rgb = np.asarray(low_contrast, float)
+    assert np.abs(np.asarray(y_in) - rgb @ [0.299, 0.587, 0.114]).max() <= 1
+    equalised = Image.fromarray(pil_equalize_reference(np.asarray(y_in)))
+    expected = Image.merge("YCbCr", (equalised, cb_in, cr_in)).convert("RGB")
+    out = RandomLumaEqualize(1.0)(low_contrast)
+    assert out.mode == "RGB" and np.array_equal(np.asarray(out), np.asarray(expected))
+    y_out = np.asarray(out.convert("L"), float)
+    assert y_out.std() > 2 * np.asarray(y_in, float).std()
+    gray = np.asarray(gray_image)
+    assert np.array_equal(np.asarray(RandomLumaEqualize(1.0)(gray_image)),
+                          pil_equalize_reference(gray))
+    assert RandomLumaEqualize(0.0)(rgb_image) is rgb_image
+
+
+def test_random_sharpness_draws_its_factor_uniformly_from_torch(rgb_image):
+    """The factor is 1 + 9 u with u = torch.rand(1) (so the torch seed fixes it), applied by
+    torchvision's adjust_sharpness; over 2000 draws u is uniform (KS distance < 0.04)."""
+    step = RandomSharpness(1.0, 10.0)
+    torch.manual_seed(5)
+    u = torch.rand(1).item()
+    torch.manual_seed(5)
+    assert np.array_equal(np.asarray(step(rgb_image)),
+                          np.asarray(TF.adjust_sharpness(rgb_image, 1 + 9 * u)))
+    torch.manual_seed(0)
+    draws = np.sort(torch.rand(2000).numpy())
+    assert np.abs(draws - (np.arange(1, 2001) / 2000)).max() < 0.04
 
 
 def previous_pipeline(image_size, channels, mean, std, s, blur, min_scale):
@@ -139,12 +202,12 @@ def previous_pipeline(image_size, channels, mean, std, s, blur, min_scale):
 @pytest.mark.parametrize("channels", (1, 3))
 @pytest.mark.parametrize("s,blur,min_scale", [(1.0, False, 0.08), (0.5, True, 0.3),
                                               (3.0, True, 0.08), (0.0, False, 0.5)])
-def test_natural_is_the_previous_pipeline(channels, s, blur, min_scale, gray_image, rgb_image):
-    """preset natural (and the old positional call, which defaults to it) is the pre-existing
+def test_simclr_is_the_previous_pipeline(channels, s, blur, min_scale, gray_image, rgb_image):
+    """preset simclr (and the old positional call, which defaults to it) is the pre-existing
     pipeline step for step (same reprs) and gives the same tensors under the same seed."""
     old = previous_pipeline(24, channels, MEAN[channels], STD[channels], s, blur, min_scale)
     default = SimCLRAugmentation(24, channels, MEAN[channels], STD[channels], s, blur, min_scale)
-    named = make("natural", channels, size=24, s=s, blur=blur, min_scale=min_scale)
+    named = make("simclr", channels, size=24, s=s, blur=blur, min_scale=min_scale)
     for aug in (default, named):
         assert [repr(t) for t in aug.transform.transforms] == [repr(t) for t in old.transforms]
     img = image_for(channels, gray_image, rgb_image)
@@ -157,10 +220,10 @@ def test_natural_is_the_previous_pipeline(channels, s, blur, min_scale, gray_ima
 
 
 def test_constructor_defaults():
-    """The defaults of the documented signature: s=1, no blur, min_scale 0.08, natural, no
+    """The defaults of the documented signature: s=1, no blur, min_scale 0.08, simclr, no
     extras."""
     aug = SimCLRAugmentation(16, 3, MEAN[3], STD[3])
-    assert (aug.preset, aug.noise, aug.rotate, aug.cutout) == ("natural", 0.0, 0.0, 0.0)
+    assert (aug.preset, aug.noise, aug.rotate, aug.cutout) == ("simclr", 0.0, 0.0, 0.0)
     assert summary(aug) == [("RandomResizedCrop", (16, 16), (0.08, 1.0)), FLIP,
                             ("RandomApply", 0.8, ("ColorJitter", (0.2, 1.8), (0.2, 1.8),
                                                   (0.2, 1.8), (-0.2, 0.2))),
@@ -225,7 +288,7 @@ def test_noise_changes_pixels_by_sigma(value, sigma):
     to the clean value has the std and mean of clamp(v + N(0, sigma^2), 0, 1) - v, computed
     independently with numpy (the clamp matters near black)."""
     aug = SimCLRAugmentation(64, 1, [0.0], [1.0], jitter_strength=0, blur=False, min_scale=1.0,
-                             preset="greyscale", noise=sigma)
+                             preset="simclr", noise=sigma)
     clean = value / 255
     torch.manual_seed(0)
     diff = torch.stack([aug(Image.new("L", (64, 64), value)) for _ in range(8)]) - clean
@@ -239,7 +302,7 @@ def test_noise_changes_pixels_by_sigma(value, sigma):
 def test_noise_is_independent_per_channel_and_pixel():
     """On RGB the noise of the three channels is uncorrelated, and so is that of neighbours."""
     aug = SimCLRAugmentation(64, 3, [0.0] * 3, [1.0] * 3, jitter_strength=0, blur=False,
-                             min_scale=1.0, preset="greyscale", noise=0.1)
+                             min_scale=1.0, preset="simclr", noise=0.1)
     torch.manual_seed(1)
     d = aug(Image.new("RGB", (64, 64), (128, 128, 128))) - 128 / 255
     assert abs(np.corrcoef(d[0].flatten(), d[1].flatten())[0, 1]) < 0.1
@@ -249,7 +312,7 @@ def test_noise_is_independent_per_channel_and_pixel():
 def _white_views(rotate, n=20):
     """n views of a white 32x32 image with only crop (whole image), flip and rotation."""
     aug = SimCLRAugmentation(32, 1, [0.0], [1.0], jitter_strength=0, blur=False, min_scale=1.0,
-                             preset="greyscale", rotate=rotate)
+                             preset="simclr", rotate=rotate)
     views = []
     for seed in range(n):
         torch.manual_seed(seed)
@@ -278,7 +341,7 @@ def test_cutout_p1_erases_one_rectangle(gray_image):
     mean, std = [0.123456], [0.3]
     for cutout, seeds in ((0.0, range(3)), (1.0, range(10))):
         aug = SimCLRAugmentation(28, 1, mean, std, jitter_strength=0, blur=False,
-                                 preset="greyscale", cutout=cutout)
+                                 preset="simclr", cutout=cutout)
         for seed in seeds:
             torch.manual_seed(seed)
             zero = (aug(gray_image)[0] == 0).numpy()
@@ -293,7 +356,7 @@ def test_cutout_p1_erases_one_rectangle(gray_image):
 
 def test_cutout_probability(gray_image):
     """cutout=P erases in about a fraction P of the views (binomial, 200 views)."""
-    aug = SimCLRAugmentation(16, 1, [0.123456], [0.3], jitter_strength=0, preset="greyscale",
+    aug = SimCLRAugmentation(16, 1, [0.123456], [0.3], jitter_strength=0, preset="simclr",
                              cutout=0.3)
     torch.manual_seed(0)
     erased = sum(bool((aug(gray_image) == 0).any()) for _ in range(200))
@@ -323,23 +386,23 @@ def test_describe_is_plain_json_and_repr_names_the_preset():
     aug = make("novel", 3, noise=0.05, rotate=10, cutout=0.25)
     steps = json.loads(json.dumps(aug.describe()))
     assert [s["step"] for s in steps] == [
-        "RandomResizedCrop", "RandomHorizontalFlip", "RandomRotation", "RandomApply",
-        "RandomGrayscale", "RandomApply", "RandomEqualize", "RandomAdjustSharpness", "ToTensor",
+        "RandomHorizontalFlip", "RandomResizedCrop", "RandomRotation", "RandomApply",
+        "RandomGrayscale", "GaussianBlur", "RandomLumaEqualize", "RandomSharpness", "ToTensor",
         "AddGaussianNoise", "Normalize", "RandomErasing"]
-    assert steps[0]["scale"] == [0.2, 1.0] and steps[0]["size"] == [32, 32]
+    assert steps[1]["scale"] == [0.2, 1.0] and steps[1]["size"] == [32, 32]
     assert steps[2]["degrees"] == [-10.0, 10.0]
     jitter = steps[3]["transforms"][0]
     assert jitter["step"] == "ColorJitter" and steps[3]["p"] == 0.8
     assert jitter["brightness"] == pytest.approx([0.8, 1.2])
-    assert jitter["hue"] == pytest.approx([-0.05, 0.05])
-    assert steps[5]["transforms"][0] == {"step": "GaussianBlur", "kernel_size": [3, 3],
-                                         "sigma": [0.1, 2.0]}
-    assert steps[7] == {"step": "RandomAdjustSharpness", "sharpness_factor": 2.0, "p": 0.5}
+    assert jitter["hue"] == pytest.approx([-0.04, 0.04])
+    assert steps[5] == {"step": "GaussianBlur", "kernel_size": [11, 11], "sigma": [0.1, 2.0]}
+    assert steps[6] == {"step": "RandomLumaEqualize", "p": 0.5}
+    assert steps[7] == {"step": "RandomSharpness", "low": 1.0, "high": 10.0}
     assert steps[9] == {"step": "AddGaussianNoise", "sigma": 0.05}
     assert steps[11]["p"] == 0.25 and steps[11]["value"] == 0
     text = repr(aug)
-    for fragment in ("novel", "noise=0.05", "rotate=10", "cutout=0.25", "RandomEqualize",
-                     "RandomAdjustSharpness", "AddGaussianNoise(sigma=0.05)", "RandomErasing"):
+    for fragment in ("novel", "noise=0.05", "rotate=10", "cutout=0.25", "RandomLumaEqualize",
+                     "RandomSharpness", "AddGaussianNoise(sigma=0.05)", "RandomErasing"):
         assert fragment in text
 
 
@@ -349,7 +412,7 @@ def test_augmentation_flags():
     parser = argparse.ArgumentParser()
     add_augmentation_args(parser)
     args = parser.parse_args([])
-    assert (args.aug, args.noise, args.rotate, args.cutout) == ("natural", 0.0, 0.0, 0.0)
+    assert (args.aug, args.noise, args.rotate, args.cutout) == ("simclr", 0.0, 0.0, 0.0)
     assert (args.image_size, args.jitter_strength, args.blur, args.min_scale) == \
         (None, 0.5, None, 0.08)
     args = parser.parse_args(["--aug", "greyscale", "--noise", "0.1", "--rotate", "15",
@@ -463,11 +526,37 @@ def test_pretraining_stores_the_preset_and_refuses_to_resume_with_another(tiny_f
     run = json.load(open(respath / "run.json"))
     assert run["augmentation"]["preset"] == "novel"
     steps = [s["step"] for s in run["augmentation"]["steps"]]
-    assert steps[:3] == ["RandomResizedCrop", "RandomHorizontalFlip", "RandomRotation"]
-    assert {"RandomEqualize", "RandomAdjustSharpness", "RandomErasing"} <= set(steps)
+    assert steps[:3] == ["RandomHorizontalFlip", "RandomResizedCrop", "RandomRotation"]
+    assert {"RandomLumaEqualize", "RandomSharpness", "RandomErasing"} <= set(steps)
     ckpt = torch.load(respath / "model" / "checkpoint.pth")
     assert (ckpt["args"]["aug"], ckpt["args"]["rotate"], ckpt["args"]["cutout"]) == \
         ("novel", 10.0, 0.5)
     again = run_script("main.py", tiny_folder, respath, "--epochs", "2", *FAST_PRETRAIN,
                        "--aug", "greyscale", "--rotate", "10", "--cutout", "0.5")
     assert_one_line_error(again, "--aug", "novel", "greyscale")
+
+
+def test_checkpoints_of_the_earlier_presets_resume_as_they_were_trained(pretrained, tiny_folder,
+                                                                       tmp_path):
+    """A checkpoint written before the published presets (no extra["aug_presets"]): its
+    "natural" was the SimCLR paper's pipeline and resumes under today's default, simclr; its
+    "novel" was a variant that no preset reproduces, so resuming asks for --fresh."""
+    import shutil
+    for stored, command, resumes in (("natural", [], True), ("novel", ["--aug", "novel"], False)):
+        copy = tmp_path / stored
+        shutil.copytree(pretrained[0], copy)
+        path = copy / "model" / "checkpoint.pth"
+        ckpt = torch.load(path, weights_only=True)
+        assert ckpt["args"]["aug"] == "simclr" and ckpt["extra"]["aug_presets"] == 2
+        ckpt["args"]["aug"] = stored
+        del ckpt["extra"]["aug_presets"]
+        torch.save(ckpt, path)
+        result = run_script("main.py", tiny_folder, copy, "--epochs", "3", *FAST_PRETRAIN,
+                            *command)
+        if resumes:
+            assert result.returncode == 0, result.stderr
+            assert "resuming" in result.stdout and "epoch 3/3" in result.stdout
+            assert torch.load(path, weights_only=True)["args"]["aug"] == "simclr"
+        else:
+            assert_one_line_error(result, "--aug novel (the earlier variant)", "--fresh")
+

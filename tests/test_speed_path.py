@@ -20,7 +20,7 @@ from torchvision.transforms import functional as TF
 
 import utils.engine as engine
 import utils.precision as precision_module
-from conftest import run_script
+from conftest import FAST_PRETRAIN, assert_one_line_error, run_script
 from main import decode_for_device, get_args_parser
 from utils.errors import UserError
 from simclr import SimCLRTask, forward_backward, transfer_views
@@ -101,13 +101,13 @@ def batched_parameters(aug, hw, n, seed=0):
 
 
 @pytest.fixture(scope="module")
-def natural_rgb():
-    """The natural preset on 3 channels at 16 px with blur, rotation and cutout."""
+def simclr_rgb():
+    """The simclr preset on 3 channels at 16 px with blur, rotation and cutout."""
     return BatchSimCLRAugmentation(16, 3, [0.4, 0.5, 0.3], [0.2, 0.25, 0.3], 0.5, True, 0.08,
-                                   "natural", 0.0, 20.0, 0.5)
+                                   "simclr", 0.0, 20.0, 0.5)
 
 
-def test_gpu_aug_parameters_follow_the_cpu_distributions(natural_rgb):
+def test_gpu_aug_parameters_follow_the_cpu_distributions(simclr_rgb):
     """4000 draws of every random parameter against 4000 of torchvision's get_params: KS tests
     for crop area fraction, aspect ratio and centre, the four jitter factors, blur sigma,
     rotation angle and erased area, and a chi-square test for brightness's place in the random
@@ -116,8 +116,8 @@ def test_gpu_aug_parameters_follow_the_cpu_distributions(natural_rgb):
     deviations of p; the erased share within 4 standard deviations of the CPU pipeline's
     (p x chance a box fits)."""
     hw = (32, 32)  # input larger than the 16 px output: crops from a 32 px image
-    cpu = draw_cpu_parameters(natural_rgb, hw, N_VIEWS)
-    gpu, rates = batched_parameters(natural_rgb, hw, N_VIEWS)
+    cpu = draw_cpu_parameters(simclr_rgb, hw, N_VIEWS)
+    gpu, rates = batched_parameters(simclr_rgb, hw, N_VIEWS)
     names = ("area", "aspect", "centre", "brightness", "contrast", "saturation", "hue", "sigma",
              "angle", "erased_area")
     p_values = {name: stats.ks_2samp(cpu[name], gpu[name]).pvalue for name in names}
@@ -168,17 +168,17 @@ def reference_view(image, p, b, aug):
     return x
 
 
-def test_gpu_aug_pixels_equal_torchvision_functions(natural_rgb, rgb_image):
+def test_gpu_aug_pixels_equal_torchvision_functions(simclr_rgb, rgb_image):
     """For drawn parameters, every view of a batch equals torchvision's per-image tensor
     functions (resized_crop, hflip, rotate, adjust_* in the drawn order, rgb_to_grayscale,
     gaussian_blur, normalize, erase) applied with the same parameters, to 1e-4."""
     image = torch.from_numpy(np.array(rgb_image.resize((16, 16)))).permute(2, 0, 1)
     images = image.expand(64, -1, -1, -1).contiguous()
-    p = natural_rgb.sample_parameters(64, torch.Generator().manual_seed(3), (16, 16))
-    views = natural_rgb.apply(images, p, None)
+    p = simclr_rgb.sample_parameters(64, torch.Generator().manual_seed(3), (16, 16))
+    views = simclr_rgb.apply(images, p, None)
     assert views.shape == (64, 3, 16, 16) and views.dtype == torch.float32
     for b in range(64):
-        expected = reference_view(image.float() / 255, p, b, natural_rgb)
+        expected = reference_view(image.float() / 255, p, b, simclr_rgb)
         torch.testing.assert_close(views[b], expected, atol=1e-4, rtol=0, msg=f"view {b}")
 
 
@@ -186,7 +186,7 @@ def test_gpu_aug_views_look_like_cpu_views(gray_image):
     """1000 views of one real image by the per-image PIL pipeline and by the batched one:
     the distributions of a view's mean and standard deviation agree (KS p > 0.01)."""
     image = gray_image.resize((16, 16))
-    batched = BatchSimCLRAugmentation(16, 1, [0.3], [0.3], 0.5, True, 0.08, "natural")
+    batched = BatchSimCLRAugmentation(16, 1, [0.3], [0.3], 0.5, True, 0.08, "simclr")
     torch.manual_seed(0)
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # as in a DataLoader worker: PIL-sized blurs, no thread handoffs
@@ -203,10 +203,21 @@ def test_gpu_aug_views_look_like_cpu_views(gray_image):
 
 
 @pytest.mark.parametrize("preset", AUGMENTATION_PRESETS)
-def test_gpu_aug_has_the_steps_of_every_preset(preset):
-    """For 1 and 3 channels, with and without the extras: the batched steps are those of the
-    per-image pipeline (same names, same order; ToTensor is the uint8 conversion) and a batch
-    of uint8 (B, C, 20, 20) gives finite float32 (B, C, 16, 16)."""
+def test_gpu_aug_has_the_steps_of_the_simclr_preset_and_refuses_the_others(preset, tiny_folder,
+                                                                            tmp_path):
+    """simclr, for 1 and 3 channels, with and without the extras: the batched steps are those
+    of the per-image pipeline (same names, same order; ToTensor is the uint8 conversion) and a
+    batch of uint8 (B, C, 20, 20) gives finite float32 (B, C, 16, 16). The published presets,
+    whose luma equalisation and random sharpness have no batched version, are refused in one
+    line by main.py before anything runs."""
+    if preset != "simclr":
+        with pytest.raises(UserError, match="--aug simclr only"):
+            BatchSimCLRAugmentation(16, 1, [0.5], [0.25], 0.5, True, 0.08, preset)
+        if preset == "novel":
+            result = run_script("main.py", tiny_folder, tmp_path / "r", "--gpu-aug", "--aug",
+                                preset, *FAST_PRETRAIN)
+            assert_one_line_error(result, "--gpu-aug", "--aug novel", "drop --gpu-aug")
+        return
     for channels in (1, 3):
         for extras in ((0.0, 0.0, 0.0), (0.05, 10.0, 0.5)):
             aug = BatchSimCLRAugmentation(16, channels, [0.5] * channels, [0.25] * channels,

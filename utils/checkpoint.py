@@ -183,7 +183,25 @@ def load_checkpoint(path, script="main"):
     if written_by != script:
         raise UserError(f"{path} is a checkpoint of {written_by}.py, not of {script}.py; give "
                         f"the file {script}.py wrote (or another output folder)")
-    return upgrade_format_1(ckpt) if ckpt.get("format_version", 1) == 1 else ckpt
+    ckpt = upgrade_format_1(ckpt) if ckpt.get("format_version", 1) == 1 else ckpt
+    if script == "main":
+        rename_earlier_presets(ckpt)
+    return ckpt
+
+
+# main.py checkpoints record extra["aug_presets"] = 2 since --aug natural/novel/simple/greyscale
+# became j-freddy's published sequences and the SimCLR paper's pipeline was named simclr.
+AUG_PRESETS_VERSION = 2
+
+
+def rename_earlier_presets(ckpt):
+    """A pretraining checkpoint written before that change: its "natural" is today's simclr
+    (resumed as that pipeline); its novel/simple/greyscale were this toolkit's own variants,
+    which no preset reproduces, so the resume check names them and asks for --fresh."""
+    if ckpt.get("extra", {}).get("aug_presets") == AUG_PRESETS_VERSION or "aug" not in ckpt["args"]:
+        return
+    stored = ckpt["args"]["aug"]
+    ckpt["args"]["aug"] = "simclr" if stored == "natural" else f"{stored} (the earlier variant)"
 
 
 def load_best(path, script):

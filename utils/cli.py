@@ -135,13 +135,17 @@ def add_augmentation_args(parser):
     """
     import argparse
 
-    presets = {"natural": "the SimCLR paper's crop, flip, colour jitter, random grayscale, blur",
-               "novel": "natural with half-strength jitter plus random histogram equalisation "
-                        "and sharpening (low-contrast medical images)",
-               "simple": "crop, colour jitter, blur (no flip, no grayscale)",
-               "greyscale": "crop, flip, blur; no colour jitter (grayscale modalities)"}
+    presets = {"simclr": "the SimCLR paper's crop, flip, colour jitter, random grayscale, blur "
+                         "(--jitter-strength, --blur)",
+               "natural": "j-freddy's natural: flip, crop, jitter 0.5/0.5/0.5/0.1, grayscale, "
+                          "blur 9 px at 28",
+               "novel": "j-freddy's novel: flip, crop, jitter 0.2/0.2/0.2/0.04, grayscale, "
+                        "blur, luma equalisation p 0.5, sharpness U(1, 10)",
+               "simple": "j-freddy's simple: crop, jitter 0.5/0.5/0.5/0.1, blur",
+               "greyscale": "j-freddy's greyscale: flip, crop, blur, luma equalisation, "
+                            "sharpness"}
     group = parser.add_argument_group("augmentation")
-    group.add_argument("--aug", choices=tuple(presets), default="natural",
+    group.add_argument("--aug", choices=tuple(presets), default="simclr",
                        help="augmentation preset: " +
                             "; ".join(f"{name} = {what}" for name, what in presets.items()))
     group.add_argument("--noise", metavar="SIGMA", type=float, default=0.0,
@@ -156,10 +160,11 @@ def add_augmentation_args(parser):
                        help="training resolution in px (default: the images' median shorter "
                             "side, at most 224)")
     group.add_argument("--jitter-strength", type=float, default=0.5,
-                       help="colour-jitter strength s: brightness/contrast/saturation 0.8s, hue "
-                            "0.2s")
+                       help="--aug simclr: colour-jitter strength s, brightness/contrast/"
+                            "saturation 0.8s, hue 0.2s (the published presets have their own)")
     group.add_argument("--blur", action=argparse.BooleanOptionalAction, default=None,
-                       help="Gaussian blur p=0.5 (default: on for images larger than 32 px)")
+                       help="--aug simclr: Gaussian blur p=0.5 (default: on for images larger "
+                            "than 32 px); the published presets always blur, as published")
     group.add_argument("--min-scale", type=float, default=0.08,
                        help="smallest RandomResizedCrop area fraction (the paper's 0.08)")
     return group

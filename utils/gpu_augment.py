@@ -41,6 +41,7 @@ import torch.nn.functional as F
 from torchvision.transforms.v2 import functional as v2F
 
 from utils.data import DEVICE_AUGMENT_STREAM, derive_seed
+from utils.errors import UserError
 from utils.transforms import AddGaussianNoise, SimCLRAugmentation
 
 LUMA = (0.2989, 0.587, 0.114)  # torchvision's rgb_to_grayscale weights
@@ -448,7 +449,10 @@ class BatchSimCLRAugmentation:
     """
 
     def __init__(self, image_size, channels, mean, std, jitter_strength=1.0, blur=False,
-                 min_scale=0.08, preset="natural", noise=0.0, rotate=0.0, cutout=0.0):
+                 min_scale=0.08, preset="simclr", noise=0.0, rotate=0.0, cutout=0.0):
+        if preset != "simclr":
+            raise UserError(f"--gpu-aug has the steps of --aug simclr only, not {preset}; drop "
+                            f"--gpu-aug to augment in the CPU workers")
         self.reference = SimCLRAugmentation(image_size, channels, mean, std, jitter_strength,
                                             blur, min_scale, preset, noise, rotate, cutout)
         steps = [batched_step(t) for t in self.reference.transform.transforms]

@@ -3,14 +3,77 @@ globals), so it pickles into DataLoader workers under both fork and spawn. Every
 draws from torch's global RNG (never python's `random` or numpy), which the pretraining dataset
 seeds per image (utils/data.py)."""
 import torch
+from PIL import Image, ImageOps
 from torchvision import transforms as T
+from torchvision.transforms import functional as TF
 
-AUGMENTATION_PRESETS = ("natural", "novel", "simple", "greyscale")
+AUGMENTATION_PRESETS = ("simclr", "natural", "novel", "simple", "greyscale")
+# j-freddy/simclr-medical-imaging, pretrain/simclr/aug_sequences.py (newest version): the
+# sequences of its four presets, stated for 28 px images.
+PUBLISHED_PRESETS = ("natural", "novel", "simple", "greyscale")
+PUBLISHED_BLUR_KERNEL, PUBLISHED_SIZE = 9, 28
 
 
 def blur_kernel_size(image_size):
     """Odd Gaussian-blur kernel of about 10 % of the image side (at least 3)."""
     return max(3, int(0.1 * image_size) // 2 * 2 + 1)
+
+
+def published_blur_kernel(image_size):
+    """The published 9 px kernel at 28 px, scaled in proportion to `image_size` and made odd:
+    9 at 28 px, 5 at 16, 11 at 32, 21 at 64, 73 at 224."""
+    k = round(PUBLISHED_BLUR_KERNEL * image_size / PUBLISHED_SIZE)
+    return max(3, k if k % 2 else k + 1)
+
+
+class RandomLumaEqualize:
+    """With probability p, histogram-equalise the luma of a PIL image: RGB through YCbCr with
+    Y equalised and Cb, Cr kept (as j-freddy's RandomEqualize); a 1-channel image is its own
+    luma. The draw is torch.rand (torch's global RNG)."""
+
+    def __init__(self, p=0.5):
+        self.p = float(p)
+
+    def __call__(self, img):
+        if torch.rand(1).item() >= self.p:
+            return img
+        if img.mode == "L":
+            return ImageOps.equalize(img)
+        y, cb, cr = img.convert("YCbCr").split()
+        return Image.merge("YCbCr", (ImageOps.equalize(y), cb, cr)).convert(img.mode)
+
+    def __repr__(self):
+        return f"{type(self).__name__}(p={self.p})"
+
+
+class RandomSharpness:
+    """Sharpness of a PIL image adjusted by a factor ~ U(low, high), every time (1 = the
+    image, higher = sharper; torchvision's adjust_sharpness, i.e. PIL's ImageEnhance)."""
+
+    def __init__(self, low=1.0, high=10.0):
+        self.low, self.high = float(low), float(high)
+
+    def __call__(self, img):
+        factor = self.low + (self.high - self.low) * torch.rand(1).item()
+        return TF.adjust_sharpness(img, factor)
+
+    def __repr__(self):
+        return f"{type(self).__name__}(low={self.low}, high={self.high})"
+
+
+def published_steps(preset, image_size, min_scale):
+    """The geometric and photometric steps of one of j-freddy's presets, in its order (the
+    flip comes before the crop there); the blur kernel scaled by published_blur_kernel."""
+    flip = T.RandomHorizontalFlip()
+    crop = T.RandomResizedCrop(image_size, scale=(min_scale, 1.0), antialias=True)
+    strong = T.RandomApply([T.ColorJitter(0.5, 0.5, 0.5, 0.1)], p=0.8)
+    weak = T.RandomApply([T.ColorJitter(0.2, 0.2, 0.2, 0.04)], p=0.8)
+    gray, blur = T.RandomGrayscale(p=0.2), T.GaussianBlur(published_blur_kernel(image_size))
+    contrast = [RandomLumaEqualize(0.5), RandomSharpness(1.0, 10.0)]
+    return {"natural": [flip, crop, strong, gray, blur],
+            "simple": [crop, strong, blur],
+            "novel": [flip, crop, weak, gray, blur, *contrast],
+            "greyscale": [flip, crop, blur, *contrast]}[preset]
 
 
 class AddGaussianNoise:
@@ -33,34 +96,35 @@ class AddGaussianNoise:
 class SimCLRAugmentation:
     """Augmentation of one PIL image into a normalised tensor (C, S, S), by preset.
 
-    S = image_size, s = jitter_strength; "blur" below is
-    RandomApply(GaussianBlur(kernel ~10 % of S, odd, >= 3; sigma 0.1-2), p=0.5) and is present
-    only with blur=True, in every preset. Every preset ends with ToTensor -> Normalize(mean, std).
+    S = image_size, s = jitter_strength. Every preset ends with ToTensor -> Normalize(mean, std).
 
-    natural (default; the SimCLR paper's sequence):
+    simclr (default; the SimCLR paper's sequence):
         RandomResizedCrop(S, scale=(min_scale, 1)) -> RandomHorizontalFlip(p=0.5) ->
         RandomApply(ColorJitter(0.8s, 0.8s, 0.8s, min(0.5, 0.2s)), p=0.8) ->
-        RandomGrayscale(p=0.2) -> blur
-    novel (natural with half-strength jitter, plus equalisation and sharpening, for
-    low-contrast medical images):
-        RandomResizedCrop(S, scale=(min_scale, 1)) -> RandomHorizontalFlip(p=0.5) ->
-        RandomApply(ColorJitter(0.4s, 0.4s, 0.4s, min(0.5, 0.1s)), p=0.8) ->
-        RandomGrayscale(p=0.2) -> blur -> RandomEqualize(p=0.5) ->
-        RandomAdjustSharpness(sharpness_factor=2, p=0.5)
-    simple (no flip, no grayscale):
-        RandomResizedCrop(S, scale=(min_scale, 1)) ->
-        RandomApply(ColorJitter(0.8s, 0.8s, 0.8s, min(0.5, 0.2s)), p=0.8) -> blur
-    greyscale (no colour jitter at all; jitter_strength is ignored):
-        RandomResizedCrop(S, scale=(min_scale, 1)) -> RandomHorizontalFlip(p=0.5) -> blur
+        RandomGrayscale(p=0.2) -> blur, where blur = RandomApply(GaussianBlur(kernel ~10 % of
+        S, odd, >= 3; sigma 0.1-2), p=0.5), present only with blur=True. For 1-channel data the
+        jitter is brightness and contrast only and there is no RandomGrayscale; s = 0 drops the
+        jitter.
 
-    For 1-channel data saturation, hue and random grayscale mean nothing and are left out: the
-    jitter is brightness and contrast only (0.8s, or 0.4s for novel) and there is no
-    RandomGrayscale. With s = 0 there is no jitter step in any preset.
-    RandomEqualize equalises each channel's histogram separately (PIL ImageOps.equalize).
+    natural, simple, novel, greyscale: j-freddy/simclr-medical-imaging's sequences exactly
+    (aug_sequences.py, newest version); jitter_strength and blur do not apply. "blur9" is
+    GaussianBlur(9 px at 28 px, scaled to S: published_blur_kernel; sigma ~ U(0.1, 2)), always;
+    the crop is RandomResizedCrop(S, scale=(min_scale, 1)) (published: torchvision's default
+    0.08).
+        natural:   RandomHorizontalFlip(0.5) -> crop -> RandomApply(ColorJitter(0.5, 0.5, 0.5,
+                   0.1), p=0.8) -> RandomGrayscale(0.2) -> blur9
+        simple:    crop -> RandomApply(ColorJitter(0.5, 0.5, 0.5, 0.1), p=0.8) -> blur9
+        novel:     RandomHorizontalFlip(0.5) -> crop -> RandomApply(ColorJitter(0.2, 0.2, 0.2,
+                   0.04), p=0.8) -> RandomGrayscale(0.2) -> blur9 -> RandomLumaEqualize(0.5) ->
+                   RandomSharpness(U(1, 10))
+        greyscale: RandomHorizontalFlip(0.5) -> crop -> blur9 -> RandomLumaEqualize(0.5) ->
+                   RandomSharpness(U(1, 10))
+    On 1-channel images saturation, hue and grayscale leave the image as it is, as they do on
+    the RGB copy of a gray image that the published code makes.
 
     Extras, each off at 0 and inserted at a fixed place in any preset:
         rotate=DEG: RandomRotation(degrees=(-DEG, DEG), bilinear, corners filled with 0 = black)
-            right after the geometric steps (after the flip; after the crop in simple).
+            right after the geometric steps (the crop and the flip, whichever comes last).
         noise=SIGMA: AddGaussianNoise(SIGMA) on the [0, 1] tensor between ToTensor and
             Normalize, always applied, clamped to [0, 1].
         cutout=P: RandomErasing(p=P, scale=(0.02, 0.33), ratio=(0.3, 3.3), value=0) after
@@ -68,7 +132,7 @@ class SimCLRAugmentation:
     """
 
     def __init__(self, image_size, channels, mean, std, jitter_strength=1.0, blur=False,
-                 min_scale=0.08, preset="natural", noise=0.0, rotate=0.0, cutout=0.0):
+                 min_scale=0.08, preset="simclr", noise=0.0, rotate=0.0, cutout=0.0):
         if preset not in AUGMENTATION_PRESETS:
             raise ValueError(f"unknown augmentation preset {preset!r}; choose one of "
                              f"{', '.join(AUGMENTATION_PRESETS)}")
@@ -76,28 +140,15 @@ class SimCLRAugmentation:
             raise ValueError(f"noise and rotate must be >= 0 and cutout in [0, 1], got "
                              f"noise={noise}, rotate={rotate}, cutout={cutout}")
         self.preset, self.noise, self.rotate, self.cutout = preset, noise, rotate, cutout
-        s = jitter_strength
-        steps = [T.RandomResizedCrop(image_size, scale=(min_scale, 1.0), antialias=True)]
-        if preset != "simple":
-            steps.append(T.RandomHorizontalFlip())
+        if preset == "simclr":
+            steps = simclr_steps(image_size, channels, jitter_strength, blur, min_scale)
+        else:
+            steps = published_steps(preset, image_size, min_scale)
         if rotate > 0:
-            steps.append(T.RandomRotation(rotate, interpolation=T.InterpolationMode.BILINEAR,
-                                          fill=0))
-        if s > 0 and preset != "greyscale":
-            k = 0.5 if preset == "novel" else 1.0  # novel: half-strength jitter
-            if channels == 1:
-                jitter = T.ColorJitter(brightness=0.8 * k * s, contrast=0.8 * k * s)
-            else:
-                jitter = T.ColorJitter(0.8 * k * s, 0.8 * k * s, 0.8 * k * s,
-                                       min(0.5, 0.2 * k * s))
-            steps.append(T.RandomApply([jitter], p=0.8))
-        if channels == 3 and preset in ("natural", "novel"):
-            steps.append(T.RandomGrayscale(p=0.2))
-        if blur:
-            steps.append(T.RandomApply(
-                [T.GaussianBlur(blur_kernel_size(image_size), sigma=(0.1, 2.0))], p=0.5))
-        if preset == "novel":
-            steps += [T.RandomEqualize(p=0.5), T.RandomAdjustSharpness(2.0, p=0.5)]
+            geometric_end = 1 + max(i for i, t in enumerate(steps) if isinstance(
+                t, (T.RandomResizedCrop, T.RandomHorizontalFlip)))
+            steps.insert(geometric_end, T.RandomRotation(
+                rotate, interpolation=T.InterpolationMode.BILINEAR, fill=0))
         steps.append(T.ToTensor())
         if noise > 0:
             steps.append(AddGaussianNoise(noise))
@@ -118,6 +169,24 @@ class SimCLRAugmentation:
     def __repr__(self):
         return (f"SimCLRAugmentation(preset={self.preset!r}, noise={self.noise}, "
                 f"rotate={self.rotate}, cutout={self.cutout}): {self.transform!r}")
+
+
+def simclr_steps(image_size, channels, s, blur, min_scale):
+    """The SimCLR paper's steps (the simclr preset of SimCLRAugmentation)."""
+    steps = [T.RandomResizedCrop(image_size, scale=(min_scale, 1.0), antialias=True),
+             T.RandomHorizontalFlip()]
+    if s > 0:
+        if channels == 1:
+            jitter = T.ColorJitter(brightness=0.8 * s, contrast=0.8 * s)
+        else:
+            jitter = T.ColorJitter(0.8 * s, 0.8 * s, 0.8 * s, min(0.5, 0.2 * s))
+        steps.append(T.RandomApply([jitter], p=0.8))
+    if channels == 3:
+        steps.append(T.RandomGrayscale(p=0.2))
+    if blur:
+        steps.append(T.RandomApply(
+            [T.GaussianBlur(blur_kernel_size(image_size), sigma=(0.1, 2.0))], p=0.5))
+    return steps
 
 
 def _plain(value):
@@ -142,6 +211,8 @@ _STEP_PARAMETERS = {
     "GaussianBlur": ("kernel_size", "sigma"),
     "RandomEqualize": ("p",),
     "RandomAdjustSharpness": ("sharpness_factor", "p"),
+    "RandomLumaEqualize": ("p",),
+    "RandomSharpness": ("low", "high"),
     "ToTensor": (),
     "AddGaussianNoise": ("sigma",),
     "Normalize": ("mean", "std"),
