@@ -24,6 +24,8 @@ def to_format_1(ckpt):
     script = ckpt["script"]
     series, evaluations = ckpt["history"]["series"], ckpt["history"]["evaluations"]
     args = {k: v for k, v in ckpt["args"].items() if k not in NEW_FLAGS[script]}
+    if script == "main" and args.get("aug") == "simclr":
+        args["aug"] = "natural"  # the old name of the SimCLR paper's pipeline
     old = {"kind": ckpt["kind"], "format_version": 1, "model": ckpt["model"],
            "optimizer": ckpt["optimizer"], "epoch": ckpt["epoch"], "step": ckpt["step"],
            "args": args, "model_meta": ckpt["model_meta"], "rng": ckpt["rng"]}

@@ -198,10 +198,12 @@ def rename_earlier_presets(ckpt):
     """A pretraining checkpoint written before that change: its "natural" is today's simclr
     (resumed as that pipeline); its novel/simple/greyscale were this toolkit's own variants,
     which no preset reproduces, so the resume check names them and asks for --fresh."""
-    if ckpt.get("extra", {}).get("aug_presets") == AUG_PRESETS_VERSION or "aug" not in ckpt["args"]:
+    args = ckpt.get("args") or {}
+    if (ckpt.get("extra") or {}).get("aug_presets") == AUG_PRESETS_VERSION or "aug" not in args:
         return
-    stored = ckpt["args"]["aug"]
-    ckpt["args"]["aug"] = "simclr" if stored == "natural" else f"{stored} (the earlier variant)"
+    if args["aug"] != "simclr":
+        earlier = args["aug"]
+        args["aug"] = "simclr" if earlier == "natural" else f"{earlier} (the earlier variant)"
 
 
 def load_best(path, script):
