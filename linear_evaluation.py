@@ -7,25 +7,28 @@ DATAPATH holds ImageFolder train/ and test/ with the same class folders, or is a
 .npz file or name, or a path list with --test-list (see utils/sources.py). MODELPATH is the
 model.pth or checkpoint.pth main.py wrote. --remove_top_layers N removes the top N Linear layers
 of the projection head (each with its BatchNorm/ReLU): N = head depth (the default) evaluates the
-encoder output h, as the SimCLR paper does; N = 0 evaluates the projection z.
+encoder output h, as the SimCLR paper does; N = 0 evaluates the projection z. With --snapshots,
+MODELPATH is RESPATH/model of a main.py --save-every run and every snapshot is evaluated.
 """
 import argparse
 import os
+import re
 
 import torch
-from utils.errors import UserError
-from utils.fileio import atomic_torch_save
+
 from utils.cli import (add_data_loading_args, add_data_source_args,
                        add_labelled_data_and_model_args, add_weight_description_args,
                        ensure_writable_dir, note_one_device, print_args, run_main, select_device,
                        ONE_DEVICE_HELP)
 from utils.data import ImageDataset, make_loader, warn_if_colour_dropped
+from utils.errors import UserError
+from utils.fileio import atomic_torch_save, atomic_write_bytes
 from utils.foreign_weights import WeightSettings
-from utils.sources import labelled_train_test
 from utils.linear_probe import LinearProbe, extract_features
-from utils.model import head_depth, load_trained_model, truncate_head
 from utils.metrics import write_classification_report
-from utils.plotfuncs import plot_accuracy_vs_layer
+from utils.model import head_depth, load_trained_model, truncate_head
+from utils.plotfuncs import plot_accuracy_vs_epoch, plot_accuracy_vs_layer
+from utils.sources import labelled_train_test
 from utils.transforms import EvalTransform
 
 
@@ -51,6 +54,9 @@ def get_args_parser():
                         help="evaluate a reference instead of the trained weights: 'random' = "
                              "the same architecture randomly initialised (--seed), 'pixels' = "
                              "the normalised pixels themselves")
+    parser.add_argument("--snapshots", action="store_true",
+                        help="MODELPATH is a folder of main.py --save-every snapshots "
+                             "(RESPATH/model): probe h and z of each; writes acc_vs_epoch.csv/.png")
     add_weight_description_args(parser)
     return parser
 
@@ -68,11 +74,67 @@ def probe_accuracy(train_x, train_y, test_x, test_y, n_classes, args):
     return probe, pred, (pred == test_y).double().mean().item()
 
 
+def split_features(encoder, meta, images_pair, args, device, channels_last=True):
+    """((train features (N, F), labels (N,)), (test ...)) of `encoder` on the two image lists,
+    without augmentation (resize, centre crop, the stored normalisation)."""
+    transform = EvalTransform(meta["image_size"], meta["mean"], meta["std"])
+    loaders = [make_loader(ImageDataset(images, meta["in_channels"], transform),
+                           batch_size=args.batch_size, num_workers=args.num_workers,
+                           pin_memory=device.type == "cuda")
+               for images in images_pair]
+    if channels_last:
+        encoder = encoder.to(device, memory_format=torch.channels_last)
+    return [extract_features(encoder, loader, device, channels_last, desc=f"{split} features")
+            for loader, split in zip(loaders, ("train", "test"))]
+
+
+def snapshot_paths(folder):
+    """[(epoch, path)] of the epoch_NNNN.pth files in `folder`, by epoch; UserError for none."""
+    if not os.path.isdir(folder):
+        raise UserError(f"--snapshots: {folder} is not a folder; give RESPATH/model of a main.py "
+                        f"run made with --save-every E")
+    found = sorted((int(m.group(1)), os.path.join(folder, name)) for name in os.listdir(folder)
+                   for m in [re.fullmatch(r"epoch_(\d+)\.pth", name)] if m)
+    if not found:
+        raise UserError(f"--snapshots: {folder} holds no epoch_NNNN.pth; pretrain with main.py "
+                        f"--save-every E to keep one every E epochs")
+    return found
+
+
+def evaluate_snapshots(args, device):
+    """--snapshots: the probe on h and on z (the whole head) of every snapshot; prints one line
+    each and writes acc_vs_epoch.csv (epoch, accuracy_h, accuracy_z) and acc_vs_epoch.png."""
+    snapshots = snapshot_paths(args.modelpath)
+    images_pair = labelled_train_test(args)
+    classes = images_pair[0].classes
+    rows = []
+    for epoch, path in snapshots:
+        model, meta = load_trained_model(path, settings=WeightSettings.from_args(args))
+        (train_h, train_y), (test_h, test_y) = split_features(model.encoder, meta, images_pair,
+                                                              args, device)
+        with torch.no_grad():
+            head = model.head.eval()
+            train_z, test_z = head(train_h), head(test_h)
+        acc_h = probe_accuracy(train_h, train_y, test_h, test_y, len(classes), args)[2]
+        acc_z = probe_accuracy(train_z, train_y, test_z, test_y, len(classes), args)[2]
+        rows.append((epoch, acc_h, acc_z))
+        print(f"epoch {epoch}: test accuracy h {100 * acc_h:.2f} %, z {100 * acc_z:.2f} % "
+              f"({os.path.basename(path)})", flush=True)
+    lines = ["epoch,accuracy_h,accuracy_z"] + [f"{e},{h:.4f},{z:.4f}" for e, h, z in rows]
+    atomic_write_bytes(os.path.join(args.respath, "acc_vs_epoch.csv"),
+                       ("\n".join(lines) + "\n").encode())
+    plot_accuracy_vs_epoch(*zip(*rows), os.path.join(args.respath, "acc_vs_epoch.png"))
+    print(f"{len(rows)} snapshot(s); acc_vs_epoch.csv and .png in {args.respath}")
+    return 0
+
+
 def main(args):
     device = select_device(args.cuda)
     note_one_device(args, "feature extraction")
     ensure_writable_dir(args.respath)
     print_args(args)
+    if args.snapshots:
+        return evaluate_snapshots(args, device)
     model, meta = load_trained_model(args.modelpath, args.reference is not None, args.seed,
                                      WeightSettings.from_args(args))
     train_images, test_images = labelled_train_test(args)
@@ -81,17 +143,10 @@ def main(args):
     remove = depth if args.remove_top_layers is None else args.remove_top_layers
     truncate_head(model.head, remove)  # validates the value before the slow part
 
-    transform = EvalTransform(meta["image_size"], meta["mean"], meta["std"])
-    loaders = [make_loader(ImageDataset(images, meta["in_channels"], transform),
-                           batch_size=args.batch_size, num_workers=args.num_workers,
-                           pin_memory=device.type == "cuda")
-               for images in (train_images, test_images)]
     channels_last = args.reference != "pixels"
-    encoder = model.encoder.to(device, memory_format=torch.channels_last) if channels_last \
-        else Flatten()
-    (train_h, train_y), (test_h, test_y) = [
-        extract_features(encoder, loader, device, channels_last, desc=f"{split} features")
-        for loader, split in zip(loaders, ("train", "test"))]
+    encoder = model.encoder if channels_last else Flatten()
+    (train_h, train_y), (test_h, test_y) = split_features(
+        encoder, meta, (train_images, test_images), args, device, channels_last)
     print(f"features: {tuple(train_h.shape)} train, {tuple(test_h.shape)} test "
           f"({'pixels' if args.reference == 'pixels' else meta['arch'] + ' h'})", flush=True)
 

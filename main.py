@@ -27,7 +27,7 @@ import torch
 
 from simclr import SimCLRTask, transfer_views
 from utils.checkpoint import (AUG_PRESETS_VERSION, RunPaths, load_pretrained, model_metadata,
-                              read_losses_file, strip_prefixes)
+                              read_losses_file, save_checkpoint, strip_prefixes)
 from utils.cli import (add_augmentation_args, add_data_loading_args, add_data_source_args,
                        add_training_args, check_augmentation_args, check_training_args,
                        ensure_writable_dir, environment_info, print_args, run_main)
@@ -106,6 +106,10 @@ def get_args_parser():
                           "accuracy (cosine, --knn-k) of h on the labelled test split, with up "
                           "to 10,000 training images as memory; 0 = off")
     opt.add_argument("--knn-k", type=int, default=20, help="neighbours of the --knn-every vote")
+    opt.add_argument("--save-every", type=int, default=0, metavar="E",
+                     help="keep a snapshot every E epochs, RESPATH/model/epoch_NNNN.pth (weights "
+                          "and metadata, loadable by every script; linear_evaluation.py "
+                          "--snapshots evaluates them all); 0 = off")
 
     mod = parser.add_argument_group("model")
     mod.add_argument("--arch", choices=tuple(FEATURE_DIMS), default="resnet18",
@@ -155,6 +159,8 @@ def fill_defaults(args):
         raise UserError(f"--max-memory-gb {args.max_memory_gb} must be positive, e.g. 4")
     if args.knn_every and args.knn_k < 1:
         raise UserError("--knn-k must be at least 1")
+    if args.save_every < 0:
+        raise UserError(f"--save-every {args.save_every} must be >= 0 epochs (0: no snapshots)")
     if args.gpu_aug and args.aug != "simclr":
         raise UserError(f"--gpu-aug has the steps of --aug simclr only; --aug {args.aug} "
                         f"(j-freddy's published sequence, with luma equalisation and random "
@@ -372,10 +378,24 @@ class PretrainingOutputs:
     def __init__(self, paths, run_info):
         self.paths, self.run_info = paths, run_info
 
+    def keep_snapshot(self, trainer):
+        """--save-every E: at the end of every E-th epoch, model/epoch_NNNN.pth with the weights
+        and what rebuilding them needs (a checkpoint dict load_pretrained reads)."""
+        every, step = self.run_info["args"]["save_every"], trainer.history.step
+        epoch, mid_epoch = divmod(step, trainer.settings.steps_per_epoch)
+        if not every or mid_epoch or epoch % every or not epoch:
+            return
+        path = snapshot_path(self.paths, epoch)
+        if not os.path.exists(path):
+            save_checkpoint({"script": "main", "model": trainer.plain.state_dict(),
+                             "model_meta": self.run_info["model_meta"], "epoch": epoch,
+                             "step": step, "snapshot": True}, path)
+
     def __call__(self, trainer, draw_plot):
         paths, history = self.paths, trainer.history
         atomic_torch_save(trainer.plain.state_dict(), paths.model)
         atomic_torch_save(trainer.optimizer.state_dict(), paths.optimizer)
+        self.keep_snapshot(trainer)
         knn = np.asarray([(e["epoch"], e["knn_accuracy"]) for e in history.evaluations],
                          dtype=float).reshape(-1, 2)
         steps_per_epoch = trainer.settings.steps_per_epoch
@@ -395,6 +415,10 @@ class PretrainingOutputs:
                    "wall_time_s": round(time.perf_counter() - trainer.started, 1),
                    "images_per_s": trainer.images_per_second(),
                    "peak_memory_mb": round(peak_memory_mb(trainer.device), 1)}, paths.run_json)
+
+
+def snapshot_path(paths, epoch):
+    return os.path.join(paths.model_dir, f"epoch_{epoch:04d}.pth")
 
 
 def build_pretraining_model(args, meta, initial_state, device):

@@ -7,11 +7,11 @@ import torch
 
 # Flags the old parsers did not have: an old checkpoint's args lack them.
 NEW_FLAGS = {
-    "main": ("nproc",),
-    "finetune": ("amp", "channels_last", "checkpoint_minutes", "compile", "log_every", "nproc",
-                 "sync_bn", "tensorboard"),
-    "segment": ("amp", "checkpoint_minutes", "compile", "log_every", "nproc", "sync_bn",
-                "tensorboard"),
+    "main": ("nproc", "save_every"),
+    "finetune": ("amp", "channels_last", "checkpoint_minutes", "compile", "log_every", "mean",
+                 "nproc", "std", "sync_bn", "tensorboard"),
+    "segment": ("amp", "checkpoint_minutes", "compile", "log_every", "mean", "nproc", "std",
+                "sync_bn", "tensorboard"),
 }
 
 

@@ -88,6 +88,20 @@ def plot_accuracy_vs_layer(removed_layers, accuracies, path):
     save_figure(fig, path)
 
 
+def plot_accuracy_vs_epoch(epochs, accuracy_h, accuracy_z, path):
+    """Test accuracy of the linear probe on h and on z against the pretraining epoch of each
+    snapshot (dmolony3's table as a figure)."""
+    plt = pyplot()
+    fig, ax = plt.subplots(figsize=(6, 4))
+    ax.plot(epochs, np.asarray(accuracy_h) * 100, "o-", label="h (encoder output)")
+    ax.plot(epochs, np.asarray(accuracy_z) * 100, "s--", label="z (projection head output)")
+    ax.set_xlabel("pretraining epoch of the snapshot")
+    ax.set_ylabel("linear probe test accuracy (%)")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    save_figure(fig, path)
+
+
 def class_colours(n_classes):
     """One distinct colour per class: tab10 up to 10 classes, tab20 up to 20, else a hue wheel."""
     plt = pyplot()
