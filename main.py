@@ -50,7 +50,7 @@ from utils.ntxent import NTXentLoss
 from utils.optim import WarmupCosine, build_optimizer, scaled_learning_rate
 from utils.plotfuncs import plot_training_losses
 from utils.precision import MixedPrecision, resolve_amp
-from utils.sources import has_split, load_split, select_subset
+from utils.sources import has_split, load_split, select_subset, split_off_validation
 from utils.tensorboard import tensorboard_dir
 from utils.transforms import EvalTransform, SimCLRAugmentation, TwoViews
 
@@ -103,8 +103,14 @@ def get_args_parser():
                           "batches larger than memory; BatchNorm then uses per-chunk statistics")
     opt.add_argument("--knn-every", type=int, default=0, metavar="E",
                      help="every E epochs (and after the last) print and record the kNN "
-                          "accuracy (cosine, --knn-k) of h on the labelled test split, with up "
-                          "to 10,000 training images as memory; 0 = off")
+                          "accuracy (cosine, --knn-k) of h on the validation split (val/, "
+                          "MedMNIST val, --val-list, else --val-fraction of train), with up to "
+                          "10,000 training images as memory; 0 = off")
+    opt.add_argument("--knn-on-test", action="store_true",
+                     help="--knn-every on the test split instead (only when you mean to)")
+    opt.add_argument("--val-fraction", type=float, default=0.1,
+                     help="--knn-every without a validation split: this share of each class "
+                          "of train, chosen by --seed, is held out as the kNN queries")
     opt.add_argument("--knn-k", type=int, default=20, help="neighbours of the --knn-every vote")
     opt.add_argument("--save-every", type=int, default=0, metavar="E",
                      help="keep a snapshot every E epochs, RESPATH/model/epoch_NNNN.pth (weights "
@@ -298,30 +304,48 @@ def fitting_optimizer_state(args, path, meta, state):
     return saved, "the optimizer state of optimizer.pth"
 
 
-def build_knn_monitor(args, meta, images, device):
-    """A function encoder -> the kNN accuracy (cosine, args.knn_k) of its h on the labelled
-    test split, with the training images (at most KNN_MEMORY, chosen by seed) as the memory.
-    Features are computed in batches, one pass per call; the images are not augmented."""
-    if images.labels is None:
-        raise UserError("--knn-every needs labelled training images (class folders, MedMNIST "
-                        "or a path list with labels); drop --knn-every for unlabeled data",
-                        all_ranks=True)
-    test = load_split(args.datapath, "test", True, args)
-    if test.classes != images.classes:
-        raise UserError(f"--knn-every: the train and test splits of {args.datapath} have "
-                        f"different classes", all_ranks=True)
-    memory = select_subset(images, min(len(images), KNN_MEMORY), None, args.seed)
-    transform = EvalTransform(meta["image_size"], meta["mean"], meta["std"])
-    loaders = [make_loader(ImageDataset(split, meta["in_channels"], transform),
-                           batch_size=args.batch_size, num_workers=args.num_workers,
-                           pin_memory=device.type == "cuda") for split in (memory, test)]
+def knn_memory_and_queries(args, images):
+    """(memory, queries, description) of --knn-every: the validation split when the data has
+    one (val/, MedMNIST val, --val-list), else --val-fraction of each class carved out of the
+    training images by seed (and left out of the memory); the test split only with
+    --knn-on-test, so choosing a model on the kNN curve never looks at the test set."""
+    if args.knn_on_test:
+        return images, load_split(args.datapath, "test", True, args), "test split"
+    if has_split(args.datapath, "val", args):
+        return images, load_split(args.datapath, "val", True, args), "validation split"
+    memory, queries = split_off_validation(images, args.val_fraction, args.seed)
+    return memory, queries, (f"validation images ({args.val_fraction:g} of each class of "
+                             f"train, seed {args.seed})")
 
-    def knn_monitor(encoder):
-        (train_h, train_y), (test_h, test_y) = [
-            extract_features(encoder, loader, device, args.channels_last, desc="kNN features")
-            for loader in loaders]
-        return knn_accuracy(train_h, train_y, test_h, test_y, len(images.classes), args.knn_k)
-    return knn_monitor
+
+class KnnMonitor:
+    """encoder -> the kNN accuracy (cosine, args.knn_k) of its h on the query images, with the
+    memory images (at most KNN_MEMORY, chosen by seed) as neighbours. One pass over both per
+    call, without augmentation; `split` says what the queries are."""
+
+    def __init__(self, args, meta, images, device):
+        if images.labels is None:
+            raise UserError("--knn-every needs labelled training images (class folders, "
+                            "MedMNIST or a path list with labels); drop --knn-every for "
+                            "unlabeled data", all_ranks=True)
+        memory, queries, self.split = knn_memory_and_queries(args, images)
+        if queries.classes != images.classes:
+            raise UserError(f"--knn-every: the {self.split} of {args.datapath} has other classes "
+                            f"than the training images", all_ranks=True)
+        memory = select_subset(memory, min(len(memory), KNN_MEMORY), None, args.seed)
+        transform = EvalTransform(meta["image_size"], meta["mean"], meta["std"])
+        self.loaders = [make_loader(ImageDataset(split, meta["in_channels"], transform),
+                                    batch_size=args.batch_size, num_workers=args.num_workers,
+                                    pin_memory=device.type == "cuda")
+                        for split in (memory, queries)]
+        self.device, self.channels_last = device, args.channels_last
+        self.k, self.n_classes = args.knn_k, len(images.classes)
+
+    def __call__(self, encoder):
+        (memory_h, memory_y), (query_h, query_y) = [
+            extract_features(encoder, loader, self.device, self.channels_last,
+                             desc="kNN features") for loader in self.loaders]
+        return knn_accuracy(memory_h, memory_y, query_h, query_y, self.n_classes, self.k)
 
 
 class Pipeline:
@@ -477,7 +501,7 @@ def pretrain(args, device):
            f"{args.log_every} steps", flush=True)
 
     model = build_pretraining_model(args, meta, initial_state, device)
-    knn = build_knn_monitor(args, meta, images, device) if args.knn_every else None
+    knn = KnnMonitor(args, meta, images, device) if args.knn_every else None
     task = SimCLRTask(
         NTXentLoss(args.temperature, gather=gather_with_grad if get_world_size() > 1 else None),
         pipeline.make_views, args.chunk_size, knn,

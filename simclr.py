@@ -87,7 +87,8 @@ def transfer_views(batch, step, device):
 
 class SimCLRTask(Task):
     """The SimCLR step for the engine: per-step loss and positive-pair top-1, the kNN monitor
-    (`knn(encoder) -> accuracy`, or None) as the evaluation.
+    (`knn(encoder) -> accuracy` with `knn.split` naming its query images, or None) as the
+    evaluation.
 
     make_views(batch, step) -> x (2B, C, S, S) on the device: transfer_views for CPU-augmented
     loader batches, utils.gpu_augment.DeviceTwoViews for --gpu-aug. `tensorboard` (optional)
@@ -112,7 +113,7 @@ class SimCLRTask(Task):
         if self.knn is None:
             return None
         accuracy = self.knn(model.encoder)
-        print0(f"epoch {epoch}: kNN accuracy of h on the test split {100 * accuracy:.2f} %",
+        print0(f"epoch {epoch}: kNN accuracy of h on the {self.knn.split} {100 * accuracy:.2f} %",
                flush=True)
         return {"knn_accuracy": accuracy}
 

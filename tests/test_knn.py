@@ -46,7 +46,7 @@ def test_cosine_neighbours_in_chunks_and_without_self():
 def test_knn_every_records_the_accuracy_of_the_saved_model(tiny_folder, tmp_path):
     respath = tmp_path / "run"
     result = run_script("main.py", tiny_folder, respath, "--epochs", "2", *FAST_PRETRAIN,
-                        "--knn-every", "1", "--knn-k", "5")
+                        "--knn-every", "1", "--knn-k", "5", "--knn-on-test")
     assert result.returncode == 0, result.stderr
     assert "epoch 2: kNN accuracy of h on the test split" in result.stdout
     run = json.load(open(respath / "run.json"))
@@ -68,6 +68,34 @@ def test_knn_every_records_the_accuracy_of_the_saved_model(tiny_folder, tmp_path
     assert_knn_accuracy_matches_sklearn(run["knn_accuracy"][-1][1], train_h.numpy(),
                                         train_y.numpy(), test_h.numpy(), test_y.numpy(), 5)
     assert os.path.getsize(respath / "plots" / "training_losses.png") > 0
+
+
+def test_knn_every_holds_out_validation_images_and_never_reads_test(tiny_folder, tmp_path):
+    """Without a val/ split and without --knn-on-test, the kNN queries are --val-fraction of
+    each class of train (6 of 36 here at 1/6), left out of the memory; the value equals
+    scikit-learn's kNN on exactly those two sets; the test folder may even be gone."""
+    from utils.sources import split_off_validation
+    import shutil
+    data = tmp_path / "data"
+    shutil.copytree(tiny_folder, data)
+    shutil.rmtree(data / "test")
+    respath = tmp_path / "run"
+    result = run_script("main.py", data, respath, "--epochs", "1", *FAST_PRETRAIN,
+                        "--knn-every", "1", "--knn-k", "5", "--val-fraction", "0.17")
+    assert result.returncode == 0, result.stderr
+    assert "kNN accuracy of h on the validation images (0.17 of each class of train, seed 0)" \
+        in result.stdout
+    accuracy = json.load(open(respath / "run.json"))["knn_accuracy"][-1][1]
+    state, meta = load_pretrained(str(respath / "model" / "model.pth"))
+    model = build_model(meta["arch"], meta["in_channels"], meta["stem"], meta["proj_dims"])
+    load_state_strict(model, state, "model.pth")
+    memory, queries = split_off_validation(find_split(str(data), "train", True), 0.17, 0)
+    assert len(queries) == 6 and not set(queries.paths) & set(memory.paths)
+    transform = EvalTransform(meta["image_size"], meta["mean"], meta["std"])
+    (train_h, train_y), (val_h, val_y) = [extract_features(model.encoder, make_loader(
+        ImageDataset(split, 1, transform), batch_size=12), "cpu") for split in (memory, queries)]
+    assert_knn_accuracy_matches_sklearn(accuracy, train_h.numpy(), train_y.numpy(),
+                                        val_h.numpy(), val_y.numpy(), 5)
 
 
 def test_knn_every_on_unlabelled_data_is_one_line_error(tiny_folder, tmp_path):
