@@ -45,15 +45,16 @@ from utils.model import FEATURE_DIMS, build_encoder, encoder_state, load_state_s
 from utils.optim import WarmupCosine, build_optimizer, scaled_learning_rate
 from utils.plotfuncs import plot_finetune_curves
 from utils.precision import MixedPrecision, resolve_amp
-from utils.sources import has_split, load_split, select_subset, split_off_validation
+from utils.sources import (has_split, load_split, select_subset, split_off_validation,
+                           train_and_test)
 from utils.tensorboard import tensorboard_dir
 from utils.transforms import EvalTransform, SupervisedAugmentation
 
 # Settings that define the run: resuming with another value is an error, not a silent mix.
 RUN_DEFINING_ARGS = ("modelpath", "baseline", "freeze", "head", "arch", "stem", "image_size",
                      "batch_size", "optimizer", "lr", "weight_decay", "warmup_epochs",
-                     "min_scale", "val_fraction", "samples", "samples_per_class",
-                     "label_fraction", "seed")
+                     "min_scale", "val_fraction", "test_fraction", "samples",
+                     "samples_per_class", "label_fraction", "seed")
 DEFAULT_LR = {"sgd": 0.1, "adamw": 1e-3, "lars": 0.1}
 DEFAULT_WEIGHT_DECAY = {"sgd": 5e-4, "adamw": 1e-2, "lars": 1e-6}
 
@@ -167,8 +168,7 @@ def finetune_splits(args):
     budget are those linear_evaluation.py picks for the same seed; without a validation split
     in DATAPATH, validation images are carved from the training images outside the budget
     (from all of them when there is no budget)."""
-    everything = load_split(args.datapath, "train", True, args)
-    test = load_split(args.datapath, "test", True, args)
+    everything, test = train_and_test(args)
     train = select_subset(everything, args.samples, args.samples_per_class, args.seed,
                           args.label_fraction)
     if has_split(args.datapath, "val", args):

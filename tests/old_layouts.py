@@ -9,7 +9,7 @@ import torch
 NEW_FLAGS = {
     "main": ("nproc", "save_every"),
     "finetune": ("amp", "channels_last", "checkpoint_minutes", "compile", "log_every", "mean",
-                 "nproc", "std", "sync_bn", "tensorboard"),
+                 "nproc", "std", "sync_bn", "tensorboard", "test_fraction"),
     "segment": ("amp", "checkpoint_minutes", "compile", "log_every", "mean", "nproc", "std",
                 "sync_bn", "tensorboard"),
 }

@@ -115,6 +115,9 @@ def add_data_source_args(parser):
                            help=f"text file of {split} images, one 'path' or 'path,label' per "
                                 f"line (relative to the file's folder); overrides DATAPATH "
                                 f"for the {split} split")
+    group.add_argument("--test-fraction", type=float, default=None, metavar="F",
+                       help="evaluation scripts, data without a test split: hold out F of each "
+                            "class of train as the test split, chosen by --seed (e.g. 0.2)")
     group.add_argument("--samples", type=int, default=None,
                        help="use only N training images, chosen by --seed")
     group.add_argument("--samples-per-class", type=int, default=None,

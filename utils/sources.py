@@ -27,6 +27,7 @@ MULTILABEL = ("chestmnist",)
 SPLITS = ("train", "val", "test")
 SUBSET_STREAM = 3
 VALIDATION_STREAM = 4
+TEST_STREAM = 5
 
 
 def medmnist_file(name, data_root, size):
@@ -247,13 +248,14 @@ def has_split(datapath, split, options):
     return os.path.isdir(os.path.join(datapath, split))
 
 
-def split_off_validation(images, fraction, seed):
+def split_off_validation(images, fraction, seed, stream=VALIDATION_STREAM, flag="--val-fraction"):
     """(train, val): round(fraction * n_c) images of every class c (at least 1 when the class
     has 2 or more) moved to a validation split, chosen by `seed` alone, stratified so the
-    validation split keeps the class proportions."""
+    validation split keeps the class proportions. `stream`/`flag`: another held-out split
+    (the test hold-out of --test-fraction)."""
     if not 0 < fraction < 1:
-        raise UserError(f"--val-fraction {fraction} must be in (0, 1), e.g. 0.1")
-    rng = np.random.default_rng(derive_seed(VALIDATION_STREAM, seed))
+        raise UserError(f"{flag} {fraction} must be in (0, 1), e.g. 0.1")
+    rng = np.random.default_rng(derive_seed(stream, seed))
     labels = np.asarray(images.labels)
     val = []
     for label in range(len(images.classes)):
@@ -265,11 +267,25 @@ def split_off_validation(images, fraction, seed):
     return images.subset(train.tolist()), images.subset(val.tolist())
 
 
+def train_and_test(args):
+    """(every labelled training image, test ImageList). Without a test split in DATAPATH,
+    --test-fraction F holds out F of each class of train, chosen by --seed (as dmolony3
+    evaluated UTKFace); the training images are then the rest."""
+    fraction = getattr(args, "test_fraction", None)
+    if fraction is None or has_split(args.datapath, "test", args):
+        return (load_split(args.datapath, "train", True, args),
+                load_split(args.datapath, "test", True, args))
+    train, test = split_off_validation(load_split(args.datapath, "train", True, args), fraction,
+                                       args.seed, TEST_STREAM, "--test-fraction")
+    print(f"test: {len(test)} training images held out (--test-fraction {fraction:g} of each "
+          f"class, seed {args.seed}); {len(train)} remain for training", flush=True)
+    return train, test
+
+
 def labelled_train_test(args):
-    """(train ImageList, test ImageList) of DATAPATH with the same classes; the train split
-    reduced by --samples / --samples-per-class / --label-fraction."""
-    train = load_split(args.datapath, "train", True, args)
-    test = load_split(args.datapath, "test", True, args)
+    """(train ImageList, test ImageList) of DATAPATH with the same classes (train_and_test);
+    the train split reduced by --samples / --samples-per-class / --label-fraction."""
+    train, test = train_and_test(args)
     if train.classes != test.classes:
         raise UserError(f"the train and test splits of {args.datapath} have different classes "
                         f"({len(train.classes)} vs {len(test.classes)}); they must match")
