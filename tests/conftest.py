@@ -80,6 +80,21 @@ def wait_for_step(checkpoint, min_steps, proc, timeout=300):
     raise AssertionError(f"{checkpoint} did not reach step {min_steps} in time")
 
 
+def copy_of_killed_run(killed, tmp_path, layout, steps):
+    """A copy of a killed run's RESPATH (checkpoint.pth at its top) whose checkpoint holds a
+    step in `steps`, rewritten in the layout of the code before the engine when `layout` is not
+    "current" (tests/old_layouts.py): (RESPATH, checkpoint path)."""
+    import shutil
+    from old_layouts import to_format_1
+    respath = shutil.copytree(killed, tmp_path / "run")
+    checkpoint = respath / "checkpoint.pth"
+    ckpt = torch.load(checkpoint, weights_only=True)
+    assert ckpt["step"] in steps, ckpt["step"]
+    if layout != "current":
+        torch.save(to_format_1(ckpt), checkpoint)
+    return respath, checkpoint
+
+
 def step_losses(checkpoint):
     """The per-step training losses a checkpoint holds (any script): float64 array."""
     ckpt = torch.load(checkpoint, weights_only=True)

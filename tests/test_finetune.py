@@ -5,7 +5,6 @@ saved predictions, the label budget gives the exact number of images, and runs r
 import csv
 import json
 import os
-import shutil
 import signal
 
 import numpy as np
@@ -14,8 +13,8 @@ import torch
 from sklearn.metrics import (accuracy_score, balanced_accuracy_score, confusion_matrix, f1_score,
                              roc_auc_score)
 
-from conftest import assert_one_line_error, run_script, start_script, step_losses, wait_for_step
-from old_layouts import to_format_1
+from conftest import (assert_one_line_error, copy_of_killed_run, run_script, start_script,
+                      step_losses, wait_for_step)
 
 QUICK = ["--epochs", "1", "-bs", "8", "-nw", "0"]
 
@@ -159,11 +158,7 @@ def test_sigkill_mid_epoch_then_resume_equals_uninterrupted(uninterrupted_and_ki
     """The killed run resumed with the same command gives the uninterrupted per-step losses;
     so does its checkpoint rewritten in the layout finetune.py wrote before the engine."""
     reference, killed = uninterrupted_and_killed
-    respath = shutil.copytree(killed, tmp_path / "run")
-    checkpoint = respath / "checkpoint.pth"
-    assert 5 <= torch.load(checkpoint, weights_only=True)["step"] < 8
-    if layout != "current":
-        torch.save(to_format_1(torch.load(checkpoint, weights_only=True)), checkpoint)
+    respath, checkpoint = copy_of_killed_run(killed, tmp_path, layout, range(5, 8))
     result = run_script("finetune.py", tiny_folder, model_path(pretrained), respath, *KILLED_RUN)
     assert result.returncode == 0, result.stderr[-3000:]
     assert "resuming" in result.stdout

@@ -8,6 +8,7 @@ import signal
 import socket
 
 import pytest
+import torch
 
 from conftest import FAST_PRETRAIN, assert_one_line_error, run_script, start_script, wait_for_step
 from utils import fileio
@@ -86,3 +87,50 @@ def test_full_disk_is_one_line_and_keeps_the_previous_file(tmp_path, monkeypatch
     assert "previous version is intact" in message and "\n" not in message
     assert target.read_bytes() == b"previous checkpoint"
     assert os.listdir(tmp_path) == ["checkpoint.pth"]
+
+
+FULL_DISK = '''
+import builtins, errno, os
+_open = builtins.open
+
+class _Full:
+    def __init__(self, f):
+        self.f = f
+    def __enter__(self):
+        return self
+    def __exit__(self, *exc):
+        self.f.close()
+    def write(self, data):
+        raise OSError(errno.ENOSPC, "No space left on device")
+    def __getattr__(self, name):
+        return getattr(self.f, name)
+
+def _open_on_a_full_disk(file, mode="r", *args, **kwargs):
+    f = _open(file, mode, *args, **kwargs)
+    if isinstance(file, str) and os.path.basename(file) == ".optimizer.pth.tmp" and "w" in mode:
+        return _Full(f)
+    return f
+
+builtins.open = _open_on_a_full_disk
+'''
+
+
+def test_full_disk_through_the_command_line_then_resume(tiny_folder, tmp_path):
+    """main.py whose disk fills up while writing optimizer.pth (an open() that fails with
+    ENOSPC, put in place by a sitecustomize for that run only): one line, exit 2, the
+    checkpoint written just before intact; the same command then resumes from it."""
+    inject = tmp_path / "inject"
+    inject.mkdir()
+    (inject / "sitecustomize.py").write_text(FULL_DISK)
+    respath = tmp_path / "run"
+    args = ["--epochs", "2", *FAST_PRETRAIN]
+    full = run_script("main.py", tiny_folder, respath, *args,
+                      env={"PYTHONPATH": str(inject)})
+    error = assert_one_line_error(full, "no space left", "optimizer.pth", "MB are free",
+                                  "run the same command again")
+    assert full.returncode == 2 and "nothing was replaced" in error
+    assert torch.load(respath / "model" / "checkpoint.pth", weights_only=True)["step"] == 3
+    assert not (respath / ".lock").exists()
+    again = run_script("main.py", tiny_folder, respath, *args)
+    assert again.returncode == 0, again.stderr
+    assert "resuming" in again.stdout and "step 3 of 6" in again.stdout

@@ -5,7 +5,6 @@ predicting the majority class, frozen encoder bit-identical, resumed exactly) an
 errors for bad labelmaps, all through the real command line where users go."""
 import json
 import os
-import shutil
 import signal
 from pathlib import Path
 
@@ -16,9 +15,9 @@ from PIL import Image
 from sklearn.metrics import accuracy_score, jaccard_score
 from sklearn.metrics import confusion_matrix as sk_confusion_matrix
 
-from conftest import assert_one_line_error, run_script, start_script, step_losses, wait_for_step
+from conftest import (assert_one_line_error, copy_of_killed_run, run_script, start_script,
+                      step_losses, wait_for_step)
 from make_demo_data import build_segmentation_data
-from old_layouts import to_format_1
 from utils.model import build_model, encoder_state
 from utils.segmentation import (JointTransform, build_segmentation_net, confusion_matrix,
                                 segmentation_scores)
@@ -292,11 +291,7 @@ def test_sigkill_mid_epoch_then_resume_equals_uninterrupted(uninterrupted_and_ki
     """The killed run resumed with the same command gives the uninterrupted per-step losses;
     so does its checkpoint rewritten in the layout segment.py wrote before the engine."""
     reference, killed = uninterrupted_and_killed
-    respath = shutil.copytree(killed, tmp_path / "run")
-    checkpoint = respath / "checkpoint.pth"
-    assert 6 <= torch.load(checkpoint, weights_only=True)["step"] < 10
-    if layout != "current":
-        torch.save(to_format_1(torch.load(checkpoint, weights_only=True)), checkpoint)
+    respath, checkpoint = copy_of_killed_run(killed, tmp_path, layout, range(6, 10))
     result = run_script("segment.py", *killed_run_args(pretrained, seg_data, respath),
                         env=ONE_THREAD)
     assert result.returncode == 0, result.stderr[-3000:]
