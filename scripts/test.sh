@@ -8,4 +8,4 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh
 export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}
-exec .venv/bin/python -m pytest -q -n "${TEST_WORKERS:-2}" --dist loadfile tests "$@"
+exec .venv/bin/python -m pytest -q -rs -n "${TEST_WORKERS:-2}" --dist loadfile tests "$@"

@@ -45,6 +45,13 @@ def tiny_folder(tmp_path_factory, real_images):
     return make_image_folder(tmp_path_factory.mktemp("tiny"), real_images, 3, 12, 6)
 
 
+# Tests of the CUDA paths run where a GPU is visible and are skipped, with this reason, on CPU
+# machines such as CI's (scripts/test.sh prints the skipped count).
+requires_cuda = pytest.mark.skipif(not torch.cuda.is_available(),
+                                   reason="needs a CUDA GPU (none visible)")
+without_cuda = pytest.mark.skipif(torch.cuda.is_available(),
+                                  reason="checks the error for a machine without CUDA")
+
 # Settings that make a pretraining run take seconds on a 2-core CPU.
 FAST_PRETRAIN = ["--image-size", "16", "--proj-dims", "32", "16", "-bs", "12", "-nw", "0",
                  "--lr", "1.0"]

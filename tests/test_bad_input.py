@@ -7,7 +7,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from conftest import FAST_PRETRAIN, assert_one_line_error, run_script
+from conftest import FAST_PRETRAIN, assert_one_line_error, run_script, without_cuda
 from utils.model import build_model
 
 
@@ -35,8 +35,8 @@ def test_batch_larger_than_data(tiny_folder, tmp_path):
     assert_one_line_error(result, "batch size 500", "36 training images", "-bs 36")
 
 
+@without_cuda
 def test_cuda_requested_without_cuda(tiny_folder, tmp_path):
-    assert not torch.cuda.is_available()
     result = run_script("main.py", tiny_folder, tmp_path / "out", "-c")
     assert_one_line_error(result, "-c", "no CUDA device")
     result = run_script("linear_evaluation.py", tiny_folder, "x.pth", tmp_path / "le", "-c")
