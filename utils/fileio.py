@@ -32,10 +32,10 @@ def atomic_write_bytes(path, data):
     except OSError as err:
         if err.errno not in NO_SPACE:
             raise
-        _remove_quietly(tmp)
+        remove_if_present(tmp)  # first, so that the free space reported counts its bytes
         raise UserError(no_space_message(path, len(data))) from None
     finally:
-        _remove_quietly(tmp)
+        remove_if_present(tmp)
     fsync_folder(folder)
 
 
@@ -48,7 +48,8 @@ def no_space_message(path, needed):
             f"command again to resume")
 
 
-def _remove_quietly(path):
+def remove_if_present(path):
+    """os.remove that ignores a file already gone."""
     try:
         os.remove(path)
     except FileNotFoundError:

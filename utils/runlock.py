@@ -9,6 +9,7 @@ import socket
 import time
 
 from utils.errors import UserError, warn
+from utils.fileio import remove_if_present
 
 LOCK_NAME = ".lock"
 
@@ -75,7 +76,7 @@ def acquire_run_lock(respath, script):
                 continue
             warn(f"{path} was left by a run that is no longer running (pid "
                  f"{owner.get('pid', '?')}); taking it over")
-            _remove(path)
+            remove_if_present(path)
             continue
         with os.fdopen(fd, "w") as f:
             json.dump(me, f)
@@ -87,7 +88,7 @@ def acquire_run_lock(respath, script):
 def release_run_lock(path):
     """Remove the lock if this process holds it."""
     if read_owner(path).get("pid") == os.getpid():
-        _remove(path)
+        remove_if_present(path)
 
 
 def _mtime(path):
@@ -95,10 +96,3 @@ def _mtime(path):
         return os.path.getmtime(path)
     except OSError:
         return 0.0
-
-
-def _remove(path):
-    try:
-        os.remove(path)
-    except FileNotFoundError:
-        pass
