@@ -41,6 +41,7 @@ from utils.engine import (LoopSettings, Run, RunFiles, Trainer, launcher_name, l
 from utils.errors import UserError
 from utils.fileio import atomic_savez, atomic_torch_save, json_dump
 from utils.gpu_augment import BatchSimCLRAugmentation, DeviceTwoViews
+from utils.gpu_decode import BatchDecoder, DecodedTwoViews, EncodedImageDataset, collate_encoded
 from utils.knn import knn_accuracy
 from utils.linear_probe import extract_features
 from utils.foreign_weights import WeightSettings
@@ -133,6 +134,11 @@ def get_args_parser():
                             "augmentation distributions), instead of per image in -nw workers")
     speed.add_argument("--max-memory-gb", type=float, default=4.0,
                        help="largest decoded data set --gpu-aug holds (N x C x S x S bytes)")
+    speed.add_argument("--gpu-decode", action="store_true",
+                       help="for JPEG data too large for --gpu-aug: -nw workers read the files' "
+                            "bytes, the device decodes each batch (torchvision decode_jpeg, "
+                            "nvJPEG on CUDA) and augments it as --gpu-aug does "
+                            "(utils/gpu_decode.py); other formats are decoded by the workers")
     add_augmentation_args(parser)
 
     parser.add_argument("--fin", metavar="MODEL", default=None,
@@ -167,10 +173,22 @@ def fill_defaults(args):
         raise UserError("--knn-k must be at least 1")
     if args.save_every < 0:
         raise UserError(f"--save-every {args.save_every} must be >= 0 epochs (0: no snapshots)")
-    if args.gpu_aug and args.aug != "simclr":
-        raise UserError(f"--gpu-aug has the steps of --aug simclr only; --aug {args.aug} "
-                        f"(j-freddy's published sequence, with luma equalisation and random "
-                        f"sharpness) runs in the CPU workers: drop --gpu-aug")
+    if args.gpu_aug and args.gpu_decode:
+        raise UserError("--gpu-aug and --gpu-decode are two ways to feed the device: --gpu-aug "
+                        "decodes every image once into memory, --gpu-decode decodes each batch; "
+                        "give one of them")
+    for flag, on in (("--gpu-aug", args.gpu_aug), ("--gpu-decode", args.gpu_decode)):
+        if on and args.aug != "simclr":
+            raise UserError(f"{flag} has the steps of --aug simclr only; --aug {args.aug} "
+                            f"(j-freddy's published sequence, with luma equalisation and random "
+                            f"sharpness) runs in the CPU workers: drop {flag}")
+
+
+def augmentation_place(args, device):
+    """Where the views are made, for the speed line: 'in CPU workers', 'on cuda' ..."""
+    if args.gpu_decode:
+        return f"on {device} (JPEG decoded there)"
+    return f"on {device}" if args.gpu_aug else "in CPU workers"
 
 
 def decode_for_device(args, images, meta, device):
@@ -358,11 +376,20 @@ class Pipeline:
                     args.jitter_strength, blur, args.min_scale, args.aug, args.noise,
                     args.rotate, args.cutout)
         self.cpu_augmentation = SimCLRAugmentation(*aug_args)
-        if args.gpu_aug:
+        if args.gpu_aug or args.gpu_decode:
             self.augmentation = BatchSimCLRAugmentation(*aug_args)
-            self.loader = InMemoryBatches(decode_for_device(args, images, meta, device), sampler)
             self.make_views = DeviceTwoViews(self.augmentation, args.seed, args.batch_size,
                                              sampler.rank)
+        if args.gpu_aug:
+            self.loader = InMemoryBatches(decode_for_device(args, images, meta, device), sampler)
+        elif args.gpu_decode:
+            channels, size = meta["in_channels"], meta["image_size"]
+            self.loader = make_loader(EncodedImageDataset(images, channels, size),
+                                      batch_sampler=sampler, num_workers=args.num_workers,
+                                      pin_memory=device.type == "cuda",
+                                      collate_fn=collate_encoded)
+            self.make_views = DecodedTwoViews(BatchDecoder(images, channels, size, device),
+                                              self.make_views)
         else:
             self.augmentation = self.cpu_augmentation
             dataset = TwoViewDataset(images, meta["in_channels"], TwoViews(self.augmentation),
@@ -497,7 +524,7 @@ def pretrain(args, device):
            f" {args.optimizer}, {args.warmup_epochs:g} warm-up epoch(s)", flush=True)
     print0(f"speed: amp {precision.mode}{' (GradScaler)' if precision.scaler else ''}, "
            f"compile {args.compile or 'off'}, channels-last {'on' if args.channels_last else 'off'}"
-           f", augmentation {f'on {device}' if args.gpu_aug else 'in CPU workers'}, log every "
+           f", augmentation {augmentation_place(args, device)}, log every "
            f"{args.log_every} steps", flush=True)
 
     model = build_pretraining_model(args, meta, initial_state, device)
@@ -512,9 +539,11 @@ def pretrain(args, device):
     run_info = {"args": vars(args), "model_meta": meta, "environment": environment_info(device),
                 "steps_per_epoch": steps_per_epoch,
                 "augmentation": {"preset": args.aug, "steps": pipeline.augmentation.describe(),
-                                 "on": "device" if args.gpu_aug else "cpu"},
+                                 "on": "device" if args.gpu_aug or args.gpu_decode else "cpu",
+                                 "decode": "device" if args.gpu_decode else "cpu"},
                 "speed": {"amp": precision.mode, "compile": args.compile,
                           "channels_last": args.channels_last, "gpu_aug": args.gpu_aug,
+                          "gpu_decode": args.gpu_decode,
                           "log_every": args.log_every}, **scaling}
     trainer = Trainer(Run(
         task=task, model=model,

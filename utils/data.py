@@ -307,12 +307,12 @@ class ImageDataset(torch.utils.data.Dataset):
         return len(self.images)
 
     def __getitem__(self, index):
-        img = _load_or_substitute(self.images, index, self.channels)
+        img = load_or_substitute(self.images, index, self.channels)
         label = -1 if self.images.labels is None else self.images.labels[index]
         return self.transform(img), label
 
 
-def _load_or_substitute(images, index, channels):
+def load_or_substitute(images, index, channels):
     """Load image `index`; an image that fails to decode is replaced by the next one, with a
     warning naming it, so a corrupt file never stops an epoch."""
     for offset in range(len(images)):
@@ -344,7 +344,7 @@ class TwoViewDataset(torch.utils.data.Dataset):
 
     def __getitem__(self, key):
         index, epoch = key
-        img = _load_or_substitute(self.images, index, self.channels)
+        img = load_or_substitute(self.images, index, self.channels)
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(derive_seed(AUGMENT_STREAM, self.seed, epoch, index))
             return self.transform(img)
@@ -408,8 +408,10 @@ def ignore_sigint_in_worker(_worker_id):
     signal.signal(signal.SIGINT, signal.SIG_IGN)
 
 
-def make_loader(dataset, batch_size=None, batch_sampler=None, num_workers=0, pin_memory=False):
-    """A DataLoader with the project's settings (Ctrl-C-safe workers, no random state).
+def make_loader(dataset, batch_size=None, batch_sampler=None, num_workers=0, pin_memory=False,
+                collate_fn=None):
+    """A DataLoader with the project's settings (Ctrl-C-safe workers, no random state);
+    `collate_fn` None is torch's default (stacked tensors).
 
     Workers persist across epochs (no fork and dataset copy per epoch); a batch_sampler is
     still iterated anew each epoch in this process, so set_epoch applies. Pass pin_memory=True
@@ -420,7 +422,7 @@ def make_loader(dataset, batch_size=None, batch_sampler=None, num_workers=0, pin
         dataset, batch_size=1 if batch_sampler is not None else batch_size,
         batch_sampler=batch_sampler, shuffle=False, num_workers=num_workers,
         pin_memory=pin_memory, worker_init_fn=ignore_sigint_in_worker if num_workers else None,
-        persistent_workers=num_workers > 0)
+        persistent_workers=num_workers > 0, collate_fn=collate_fn)
 
 
 def decoded_size_bytes(n_images, channels, size):
@@ -443,7 +445,7 @@ def decode_images(images, channels, size):
         return torch.from_numpy(np.ascontiguousarray(arr)).permute(0, 3, 1, 2).contiguous()
     out = torch.empty((len(images), channels, size, size), dtype=torch.uint8)
     for index in range(len(images)):
-        img = _load_or_substitute(images, index, channels)
+        img = load_or_substitute(images, index, channels)
         if img.size != (size, size):
             img = img.resize((size, size), Image.BILINEAR)
         out[index] = torch.from_numpy(np.array(img).reshape(size, size, channels)).permute(
