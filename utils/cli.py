@@ -231,6 +231,10 @@ def add_training_args(parser):
                        help="bring the losses to the host (and decide on stopping and "
                             "checkpoints) every N steps and at epoch ends; the steps in between "
                             "run without waiting for the device")
+    group.add_argument("--sync-debug", action="store_true",
+                       help="CUDA: record every host-GPU synchronisation inside the training "
+                            "steps (torch.cuda.set_sync_debug_mode) and print them at the end "
+                            "(utils/sync_audit.py; scripts/gpu_check.py uses it)")
     group.add_argument("--checkpoint-minutes", type=float, default=10.0,
                        help="also checkpoint mid-epoch every this many minutes (0: epoch ends "
                             "only)")

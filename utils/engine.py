@@ -40,6 +40,7 @@ from utils.distributed import (all_reduce_mean, barrier, decide_on_main, get_wor
 from utils.errors import UserError
 from utils.launch import launched_by_torchrun, launched_by_us
 from utils.runlock import acquire_run_lock
+from utils.sync_audit import SyncAudit
 
 # fp16: a non-finite loss is a step GradScaler skips; this many in a row is an overflow that
 # skipping does not cure (the forward pass itself overflows), so the run stops.
@@ -59,6 +60,7 @@ class LoopSettings:
     compile: str | None = None
     sync_bn: bool = True
     tensorboard_dir: str | None = None
+    sync_debug: bool = False
 
     @classmethod
     def from_args(cls, args, steps_per_epoch, eval_every=0, tensorboard_dir=None):
@@ -66,7 +68,8 @@ class LoopSettings:
                    log_every=args.log_every, checkpoint_minutes=args.checkpoint_minutes,
                    eval_every=eval_every, channels_last=args.channels_last,
                    compile=args.compile, sync_bn=args.sync_bn,
-                   tensorboard_dir=tensorboard_dir if args.tensorboard else None)
+                   tensorboard_dir=tensorboard_dir if args.tensorboard else None,
+                   sync_debug=args.sync_debug)
 
     @property
     def total_steps(self):
@@ -192,6 +195,7 @@ class Trainer:
         if self.settings.compile:
             check_compile_backend(self.settings.compile, self.device)
             self.model = torch.compile(self.model, backend=self.settings.compile)
+        self.sync_audit = SyncAudit(self.settings.sync_debug, self.device)
         self.logger = None
         self.started, self.first_step = time.perf_counter(), self.history.step
         self._last_save = time.monotonic()
@@ -240,6 +244,8 @@ class Trainer:
         finally:
             if self.logger is not None:
                 self.logger.close()
+            if self.sync_audit.enabled:
+                print0(self.sync_audit.summary(), flush=True)
 
     def train_one_epoch(self, epoch):
         """Train over the loader (which may start mid-epoch); False if stopped by a signal."""
@@ -249,7 +255,8 @@ class Trainer:
         window, tic = [], time.perf_counter()  # device values and lr of the steps since a log
         for batch in bar:
             step = self.history.step + len(window)
-            window.append(self.train_step(batch, step))
+            with self.sync_audit.step():
+                window.append(self.train_step(batch, step))
             if not self.is_logging_point(step):
                 continue
             stop_now, save_now = self.log_window(window)
