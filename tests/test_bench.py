@@ -55,6 +55,8 @@ def test_quick_run_writes_every_section_with_positive_finite_figures(quick_run):
     assert {row["channels_last"] for row in compute} == {True, False}
     assert all(row["fraction_of_matmul"] == pytest.approx(row["tflops"] / row["matmul_tflops"])
                for row in compute)
+    bf16 = next(r["tflops"] for r in report["sections"]["matmul"] if r["dtype"] == "bfloat16")
+    assert all(row["mfu"] == pytest.approx(row["tflops"] / bf16) for row in compute)
     methods = {(r["n"], r["method"]) for r in report["sections"]["ntxent"]}
     assert methods == {(n, m) for n in (64, 1024) for m in ("bound", "ntxent", "broadcast")}
     end2end = report["sections"]["end2end"][0]
@@ -165,3 +167,61 @@ def test_cuda_without_cuda_is_a_user_error(monkeypatch):
     with pytest.raises(UserError, match="--device cpu"):
         bench.select_bench_device("cuda")
     assert bench.select_bench_device("auto").type == "cpu"
+
+
+def test_gpu_targets_configurations():
+    """--gpu-targets: ResNet-18 at 32 px with batch 512 and ResNet-50 at 224 px with batch 256
+    from JPEG files, bf16, channels-last, every input pipeline; no other arch/size pair."""
+    args = bench.get_args_parser().parse_args(["--gpu-targets", "--device", "cpu"])
+    bench.resolve_settings(args)
+    at_32, at_224 = bench.sized_args(args, 32), bench.sized_args(args, 224)
+    assert (at_32.archs, at_32.batch_size) == (["resnet18"], 512)
+    assert (at_224.archs, at_224.batch_size) == (["resnet50"], 256)
+    assert args.amp == ["bf16"] and args.channels_last == ["on"]
+    assert "on" in args.gpu_aug and "on" in args.gpu_decode and args.jpeg_above == 64
+    assert [c["arch"] for c in bench.compute_configs(at_224)] == ["resnet50"]
+    explicit = bench.get_args_parser().parse_args(["--gpu-targets", "--device", "cpu",
+                                                   "-bs", "64"])
+    bench.resolve_settings(explicit)
+    assert bench.sized_args(explicit, 224).batch_size == 64
+
+
+def e2e_row(arch, size, batch, pipeline, images_per_s, compute, baseline):
+    return {"arch": arch, "image_size": size, "batch_size": batch, "amp": "bf16",
+            "channels_last": True, "compile": False, "pipeline": pipeline, "workers": 8,
+            "images_per_s": images_per_s, "fraction_of_compute": images_per_s / compute,
+            "over_baseline": images_per_s / baseline}
+
+
+def test_cuda_targets_hold_the_fastest_input_to_each_threshold():
+    """Per (arch, size) the fastest pipeline is judged: >= 90 % of compute, >= 3x the
+    baseline, and on an H100/H200 the img/s of the targets (not on other GPUs)."""
+    rows = [e2e_row("resnet18", 32, 512, "workers", 9_000, 20_000, 4_000),
+            e2e_row("resnet18", 32, 512, "gpu-aug", 18_500, 20_000, 4_000),
+            e2e_row("resnet50", 224, 256, "workers", 1_200, 3_000, 1_000),
+            e2e_row("resnet50", 224, 256, "gpu-decode", 2_400, 3_000, 700)]
+    targets = bench.cuda_end2end_targets(rows, "NVIDIA H200")
+    by_name = {(t["config"].split(",")[0], t["name"].split(">=")[1].strip()): t for t in targets}
+    assert len(targets) == 6 and all("(fastest input)" in t["config"] for t in targets)
+    r18 = {k[1]: t for k, t in by_name.items() if k[0] == "resnet18"}
+    r50 = {k[1]: t for k, t in by_name.items() if k[0] == "resnet50"}
+    assert "gpu-aug" in r18["90% of compute-only img/s"]["config"]
+    assert r18["90% of compute-only img/s"]["measured"] == pytest.approx(0.925)
+    assert r18["90% of compute-only img/s"]["met"] and r18["3.0x the baseline loop"]["met"]
+    assert r18["15000 img/s on an H100/H200"]["met"]
+    assert not r50["90% of compute-only img/s"]["met"]  # 0.8
+    assert not r50["2500 img/s on an H100/H200"]["met"] and r50["3.0x the baseline loop"]["met"]
+    assert len(bench.cuda_end2end_targets(rows, "NVIDIA A100-SXM4-80GB")) == 4
+
+
+def test_compiled_configurations_start_from_a_reset_dynamo(monkeypatch, tiny_folder):
+    """Each compiled configuration resets dynamo first (else later ones hit the recompile
+    limit and silently run eager); eager ones leave it alone."""
+    resets = []
+    monkeypatch.setattr(torch._dynamo, "reset", lambda: resets.append(1))
+    x = torch.zeros(2, 1, 8, 8)
+    pipeline = ([x], types.SimpleNamespace(global_batch_size=1), lambda v, s: v)
+    for compiled in (True, False, True):
+        config = {"arch": "resnet18", "amp": "off", "channels_last": False, "compile": compiled}
+        bench.build_trainer("resnet18", 1, 8, config, pipeline, torch.device("cpu"))
+    assert len(resets) == 2
