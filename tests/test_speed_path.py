@@ -449,7 +449,7 @@ def test_gpu_aug_fp16_compile_run_resumes_exactly(tiny_folder, tmp_path):
     with open(os.path.join(full, "run.json")) as f:
         run = json.load(f)
     assert run["speed"] == {"amp": "fp16", "compile": "eager", "channels_last": True,
-                            "gpu_aug": True, "log_every": 1}
+                            "gpu_aug": True, "gpu_decode": False, "log_every": 1}
     killed = str(tmp_path / "killed")
     proc = start_main(tiny_folder, killed, *SPEED_RUN, "--log-every", "1",
                       "--checkpoint-minutes", "0.0001")
