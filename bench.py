@@ -58,7 +58,8 @@ from utils.errors import UserError, warn
 from simclr import SimCLRTask, transfer_views
 from utils.cli import ensure_writable_dir, environment_info, run_main
 from utils.data import (EpochBatchSampler, InMemoryBatches, TwoViewDataset, dataset_statistics,
-                        decode_images, find_split, make_loader)
+                        decode_images, make_loader)
+from utils.file_index import find_split
 from utils.gpu_augment import BatchSimCLRAugmentation, DeviceTwoViews
 from utils.gpu_decode import BatchDecoder, DecodedTwoViews, EncodedImageDataset, collate_encoded
 from utils.model import FEATURE_DIMS, build_model, default_proj_dims, resolve_stem

@@ -41,7 +41,8 @@ from utils.cli import (add_data_loading_args, add_data_source_args,
                        add_labelled_data_and_model_args, add_weight_description_args,
                        ensure_writable_dir, note_one_device, print_args, run_main, select_device,
                        ONE_DEVICE_HELP)
-from utils.data import drop_unreadable, make_loader, scan_image_folder, warn_if_colour_dropped
+from utils.data import make_loader, warn_if_colour_dropped
+from utils.file_index import scan_image_folder
 from utils.foreign_weights import WeightSettings
 from utils.model import FEATURE_DIMS, load_trained_model
 from utils.sources import SPLITS, has_split, load_split, select_subset
@@ -101,7 +102,7 @@ def image_sets(args):
             raise UserError(f"{flag}: DATAPATH {datapath} is one set of images, without "
                             f"train/ val/ test/ splits; leave out {flag}")
         if os.path.isdir(datapath):
-            sets = [(None, drop_unreadable(scan_image_folder(datapath, require_labels=False)))]
+            sets = [(None, scan_image_folder(datapath, require_labels=False))]
         else:  # a path list, or nothing: load_split reads it or says what is wrong
             sets = [(None, load_split(datapath, "train", False, args))]
     else:

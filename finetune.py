@@ -28,7 +28,7 @@ from torch import nn
 from tqdm import tqdm
 
 from utils.checkpoint import load_best, load_pretrained, unwrap_model
-from utils.cli import (add_data_loading_args, add_data_source_args, add_training_args,
+from utils.cli import (add_unreadable_arg, add_data_loading_args, add_data_source_args, add_training_args,
                        add_weight_description_args, check_training_args, ensure_writable_dir,
                        environment_info, print_args, run_main)
 from utils.data import (EpochBatchSampler, ImageDataset, LabelledViewDataset, dataset_statistics,
@@ -114,7 +114,7 @@ def get_args_parser():
                             "validated epochs is kept")
     train.add_argument("--fresh", action="store_true",
                        help="start over, replacing the run in RESPATH")
-    add_training_args(parser)
+    add_unreadable_arg(add_training_args(parser))
     add_weight_description_args(parser, image_size=False)
     return parser
 

@@ -28,10 +28,11 @@ import torch
 from simclr import SimCLRTask, transfer_views
 from utils.checkpoint import (AUG_PRESETS_VERSION, RunPaths, load_pretrained, model_metadata,
                               read_losses_file, save_checkpoint, strip_prefixes)
-from utils.cli import (add_augmentation_args, add_data_loading_args, add_data_source_args,
+from utils.cli import (add_augmentation_args, add_unreadable_arg, add_data_loading_args, add_data_source_args,
                        add_training_args, check_augmentation_args, check_training_args,
                        ensure_writable_dir, environment_info, print_args, run_main)
 from utils.data import (EpochBatchSampler, ImageDataset, InMemoryBatches, TwoViewDataset,
+                        UnreadableFiles,
                         dataset_statistics, decode_images, decoded_size_bytes, make_loader)
 from utils.distributed import (check_same_on_all_ranks, decide_on_main,
                                gather_with_grad, get_rank, get_world_size, is_main_process,
@@ -128,6 +129,7 @@ def get_args_parser():
                      default=None, help="projection head widths after h, the last is z's size "
                                         "(default: feature size then 128, e.g. 512 128)")
     speed = add_training_args(parser)
+    add_unreadable_arg(speed)
     speed.add_argument("--gpu-aug", action="store_true",
                        help="decode the training images once into a uint8 tensor on the device "
                             "and augment whole batches there (utils/gpu_augment.py; same "
@@ -372,6 +374,7 @@ class Pipeline:
     version of it (for TensorBoard's view pairs)."""
 
     def __init__(self, args, images, meta, blur, sampler, device):
+        self.unreadable = UnreadableFiles(len(images), args.max_unreadable)
         aug_args = (meta["image_size"], meta["in_channels"], meta["mean"], meta["std"],
                     args.jitter_strength, blur, args.min_scale, args.aug, args.noise,
                     args.rotate, args.cutout)
@@ -384,16 +387,17 @@ class Pipeline:
             self.loader = InMemoryBatches(decode_for_device(args, images, meta, device), sampler)
         elif args.gpu_decode:
             channels, size = meta["in_channels"], meta["image_size"]
-            self.loader = make_loader(EncodedImageDataset(images, channels, size),
+            self.loader = make_loader(EncodedImageDataset(images, channels, size, args.seed,
+                                                          self.unreadable),
                                       batch_sampler=sampler, num_workers=args.num_workers,
                                       pin_memory=device.type == "cuda",
                                       collate_fn=collate_encoded)
-            self.make_views = DecodedTwoViews(BatchDecoder(images, channels, size, device),
-                                              self.make_views)
+            self.make_views = DecodedTwoViews(
+                BatchDecoder(images, channels, size, device, self.unreadable), self.make_views)
         else:
             self.augmentation = self.cpu_augmentation
             dataset = TwoViewDataset(images, meta["in_channels"], TwoViews(self.augmentation),
-                                     args.seed)
+                                     args.seed, self.unreadable)
             self.loader = make_loader(dataset, batch_sampler=sampler,
                                       num_workers=args.num_workers,
                                       pin_memory=device.type == "cuda")
@@ -426,8 +430,8 @@ class PretrainingOutputs:
     """What main.py writes beside checkpoint.pth at every save (rank 0): model.pth,
     optimizer.pth, lossesfile.npz (the original project's files), the loss plot and run.json."""
 
-    def __init__(self, paths, run_info):
-        self.paths, self.run_info = paths, run_info
+    def __init__(self, paths, run_info, unreadable):
+        self.paths, self.run_info, self.unreadable = paths, run_info, unreadable
 
     def keep_snapshot(self, trainer):
         """--save-every E: at the end of every E-th epoch, model/epoch_NNNN.pth with the weights
@@ -463,6 +467,7 @@ class PretrainingOutputs:
                    "epoch_losses": history.epoch_means().tolist(),
                    "epoch_positive_pair_top1": history.epoch_means("positive_pair_top1").tolist(),
                    "knn_accuracy": knn.tolist(),
+                   "unreadable_images": self.unreadable.summary(),
                    "wall_time_s": round(time.perf_counter() - trainer.started, 1),
                    "images_per_s": trainer.images_per_second(),
                    "peak_memory_mb": round(peak_memory_mb(trainer.device), 1)}, paths.run_json)
@@ -552,9 +557,10 @@ def pretrain(args, device):
         settings=LoopSettings.from_args(args, steps_per_epoch, eval_every=args.knn_every,
                                         tensorboard_dir=tensorboard_dir(paths.root)),
         files=RunFiles(paths.checkpoint), device=device, resume=ckpt,
+        unreadable=pipeline.unreadable,
         record={"args": vars(args), "model_meta": meta,
                 "extra": {"data": data_info, "aug_presets": AUG_PRESETS_VERSION}},
-        write_outputs=PretrainingOutputs(paths, run_info)))
+        write_outputs=PretrainingOutputs(paths, run_info, pipeline.unreadable)))
     del ckpt
     if trainer.finished:
         print0(f"{args.respath} already holds a finished run of {args.epochs} epochs; pass a "

@@ -12,8 +12,8 @@ from PIL import Image
 from utils.errors import UserError
 from utils.data import (AUGMENT_STREAM, ORDER_STREAM, EpochBatchSampler, ImageDataset, ImageList,
                         TwoViewDataset, compute_mean_std, dataset_statistics, derive_seed,
-                        detect_channels, find_split, load_image, scan_image_folder,
-                        warn_if_colour_dropped)
+                        detect_channels, load_image, warn_if_colour_dropped)
+from utils.file_index import find_split, scan_image_folder
 
 
 def write_png(path, array, mode=None):
@@ -108,17 +108,20 @@ def test_find_split_labelled(tiny_folder):
 
 # --- unreadable and truncated files ---------------------------------------------------------
 
-def test_find_split_drops_non_image_with_warning(tmp_path, capsys):
-    """Random bytes named bad.png are removed by find_split with a warning naming the file."""
+def test_find_split_opens_no_image(tmp_path, monkeypatch):
+    """The scan lists files by name: random bytes named bad.png are listed (the loader finds
+    them), and PIL is never asked to open a file."""
     train = tmp_path / "train"
     write_png(train / "c" / "good.png", gray(0))
     write_png(train / "c" / "good2.png", gray(1))
     (train / "c" / "bad.png").write_bytes(np.random.default_rng(0).bytes(300))
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("an image was opened during the scan")
+    monkeypatch.setattr(Image, "open", refuse)
     result = find_split(str(tmp_path), "train", require_labels=True)
-    assert sorted(os.path.basename(p) for p in result.paths) == ["good.png", "good2.png"]
-    assert result.labels == [0, 0]
-    err = capsys.readouterr().err
-    assert "bad.png" in err
+    assert [os.path.basename(p) for p in result.paths] == ["bad.png", "good.png", "good2.png"]
+    assert result.labels.tolist() == [0, 0, 0]
 
 
 def _truncated_png(path, seed):

@@ -15,7 +15,8 @@ from sklearn.decomposition import PCA
 from conftest import assert_knn_accuracy_matches_sklearn, assert_one_line_error, run_script
 from utils.errors import UserError
 from utils.checkpoint import load_pretrained
-from utils.data import ImageDataset, find_split, make_loader
+from utils.data import ImageDataset, make_loader
+from utils.file_index import find_split
 from utils.knn import knn_accuracy
 from utils.linear_probe import extract_features
 from utils.model import build_model, load_state_strict

@@ -10,7 +10,8 @@ import torch
 from PIL import Image
 
 from conftest import FAST_PRETRAIN, assert_one_line_error, run_script
-from utils.data import decode_images, find_split
+from utils.data import decode_images
+from utils.file_index import find_split
 from utils.gpu_augment import BatchSimCLRAugmentation, DeviceTwoViews
 from utils.gpu_decode import (BatchDecoder, DecodedTwoViews, EncodedImageDataset,
                               collate_encoded, to_channels)

@@ -9,7 +9,8 @@ from sklearn.neighbors import KNeighborsClassifier
 
 from conftest import FAST_PRETRAIN, assert_knn_accuracy_matches_sklearn, run_script
 from utils.checkpoint import load_pretrained
-from utils.data import ImageDataset, find_split, make_loader
+from utils.data import ImageDataset, make_loader
+from utils.file_index import find_split
 from utils.knn import cosine_neighbours, knn_accuracy, knn_predict
 from utils.linear_probe import extract_features
 from utils.model import build_model, load_state_strict

@@ -20,7 +20,8 @@ from torchvision import transforms as T
 from conftest import FAST_PRETRAIN, REPO, assert_one_line_error, run_script
 from utils.errors import UserError
 from utils.cli import add_augmentation_args
-from utils.data import TwoViewDataset, scan_image_folder
+from utils.data import TwoViewDataset
+from utils.file_index import scan_image_folder
 from torchvision.transforms import functional as TF
 
 from utils.transforms import (AUGMENTATION_PRESETS, AddGaussianNoise, RandomLumaEqualize,

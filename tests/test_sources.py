@@ -66,7 +66,7 @@ def test_npz_splits_load_with_counts_labels_and_pixels(gray_npz, real_images):
     for split, per_class in PER_SPLIT.items():
         images = load_split(gray_npz, split, True, options())
         assert len(images) == 3 * per_class
-        assert images.labels == arrays[split][1][:, 0].tolist()
+        assert images.labels.tolist() == arrays[split][1][:, 0].tolist()
         assert images.classes == ["0", "1", "2"]  # no medmnist metadata for this file
         assert detect_channels(images) == 1
         np.testing.assert_array_equal(np.asarray(images.load(4, 1)), arrays[split][0][4])
@@ -94,8 +94,8 @@ def test_multilabel_npz_is_reduced_to_finding_vs_no_finding(real_images, tmp_pat
     path = write_npz(tmp_path / "chestmnist.npz", arrays)
     images = load_split(path, "train", True, options())
     assert images.classes == ["no finding", "finding"]
-    assert images.labels == (arrays["train"][1].max(1) > 0).astype(int).tolist()
-    assert images.labels[:4] == [0, 0, 0, 0]
+    assert images.labels.tolist() == (arrays["train"][1].max(1) > 0).astype(int).tolist()
+    assert images.labels[:4].tolist() == [0, 0, 0, 0]
 
 
 def test_medmnist_name_is_found_under_data_root_by_size(gray_npz, tmp_path):
@@ -145,7 +145,7 @@ def test_path_lists_relative_absolute_and_unlabelled(listed, tiny_folder):
     assert [os.path.realpath(p) for p in train.paths] == \
         [os.path.realpath(p) for p, _ in entries["train"]]
     assert train.classes == sorted(os.listdir(os.path.join(tiny_folder, "train")))
-    assert train.labels == [train.classes.index(c) for _, c in entries["train"]]
+    assert train.labels.tolist() == [train.classes.index(c) for _, c in entries["train"]]
     test = read_path_list(str(root / "test.txt"), True)
     assert len(test) == len(entries["test"]) and test.classes == train.classes
     unlabelled = read_path_list(str(root / "unlabelled.txt"), False)

@@ -9,8 +9,8 @@ import pytest
 import torch
 from PIL import Image
 
-from utils.data import EpochBatchSampler, TwoViewDataset, ignore_sigint_in_worker, \
-    make_loader, scan_image_folder
+from utils.data import EpochBatchSampler, TwoViewDataset, ignore_sigint_in_worker, make_loader
+from utils.file_index import scan_image_folder
 from utils.transforms import EvalTransform, SimCLRAugmentation, TwoViews, blur_kernel_size
 
 

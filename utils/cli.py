@@ -24,9 +24,20 @@ def run_main(main, parser, launches_workers=False):
         rank = int(os.environ.get("RANK", "0"))
         if rank == 0 or not err.all_ranks:
             where = f"(rank {rank}) " if int(os.environ.get("WORLD_SIZE", "1")) > 1 else ""
-            print(f"error: {where}{err}", file=sys.stderr, flush=True)
+            print(f"error: {where}{user_message(err)}", file=sys.stderr, flush=True)
         sys.exit(2)
     sys.exit(status or 0)
+
+
+def user_message(err):
+    """The one line of a UserError. One raised in a DataLoader worker reaches the main process
+    as "Caught UserError in DataLoader worker ... Original Traceback ...": its last line
+    holds the message."""
+    text = str(err)
+    if "Original Traceback" in text:
+        last = text.strip().splitlines()[-1]
+        text = last.split("UserError: ", 1)[-1]
+    return text
 
 
 def non_negative_int(text):
@@ -118,6 +129,10 @@ def add_data_source_args(parser):
     group.add_argument("--test-fraction", type=float, default=None, metavar="F",
                        help="evaluation scripts, data without a test split: hold out F of each "
                             "class of train as the test split, chosen by --seed (e.g. 0.2)")
+    group.add_argument("--rescan", action="store_true",
+                       help="list the image folder or path list again instead of reusing the "
+                            "file index in RESPATH/data_index (it is rebuilt by itself when "
+                            "files are added, removed or renamed)")
     group.add_argument("--samples", type=int, default=None,
                        help="use only N training images, chosen by --seed")
     group.add_argument("--samples-per-class", type=int, default=None,
@@ -235,6 +250,10 @@ def add_training_args(parser):
                        help="CUDA: record every host-GPU synchronisation inside the training "
                             "steps (torch.cuda.set_sync_debug_mode) and print them at the end "
                             "(utils/sync_audit.py; scripts/gpu_check.py uses it)")
+    group.add_argument("--print-freq", type=int, default=50, metavar="N",
+                       help="without a terminal (a log file, a batch job): print a progress "
+                            "line (epoch, step, loss, lr, images/s, ETA) every N steps; with "
+                            "one, the progress bar shows them")
     group.add_argument("--checkpoint-minutes", type=float, default=10.0,
                        help="also checkpoint mid-epoch every this many minutes (0: epoch ends "
                             "only)")
@@ -248,10 +267,24 @@ def add_training_args(parser):
     return group
 
 
+def add_unreadable_arg(group):
+    """--max-unreadable, for the scripts whose training images come from utils.data's datasets
+    (main.py, finetune.py)."""
+    group.add_argument("--max-unreadable", type=float, default=0.01, metavar="F",
+                       help="stop when more than this fraction of the training images (and "
+                            "more than one) cannot be decoded; each such file is replaced by "
+                            "another image chosen by seed and named in a warning once")
+
+
 def check_training_args(args):
     """UserError naming the flag for engine settings no run can use."""
     if args.log_every < 1:
         raise UserError(f"--log-every {args.log_every} must be at least 1 step, e.g. 10")
+    if args.print_freq < 1:
+        raise UserError(f"--print-freq {args.print_freq} must be at least 1 step, e.g. 50")
+    if not 0 <= getattr(args, "max_unreadable", 0) <= 1:
+        raise UserError(f"--max-unreadable {args.max_unreadable} must be a fraction in [0, 1], "
+                        f"e.g. 0.01")
     if args.checkpoint_minutes < 0:
         raise UserError(f"--checkpoint-minutes {args.checkpoint_minutes} must be >= 0 (0: at "
                         f"epoch ends only)")

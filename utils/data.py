@@ -23,21 +23,96 @@ GRAY_MODES = {"1", "L", "LA", "I", "I;16", "I;16B", "I;16L", "I;16N", "F"}
 STATS_MAX_IMAGES = 10_000
 
 
+class PathTable:
+    """N path strings packed in numpy arrays: entry i is `root` joined with the UTF-8 bytes
+    blob[starts[i]:ends[i]] (absolute entries ignore `root`).
+
+    There is no Python object per entry, so DataLoader workers forked from the main process
+    share the table instead of copying it page by page (a list of str is copied as soon as the
+    workers touch its reference counts), and a table of 10^6 paths costs about its characters
+    plus 16 bytes per entry. `take` selects entries without copying the characters.
+    """
+
+    def __init__(self, blob, starts, ends, root=""):
+        self.blob, self.root = blob, root
+        self.starts = np.asarray(starts, dtype=np.int64)
+        self.ends = np.asarray(ends, dtype=np.int64)
+
+    @classmethod
+    def from_strings(cls, strings, root=""):
+        """The table of `strings` (paths relative to `root`, or absolute)."""
+        encoded = [os.fsencode(s) for s in strings]
+        lengths = np.fromiter(map(len, encoded), dtype=np.int64, count=len(encoded))
+        ends = np.cumsum(lengths)
+        return cls(np.frombuffer(b"".join(encoded), dtype=np.uint8), ends - lengths, ends, root)
+
+    def __len__(self):
+        return len(self.starts)
+
+    def relative(self, index):
+        """Entry `index` as stored (relative to root, or absolute)."""
+        return os.fsdecode(self.blob[self.starts[index]:self.ends[index]].tobytes())
+
+    def __getitem__(self, index):
+        if isinstance(index, slice):
+            return self.take(np.arange(len(self))[index])
+        rel = self.relative(index)
+        return os.path.join(self.root, rel) if self.root else rel
+
+    def __iter__(self):
+        return (self[i] for i in range(len(self)))
+
+    def __eq__(self, other):
+        """Entry by entry, as full paths; a list of str compares too."""
+        if not isinstance(other, (PathTable, list, tuple)):
+            return NotImplemented
+        return len(self) == len(other) and all(a == b for a, b in zip(self, other))
+
+    __hash__ = None
+
+    def index(self, path):
+        """The first entry equal to `path` (list.index)."""
+        for i, entry in enumerate(self):
+            if entry == path:
+                return i
+        raise ValueError(f"{path} is not in the table")
+
+    def take(self, indices):
+        """The entries at `indices` (ints), in that order; the characters are shared."""
+        indices = np.asarray(indices, dtype=np.int64)
+        return PathTable(self.blob, self.starts[indices], self.ends[indices], self.root)
+
+    @property
+    def nbytes(self):
+        return self.blob.nbytes + self.starts.nbytes + self.ends.nbytes
+
+
 @dataclass
 class ImageList:
     """Images with optional integer labels and the class names they index.
 
-    Images are files (`paths`) or, for array sources such as MedMNIST, rows of `pixels`, a uint8
-    array (N, H, W) or (N, H, W, 3) held in memory once; `paths` then holds display names
-    ("FILE.npz:train[17]") used in messages.
+    Images are files (`paths`, a PathTable; a list of str is converted) or, for array sources
+    such as MedMNIST, rows of `pixels`, a uint8 array (N, H, W) or (N, H, W, 3) held in memory
+    once; `paths` then holds display names ("FILE.npz:train[17]") used in messages. `labels`
+    is an int64 array (N,) or None for unlabeled data.
     """
-    paths: list
-    labels: list = None  # None for unlabeled data
+    paths: PathTable
+    labels: np.ndarray = None
     classes: list = field(default_factory=list)
     pixels: np.ndarray = None
 
+    def __post_init__(self):
+        if not isinstance(self.paths, PathTable):
+            self.paths = PathTable.from_strings(list(self.paths))
+        if self.labels is not None:
+            self.labels = np.asarray(self.labels, dtype=np.int64).reshape(-1)
+
     def __len__(self):
         return len(self.paths)
+
+    def label(self, index):
+        """The label of image `index` as an int (-1 for unlabeled data)."""
+        return -1 if self.labels is None else int(self.labels[index])
 
     def load(self, index, channels):
         """Image `index` as a PIL image with `channels` (1 -> 'L', 3 -> 'RGB')."""
@@ -47,16 +122,19 @@ class ImageList:
         return img.convert("L" if channels == 1 else "RGB")
 
     def subset(self, indices):
-        """The images at `indices` (a list of ints), in that order, with the same classes."""
-        return ImageList([self.paths[i] for i in indices],
-                         None if self.labels is None else [self.labels[i] for i in indices],
+        """The images at `indices` (ints), in that order, with the same classes."""
+        indices = np.asarray(indices, dtype=np.int64)
+        return ImageList(self.paths.take(indices),
+                         None if self.labels is None else self.labels[indices],
                          self.classes,
-                         None if self.pixels is None else self.pixels[np.asarray(indices, int)])
+                         None if self.pixels is None else self.pixels[indices])
 
 
 # The random streams of derive_seed: data order, per-image augmentation (CPU workers) and
 # per-batch augmentation on the device (utils/gpu_augment.py, --gpu-aug).
 ORDER_STREAM, AUGMENT_STREAM, DEVICE_AUGMENT_STREAM = 1, 2, 3
+# The images that take the place of an unreadable one (load_or_substitute).
+SUBSTITUTE_STREAM = 6
 
 
 def derive_seed(stream, *numbers):
@@ -74,97 +152,9 @@ def derive_seed(stream, *numbers):
     return int(np.random.SeedSequence(words).generate_state(2, np.uint64)[0] >> 1)
 
 
-def _is_image_file(name):
+def is_image_file(name):
+    """Whether a file name has an image extension and is not hidden."""
     return name.lower().endswith(IMG_EXTENSIONS) and not name.startswith(".")
-
-
-def _images_below(folder):
-    """Sorted image paths below `folder`, recursively; hidden files and folders skipped."""
-    found = []
-    for root, dirs, files in os.walk(folder, followlinks=True):
-        dirs[:] = sorted(d for d in dirs if not d.startswith("."))
-        found.extend(os.path.join(root, f) for f in sorted(files) if _is_image_file(f))
-    return found
-
-
-def _subfolders(folder):
-    return sorted(e.name for e in os.scandir(folder) if e.is_dir() and not e.name.startswith("."))
-
-
-def scan_image_folder(folder, require_labels):
-    """Read `folder` as ImageFolder (class subfolders) or, if it has none, as unlabeled images.
-
-    Raises UserError for a missing folder, an empty class folder, no images at all, or (with
-    require_labels) a folder without class subfolders.
-    """
-    if not os.path.isdir(folder):
-        raise UserError(f"{folder} does not exist or is not a folder")
-    classes = _subfolders(folder)
-    if classes:
-        paths, labels = [], []
-        for label, name in enumerate(classes):
-            found = _images_below(os.path.join(folder, name))
-            if not found:
-                raise UserError(f"class folder {os.path.join(folder, name)} has no images; add "
-                                f"images ({', '.join(IMG_EXTENSIONS[:4])}, ...) or remove it")
-            paths += found
-            labels += [label] * len(found)
-        loose = [f for f in os.listdir(folder) if _is_image_file(f)]
-        if loose:
-            warn(f"{len(loose)} images directly in {folder} (outside class folders) are ignored")
-        return ImageList(paths, labels, classes)
-    if require_labels:
-        raise UserError(f"{folder} has no class subfolders; labelled evaluation needs "
-                        f"{folder}/<class name>/<images>")
-    paths = _images_below(folder)
-    if not paths:
-        raise UserError(f"{folder} contains no images ({', '.join(IMG_EXTENSIONS[:4])}, ...)")
-    return ImageList(paths, None, [])
-
-
-def find_split(datapath, split, require_labels):
-    """The `split` ('train' or 'test') folder of DATAPATH as an ImageList.
-
-    For split 'train' without labels, a DATAPATH that holds images itself (no train/) is
-    accepted as unlabeled pretraining data.
-    """
-    if not os.path.isdir(datapath):
-        raise UserError(f"DATAPATH {datapath} does not exist or is not a folder")
-    folder = os.path.join(datapath, split)
-    if os.path.isdir(folder):
-        return drop_unreadable(scan_image_folder(folder, require_labels))
-    if split == "train" and not require_labels:
-        loose = [f for f in os.listdir(datapath) if _is_image_file(f)]
-        if loose:
-            return drop_unreadable(scan_image_folder(datapath, require_labels=False))
-    hint = ("put images in DATAPATH/train/<class>/" if require_labels else
-            "put images in DATAPATH/train/ (class subfolders optional) or directly in DATAPATH")
-    raise UserError(f"DATAPATH {datapath} has no {split}/ folder; {hint}")
-
-
-def drop_unreadable(images):
-    """Remove files PIL cannot identify, warning with each name; UserError if none are left."""
-    if images.pixels is not None:
-        return images
-    keep = []
-    for i, path in enumerate(images.paths):
-        try:
-            with Image.open(path) as img:
-                img.size  # header parsed
-            keep.append(i)
-        except (UnidentifiedImageError, OSError, ValueError) as err:
-            warn(f"skipping {path}: not a readable image ({type(err).__name__})")
-    if not keep:
-        raise UserError("none of the image files could be read; check the data folder")
-    if len(keep) == len(images):
-        return images
-    result = images.subset(keep)
-    if result.labels is not None:
-        present = set(result.labels)
-        for label, name in enumerate(images.classes):
-            if label not in present:
-                raise UserError(f"class {name} has no readable images; fix or remove its folder")
-    return result
 
 
 def load_image(path, channels):
@@ -187,13 +177,16 @@ def detect_channels(images):
         px = images.pixels
         return 1 if px.ndim == 3 or bool(np.all(px == px[..., :1])) else 3
     for path in images.paths:
-        with Image.open(path) as img:
-            if img.mode == "P":
-                palette = np.asarray(img.getpalette() or [], dtype=np.int16).reshape(-1, 3)
-                if np.any(palette != palette[:, :1]):
+        try:
+            with Image.open(path) as img:
+                if img.mode == "P":
+                    palette = np.asarray(img.getpalette() or [], dtype=np.int16).reshape(-1, 3)
+                    if np.any(palette != palette[:, :1]):
+                        return 3
+                elif img.mode not in GRAY_MODES:
                     return 3
-            elif img.mode not in GRAY_MODES:
-                return 3
+        except (OSError, ValueError):  # unreadable: the loaders report it by name
+            continue
     return 1
 
 
@@ -266,8 +259,14 @@ def native_image_size(images):
         return int(min(224, *images.pixels.shape[1:3]))
     sides = []
     for path in images.paths[:1000]:
-        with Image.open(path) as img:
-            sides.append(min(img.size))
+        try:
+            with Image.open(path) as img:
+                sides.append(min(img.size))
+        except (OSError, ValueError):  # unreadable: the loaders report it by name
+            continue
+    if not sides:
+        raise UserError(f"none of the first {min(len(images), 1000)} image files can be read "
+                        f"(e.g. {images.paths[0]}); check DATAPATH")
     return int(min(224, np.median(sides)))
 
 
@@ -295,34 +294,126 @@ def dataset_statistics(images, cache_path, seed):
     return stats
 
 
-class ImageDataset(torch.utils.data.Dataset):
-    """(image tensor, label) for evaluation; label is -1 for unlabeled data."""
+class UnreadableFiles:
+    """The image files a run's loaders could not decode, reported from whichever process met
+    them (DataLoader workers included) through a queue and counted in the main process.
 
-    def __init__(self, images, channels, transform):
+    `report(path, error)` runs where the file was loaded; each process reports a file once.
+    `count()` (main process) takes in the reports, warns once per file (the first
+    MAX_WARNINGS files by name, then one line) and returns how many distinct files failed.
+    `check(total)` stops the run (UserError) when `total` (over all processes) exceeds both
+    one file and `max_fraction` of the `n_images`.
+    """
+    MAX_WARNINGS = 20
+
+    def __init__(self, n_images, max_fraction):
+        import multiprocessing
+        self.n_images, self.max_fraction = n_images, max_fraction
+        self._queue = multiprocessing.get_context().Queue()
+        self._reported = set()  # in this process (each worker has its own copy)
+        self.failed = {}  # main process: path -> first error
+        self.total = 0  # over all processes, at the last check
+
+    def report(self, path, error):
+        if path not in self._reported:
+            self._reported.add(path)
+            self._queue.put((path, f"{type(error).__name__}: {error}"[:200]))
+
+    def count(self):
+        import queue
+        while True:
+            try:
+                path, error = self._queue.get_nowait()
+            except (queue.Empty, OSError, EOFError):
+                break
+            if path in self.failed:
+                continue
+            self.failed[path] = error
+            if len(self.failed) <= self.MAX_WARNINGS:
+                warn(f"{path} could not be decoded ({error}); another image (chosen by seed) "
+                     f"takes its place. Remove or replace this file.")
+            if len(self.failed) == self.MAX_WARNINGS:
+                warn(f"{self.MAX_WARNINGS} unreadable files so far; further ones are counted in "
+                     f"run.json without a warning each")
+        return len(self.failed)
+
+    def limit(self):
+        """The most unreadable files a run tolerates: max(1, max_fraction * n_images)."""
+        return max(1.0, self.max_fraction * self.n_images)
+
+    def check(self, total):
+        self.total = total
+        if total > self.limit():
+            example = next(iter(self.failed), "see the warnings above")
+            raise UserError(f"{total} of the {self.n_images} images could not be decoded, more "
+                            f"than --max-unreadable {self.max_fraction:g} allows (e.g. "
+                            f"{example}); fix or remove them, or raise --max-unreadable (a "
+                            f"checkpoint already in RESPATH is intact)", all_ranks=True)
+
+    def summary(self):
+        """{files, max_fraction, examples}: the distinct unreadable files (over all processes at
+        the last check; examples from this one)."""
+        return {"files": max(self.count(), self.total), "max_fraction": self.max_fraction,
+                "examples": dict(list(self.failed.items())[:10])}
+
+    def __getstate__(self):  # into a worker: its own empty record of what it reported
+        return {**self.__dict__, "_reported": set(), "failed": {}}
+
+
+# Images tried in place of an unreadable one before the data set is declared unreadable.
+MAX_SUBSTITUTES = 10
+
+
+def load_with_substitute(images, index, channels, key=(0, 0), unreadable=None):
+    """(PIL image, index of the image used): image `index`, or when it cannot be decoded one of
+    MAX_SUBSTITUTES others drawn from derive_seed(SUBSTITUTE_STREAM, *key, index) (key =
+    (seed, epoch)), so the data a run sees stays a pure function of seed and epoch. Each
+    failure goes to `unreadable` (UnreadableFiles) or, without one, is warned about here.
+    UserError when every image tried fails."""
+    rng = None
+    candidate = index
+    for attempt in range(MAX_SUBSTITUTES + 1):
+        try:
+            return images.load(candidate, channels), candidate
+        except (OSError, ValueError, UnidentifiedImageError) as err:
+            if unreadable is not None:
+                unreadable.report(images.paths[candidate], err)
+            else:
+                warn(f"{images.paths[candidate]} could not be decoded ({err}); another image "
+                     f"takes its place. Remove or replace this file.")
+        if len(images) == 1:
+            break
+        if rng is None:
+            rng = np.random.default_rng(derive_seed(SUBSTITUTE_STREAM, *key, index))
+        candidate = int(rng.integers(len(images) - 1))
+        candidate += candidate >= index  # any image but `index` itself
+    raise UserError(f"{images.paths[index]} and the {min(MAX_SUBSTITUTES, len(images) - 1)} "
+                    f"images tried in its place could not be decoded; the data is not "
+                    f"readable as images (check DATAPATH)")
+
+
+def load_or_substitute(images, index, channels, key=(0, 0), unreadable=None):
+    """The PIL image of load_with_substitute."""
+    return load_with_substitute(images, index, channels, key, unreadable)[0]
+
+
+class ImageDataset(torch.utils.data.Dataset):
+    """(image tensor, label) for evaluation; label is -1 for unlabeled data. An unreadable file
+    is replaced as in load_with_substitute (with that image's label)."""
+
+    def __init__(self, images, channels, transform, unreadable=None):
         self.images = images
         self.channels = channels
         self.transform = transform
+        self.unreadable = unreadable
 
     def __len__(self):
         return len(self.images)
 
     def __getitem__(self, index):
-        img = load_or_substitute(self.images, index, self.channels)
-        label = -1 if self.images.labels is None else self.images.labels[index]
-        return self.transform(img), label
-
-
-def load_or_substitute(images, index, channels):
-    """Load image `index`; an image that fails to decode is replaced by the next one, with a
-    warning naming it, so a corrupt file never stops an epoch."""
-    for offset in range(len(images)):
-        i = (index + offset) % len(images)
-        try:
-            return images.load(i, channels)
-        except (OSError, ValueError, UnidentifiedImageError) as err:
-            warn(f"{images.paths[i]} could not be decoded ({err}); using another image in its "
-                 f"place. Remove or replace this file.")
-    raise UserError("no image of the data set could be decoded")
+        img, used = load_with_substitute(self.images, index, self.channels,
+                                         unreadable=self.unreadable)
+        return self.transform(img), self.images.label(used)
 
 
 class TwoViewDataset(torch.utils.data.Dataset):
@@ -330,24 +421,31 @@ class TwoViewDataset(torch.utils.data.Dataset):
 
     The augmentation of image `index` in `epoch` is seeded with
     derive_seed(AUGMENT_STREAM, seed, epoch, index), inside a forked torch RNG so the caller's
-    RNG state is untouched.
+    RNG state is untouched. An unreadable file is replaced by an image chosen from (seed,
+    epoch, index) (load_with_substitute) and reported to `unreadable`.
     """
 
-    def __init__(self, images, channels, transform, seed):
+    def __init__(self, images, channels, transform, seed, unreadable=None):
         self.images = images
         self.channels = channels
         self.transform = transform
         self.seed = seed
+        self.unreadable = unreadable
 
     def __len__(self):
         return len(self.images)
 
-    def __getitem__(self, key):
+    def load(self, key):
+        """(transformed image, index of the image used) for key (index, epoch)."""
         index, epoch = key
-        img = load_or_substitute(self.images, index, self.channels)
+        img, used = load_with_substitute(self.images, index, self.channels, (self.seed, epoch),
+                                         self.unreadable)
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(derive_seed(AUGMENT_STREAM, self.seed, epoch, index))
-            return self.transform(img)
+            return self.transform(img), used
+
+    def __getitem__(self, key):
+        return self.load(key)[0]
 
 
 class LabelledViewDataset(TwoViewDataset):
@@ -355,7 +453,8 @@ class LabelledViewDataset(TwoViewDataset):
     TwoViewDataset so a fine-tuning run resumed mid-epoch sees the same images and crops."""
 
     def __getitem__(self, key):
-        return super().__getitem__(key), self.images.labels[key[0]]
+        image, used = self.load(key)
+        return image, self.images.label(used)
 
 
 class EpochBatchSampler(torch.utils.data.Sampler):

@@ -15,7 +15,10 @@ and the engine owns, once, what they share:
     written by rank 0 only, through utils/checkpoint.py, and the best evaluation (best.pth);
   - device placement: channels-last, DDP with global-batch BatchNorm under torchrun (and
     --multiple_gpus, which launches the same processes), torch.compile, cudnn.benchmark;
-  - TensorBoard and the progress bar.
+  - TensorBoard, the progress bar on a terminal and, without one (a log file), a progress
+    line every `print_freq` steps;
+  - the count of unreadable training images (`run.unreadable`), summed over ranks at every
+    logging point, which stops the run beyond its limit.
 One step: lr = schedule(step); zero_grad; task.step (autocast inside, backward of the loss,
 scaled under fp16); precision.step(optimizer).
 """
@@ -61,6 +64,7 @@ class LoopSettings:
     sync_bn: bool = True
     tensorboard_dir: str | None = None
     sync_debug: bool = False
+    print_freq: int = 50  # progress line every N steps when stderr is not a terminal
 
     @classmethod
     def from_args(cls, args, steps_per_epoch, eval_every=0, tensorboard_dir=None):
@@ -69,7 +73,7 @@ class LoopSettings:
                    eval_every=eval_every, channels_last=args.channels_last,
                    compile=args.compile, sync_bn=args.sync_bn,
                    tensorboard_dir=tensorboard_dir if args.tensorboard else None,
-                   sync_debug=args.sync_debug)
+                   sync_debug=args.sync_debug, print_freq=getattr(args, "print_freq", 50))
 
     @property
     def total_steps(self):
@@ -133,6 +137,7 @@ class Run:
     record: dict = field(default_factory=dict)  # args, model_meta: stored in the checkpoint
     resume: dict | None = None  # the checkpoint to continue (load_checkpoint), or None
     write_outputs: Callable | None = None  # (trainer, draw_plot) on rank 0 after each save
+    unreadable: Any = None  # utils.data.UnreadableFiles of the training data, or None
 
 
 class History:
@@ -196,6 +201,8 @@ class Trainer:
             check_compile_backend(self.settings.compile, self.device)
             self.model = torch.compile(self.model, backend=self.settings.compile)
         self.sync_audit = SyncAudit(self.settings.sync_debug, self.device)
+        self.progress = ProgressLines(self.settings, run.sampler.global_batch_size,
+                                      enabled=is_main_process() and not sys.stderr.isatty())
         self.logger = None
         self.started, self.first_step = time.perf_counter(), self.history.step
         self._last_save = time.monotonic()
@@ -262,8 +269,10 @@ class Trainer:
             stop_now, save_now = self.log_window(window)
             toc = time.perf_counter()
             images = len(window) * self.run.sampler.global_batch_size
-            bar.set_postfix(loss=f"{finite_mean(self.history.series['loss'][-len(window):]):.4f}",
-                            lr=f"{window[-1][-1]:.3g}", img_s=f"{images / (toc - tic):.0f}")
+            loss = finite_mean(self.history.series['loss'][-len(window):])
+            bar.set_postfix(loss=f"{loss:.4f}", lr=f"{window[-1][-1]:.3g}",
+                            img_s=f"{images / (toc - tic):.0f}")
+            self.progress.at(step, loss, window[-1][-1])
             window, tic = [], toc
             if stop_now:
                 self.save(draw_plot=True)
@@ -298,7 +307,7 @@ class Trainer:
         several processes the ranks only agree on a stop at the regular points)."""
         s = self.settings
         return ((step + 1) % s.log_every == 0 or (step + 1) % s.steps_per_epoch == 0
-                or (self.stop.requested and get_world_size() == 1))
+                or self.progress.due(step) or (self.stop.requested and get_world_size() == 1))
 
     def checkpoint_due(self):
         minutes = self.settings.checkpoint_minutes
@@ -319,11 +328,14 @@ class Trainer:
         first_step = self.history.step
         columns = [torch.stack([row[k] for row in window]).to(torch.float64).reshape(n)
                    for k in range(len(names))]
-        flags = torch.tensor([self.stop.requested, self.checkpoint_due()],
+        unreadable = self.run.unreadable.count() if self.run.unreadable is not None else 0
+        flags = torch.tensor([self.stop.requested, self.checkpoint_due(), unreadable],
                              dtype=torch.float64, device=columns[0].device)
         values = all_reduce_mean(torch.cat([*columns, flags])).tolist()
         series = {name: values[k * n:(k + 1) * n] for k, name in enumerate(names)}
-        stop_now, save_now = values[-2:]
+        stop_now, save_now = values[-3:-1]
+        if self.run.unreadable is not None:
+            self.run.unreadable.check(round(values[-1] * get_world_size()))
         for k, value in enumerate(series["loss"]):
             if math.isfinite(value):
                 continue
@@ -417,6 +429,44 @@ class Trainer:
         steps = self.history.step - self.first_step
         seconds = time.perf_counter() - self.started
         return round(steps * self.run.sampler.global_batch_size / seconds, 1) if steps else None
+
+
+class ProgressLines:
+    """The progress of a run without a terminal (tqdm shows nothing there): one line every
+    `print_freq` steps, e.g.
+
+        epoch 2/10  step 340/1000  loss 5.1234  lr 0.3  812 img/s  ETA 0:12:33
+
+    with images/s and the ETA from the steps since the previous line."""
+
+    def __init__(self, settings, global_batch_size, enabled):
+        self.settings, self.batch, self.enabled = settings, global_batch_size, enabled
+        self._tic, self._last_step = time.perf_counter(), None
+
+    def due(self, step):
+        """Whether global step `step` (just done) is one to print."""
+        return self.enabled and (step + 1) % self.settings.print_freq == 0
+
+    def at(self, step, loss, lr):
+        if not self.due(step):
+            return
+        s, toc = self.settings, time.perf_counter()
+        steps = step + 1 - self._last_step if self._last_step is not None else None
+        self._last_step, seconds, self._tic = step + 1, toc - self._tic, toc
+        if steps:  # the first line after a (re)start also timed the start-up: no rate
+            rate = steps / max(seconds, 1e-9)
+            speed = f"{rate * self.batch:.0f} img/s  ETA {format_seconds((s.total_steps - step - 1) / rate)}"
+        else:
+            speed = "measuring speed"
+        epoch, in_epoch = divmod(step, s.steps_per_epoch)
+        print(f"epoch {epoch + 1}/{s.epochs}  step {in_epoch + 1}/{s.steps_per_epoch}  "
+              f"loss {loss:.4f}  lr {lr:.4g}  {speed}", flush=True)
+
+
+def format_seconds(seconds):
+    """H:MM:SS of a duration in seconds."""
+    seconds = int(round(seconds))
+    return f"{seconds // 3600}:{seconds // 60 % 60:02d}:{seconds % 60:02d}"
 
 
 def check_compile_backend(backend, device):

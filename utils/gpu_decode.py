@@ -36,9 +36,10 @@ def read_jpeg_bytes(path):
     return torch.from_numpy(data)
 
 
-def pil_pixels(images, index, channels, size):
-    """Image `index` decoded on the host as decode_images does: uint8 (channels, size, size)."""
-    img = load_or_substitute(images, index, channels)
+def pil_pixels(images, index, channels, size, key=(0, 0), unreadable=None):
+    """Image `index` decoded on the host as decode_images does: uint8 (channels, size, size);
+    an unreadable file is replaced as in load_or_substitute (key (seed, epoch))."""
+    img = load_or_substitute(images, index, channels, key, unreadable)
     if img.size != (size, size):
         img = img.resize((size, size), Image.BILINEAR)
     return torch.from_numpy(np.array(img).reshape(size, size, channels)).permute(2, 0, 1)
@@ -49,19 +50,21 @@ class EncodedImageDataset(torch.utils.data.Dataset):
     uint8 tensor (n,) with pixels None for a JPEG file, else jpeg None and the image decoded
     here (pil_pixels, uint8 (C, S, S)). Batches are lists of these (collate_encoded)."""
 
-    def __init__(self, images, channels, size):
+    def __init__(self, images, channels, size, seed=0, unreadable=None):
         self.images, self.channels, self.size = images, channels, size
+        self.seed, self.unreadable = seed, unreadable
 
     def __len__(self):
         return len(self.images)
 
     def __getitem__(self, key):
-        index = key[0]
+        index, epoch = key
         if self.images.pixels is None:
             data = read_jpeg_bytes(self.images.paths[index])
             if data is not None:
                 return index, data, None
-        return index, None, pil_pixels(self.images, index, self.channels, self.size)
+        return index, None, pil_pixels(self.images, index, self.channels, self.size,
+                                       (self.seed, epoch), self.unreadable)
 
 
 def collate_encoded(items):
@@ -95,10 +98,11 @@ class BatchDecoder:
     the batch's order: the JPEGs decoded together on the device (decode_jpeg with a list),
     images of one original size resized together; host-decoded pixels copied over."""
 
-    def __init__(self, images, channels, size, device):
+    def __init__(self, images, channels, size, device, unreadable=None):
         from torchvision.io import ImageReadMode, decode_jpeg
         self._decode_jpeg, self._rgb = decode_jpeg, ImageReadMode.RGB
         self.images, self.channels, self.size, self.device = images, channels, size, device
+        self.unreadable = unreadable
 
     def decode_jpegs(self, items):
         """[uint8 (3, H, W) on the device or None] for items (index, jpeg bytes); None where
@@ -122,8 +126,8 @@ class BatchDecoder:
         by_shape = {}
         for k, rgb in zip(jpegs, self.decode_jpegs([batch[k] for k in jpegs])):
             if rgb is None:  # the host decodes it (PIL) or replaces it, warning with its name
-                out[k] = pil_pixels(self.images, batch[k][0], self.channels, self.size).to(
-                    self.device)
+                out[k] = pil_pixels(self.images, batch[k][0], self.channels, self.size,
+                                    unreadable=self.unreadable).to(self.device)
             else:
                 by_shape.setdefault(tuple(rgb.shape[-2:]), []).append((k, rgb))
         for group in by_shape.values():

@@ -16,8 +16,10 @@ import os
 
 import numpy as np
 
+from utils.data import ImageList, PathTable, derive_seed
+from utils.distributed import decide_on_main
 from utils.errors import UserError
-from utils.data import ImageList, derive_seed, drop_unreadable, find_split
+from utils.file_index import Listing, find_split, indexed
 
 MEDMNIST_2D = ("pathmnist", "chestmnist", "dermamnist", "octmnist", "pneumoniamnist",
                "retinamnist", "breastmnist", "bloodmnist", "tissuemnist", "organamnist",
@@ -132,29 +134,65 @@ def listed_file(list_path, number, path, what="image"):
     return path
 
 
-def read_path_list(list_path, require_labels):
-    """ImageList from a text file of `path` or `path,label` lines (see module docstring)."""
-    paths, labels = [], []
+def scan_path_list(list_path):
+    """The Listing of a path list (see the module docstring): entries as written (relative to
+    the list's folder, or absolute), labels numbered in numeric-then-text order of their
+    names, the list file itself as the stamp. Every listed file must exist (one stat each;
+    none is opened); UserError naming the line otherwise."""
+    entries, labels = [], []
+    total_bytes, newest = 0, 0
+    folder = os.path.dirname(os.path.abspath(list_path))
     for number, line in read_list_lines(list_path):
         path, _, label = (part.strip() for part in line.partition(","))
-        paths.append(listed_file(list_path, number, path))
+        full = path if os.path.isabs(path) else os.path.join(folder, path)
+        try:
+            st = os.stat(full)
+        except OSError:
+            st = None
+        if st is None or not os.path.isfile(full):
+            raise UserError(f"{list_path} line {number}: image {full} does not exist; fix "
+                            f"the path (relative paths start at the list's folder)")
+        total_bytes += st.st_size
+        newest = max(newest, st.st_mtime_ns)
+        entries.append(path)
         labels.append(label or None)
-    if not paths:
+    if not entries:
         raise UserError(f"path list {list_path} names no images")
     given = [label is not None for label in labels]
     if any(given) and not all(given):
         first = given.index(False) if given[0] else given.index(True)
         raise UserError(f"{list_path}: some lines have a label and some do not (e.g. entry "
                         f"{first + 1}); give every line as path,label or none")
-    if not all(given):
-        if require_labels:
-            raise UserError(f"{list_path} has no labels; labelled evaluation needs lines "
-                            f"'path,label'")
-        return drop_unreadable(ImageList(paths))
-    names = sorted(set(labels), key=lambda v: (not v.lstrip("-").isdigit(),
-                                               int(v) if v.lstrip("-").isdigit() else 0, v))
-    index = {name: i for i, name in enumerate(names)}
-    return drop_unreadable(ImageList(paths, [index[v] for v in labels], names))
+    paths = PathTable.from_strings(entries, folder)
+    if all(given):
+        names = sorted(set(labels), key=lambda v: (not v.lstrip("-").isdigit(),
+                                                   int(v) if v.lstrip("-").isdigit() else 0, v))
+        index = {name: i for i, name in enumerate(names)}
+        images = ImageList(paths, np.fromiter((index[v] for v in labels), np.int64,
+                                              len(labels)), names)
+    else:
+        images = ImageList(paths)
+    st = os.stat(list_path)
+    return Listing(images, [(os.path.abspath(list_path), st.st_mtime_ns, st.st_size)],
+                   {"count": len(entries), "total_bytes": total_bytes, "newest_mtime_ns": newest})
+
+
+def read_path_list(list_path, require_labels, index_dir=None, split="train", rescan=False):
+    """ImageList from a text file of `path` or `path,label` lines (scan_path_list), through the
+    index in `index_dir` when given."""
+    images = indexed(index_dir, split, ("list", os.path.abspath(list_path)),
+                     lambda: scan_path_list(list_path), rescan)
+    if require_labels and images.labels is None:
+        raise UserError(f"{list_path} has no labels; labelled evaluation needs lines "
+                        f"'path,label'")
+    return images
+
+
+def index_dir_of(options):
+    """Where load_split keeps its file index: RESPATH/data_index for scripts with a RESPATH
+    (`options.respath`), else nowhere (every start scans)."""
+    respath = getattr(options, "respath", None)
+    return os.path.join(respath, "data_index") if respath else None
 
 
 def _is_list_file(path):
@@ -168,8 +206,10 @@ def load_split(datapath, split, require_labels, options):
     val_list, test_list. UserError names the missing piece and the fix.
     """
     explicit = getattr(options, f"{split}_list", None)
+    index_dir, rescan = index_dir_of(options), getattr(options, "rescan", False)
     if explicit:
-        return read_path_list(explicit, require_labels)
+        return decide_on_main(lambda: read_path_list(explicit, require_labels, index_dir, split,
+                                                     rescan))
     name = datapath.lower()
     size = getattr(options, "size", 28) or 28
     if not os.path.exists(datapath) and name in MEDMNIST_2D:
@@ -189,11 +229,12 @@ def load_split(datapath, split, require_labels, options):
         if split != "train":
             raise UserError(f"DATAPATH {datapath} is a path list, which gives the train split "
                             f"only; pass the {split} images with --{split}-list FILE")
-        return read_path_list(datapath, require_labels)
+        return decide_on_main(lambda: read_path_list(datapath, require_labels, index_dir, split,
+                                                     rescan))
     if not os.path.exists(datapath) and "mnist" in name:
         raise UserError(f"DATAPATH {datapath} is neither a folder nor a known MedMNIST name "
                         f"({', '.join(MEDMNIST_2D)})")
-    return find_split(datapath, split, require_labels)
+    return decide_on_main(lambda: find_split(datapath, split, require_labels, index_dir, rescan))
 
 
 def select_subset(images, samples=None, samples_per_class=None, seed=0, label_fraction=None):
