@@ -25,6 +25,9 @@ Sections (--sections; each prints a table, and every row goes to the JSON file):
               (one per view), fp32, a broadcast cosine-similarity NT-Xent and loss.item() per step
     ntxent    NTXentLoss forward + backward against the bare matmul + cross_entropy lower bound
               and the broadcast version, for N in --ntxent-n
+    startup   (only when named) main.py's start-up on path lists of --startup-sizes entries,
+              the first scan of a folder of that many files, and the memory of DataLoader
+              workers holding that many entries (utils/startup_bench.py)
 Images per second count images (two views each), as main.py's img/s does. The targets of
 the performance goals are printed as "target ...: measured X (met|not met)" lines and stored under "targets";
 the end-to-end target also gives its ceiling: the speed-up over the baseline of a step that ran
@@ -124,7 +127,8 @@ def get_args_parser():
                              "ResNet-18 at 32 px (batch 512) and ResNet-50 at 224 px (batch 256, "
                              "from JPEG files), bf16, channels-last, every input pipeline and the "
                              "baseline (flags given on the command line still win)")
-    parser.add_argument("--sections", nargs="+", choices=SECTIONS, default=list(SECTIONS),
+    parser.add_argument("--sections", nargs="+", choices=SECTIONS + ("startup",),
+                        default=list(SECTIONS),
                         help="what to measure (see the module docstring)")
     parser.add_argument("--json", metavar="OUT", default=os.path.join("results", "bench.json"),
                         help="where to write every row, the settings and the device")
@@ -176,6 +180,12 @@ def get_args_parser():
                            "(default on CUDA: 64; elsewhere none)")
     data.add_argument("--ntxent-n", nargs="+", type=int, default=None,
                       help="batch sizes N of the NT-Xent section (2N embeddings)")
+    data.add_argument("--startup-sizes", nargs="+", type=int, default=None,
+                      help="--sections startup: numbers of entries (default 10^4 10^5 10^6; "
+                           "quick: 200 1000)")
+    data.add_argument("--startup-repo", metavar="DIR", default=None,
+                      help="--sections startup: time this checkout's main.py (e.g. a worktree of "
+                           "an older commit, for a before/after table); default this one")
     data.add_argument("--ntxent-dim", type=int, default=128, help="embedding size D of NT-Xent")
     data.add_argument("--matmul-size", type=int, default=None,
                       help="side of the square matmul; default 2048 on CPU, 8192 on CUDA")
@@ -1140,6 +1150,35 @@ def run_sections(args, device, data):
     return results
 
 
+def run_startup(args, workdir):
+    """The startup, startup_scan and startup_memory tables (utils/startup_bench.py)."""
+    from utils.startup_bench import bench_startup
+    sizes = args.startup_sizes or ([200, 1000] if args.quick else [10 ** 4, 10 ** 5, 10 ** 6])
+    repo = os.path.abspath(args.startup_repo or os.path.dirname(os.path.abspath(__file__)))
+    tic = time.perf_counter()
+    found = bench_startup(sizes, workdir, repo)
+    tables = {
+        "startup": (f"start-up of main.py on a path list (seconds after the imports; checkout "
+                    f"{repo})", [
+                        ("entries", "entries", "int"), ("start", "start", "str"),
+                        ("commit", "commit", "str"), ("import_s", "imports s", "ms"),
+                        ("to_first_step_s", "to first step s", "ms"),
+                        ("one_step_run_s", "one-step run s", "ms")], 2),
+        "scan": ("first scan of a folder of hard links", [
+            ("entries", "entries", "int"), ("method", "method", "str"),
+            ("seconds", "s", "ms"), ("files_per_s", "files/s", "int")], 2),
+        "memory": ("memory after one pass over every entry by 2 DataLoader workers", [
+            ("entries", "entries", "int"), ("layout", "layout", "str"),
+            ("index_mb", "index MB", "mb"), ("main_rss_mb", "main RSS MB", "mb"),
+            ("worker_rss_mb", "worker RSS MB", "mb"),
+            ("worker_private_mb", "worker private MB", "mb")], 2)}
+    for name, (title, columns, key_columns) in tables.items():
+        print_table(title, columns, found[name], key_columns)
+    print(f"  (startup: {time.perf_counter() - tic:.0f} s)", flush=True)
+    return {"startup" if name == "startup" else f"startup_{name}": rows
+            for name, rows in found.items()}
+
+
 def main(args):
     device = resolve_settings(args)
     ensure_writable_dir(os.path.dirname(os.path.abspath(args.json)), "the --json folder")
@@ -1153,6 +1192,8 @@ def main(args):
         data = BenchData(workdir)
         results = run_sections(args, device, data)
         source = "; ".join(description for _, _, description in data.loaded.values()) or None
+        if "startup" in args.sections:
+            results.update(run_startup(args, os.path.join(workdir, "startup")))
     targets = evaluate_targets(results, device, info["device_name"])
     print()
     for t in targets:

@@ -31,8 +31,8 @@ from utils.checkpoint import load_best, load_pretrained, unwrap_model
 from utils.cli import (add_unreadable_arg, add_data_loading_args, add_data_source_args, add_training_args,
                        add_weight_description_args, check_training_args, ensure_writable_dir,
                        environment_info, print_args, run_main)
-from utils.data import (EpochBatchSampler, ImageDataset, LabelledViewDataset, dataset_statistics,
-                        make_loader, warn_if_colour_dropped)
+from utils.data import (EpochBatchSampler, ImageDataset, LabelledViewDataset, UnreadableFiles,
+                        dataset_statistics, make_loader, warn_if_colour_dropped)
 from utils.distributed import (barrier, decide_on_main, get_rank, get_world_size,
                                is_main_process, print0, run_in_process_group)
 from utils.engine import (LoopSettings, Run, RunFiles, Task, Trainer, launcher_name,
@@ -307,8 +307,10 @@ def finetune(args, device):
     augmentation = SupervisedAugmentation(meta["image_size"], meta["mean"], meta["std"],
                                           args.min_scale, args.flip)
     pin = device.type == "cuda"
+    unreadable = UnreadableFiles(len(train_images), args.max_unreadable)
     train_loader = make_loader(
-        LabelledViewDataset(train_images, meta["in_channels"], augmentation, args.seed),
+        LabelledViewDataset(train_images, meta["in_channels"], augmentation, args.seed,
+                            unreadable),
         batch_sampler=sampler, num_workers=args.num_workers, pin_memory=pin)
     evaluation = EvalTransform(meta["image_size"], meta["mean"], meta["std"])
     val_loader, test_loader = [
@@ -330,7 +332,7 @@ def finetune(args, device):
         settings=LoopSettings.from_args(args, steps_per_epoch, eval_every=args.val_every,
                                         tensorboard_dir=tensorboard_dir(args.respath)),
         files=RunFiles(checkpoint_path, os.path.join(args.respath, "best.pth")),
-        device=device, resume=ckpt,
+        device=device, resume=ckpt, unreadable=unreadable,
         record={"args": vars(args), "model_meta": meta, "extra": {"classes": classes}}))
     del ckpt
     status = report_outcome(trainer.fit(), trainer)
@@ -369,7 +371,8 @@ def report(args, trainer, meta, splits, test_loader):
     json_dump({"args": vars(args), "model_meta": meta, "metrics": metrics,
                "val_accuracy": val_accuracy, "epoch_losses": epoch_losses.tolist(),
                "launcher": launcher_name(), "processes": get_world_size(),
-               "images_per_s": trainer.images_per_second()},
+               "images_per_s": trainer.images_per_second(),
+               "unreadable_images": trainer.run.unreadable.summary()},
               os.path.join(args.respath, "run.json"))
     print(f"test accuracy {100 * metrics['accuracy']:.2f} %; report in {args.respath}")
 
