@@ -1170,7 +1170,7 @@ def run_startup(args, workdir):
         "memory": ("memory after one pass over every entry by 2 DataLoader workers", [
             ("entries", "entries", "int"), ("layout", "layout", "str"),
             ("index_mb", "index MB", "mb"), ("main_rss_mb", "main RSS MB", "mb"),
-            ("worker_rss_mb", "worker RSS MB", "mb"),
+            ("worker_rss_mb", "worker RSS MB", "mb"), ("worker_pss_mb", "worker PSS MB", "mb"),
             ("worker_private_mb", "worker private MB", "mb")], 2)}
     for name, (title, columns, key_columns) in tables.items():
         print_table(title, columns, found[name], key_columns)

@@ -28,9 +28,9 @@ from torch import nn
 from tqdm import tqdm
 
 from utils.checkpoint import load_best, load_pretrained, unwrap_model
-from utils.cli import (add_unreadable_arg, add_data_loading_args, add_data_source_args, add_training_args,
-                       add_weight_description_args, check_training_args, ensure_writable_dir,
-                       environment_info, print_args, run_main)
+from utils.cli import (add_data_loading_args, add_data_source_args, add_training_args,
+                       add_unreadable_arg, add_weight_description_args, check_training_args,
+                       ensure_writable_dir, environment_info, print_args, run_main)
 from utils.data import (EpochBatchSampler, ImageDataset, LabelledViewDataset, UnreadableFiles,
                         dataset_statistics, make_loader, warn_if_colour_dropped)
 from utils.distributed import (barrier, decide_on_main, get_rank, get_world_size,

@@ -28,9 +28,10 @@ import torch
 from simclr import SimCLRTask, transfer_views
 from utils.checkpoint import (AUG_PRESETS_VERSION, RunPaths, load_pretrained, model_metadata,
                               read_losses_file, save_checkpoint, strip_prefixes)
-from utils.cli import (add_augmentation_args, add_unreadable_arg, add_data_loading_args, add_data_source_args,
-                       add_training_args, check_augmentation_args, check_training_args,
-                       ensure_writable_dir, environment_info, print_args, run_main)
+from utils.cli import (add_augmentation_args, add_data_loading_args, add_data_source_args,
+                       add_training_args, add_unreadable_arg, check_augmentation_args,
+                       check_training_args, ensure_writable_dir, environment_info, print_args,
+                       run_main)
 from utils.data import (EpochBatchSampler, ImageDataset, InMemoryBatches, TwoViewDataset,
                         UnreadableFiles,
                         dataset_statistics, decode_images, decoded_size_bytes, make_loader)

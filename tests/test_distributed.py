@@ -203,6 +203,8 @@ def test_torchrun_writes_one_plain_checkpoint_that_evaluation_loads(torchrun_run
     respath, result = torchrun_run
     assert result.stdout.count("epoch 4/4") == 1  # rank 0 alone reports
     assert "global batch 12 = 2 process(es) x 6" in result.stdout
+    assert result.stdout.count("data index: scanned") == 1  # rank 0 lists, rank 1 receives
+    assert os.path.exists(os.path.join(respath, "data_index", "train.npz"))
     ckpt = torch.load(os.path.join(respath, "model", "checkpoint.pth"))
     assert ckpt["step"] == 12 and ckpt["epoch"] == 4
     assert not any(k.startswith("module.") for k in ckpt["model"])

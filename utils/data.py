@@ -9,6 +9,7 @@ the number of workers and whether it was resumed mid-epoch.
 """
 import json
 import os
+import sys
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -41,7 +42,8 @@ class PathTable:
     @classmethod
     def from_strings(cls, strings, root=""):
         """The table of `strings` (paths relative to `root`, or absolute)."""
-        encoded = [os.fsencode(s) for s in strings]
+        encoding = sys.getfilesystemencoding()  # os.fsencode, without a call per entry
+        encoded = [s.encode(encoding, "surrogateescape") for s in strings]
         lengths = np.fromiter(map(len, encoded), dtype=np.int64, count=len(encoded))
         ends = np.cumsum(lengths)
         return cls(np.frombuffer(b"".join(encoded), dtype=np.uint8), ends - lengths, ends, root)
@@ -240,14 +242,16 @@ def compute_mean_std(images, channels):
     for index in range(len(images)):
         try:
             img = images.load(index, channels)
-        except (OSError, ValueError) as err:
-            warn(f"{images.paths[index]} could not be decoded ({err}); left out of the mean/std")
+        except (OSError, ValueError):  # left out; the loaders name it when they meet it
             continue
         arr = np.asarray(img, dtype=np.float64).reshape(-1, channels)
         arr /= 255.0
         total += arr.sum(0)
         total_sq += (arr ** 2).sum(0)
         count += arr.shape[0]
+    if not count:
+        raise UserError(f"none of the {len(images)} images sampled for the mean/std could be "
+                        f"decoded (e.g. {images.paths[0]}); check DATAPATH")
     mean = total / count
     std = np.sqrt(np.maximum(total_sq / count - mean ** 2, 0.0))
     return mean.tolist(), np.maximum(std, 1e-3).tolist()

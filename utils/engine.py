@@ -455,7 +455,8 @@ class ProgressLines:
         self._last_step, seconds, self._tic = step + 1, toc - self._tic, toc
         if steps:  # the first line after a (re)start also timed the start-up: no rate
             rate = steps / max(seconds, 1e-9)
-            speed = f"{rate * self.batch:.0f} img/s  ETA {format_seconds((s.total_steps - step - 1) / rate)}"
+            eta = format_seconds((s.total_steps - step - 1) / rate)
+            speed = f"{rate * self.batch:.0f} img/s  ETA {eta}"
         else:
             speed = "measuring speed"
         epoch, in_epoch = divmod(step, s.steps_per_epoch)

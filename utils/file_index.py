@@ -55,26 +55,29 @@ class FolderWalk:
         self.stamps.append((top, os.stat(top).st_mtime_ns, 0))
         with os.scandir(top) as it:
             entries = sorted(it, key=lambda e: e.name)
-        subfolders = []
+        prefix = rel + os.sep if rel else ""
+        subfolders, paths = [], self.paths
         for entry in entries:
-            if entry.name.startswith("."):
+            name = entry.name
+            if name.startswith("."):
                 continue
             try:
                 is_dir = entry.is_dir()
             except OSError:
                 is_dir = False
             if is_dir:
-                subfolders.append(entry.name)
-            elif is_image_file(entry.name):
-                self.paths.append(os.path.join(rel, entry.name) if rel else entry.name)
+                subfolders.append(name)
+            elif name.lower().endswith(IMG_EXTENSIONS):
+                paths.append(prefix + name)
                 try:
                     st = entry.stat()
-                    self.total_bytes += st.st_size
-                    self.newest_mtime_ns = max(self.newest_mtime_ns, st.st_mtime_ns)
                 except OSError:  # a broken link: the loader reports it
-                    pass
+                    continue
+                self.total_bytes += st.st_size
+                if st.st_mtime_ns > self.newest_mtime_ns:
+                    self.newest_mtime_ns = st.st_mtime_ns
         for name in subfolders:
-            self.walk(os.path.join(top, name), os.path.join(rel, name) if rel else name)
+            self.walk(os.path.join(top, name), prefix + name)
         return self
 
     def fingerprint(self):

@@ -9,16 +9,25 @@ def extract_features(model, loader, device, channels_last=False, desc="features"
     """Run `model` (eval mode) over `loader`; returns (features (N, F) float32 CPU, labels (N,)).
 
     `model(x)` must return a (B, F) tensor. No gradient, no augmentation (the loader's transform).
+    The features fill one (N, F) array allocated at the first batch (N = len(loader.dataset)),
+    so the memory is that array plus one batch, not twice the features as a list + torch.cat.
     """
     model.eval()
-    feats, labels = [], []
+    n, feats, labels, row = len(loader.dataset), None, None, 0
     for x, y in tqdm(loader, desc=desc, leave=False, disable=None):
         x = x.to(device, non_blocking=True)
         if channels_last:
             x = x.contiguous(memory_format=torch.channels_last)
-        feats.append(model(x).float().cpu())
-        labels.append(torch.as_tensor(y))
-    return torch.cat(feats), torch.cat(labels)
+        f = model(x).float().cpu()
+        if feats is None:
+            feats = torch.empty((n, f.shape[1]), dtype=torch.float32)
+            labels = torch.empty(n, dtype=torch.long)
+        feats[row:row + len(f)] = f
+        labels[row:row + len(f)] = torch.as_tensor(y)
+        row += len(f)
+    if feats is None:
+        return torch.empty((0, 0)), torch.empty(0, dtype=torch.long)
+    return feats[:row], labels[:row]
 
 
 class LinearProbe:

@@ -13,6 +13,7 @@ A path list has one image per line, `path` or `path,label`, relative to the list
 absolute; blank lines and lines starting with # are skipped.
 """
 import os
+import stat
 
 import numpy as np
 
@@ -119,8 +120,8 @@ def read_list_lines(list_path, line_format="'path' or 'path,label'",
     except UnicodeDecodeError:
         raise UserError(f"{list_path} is not a text file of image paths (a path list has one "
                         f"{line_format} per line); {fix}") from None
-    return [(number, line.strip()) for number, line in enumerate(lines, 1)
-            if line.strip() and not line.strip().startswith("#")]
+    stripped = ((number, line.strip()) for number, line in enumerate(lines, 1))
+    return [(number, line) for number, line in stripped if line and line[0] != "#"]
 
 
 def listed_file(list_path, number, path, what="image"):
@@ -142,18 +143,22 @@ def scan_path_list(list_path):
     entries, labels = [], []
     total_bytes, newest = 0, 0
     folder = os.path.dirname(os.path.abspath(list_path))
+    prefix = os.path.join(folder, "")
     for number, line in read_list_lines(list_path):
-        path, _, label = (part.strip() for part in line.partition(","))
-        full = path if os.path.isabs(path) else os.path.join(folder, path)
+        path, comma, label = line.partition(",")
+        if comma:
+            path, label = path.rstrip(), label.strip()
+        full = path if path[:1] == os.sep else prefix + path  # os.path.isabs, inlined
         try:
             st = os.stat(full)
         except OSError:
             st = None
-        if st is None or not os.path.isfile(full):
+        if st is None or not stat.S_ISREG(st.st_mode):
             raise UserError(f"{list_path} line {number}: image {full} does not exist; fix "
                             f"the path (relative paths start at the list's folder)")
         total_bytes += st.st_size
-        newest = max(newest, st.st_mtime_ns)
+        if st.st_mtime_ns > newest:
+            newest = st.st_mtime_ns
         entries.append(path)
         labels.append(label or None)
     if not entries:

@@ -9,10 +9,11 @@
               main.py (e.g. an older commit, for before/after tables)
     scan      the first scan of a folder of N files (hard links in 100 class folders): the
               bare listing (os.scandir, no stat) against utils/file_index.scan_folder, files/s
-    memory    the resident and private memory of the main process and of each of 2
-              DataLoader workers after one pass over N entries that reads every path and
-              label, with the index held as numpy arrays (PathTable, as the datasets hold it)
-              and as Python lists of str and int (the layout before it)
+    memory    the resident memory of the main process and the resident, proportional and
+              private memory of each of 2 DataLoader workers after one pass over N entries
+              that reads every path and label, with the index held as numpy arrays (a
+              PathTable loaded as a kept index is) and as Python lists of str and int (the
+              layout before it)
 """
 import os
 import subprocess
@@ -113,12 +114,14 @@ def bench_startup_times(sizes, workdir, repo):
     return rows
 
 
-def write_link_folder(folder, source, n, classes=100):
-    """`n` hard links to the file `source` in `classes` class folders of `folder`."""
+def write_link_folder(folder, sources, n, classes=100):
+    """`n` hard links to the files `sources` (in turn, so none nears the file system's limit
+    of links per file) in `classes` class folders of `folder`."""
     for c in range(classes):
         os.makedirs(os.path.join(folder, f"c{c:03d}"), exist_ok=True)
     for i in range(n):
-        os.link(source, os.path.join(folder, f"c{i % classes:03d}", f"{i:07d}.png"))
+        os.link(sources[i % len(sources)],
+                os.path.join(folder, f"c{i % classes:03d}", f"{i:07d}.png"))
 
 
 def bare_listing(folder):
@@ -134,14 +137,15 @@ def bare_listing(folder):
 
 
 def bench_scan(sizes, workdir):
-    """Rows {entries, method, seconds, files_per_s} for folders of hard links."""
+    """Rows {entries, method, seconds, files_per_s} for folders of hard links to the files of
+    bench_startup_times (WORKDIR/files)."""
     from utils.file_index import scan_folder
-    source = os.path.join(workdir, "one.png")
-    Image.fromarray(np.zeros((28, 28), np.uint8)).save(source)
+    files = os.path.join(workdir, "files")
+    sources = [os.path.join(files, name) for name in sorted(os.listdir(files))]
     rows = []
     for n in sizes:
         folder = os.path.join(workdir, f"folder_{n}")
-        write_link_folder(folder, source, n)
+        write_link_folder(folder, sources, n)
         for method, fn in (("os.scandir (listing only)", bare_listing),
                            ("scan_folder (listing + stat)", scan_folder)):
             tic = time.perf_counter()
@@ -175,7 +179,8 @@ class TouchEveryEntry(torch.utils.data.Dataset):
 
 
 def memory_mb(pid):
-    """(resident MB, private MB) of process `pid` from /proc/PID/smaps_rollup (Linux)."""
+    """{rss, pss, private} MB of process `pid` from /proc/PID/smaps_rollup (Linux): resident,
+    proportional (shared pages divided among the processes sharing them) and private."""
     fields = {}
     with open(f"/proc/{pid}/smaps_rollup") as f:
         for line in f:
@@ -183,7 +188,8 @@ def memory_mb(pid):
             if len(parts) >= 2 and parts[1].isdigit():
                 fields[parts[0].rstrip(":")] = int(parts[1])
     private = fields.get("Private_Clean", 0) + fields.get("Private_Dirty", 0)
-    return fields.get("Rss", 0) / 1024, private / 1024
+    return {"rss": fields.get("Rss", 0) / 1024, "pss": fields.get("Pss", 0) / 1024,
+            "private": private / 1024}
 
 
 def first_of_batch(pids):
@@ -191,8 +197,8 @@ def first_of_batch(pids):
 
 
 def worker_memory(images, workers=2, batch=4096):
-    """{main_rss_mb, worker_rss_mb, worker_private_mb}: after one pass over every entry of
-    `images` by `workers` persistent DataLoader workers (max over workers)."""
+    """{main_rss_mb, worker_rss_mb, worker_pss_mb, worker_private_mb}: after one pass over
+    every entry of `images` by `workers` persistent DataLoader workers (max over workers)."""
     n = len(images.paths)
     batches = [list(range(s, min(s + batch, n))) for s in range(0, n, batch)]
     loader = make_loader(TouchEveryEntry(images), batch_sampler=batches, num_workers=workers,
@@ -203,44 +209,53 @@ def worker_memory(images, workers=2, batch=4096):
         pids.add(pid)
     stats = [memory_mb(pid) for pid in sorted(pids)]
     del iterator, loader
-    return {"main_rss_mb": round(memory_mb(os.getpid())[0], 1),
-            "worker_rss_mb": round(max(s[0] for s in stats), 1),
-            "worker_private_mb": round(max(s[1] for s in stats), 1)}
+    return {"main_rss_mb": round(memory_mb(os.getpid())["rss"], 1),
+            **{f"worker_{k}_mb": round(max(s[k] for s in stats), 1)
+               for k in ("rss", "pss", "private")}}
+
+
+def index_names(n):
+    """`n` paths like 'class_017/0001234.png' (100 classes)."""
+    return [f"class_{i % 100:03d}/{i:07d}.png" for i in range(n)]
+
+
+ROOT = "/data/archive/pathology"
 
 
 def bench_memory(sizes, workdir):
-    """Rows {entries, layout, index_mb, main_rss_mb, worker_rss_mb, worker_private_mb}, each
-    measured in a fresh process (python -c) so one layout's memory does not stay in the other's."""
+    """Rows {entries, layout, index_mb, main_rss_mb, worker_*_mb}, each measured in a fresh
+    process (python -c), where the index is loaded as main.py loads a kept index (np.load of
+    the arrays, no str object per entry), or built as Python lists as before the index."""
+    import json
     rows = []
     for n in sizes:
+        table = PathTable.from_strings(index_names(n), ROOT)
+        index_file = os.path.join(workdir, f"memory_{n}.npz")
+        np.savez(index_file, blob=table.blob, starts=table.starts, ends=table.ends,
+                 labels=np.arange(n) % 100)
+        del table
         for layout in ("numpy", "lists"):
             code = (f"import json, sys; sys.path.insert(0, {os.getcwd()!r}); "
                     f"from utils.startup_bench import memory_row; "
-                    f"print(json.dumps(memory_row({n}, {layout!r})))")
+                    f"print(json.dumps(memory_row({n}, {layout!r}, {index_file!r})))")
             out = subprocess.run([sys.executable, "-c", code], check=True, capture_output=True,
                                  text=True).stdout.strip().splitlines()[-1]
-            import json
             rows.append(json.loads(out))
     return rows
 
 
-def memory_row(n, layout):
-    """One memory row (bench_memory), in this process: an index of `n` paths like
-    'class_017/0001234.png' under a long root, labels of 100 classes."""
-    names = [f"class_{i % 100:03d}/{i:07d}.png" for i in range(n)]
-    labels = np.arange(n) % 100
+def memory_row(n, layout, index_file):
+    """One memory row (bench_memory), in this process."""
     if layout == "numpy":
-        images = ImageList(PathTable.from_strings(names, "/data/archive/pathology"), labels,
-                           [str(c) for c in range(100)])
+        with np.load(index_file) as data:
+            images = ImageList(PathTable(data["blob"], data["starts"], data["ends"], ROOT),
+                               data["labels"], [str(c) for c in range(100)])
         index_mb = (images.paths.nbytes + images.labels.nbytes) / 2 ** 20
     else:
-        images = ListImages([os.path.join("/data/archive/pathology", p) for p in names],
-                            labels.tolist())
+        images = ListImages([os.path.join(ROOT, p) for p in index_names(n)],
+                            (np.arange(n) % 100).tolist())
         index_mb = (sum(sys.getsizeof(p) for p in images.paths) + sys.getsizeof(images.paths)
                     + sys.getsizeof(images.labels)) / 2 ** 20
-    del names, labels
-    import gc
-    gc.collect()
     return {"entries": n, "layout": "numpy arrays (PathTable)" if layout == "numpy" else
             "Python lists (before)", "index_mb": round(index_mb, 1), **worker_memory(images)}
 
