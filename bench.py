@@ -46,6 +46,7 @@ import itertools
 import math
 import os
 import platform
+import sys
 import tempfile
 import time
 import types
@@ -1201,7 +1202,9 @@ def main(args):
                    f", {t['ceiling']:.3g} at 100 % of the measured matmul rate")
         print(f"target {t['name']} ({t['config']}): measured {t['measured']:.3g}{ceiling} "
               f"({'met' if t['met'] else 'not met'})")
-    json_dump({"device": info, "settings": vars(args), "data": source,
+    json_dump({"command": " ".join(["python", *sys.argv]),
+               "date": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "machine": platform.node(),
+               "device": info, "settings": vars(args), "data": source,
                "memory_method": PeakMemory.METHOD[device.type],
                "sections": {name: [{k: finite_or_none(v) for k, v in row.items()}
                                    for row in rows] for name, rows in results.items()},

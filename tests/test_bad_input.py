@@ -54,8 +54,9 @@ def test_respath_not_writable(tiny_folder, tmp_path):
 
 def test_corrupt_images_are_skipped_with_their_names(tiny_folder, tmp_path):
     """A non-image file with .png and a truncated PNG are replaced when they fail to decode
-    (2 of 38 images: within --max-unreadable 0.1); both are named, and the run completes.
-    With the default limit (1 %, at least one file) the same data stops with one line."""
+    (2 of 39 images: within --max-unreadable 0.1); both are named, and the run completes.
+    With the default limit (1 %, at least one file) the same data stops with one line. (-bs
+    13: three batches load all 39 images in the epoch.)"""
     data = tmp_path / "data"
     shutil.copytree(tiny_folder, data)
     (data / "train" / "Trouser" / "garbage.png").write_bytes(os.urandom(300))
@@ -64,12 +65,13 @@ def test_corrupt_images_are_skipped_with_their_names(tiny_folder, tmp_path):
     blob = (data / "train" / "Pullover" / "full.png").read_bytes()
     (data / "train" / "Pullover" / "truncated.png").write_bytes(blob[: len(blob) // 2])
     result = run_script("main.py", data, tmp_path / "out", "--epochs", "1", *FAST_PRETRAIN,
-                        "--max-unreadable", "0.1")
+                        "-bs", "13", "--max-unreadable", "0.1")
     assert result.returncode == 0, result.stderr
     assert "garbage.png" in result.stderr and "truncated.png" in result.stderr
     assert "Traceback" not in result.stderr
-    result = run_script("main.py", data, tmp_path / "out2", "--epochs", "1", *FAST_PRETRAIN)
-    assert_one_line_error(result, "2 of the 38 images could not be decoded",
+    result = run_script("main.py", data, tmp_path / "out2", "--epochs", "1", *FAST_PRETRAIN,
+                        "-bs", "13")
+    assert_one_line_error(result, "2 of the 39 images could not be decoded",
                           "--max-unreadable 0.01")
 
 

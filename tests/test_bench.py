@@ -225,3 +225,26 @@ def test_compiled_configurations_start_from_a_reset_dynamo(monkeypatch, tiny_fol
         config = {"arch": "resnet18", "amp": "off", "channels_last": False, "compile": compiled}
         bench.build_trainer("resnet18", 1, 8, config, pipeline, torch.device("cpu"))
     assert len(resets) == 2
+
+
+def test_startup_section_pieces(tmp_path):
+    """bench.py --sections startup, piece by piece at small sizes: the folder scan lists every
+    hard link with both methods; a kept index (numpy arrays) is held in the workers without a
+    private copy, and memory_row reads the index bench_memory writes."""
+    from utils.file_index import scan_folder
+    from utils.startup_bench import bench_memory, bench_scan, write_real_files
+
+    write_real_files(str(tmp_path / "files"), n=7)
+    rows = bench_scan([350], str(tmp_path))
+    assert [r["method"] for r in rows] == ["os.scandir (listing only)",
+                                           "scan_folder (listing + stat)"]
+    assert all(r["entries"] == 350 and r["files_per_s"] > 0 for r in rows)
+    listing = scan_folder(str(tmp_path / "folder_350"))
+    assert len(listing.images) == 350 and len(listing.images.classes) == 100
+    assert listing.fingerprint["total_bytes"] == sum(
+        os.path.getsize(p) for p in listing.images.paths)
+    numpy_row, lists_row = bench_memory([20000], str(tmp_path))
+    assert numpy_row["layout"].startswith("numpy") and lists_row["layout"].startswith("Python")
+    assert numpy_row["index_mb"] < lists_row["index_mb"]
+    for row in (numpy_row, lists_row):
+        assert 0 < row["worker_private_mb"] <= row["worker_pss_mb"] <= row["worker_rss_mb"]

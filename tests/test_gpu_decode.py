@@ -10,7 +10,7 @@ import torch
 from PIL import Image
 
 from conftest import FAST_PRETRAIN, assert_one_line_error, run_script
-from utils.data import decode_images
+from utils.data import ImageList, decode_images
 from utils.file_index import find_split
 from utils.gpu_augment import BatchSimCLRAugmentation, DeviceTwoViews
 from utils.gpu_decode import (BatchDecoder, DecodedTwoViews, EncodedImageDataset,
@@ -76,7 +76,9 @@ def test_corrupt_jpeg_is_replaced_with_a_warning(jpeg_folder, tmp_path, capsys):
     images = find_split(jpeg_folder, "train", require_labels=False)
     bad = tmp_path / "bad.jpg"
     bad.write_bytes(b"\xff\xd8\xff\xe0" + os.urandom(200))
-    images.paths[3] = str(bad)
+    paths = list(images.paths)
+    paths[3] = str(bad)
+    images = ImageList(paths)
     _, pixels = decoded_batch(images, 3, 28)
     assert str(bad) in capsys.readouterr().err
     reference = decode_images(images, 3, 28)  # replaces it the same way, warning again
@@ -89,7 +91,7 @@ def test_views_equal_gpu_augs(jpeg_folder):
     """For the same pixels, step and seed, --gpu-decode's views are --gpu-aug's, bitwise."""
     images = find_split(jpeg_folder, "train", require_labels=False)
     keep = [k for k, path in enumerate(images.paths) if Image.open(path).size == (28, 28)]
-    images.paths = [images.paths[k] for k in keep]
+    images = images.subset(keep)
     augmentation = BatchSimCLRAugmentation(28, 3, [0.5] * 3, [0.25] * 3, 0.5)
     two_views = DeviceTwoViews(augmentation, seed=3, global_batch_size=len(images))
     dataset = EncodedImageDataset(images, 3, 28)
