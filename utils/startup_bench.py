@@ -196,13 +196,26 @@ def first_of_batch(pids):
     return pids[0]
 
 
+class Batches:
+    """Batches of consecutive indices 0..n-1, made as they are asked for (a list of every
+    index would itself be n Python ints in the main process)."""
+
+    def __init__(self, n, batch):
+        self.n, self.batch = n, batch
+
+    def __len__(self):
+        return -(-self.n // self.batch)
+
+    def __iter__(self):
+        for start in range(0, self.n, self.batch):
+            yield list(range(start, min(start + self.batch, self.n)))
+
+
 def worker_memory(images, workers=2, batch=4096):
     """{main_rss_mb, worker_rss_mb, worker_pss_mb, worker_private_mb}: after one pass over
     every entry of `images` by `workers` persistent DataLoader workers (max over workers)."""
-    n = len(images.paths)
-    batches = [list(range(s, min(s + batch, n))) for s in range(0, n, batch)]
-    loader = make_loader(TouchEveryEntry(images), batch_sampler=batches, num_workers=workers,
-                         collate_fn=first_of_batch)
+    loader = make_loader(TouchEveryEntry(images), batch_sampler=Batches(len(images.paths), batch),
+                         num_workers=workers, collate_fn=first_of_batch)
     pids = set()
     iterator = iter(loader)
     for pid in iterator:
