@@ -18,15 +18,4 @@ $PY linear_evaluation.py "$DATA" "$OUT/model/model.pth" "$OUT/reference_random" 
     --reference random > "$OUT/reference_random.log"
 $PY linear_evaluation.py "$DATA" "$OUT/model/model.pth" "$OUT/reference_pixels" -bs 250 -nw 2 \
     --reference pixels > "$OUT/reference_pixels.log"
-$PY - "$OUT" <<'PYEOF'
-import json, os, sys
-out = sys.argv[1]
-rows = [("SimCLR (this run), linear probe on h", "linear_eval"),
-        ("randomly initialised encoder, same probe", "reference_random"),
-        ("raw pixels, same probe", "reference_pixels")]
-run = json.load(open(os.path.join(out, "run.json")))
-print(f"\npretraining: {run['wall_time_s']:.0f} s, {run['images_per_s']} img/s; test accuracy:")
-for name, folder in rows:
-    acc = json.load(open(os.path.join(out, folder, "report.json")))["accuracy"]
-    print(f"  {100 * acc:6.2f} %  {name}")
-PYEOF
+$PY scripts/demo_summary.py "$OUT" --json results/demo.json

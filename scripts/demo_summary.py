@@ -1,0 +1,102 @@
+"""The end of scripts/demo.sh: print what the demo measured and keep it with its provenance.
+
+    python scripts/demo_summary.py results/demo [--json results/demo.json]
+
+Reads the run (OUT/run.json) and the three linear-probe reports (OUT/linear_eval,
+OUT/reference_random, OUT/reference_pixels), prints the table of test accuracies, the loss per
+epoch and where the report, the loss plot and the confusion matrix are, and writes the figures
+with the command, commit, machine, versions and date to --json (the file the documentation's
+demo table is generated from, scripts/results_tables.py).
+"""
+import argparse
+import json
+import os
+import platform
+import sys
+import time
+
+ROWS = (("SimCLR (this run), linear probe on h", "linear_eval"),
+        ("the same ResNet-18, randomly initialised", "reference_random"),
+        ("raw pixels", "reference_pixels"))
+VARIES = ("Losses and accuracies vary by about a point between machines and runs: the data, its "
+          "order and every augmentation are the same (all seeded), but the CPU's floating-point "
+          "kernels (oneDNN picks them by instruction set and thread count) round differently, "
+          "and 60 SGD steps on 3 epochs amplify those differences; wall time and img/s depend "
+          "on the CPU and on what else runs.")
+
+
+def read_json(path):
+    with open(path) as f:
+        return json.load(f)
+
+
+def cpu_model():
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def summary(out):
+    """The demo's figures and provenance as a dict (see the module docstring)."""
+    run = read_json(os.path.join(out, "run.json"))
+    accuracies = {folder: read_json(os.path.join(out, folder, "report.json"))["accuracy"]
+                  for _, folder in ROWS}
+    env = run["environment"]
+    return {"command": "bash scripts/demo.sh", "date": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+            "git_commit": env.get("git_commit"),
+            "machine": {"hostname": platform.node(), "cpu": cpu_model(),
+                        "cpu_count": os.cpu_count(), "device": env.get("device"),
+                        "platform": env.get("platform")},
+            "versions": {k: env.get(k) for k in ("python", "torch", "torchvision", "numpy")},
+            "epochs": run["epochs_done"], "steps_per_epoch": run["steps_per_epoch"],
+            "batch_size": run["args"]["batch_size"],
+            "epoch_losses": [round(v, 4) for v in run["epoch_losses"]],
+            "epoch_positive_pair_top1": [round(v, 4) for v in run["epoch_positive_pair_top1"]],
+            "pretraining_s": run["wall_time_s"], "images_per_s": run["images_per_s"],
+            "peak_memory_mb": run["peak_memory_mb"],
+            "test_accuracy": {folder: round(acc, 4) for folder, acc in accuracies.items()}}
+
+
+def print_summary(s, out):
+    print(f"\nThe demo measured (pretraining {s['epochs']} epochs, {s['pretraining_s']:.0f} s, "
+          f"{s['images_per_s']} img/s):")
+    print(f"  loss per epoch {', '.join(f'{v:.2f}' for v in s['epoch_losses'])}; positive-pair "
+          f"top-1 {', '.join(f'{v:.3f}' for v in s['epoch_positive_pair_top1'])}")
+    print("  test accuracy of a linear probe (5,000 train / 1,000 test images):")
+    for name, folder in ROWS:
+        print(f"    {100 * s['test_accuracy'][folder]:6.2f} %  {name}")
+    print(f"  per-class report:  {os.path.join(out, 'linear_eval', 'report.csv')} (and report.json)")
+    print(f"  confusion matrix:  {os.path.join(out, 'linear_eval', 'confusion_matrix.png')}")
+    print(f"  loss plot:         {os.path.join(out, 'plots', 'training_losses.png')}")
+    print(f"  model:             {os.path.join(out, 'model', 'model.pth')}")
+    print(VARIES)
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("out", help="the demo's output folder (results/demo)")
+    parser.add_argument("--json", default=os.path.join("results", "demo.json"),
+                        help="where to keep the figures with their provenance")
+    args = parser.parse_args(argv)
+    try:
+        s = summary(args.out)
+    except (OSError, KeyError, ValueError) as err:
+        print(f"error: {args.out} does not hold a finished demo ({err}); run bash scripts/demo.sh",
+              file=sys.stderr)
+        return 2
+    print_summary(s, args.out)
+    os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)
+    with open(args.json, "w") as f:
+        json.dump(s, f, indent=2, sort_keys=True)
+        f.write("\n")
+    print(f"figures kept in {args.json}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
