@@ -11,11 +11,11 @@ DATA=demo_data
 OUT=results/demo
 
 [ -d "$DATA/train" ] && [ -d "$DATA/test" ] || $PY make_demo_data.py "$DATA"
-# The recipe measured in the README ("How the defaults were chosen"), sized for 2 CPU cores.
+# The recipe measured in docs/defaults.md ("How the defaults were chosen"), sized for 2 CPU cores.
 $PY main.py "$DATA" "$OUT" --epochs 3 -bs 250 -nw 2
 $PY linear_evaluation.py "$DATA" "$OUT/model/model.pth" "$OUT/linear_eval" -bs 250 -nw 2
 $PY linear_evaluation.py "$DATA" "$OUT/model/model.pth" "$OUT/reference_random" -bs 250 -nw 2 \
     --reference random > "$OUT/reference_random.log"
 $PY linear_evaluation.py "$DATA" "$OUT/model/model.pth" "$OUT/reference_pixels" -bs 250 -nw 2 \
     --reference pixels > "$OUT/reference_pixels.log"
-$PY scripts/demo_summary.py "$OUT" --json results/demo.json
+$PY scripts/demo_summary.py "$OUT" --json results/demo.json --script-seconds "$SECONDS"

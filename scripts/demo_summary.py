@@ -41,8 +41,9 @@ def cpu_model():
     return platform.processor() or platform.machine()
 
 
-def summary(out):
-    """The demo's figures and provenance as a dict (see the module docstring)."""
+def summary(out, script_seconds=None):
+    """The demo's figures and provenance as a dict (see the module docstring); script_seconds:
+    the whole script's wall time, when the caller measured it."""
     run = read_json(os.path.join(out, "run.json"))
     accuracies = {folder: read_json(os.path.join(out, folder, "report.json"))["accuracy"]
                   for _, folder in ROWS}
@@ -58,7 +59,7 @@ def summary(out):
             "epoch_losses": [round(v, 4) for v in run["epoch_losses"]],
             "epoch_positive_pair_top1": [round(v, 4) for v in run["epoch_positive_pair_top1"]],
             "pretraining_s": run["wall_time_s"], "images_per_s": run["images_per_s"],
-            "peak_memory_mb": run["peak_memory_mb"],
+            "peak_memory_mb": run["peak_memory_mb"], "script_s": script_seconds,
             "test_accuracy": {folder: round(acc, 4) for folder, acc in accuracies.items()}}
 
 
@@ -70,7 +71,8 @@ def print_summary(s, out):
     print("  test accuracy of a linear probe (5,000 train / 1,000 test images):")
     for name, folder in ROWS:
         print(f"    {100 * s['test_accuracy'][folder]:6.2f} %  {name}")
-    print(f"  per-class report:  {os.path.join(out, 'linear_eval', 'report.csv')} (and report.json)")
+    report = os.path.join(out, "linear_eval", "report.csv")
+    print(f"  per-class report:  {report} (and report.json)")
     print(f"  confusion matrix:  {os.path.join(out, 'linear_eval', 'confusion_matrix.png')}")
     print(f"  loss plot:         {os.path.join(out, 'plots', 'training_losses.png')}")
     print(f"  model:             {os.path.join(out, 'model', 'model.pth')}")
@@ -82,9 +84,11 @@ def main(argv=None):
     parser.add_argument("out", help="the demo's output folder (results/demo)")
     parser.add_argument("--json", default=os.path.join("results", "demo.json"),
                         help="where to keep the figures with their provenance")
+    parser.add_argument("--script-seconds", type=float, default=None,
+                        help="the whole demo's wall time so far (demo.sh passes bash's $SECONDS)")
     args = parser.parse_args(argv)
     try:
-        s = summary(args.out)
+        s = summary(args.out, args.script_seconds)
     except (OSError, KeyError, ValueError) as err:
         print(f"error: {args.out} does not hold a finished demo ({err}); run bash scripts/demo.sh",
               file=sys.stderr)

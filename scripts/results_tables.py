@@ -42,8 +42,10 @@ def provenance(data, name):
     machine = data.get("machine")
     if isinstance(machine, dict):
         machine = f"{machine.get('cpu')}, {machine.get('cpu_count')} cores"
-    return (f"Source: `results/{name}`, written by `{data.get('command')}` at commit {commit} on "
-            f"{machine or device.get('device_name')} ({data.get('date', '?')[:10]}).")
+    elif device.get("cpu_model"):
+        machine = f"{device['cpu_model']}, {device['cpu_count']} cores"
+    return (f"- source: `results/{name}`, written by `{data.get('command')}` at commit {commit} "
+            f"on {machine} ({data.get('date', '?')[:10]})")
 
 
 def rows_by(rows, *keys):
@@ -67,7 +69,7 @@ def startup_table():
                      f"{new[n, kept]['one_step_run_s']:.2f} s |")
     imports = [r["import_s"] for r in after["sections"]["startup"] + before["sections"]["startup"]]
     lines += ["", f"Seconds after main.py's imports ({min(imports):.1f} to {max(imports):.1f} s, "
-              f"not counted). Single runs: they vary from run to run.",
+              f"not counted). Single runs: they vary from run to run.", "",
               provenance(after, "bench_startup_cpu.json"),
               provenance(before, "bench_startup_cpu_before.json") +
               f" (`--startup-repo` at commit {before['sections']['startup'][0]['commit']})"]
@@ -109,7 +111,7 @@ def demo_table():
              f"{', '.join(f'{v:.3f}' for v in data['epoch_positive_pair_top1'])}; pretraining "
              f"{data['pretraining_s']:.0f} s at {data['images_per_s']:.1f} img/s, peak memory "
              f"{data['peak_memory_mb'] / 1024:.1f} GB. Losses and accuracy vary by about a "
-             f"point between machines, wall time and img/s with the CPU and its load.",
+             f"point between machines, wall time and img/s with the CPU and its load.", "",
              provenance(data, "demo.json")]
     return lines
 
