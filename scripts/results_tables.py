@@ -2,6 +2,7 @@
 
     python scripts/results_tables.py           # rewrite every generated table in README.md, docs/
     python scripts/results_tables.py --check   # exit 1, naming them, if any table is stale
+    python scripts/results_tables.py --untraced  # count measured-looking figures outside them
 
 A generated table sits between two comment lines in a Markdown file:
 
@@ -23,6 +24,9 @@ import sys
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 BLOCK = re.compile(r"(<!-- results-table: (?P<name>[\w-]+) -->\n)(?P<body>.*?)"
                    r"(<!-- /results-table -->)", re.S)
+# A measured-looking figure: a number with a unit of accuracy, time, speed or memory.
+FIGURE = re.compile(r"(?<![\w.])\d[\d,]*(?:\.\d+)?\s?(?:%|img/s|images/s|ms\b|s\b|min\b|MB\b|GB\b|"
+                    r"TFLOP/s)")
 POWERS = {10 ** 4: "10^4", 10 ** 5: "10^5", 10 ** 6: "10^6"}
 
 
@@ -136,12 +140,28 @@ def render(text, path):
     return BLOCK.sub(body, text)
 
 
+def untraced_figures(text):
+    """The measured-looking figures (FIGURE) of a Markdown text outside its generated tables
+    and code blocks: what still has to move into results files."""
+    text = BLOCK.sub("", text)
+    text = re.sub(r"```.*?```", "", text, flags=re.S)
+    return FIGURE.findall(text)
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--check", action="store_true",
                         help="change nothing; exit 1 if a generated table differs from its "
                              "results files")
+    parser.add_argument("--untraced", action="store_true",
+                        help="change nothing; count the figures outside generated tables, per file")
     args = parser.parse_args(argv)
+    if args.untraced:
+        for path in documents():
+            with open(path) as f:
+                found = untraced_figures(f.read())
+            print(f"{len(found):5d}  {os.path.relpath(path, REPO)}")
+        return 0
     stale, count = [], 0
     for path in documents():
         with open(path) as f:

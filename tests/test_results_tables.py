@@ -82,3 +82,12 @@ def test_demo_summary_prints_its_table_and_keeps_the_figures(tmp_path):
     missing = subprocess.run([sys.executable, "scripts/demo_summary.py", str(tmp_path / "no")],
                              cwd=REPO, capture_output=True, text=True)
     assert missing.returncode == 2 and missing.stderr.startswith("error: ")
+
+
+def test_the_front_page_quotes_no_figure_outside_generated_tables():
+    """README.md's measured figures all come from results files (the docs pages are being moved
+    over: `scripts/results_tables.py --untraced` counts what is left)."""
+    assert results_tables.untraced_figures("took 724 s, 82.3 %\n```\n5 s\n```\n") == \
+        ["724 s", "82.3 %"]
+    with open(os.path.join(REPO, "README.md")) as f:
+        assert results_tables.untraced_figures(f.read()) == []
