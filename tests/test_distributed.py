@@ -4,6 +4,7 @@ The reference for every distributed result is one process holding the whole glob
 """
 import json
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -260,9 +261,12 @@ def test_multiple_gpus_with_nproc_equals_torchrun(torchrun_run, pretrained, tiny
     respath, _ = torchrun_run
     launched = str(tmp_path / "multiple_gpus")
     result = run_script("main.py", tiny_folder, launched, "--epochs", "4", *FAST_PRETRAIN,
-                        "--multiple_gpus", "--nproc", "2", env={"OMP_NUM_THREADS": "1"})
+                        "--multiple_gpus", "--nproc", "2", "--print-freq", "2",
+                        env={"OMP_NUM_THREADS": "1"})
     assert result.returncode == 0, result.stdout + result.stderr
-    assert result.stdout.count("epoch 4/4") == 1
+    assert result.stdout.count("epoch 4/4  loss") == 1
+    # progress points are collectives on every rank; rank 0 alone prints: steps 2, 4, ..., 12
+    assert len(re.findall(r"^epoch \d/4  step \d/3  loss", result.stdout, re.M)) == 6
     assert "global batch 12 = 2 process(es) x 6" in result.stdout
     np.testing.assert_allclose(losses(launched), losses(respath), rtol=0, atol=1e-6)
     assert output_files(launched) == output_files(pretrained[0])

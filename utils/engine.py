@@ -444,11 +444,13 @@ class ProgressLines:
         self._tic, self._last_step = time.perf_counter(), None
 
     def due(self, step):
-        """Whether global step `step` (just done) is one to print."""
-        return self.enabled and (step + 1) % self.settings.print_freq == 0
+        """Whether global step `step` (just done) is a progress point. The same on every rank
+        whether or not this one prints (a logging point is a collective), so it does not
+        depend on the terminal."""
+        return (step + 1) % self.settings.print_freq == 0
 
     def at(self, step, loss, lr):
-        if not self.due(step):
+        if not (self.enabled and self.due(step)):
             return
         s, toc = self.settings, time.perf_counter()
         steps = step + 1 - self._last_step if self._last_step is not None else None
