@@ -4,6 +4,12 @@ tests/test_distributed.py.
     torchrun --standalone --nproc_per_node=2 tests/distributed_step.py OUT.pt [options]
     python tests/distributed_step.py OUT.pt --multiple_gpus --nproc 2 [options]
     python tests/distributed_step.py OUT.pt [options]          # the one-process reference
+    distributed_step.main(["OUT.pt", *options])                 # the same, in the caller
+    torchrun ... tests/distributed_step.py A.pt [options] --then B.pt [options] ...
+
+Steps joined by --then run one after the other in the same processes (one launch, one process
+group), each from its own freshly built, seeded model and batch, into its own file; launcher
+flags (--multiple_gpus, --nproc) go with the first.
 
 Every process builds the same model and the same global batch (seeded), takes its slice of it
 (rank r: images r*B/W .. (r+1)*B/W, both views for SimCLR), runs the step the engine runs for
@@ -44,7 +50,7 @@ def gather_without_grad_sum(u):
     return torch.cat(parts), get_rank() * u.shape[0]
 
 
-def main():
+def build_parser():
     parser = argparse.ArgumentParser()
     parser.add_argument("out")
     parser.add_argument("--batch", type=int, default=8, help="global batch (images)")
@@ -59,13 +65,41 @@ def main():
     parser.add_argument("--multiple_gpus", action="store_true")
     parser.add_argument("--nproc", type=int, default=None)
     parser.set_defaults(cuda=False)
-    args = parser.parse_args()
-    if wants_launch(args):
-        sys.exit(launch_workers(args, os.path.abspath(__file__), sys.argv[1:]))
+    return parser
+
+
+def split_steps(argv):
+    """The argument lists of the steps that --then separates."""
+    steps = [[]]
+    for arg in argv:
+        if arg == "--then":
+            steps.append([])
+        else:
+            steps[-1].append(arg)
+    return steps
+
+
+def main(argv=None):
+    """argv: the command line's arguments (default sys.argv[1:]); a caller that is not under
+    torchrun gets the one-process reference in its own process."""
+    argv = sys.argv[1:] if argv is None else [str(a) for a in argv]
+    parser = build_parser()
+    steps = [parser.parse_args(step) for step in split_steps(argv)]
+    if wants_launch(steps[0]):
+        sys.exit(launch_workers(steps[0], os.path.abspath(__file__), argv))
 
     device = setup(cuda=False)
-    if args.task != "simclr":
-        return supervised_step(args, device)
+    try:
+        for args in steps:
+            if args.task != "simclr":
+                supervised_step(args, device)
+            else:
+                simclr_step(args, device)
+    finally:
+        cleanup()
+
+
+def simclr_step(args, device):
     rank, world = get_rank(), get_world_size()
     dtype = getattr(torch, args.dtype)
     torch.manual_seed(0)
@@ -102,7 +136,6 @@ def save_result(args, model, loss):
     if rank == 0:
         torch.save({"loss": loss, "grads": grads, "buffers": buffers, "world_size": world},
                    args.out)
-    cleanup()
 
 
 def supervised_step(args, device):
@@ -129,8 +162,6 @@ def supervised_step(args, device):
         ignored = torch.rand(args.batch, 16, 16, generator=generator) < (
             torch.arange(args.batch) / args.batch).view(-1, 1, 1)
         y[ignored] = 255
-        if args.pixel_mean == "per-rank":  # count this rank's valid pixels only
-            segment.all_reduce_sum = lambda t: t
         task = segment.SegmentationTask(types.SimpleNamespace(
             ignore_index=255, freeze=False, channels_last=False), 3, None, device)
     model = wrap_model(model.to(dtype), device, args.sync_bn)
@@ -140,7 +171,13 @@ def supervised_step(args, device):
     trainer = types.SimpleNamespace(model=model, precision=FLOAT32, device=device,
                                     settings=types.SimpleNamespace(channels_last=False))
     trainer.images_and_targets = functools.partial(Trainer.images_and_targets, trainer)
-    loss, _ = task.step(trainer, (x[mine].to(dtype), y[mine]), 0)
+    all_reduce_sum = segment.all_reduce_sum
+    if args.task == "segment" and args.pixel_mean == "per-rank":
+        segment.all_reduce_sum = lambda t: t  # count this rank's valid pixels only
+    try:
+        loss, _ = task.step(trainer, (x[mine].to(dtype), y[mine]), 0)
+    finally:
+        segment.all_reduce_sum = all_reduce_sum  # the next step (--then) counts them all
     save_result(args, model, loss)
 
 
