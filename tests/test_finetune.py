@@ -96,13 +96,13 @@ def test_validation_and_label_budget_sizes_are_exact(runs):
     assert (frozen["n_train"], frozen["train_per_class"]) == (33, [11, 11, 11])
 
 
-def test_budget_picks_the_images_linear_evaluation_uses(tiny_folder, pretrained):
+def test_budget_picks_the_images_linear_evaluation_uses(tiny_folder, pretrained, tmp_path):
     import finetune
     import linear_evaluation
     from utils.sources import labelled_train_test
     for seed in (0, 3):
-        argv = [tiny_folder, model_path(pretrained), "out", "--samples-per-class", "4",
-                "--seed", str(seed)]
+        argv = [tiny_folder, model_path(pretrained), str(tmp_path / "out"),
+                "--samples-per-class", "4", "--seed", str(seed)]
         train, val, _ = finetune.finetune_splits(finetune.get_args_parser().parse_args(argv))
         probe_train, _ = labelled_train_test(
             linear_evaluation.get_args_parser().parse_args(argv))
