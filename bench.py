@@ -1076,8 +1076,7 @@ def print_section(name, rows, archs):
 def device_description(device):
     """Device name, library versions and numeric settings, for telling runs apart."""
     info = environment_info(device)
-    info.update(cpu_model=cpu_model(), cpu_count=os.cpu_count(),
-                interop_threads=torch.get_num_interop_threads(),
+    info.update(interop_threads=torch.get_num_interop_threads(),
                 cudnn_benchmark=torch.backends.cudnn.benchmark)
     if device.type == "cuda":
         props = torch.cuda.get_device_properties(device)
@@ -1089,18 +1088,6 @@ def device_description(device):
     else:
         info["device_name"] = info["cpu_model"]
     return info
-
-
-def cpu_model():
-    """The CPU's model name from /proc/cpuinfo, else platform.processor()."""
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
 
 
 def finite_or_none(value):

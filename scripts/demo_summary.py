@@ -30,17 +30,6 @@ def read_json(path):
         return json.load(f)
 
 
-def cpu_model():
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
-
-
 def summary(out, script_seconds=None):
     """The demo's figures and provenance as a dict (see the module docstring); script_seconds:
     the whole script's wall time, when the caller measured it."""
@@ -50,8 +39,9 @@ def summary(out, script_seconds=None):
     env = run["environment"]
     return {"command": "bash scripts/demo.sh", "date": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
             "git_commit": env.get("git_commit"),
-            "machine": {"hostname": platform.node(), "cpu": cpu_model(),
-                        "cpu_count": os.cpu_count(), "device": env.get("device"),
+            "machine": {"hostname": platform.node(), "cpu": env.get("cpu_model"),
+                        "cpu_count": env.get("cpu_count", os.cpu_count()),
+                        "device": env.get("device"),
                         "platform": env.get("platform")},
             "versions": {k: env.get(k) for k in ("python", "torch", "torchvision", "numpy")},
             "epochs": run["epochs_done"], "steps_per_epoch": run["steps_per_epoch"],

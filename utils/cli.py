@@ -316,6 +316,18 @@ def git_commit():
     return out.stdout.strip() or None if out.returncode == 0 else None
 
 
+def cpu_model():
+    """The CPU's model name from /proc/cpuinfo, else platform.processor()."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
 def environment_info(device):
     """Library versions, commit and device description for run.json."""
     import numpy
@@ -325,7 +337,8 @@ def environment_info(device):
     info = {"python": platform.python_version(), "torch": torch.__version__,
             "torchvision": torchvision.__version__, "numpy": numpy.__version__,
             "git_commit": git_commit(), "device": str(device),
-            "cpu_threads": torch.get_num_threads(), "platform": platform.platform()}
+            "cpu_threads": torch.get_num_threads(), "platform": platform.platform(),
+            "cpu_model": cpu_model(), "cpu_count": os.cpu_count()}
     if device.type == "cuda":
         info["gpus"] = [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())]
     return info
