@@ -676,7 +676,7 @@ def bench_compute(args, device, channels, matmul_rows):
         key = (config["arch"], config["image_size"])
         with PeakMemory(device) as memory:
             try:
-                seconds, counted = time_compute_step(config, args, device, channels,
+                seconds, first_step, counted = time_compute_step(config, args, device, channels,
                                                      count=key not in flops)
             except Exception as err:  # a backend that cannot compile: report it and go on
                 if not config["compile"]:
@@ -692,7 +692,7 @@ def bench_compute(args, device, channels, matmul_rows):
         reference = matmul_reference(matmul_rows, config["amp"])
         bf16 = matmul_reference(matmul_rows, "bf16")
         rows.append({**config, "batch_size": args.batch_size, "step_ms": 1e3 * seconds,
-                     "images_per_s": args.batch_size / seconds,
+                     "first_step_s": first_step, "images_per_s": args.batch_size / seconds,
                      "gflop_per_step": flops[key] / 1e9, "tflops": tflops,
                      "matmul_tflops": reference,
                      "fraction_of_matmul": tflops / reference if reference else None,
@@ -701,9 +701,10 @@ def bench_compute(args, device, channels, matmul_rows):
 
 
 def time_compute_step(config, args, device, channels, count):
-    """(seconds per Trainer.train_step, its FLOPs or None) for one compute configuration on a random
-    batch of 2B views. With `count`, the first warm-up step runs on the plain module (also when
-    compiled) under FlopCounterMode; a compiled model gets at least one warm-up step."""
+    """(seconds per Trainer.train_step, seconds of its first call, its FLOPs or None) for one
+    compute configuration on a random batch of 2B views. With `count`, the first warm-up step
+    runs on the plain module (also when compiled) under FlopCounterMode; a compiled model gets
+    at least one warm-up step, and its first call is the one that compiles."""
     b, size = args.batch_size, config["image_size"]
     memory_format = torch.channels_last if config["channels_last"] else torch.contiguous_format
     x = torch.randn(2 * b, channels, size, size, device=device).contiguous(
@@ -715,8 +716,12 @@ def time_compute_step(config, args, device, channels, count):
         flops = count_flops(lambda: plain_step(trainer, x))
         warmup -= 1
     warmup = max(warmup, 1 if config["compile"] else 0)
+    first = None
+    if warmup:
+        first = seconds_per_call(lambda: trainer.train_step(x, 0), 0, 1, device)
+        warmup -= 1
     seconds = seconds_per_call(lambda: trainer.train_step(x, 0), warmup, args.steps, device)
-    return seconds, flops
+    return seconds, seconds if first is None else first, flops
 
 
 def release_memory(device):
