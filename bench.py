@@ -28,6 +28,9 @@ Sections (--sections; each prints a table, and every row goes to the JSON file):
     startup   (only when named) main.py's start-up on path lists of --startup-sizes entries,
               the first scan of a folder of that many files, and the memory of DataLoader
               workers holding that many entries (utils/startup_bench.py)
+    augment   (only when named) ways of producing the views: the batched ops of --gpu-aug,
+              torchvision.transforms.v2 per view, the per-image PIL pipeline and kornia where
+              installed, ms per batch of views (utils/augment_bench.py)
 Images per second count images (two views each), as main.py's img/s does. The targets of
 the performance goals are printed as "target ...: measured X (met|not met)" lines and stored under "targets";
 the end-to-end target also gives its ceiling: the speed-up over the baseline of a step that ran
@@ -128,7 +131,7 @@ def get_args_parser():
                              "ResNet-18 at 32 px (batch 512) and ResNet-50 at 224 px (batch 256, "
                              "from JPEG files), bf16, channels-last, every input pipeline and the "
                              "baseline (flags given on the command line still win)")
-    parser.add_argument("--sections", nargs="+", choices=SECTIONS + ("startup",),
+    parser.add_argument("--sections", nargs="+", choices=SECTIONS + ("startup", "augment"),
                         default=list(SECTIONS),
                         help="what to measure (see the module docstring)")
     parser.add_argument("--json", metavar="OUT", default=os.path.join("results", "bench.json"),
@@ -1172,6 +1175,21 @@ def run_startup(args, workdir):
             for name, rows in found.items()}
 
 
+def run_augment(args):
+    """The augment table (utils/augment_bench.py), on the CPU: the PIL pipeline and workers
+    run there; --gpu-aug's own speed on a GPU is the loader section's."""
+    from utils.augment_bench import bench_augment
+    tic = time.perf_counter()
+    rows = bench_augment(repeats=2 if args.quick else 8, quick=args.quick)
+    print_table("views of the simclr preset (RGB), ms per batch of views: least of the timed "
+                "calls, and their median", [
+                    ("views", "views", "int"), ("image_size", "px", "int"),
+                    ("blur", "blur", "str"), ("method", "method", "str"),
+                    ("ms", "ms", "ms"), ("median_ms", "median ms", "ms")], rows, 4)
+    print(f"  (augment: {time.perf_counter() - tic:.0f} s)", flush=True)
+    return rows
+
+
 def main(args):
     device = resolve_settings(args)
     ensure_writable_dir(os.path.dirname(os.path.abspath(args.json)), "the --json folder")
@@ -1187,6 +1205,8 @@ def main(args):
         source = "; ".join(description for _, _, description in data.loaded.values()) or None
         if "startup" in args.sections:
             results.update(run_startup(args, os.path.join(workdir, "startup")))
+    if "augment" in args.sections:
+        results["augment"] = run_augment(args)
     targets = evaluate_targets(results, device, info["device_name"])
     print()
     for t in targets:

@@ -248,3 +248,18 @@ def test_startup_section_pieces(tmp_path):
     assert numpy_row["index_mb"] < lists_row["index_mb"]
     for row in (numpy_row, lists_row):
         assert 0 < row["worker_private_mb"] <= row["worker_pss_mb"] <= row["worker_rss_mb"]
+
+
+def test_augment_section_times_every_installed_method():
+    """bench.py --sections augment at a tiny size: every method makes (views, 3, S, S) views
+    (checked inside) and gets a positive time; kornia is timed or skipped as not installed."""
+    import importlib.util
+
+    from utils.augment_bench import bench_augment
+    rows = bench_augment(repeats=1, quick=True)
+    assert [r["method"] for r in rows] == ["batched", "v2-per-view", "pil", "kornia"]
+    for row in rows[:3]:
+        assert 0 < row["ms"] <= row["median_ms"]
+    has_kornia = importlib.util.find_spec("kornia") is not None
+    assert ("ms" in rows[3]) == has_kornia
+    assert has_kornia or rows[3]["skipped"] == "kornia is not installed"

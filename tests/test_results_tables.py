@@ -8,6 +8,7 @@ import subprocess
 import sys
 
 import pytest
+import torch
 
 from conftest import REPO
 
@@ -36,16 +37,53 @@ def test_a_retyped_figure_is_caught():
         results_tables.render("<!-- results-table: nope -->\n<!-- /results-table -->", "doc.md")
 
 
-@pytest.mark.parametrize("path", sorted(glob.glob(os.path.join(REPO, "results", "*.json"))),
-                         ids=os.path.basename)
+RESULTS = sorted(glob.glob(os.path.join(REPO, "results", "**", "*.json"), recursive=True))
+
+
+@pytest.mark.parametrize("path", RESULTS, ids=lambda p: os.path.relpath(p, REPO))
 def test_results_files_carry_their_provenance(path):
+    """bench.py and demo_summary.py files hold one measurement, scripts/record.py files a list
+    of runs of one command: each with its date, commit, machine and library versions."""
     with open(path) as f:
         data = json.load(f)
-    assert data.get("command") and data.get("date"), "written without its command and date"
-    environment = data.get("device") or data.get("versions") or {}
-    assert environment.get("torch"), "no library versions"
-    assert (data.get("device") or {}).get("git_commit") or data.get("git_commit"), "no commit"
-    assert data.get("machine"), "no machine"
+    assert data.get("command"), "written without its command"
+    for run in data.get("runs", [data]):
+        assert run.get("date"), "no date"
+        environment = run.get("device") or run.get("versions") or {}
+        assert environment.get("torch"), "no library versions"
+        assert (run.get("device") or {}).get("git_commit") or run.get("git_commit"), "no commit"
+        assert run.get("machine"), "no machine"
+
+
+def test_record_keeps_a_command_its_outputs_and_provenance(tmp_path):
+    """scripts/record.py runs the command, keeps the collected files and sizes with the
+    provenance, adds a run when the same command is recorded again, refuses another command
+    in the same file, and records nothing when the command fails."""
+    out, kept = tmp_path / "out", tmp_path / "kept.json"
+    write = (f"import json, os; os.makedirs({str(out)!r}, exist_ok=True); "
+             f"json.dump({{'accuracy': 0.5}}, open({str(out / 'r.json')!r}, 'w')); "
+             f"open({str(out / 't.csv')!r}, 'w').write('k,acc\\na,0.25\\nb,1\\n')")
+    command = [sys.executable, "-c", write]
+    record = [sys.executable, "scripts/record.py", str(kept), "--collect", str(out / "r.json"),
+              str(out / "t.csv"), "--file-sizes", str(out / "t.csv"), "--"]
+    for _ in range(2):
+        result = subprocess.run(record + command, cwd=REPO, capture_output=True, text=True)
+        assert result.returncode == 0, result.stderr
+    data = json.loads(kept.read_text())
+    assert len(data["runs"]) == 2 and data["command"].startswith(sys.executable)
+    run = data["runs"][1]
+    assert run["outputs"][str(out / "r.json")] == {"accuracy": 0.5}
+    assert run["outputs"][str(out / "t.csv")] == [{"k": "a", "acc": 0.25}, {"k": "b", "acc": 1}]
+    assert run["file_sizes"] == {str(out / "t.csv"): len("k,acc\na,0.25\nb,1\n")}
+    assert run["versions"]["torch"] == torch.__version__ and run["machine"]["cpu_count"]
+    assert run["git_commit"] and run["wall_s"] >= 0
+    other = subprocess.run(record + [sys.executable, "-c", "pass"], cwd=REPO,
+                           capture_output=True, text=True)
+    assert other.returncode != 0 and "records another command" in other.stderr
+    failed = subprocess.run([sys.executable, "scripts/record.py", str(tmp_path / "f.json"), "--",
+                             sys.executable, "-c", "raise SystemExit(3)"], cwd=REPO,
+                            capture_output=True, text=True)
+    assert failed.returncode == 3 and not (tmp_path / "f.json").exists()
 
 
 def test_demo_summary_prints_its_table_and_keeps_the_figures(tmp_path):

@@ -1,0 +1,124 @@
+#!/usr/bin/env bash
+# Every measurement the documentation quotes outside bench.py and the demo, as the commands that
+# make it: each runs through scripts/record.py, which keeps what it measured with its provenance
+# in results/docs/NAME.json; scripts/results_tables.py turns those files into the docs' tables.
+#
+#   bash scripts/measure_docs.sh SECTION ...   # sections: data features chunk segmentation
+#                                              #           label-efficiency defaults (or all)
+#
+# A section's commands re-run from scratch (--fresh where a script resumes) and add one run
+# to their results file, so repeated measurements give the ranges the docs quote. The demo
+# model comes first: bash scripts/demo.sh (it writes results/demo.json itself).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+PY=.venv/bin/python
+DATA=demo_data
+MODEL=results/demo/model/model.pth
+WORK=results/measure
+KEEP=results/docs
+
+record() {  # record NAME [--collect FILE ...] -- COMMAND ...
+    local name=$1; shift
+    $PY scripts/record.py "$KEEP/$name.json" "$@"
+}
+
+need_model() {
+    [ -f "$MODEL" ] || { echo "measure_docs: $MODEL is missing: run bash scripts/demo.sh first" >&2; exit 2; }
+}
+
+section_data() {  # docs/data.md: the demo model through every data source
+    need_model
+    record data_folder --collect $WORK/data/folder/report.json -- \
+        $PY linear_evaluation.py $DATA $MODEL $WORK/data/folder
+    record data_npz --collect $WORK/data/npz/report.json -- \
+        $PY linear_evaluation.py $DATA/fashion_mnist.npz $MODEL $WORK/data/npz
+    record data_list --collect $WORK/data/list/report.json -- \
+        $PY linear_evaluation.py $DATA/train.txt $MODEL $WORK/data/list --test-list $DATA/test.txt
+    record data_k10 --collect $WORK/data/k10/report.json -- \
+        $PY linear_evaluation.py $DATA $MODEL $WORK/data/k10 --samples-per-class 10
+    record data_k10_random --collect $WORK/data/k10_random/report.json -- \
+        $PY linear_evaluation.py $DATA $MODEL $WORK/data/k10_random --samples-per-class 10 \
+        --reference random
+}
+
+section_features() {  # docs/features.md and docs/evaluation.md: embed, export, feature analysis
+    need_model
+    record features_embed --file-sizes $WORK/features/demo_h.npy $WORK/features/demo_h.csv -- \
+        $PY embed.py $DATA $MODEL $WORK/features/demo_h
+    record features_export --file-sizes $WORK/export/backbone.pth $WORK/export/backbone.pt2 -- \
+        $PY export.py $MODEL $WORK/export/backbone
+    record feature_analysis --collect $WORK/analysis/analysis.json -- \
+        $PY feature_analysis.py $DATA $MODEL $WORK/analysis
+}
+
+section_chunk() {  # docs/distributed.md: --chunk-size, time per step and peak memory
+    for chunk in none 64 32 16; do
+        local flag=() ; [ $chunk = none ] || flag=(--chunk-size $chunk)
+        record chunk_$chunk --collect $WORK/chunk/$chunk/run.json -- \
+            $PY main.py $DATA $WORK/chunk/$chunk --epochs 1 --samples 640 -bs 128 -nw 2 \
+            --fresh "${flag[@]}"
+    done
+}
+
+segment_run() {  # segment_run NAME FLAG ...
+    local name=$1; shift
+    local S=$DATA/segmentation
+    record segment_$name --collect $WORK/segment/$name/metrics.json -- \
+        $PY segment.py $S/train.txt "$@" $WORK/segment/$name --val-list $S/val.txt \
+        --test-list $S/test.txt --classes $S/classes.txt --fresh
+}
+
+section_segmentation() {  # docs/evaluation.md: the segmentation table
+    need_model
+    [ -f $DATA/segmentation/train.txt ] || $PY make_demo_data.py $DATA --segmentation
+    segment_run fcn_e10 $MODEL
+    segment_run fcn_e10_baseline $MODEL --baseline
+    segment_run fcn_e10_lr3e-4 $MODEL --lr 3e-4
+    segment_run fcn_e5 $MODEL --epochs 5
+    segment_run fcn_e5_baseline $MODEL --epochs 5 --baseline
+    segment_run fcn_e5_freeze $MODEL --epochs 5 --freeze
+    segment_run fcn_e5_baseline_freeze $MODEL --epochs 5 --baseline --freeze
+    segment_run unet_e5 $MODEL --epochs 5 --decoder unet
+    segment_run unet_e5_baseline $MODEL --epochs 5 --decoder unet --baseline
+    segment_run unet_e5_freeze $MODEL --epochs 5 --decoder unet --freeze
+}
+
+section_label_efficiency() {  # docs/evaluation.md: the label-efficiency table
+    need_model
+    rm -rf $WORK/label_efficiency
+    record label_efficiency --collect $WORK/label_efficiency/label_efficiency.csv -- \
+        $PY label_efficiency.py $DATA/fashion_mnist.npz $MODEL $WORK/label_efficiency \
+        --budgets-per-class 5 20 --seeds 0 1 --epochs 10 --min-steps 60 --validations 4 \
+        -bs 32 -nw 0
+}
+
+defaults_run() {  # defaults_run NAME MAIN_FLAG ...: pretrain, then the probe (and a random encoder)
+    local name=$1; shift
+    local out=$WORK/defaults/$name
+    record defaults_${name}_pretrain --collect $out/run.json -- \
+        $PY main.py $DATA $out -bs 250 -nw 2 --fresh "$@"
+    record defaults_${name}_probe --collect $out/probe/report.json -- \
+        $PY linear_evaluation.py $DATA $out/model/model.pth $out/probe -bs 250 -nw 2
+}
+
+section_defaults() {  # docs/defaults.md: one flag changed from the demo's recipe per row
+    defaults_run imagenet_e15 --epochs 15 --stem imagenet
+    record defaults_imagenet_e15_random --collect $WORK/defaults/imagenet_e15/random/report.json -- \
+        $PY linear_evaluation.py $DATA $WORK/defaults/imagenet_e15/model/model.pth \
+        $WORK/defaults/imagenet_e15/random -bs 250 -nw 2 --reference random
+    defaults_run cifar_e1 --epochs 1
+    defaults_run min_scale_0.2 --epochs 3 --min-scale 0.2
+    defaults_run temperature_0.5 --epochs 3 --temperature 0.5
+    defaults_run adamw --epochs 3 --optimizer adamw --lr 1e-3 --weight-decay 1e-2
+}
+
+sections=("$@")
+[ ${#sections[@]} -gt 0 ] || { sed -n 2,11p "$0"; exit 2; }
+[ "${sections[0]}" != all ] || sections=(data features chunk segmentation label-efficiency defaults)
+for s in "${sections[@]}"; do
+    declare -F "section_${s//-/_}" > /dev/null || { echo "measure_docs: unknown section $s" >&2; exit 2; }
+done
+for s in "${sections[@]}"; do
+    echo "=== measure_docs: $s ($(date +%T))"
+    "section_${s//-/_}"
+done
