@@ -229,6 +229,11 @@ def bench_grid_table():
                     provenance(data, "bench_cpu_grid_fp32.json")]
 
 
+def ratio(x):
+    """A speed ratio: 2.55× faster, 0.77×, or 1/130 (130 times slower)."""
+    return f"{x:.2f}×" if x >= 0.1 else f"1/{1 / x:,.0f}"
+
+
 def bench_amp_table():
     """docs/performance.md: --amp precisions on the CPU, a training step and a matmul."""
     step_data, step = bench("bench_cpu_amp.json")
@@ -243,12 +248,55 @@ def bench_amp_table():
     for r in step["compute"]:
         name = names[r["amp"]]
         m = matmul.get(name)
-        mm_cells = (f"{m['tflops']:.4f} TFLOP/s | {m['tflops'] / base_mm:.2f}×" if m
+        mm_cells = (f"{m['tflops']:.4f} TFLOP/s | {ratio(m['tflops'] / base_mm)}" if m
                     else "| ")
         lines.append(f"| {name} | {r['images_per_s']:.1f} img/s | "
-                     f"{r['images_per_s'] / base_step:.2f}× | {mm_cells} |")
+                     f"{ratio(r['images_per_s'] / base_step)} | {mm_cells} |")
     return lines + ["", provenance(step_data, "bench_cpu_amp.json"),
                     provenance(mm_data, "bench_cpu_matmul_amp.json")]
+
+
+def bench_constants():
+    """bench.py's module-level constants (literal assignments), read without importing it (and
+    torch): an object with one attribute per name."""
+    import ast
+    import types
+    with open(os.path.join(REPO, "bench.py")) as f:
+        tree = ast.parse(f.read())
+    found = {}
+    for node in tree.body:
+        if not isinstance(node, ast.Assign) or len(node.targets) != 1:
+            continue
+        target = node.targets[0]
+        try:
+            value = ast.literal_eval(node.value)
+        except ValueError:
+            continue
+        if isinstance(target, ast.Name):
+            found[target.id] = value
+        elif isinstance(target, ast.Tuple):
+            found.update(zip((t.id for t in target.elts), value))
+    return types.SimpleNamespace(**found)
+
+
+def target_settings_table():
+    """docs/performance.md: the targets bench.py evaluates, from its own constants (so the
+    page cannot drift from the code)."""
+    bench = bench_constants()
+    gpu = "; ".join(f"{arch}, {size} px, batch {batch}: ≥ {wanted:,} img/s"
+                    for (arch, size, batch), wanted in bench.GPU_CLASS_TARGETS.items())
+    return ["| where | target |", "|---|---|",
+            f"| CPU, ResNet-18, 32 px, batch 128 | end to end ≥ {bench.E2E_OVER_BASELINE}× the "
+            f"baseline loop measured in the same run |",
+            f"| CPU, same | loader (best worker count) ≥ {bench.LOADER_OVER_TRAINER:g}× the "
+            f"compute-only img/s, i.e. what the trainer consumes |",
+            f"| any device | NT-Xent forward + backward at N = {bench.NTXENT_TARGET_N} ≤ "
+            f"{bench.NTXENT_OVER_BOUND}× the matmul + cross_entropy bound |",
+            f"| CUDA, the fastest input of each arch and size | end to end ≥ "
+            f"{pct(bench.E2E_OVER_COMPUTE)} of the compute-only img/s of the same configuration "
+            f"and ≥ {bench.CUDA_E2E_OVER_BASELINE:g}× the baseline loop |",
+            f"| CUDA, on an {' or '.join(bench.TARGET_GPU_NAMES)} | {gpu} |",
+            "", "(From bench.py's constants.)"]
 
 
 AUGMENT_METHODS = (("batched", "own torch ops, batched (`--gpu-aug`)"),
@@ -417,10 +465,18 @@ def segmentation_table():
         lines.append(f"| {label} | {m['epochs']} | {bold}{100 * m['test']['miou']:.1f} %{bold} | "
                      f"{100 * m['test']['pixel_accuracy']:.1f} % | {100 * val['miou']:.1f} % "
                      f"({best}) | {wall_range(data)} |")
-    ref = segment_metrics(SEGMENT_RUNS[0][0])["test"]["majority_class_reference"]
+    first = segment_metrics(SEGMENT_RUNS[0][0])
+    ref = first["test"]["majority_class_reference"]
     lines.append(f"| predicting the most frequent training class (background) everywhere | | "
                  f"{100 * ref['miou']:.1f} % | {100 * ref['pixel_accuracy']:.1f} % | | |")
-    return lines + [""] + recorded_provenance([f"segment_{n}" for n, _ in SEGMENT_RUNS])
+    test = first["test"]
+    background = sum(test["confusion_matrix"][0]) / test["pixels"]
+    ignored = 1 - test["pixels"] / (test["images"] * first["resolution"] ** 2)
+    return lines + ["", f"Background is {100 * background:.1f} % of the scored test pixels, and "
+                    f"{100 * ignored:.1f} % of the test pixels are ignored (255). The wall "
+                    f"time is the whole command's (data check, training, validation after "
+                    f"every epoch, final evaluation).", ""] + \
+        recorded_provenance([f"segment_{n}" for n, _ in SEGMENT_RUNS])
 
 
 METHOD_NAMES = {"linear": "SimCLR, linear probe on h", "finetune": "SimCLR, fine-tuned",
@@ -490,7 +546,8 @@ TABLES = {"startup": startup_table, "startup-scan": startup_scan_table,
           "startup-memory": startup_memory_table, "demo": demo_table,
           "bench-cpu": bench_cpu_table, "bench-targets": bench_targets_table,
           "bench-gpuaug": bench_gpuaug_table, "bench-grid": bench_grid_table,
-          "bench-amp": bench_amp_table, "bench-augment": bench_augment_table, "data-sources": data_sources_table,
+          "bench-amp": bench_amp_table, "bench-augment": bench_augment_table,
+          "targets": target_settings_table, "data-sources": data_sources_table,
           "feature-analysis": feature_analysis_table, "embed-export": embed_export_table,
           "chunk": chunk_table, "segmentation": segmentation_table,
           "label-efficiency": label_efficiency_table, "defaults": defaults_table}
@@ -508,7 +565,12 @@ def render(text, path):
         if name not in TABLES:
             raise ValueError(f"{path}: unknown results table {name!r} (known: "
                              f"{', '.join(TABLES)})")
-        return match.group(1) + "\n".join(TABLES[name]()) + "\n" + match.group(4)
+        try:
+            lines = TABLES[name]()
+        except FileNotFoundError as missing:
+            lines = [f"*Not measured at this commit: `{os.path.relpath(missing.filename, REPO)}` "
+                     f"is missing (the command above writes it).*"]
+        return match.group(1) + "\n".join(lines) + "\n" + match.group(4)
     return BLOCK.sub(body, text)
 
 
