@@ -53,6 +53,17 @@ def summary(out, script_seconds=None):
             "test_accuracy": {folder: round(acc, 4) for folder, acc in accuracies.items()}}
 
 
+def add_run(kept, s):
+    """The kept file {"command", "runs": [summary, ...]} with summary `s` added; a summary of
+    the same pretraining (a re-run that only re-evaluated: same commit, losses and wall time)
+    replaces the last run instead. A file of one summary (the earlier layout) is its first run."""
+    runs = [] if kept is None else kept.get("runs", [kept])
+    same = ("git_commit", "epoch_losses", "pretraining_s")
+    if runs and all(runs[-1].get(k) == s.get(k) for k in same):
+        runs = runs[:-1]
+    return {"command": s["command"], "runs": runs + [s]}
+
+
 def print_summary(s, out):
     print(f"\nThe demo measured (pretraining {s['epochs']} epochs, {s['pretraining_s']:.0f} s, "
           f"{s['images_per_s']} img/s):")
@@ -84,11 +95,14 @@ def main(argv=None):
               file=sys.stderr)
         return 2
     print_summary(s, args.out)
+    kept = add_run(read_json(args.json) if os.path.exists(args.json) else None, s)
     os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)
-    with open(args.json, "w") as f:
-        json.dump(s, f, indent=2, sort_keys=True)
+    tmp = args.json + ".tmp"
+    with open(tmp, "w") as f:
+        json.dump(kept, f, indent=2, sort_keys=True)
         f.write("\n")
-    print(f"figures kept in {args.json}")
+    os.replace(tmp, args.json)
+    print(f"figures kept in {args.json} (run {len(kept['runs'])} of the demo recorded there)")
     return 0
 
 

@@ -49,6 +49,7 @@ section_features() {  # docs/features.md and docs/evaluation.md: embed, export, 
         $PY export.py $MODEL $WORK/export/backbone
     record feature_analysis --collect $WORK/analysis/analysis.json -- \
         $PY feature_analysis.py $DATA $MODEL $WORK/analysis
+    cp $WORK/analysis/tsne_h.png docs/tsne_h_demo.png  # the docs' picture, from the same run
 }
 
 section_chunk() {  # docs/distributed.md: --chunk-size, time per step and peak memory
@@ -81,6 +82,7 @@ section_segmentation() {  # docs/evaluation.md: the segmentation table
     segment_run unet_e5 $MODEL --epochs 5 --decoder unet
     segment_run unet_e5_baseline $MODEL --epochs 5 --decoder unet --baseline
     segment_run unet_e5_freeze $MODEL --epochs 5 --decoder unet --freeze
+    cp $WORK/segment/fcn_e10/predictions.png docs/segmentation_demo.png
 }
 
 section_label_efficiency() {  # docs/evaluation.md: the label-efficiency table
@@ -90,6 +92,7 @@ section_label_efficiency() {  # docs/evaluation.md: the label-efficiency table
         $PY label_efficiency.py $DATA/fashion_mnist.npz $MODEL $WORK/label_efficiency \
         --budgets-per-class 5 20 --seeds 0 1 --epochs 10 --min-steps 60 --validations 4 \
         -bs 32 -nw 0
+    cp $WORK/label_efficiency/label_efficiency.png docs/label_efficiency_demo.png
 }
 
 defaults_run() {  # defaults_run NAME MAIN_FLAG ...: pretrain, then the probe (and a random encoder)

@@ -113,9 +113,23 @@ def test_demo_summary_prints_its_table_and_keeps_the_figures(tmp_path):
                  str(out / "plots" / "training_losses.png"), "vary by about a point"):
         assert line in result.stdout, result.stdout
     figures = json.loads(kept.read_text())
-    assert figures["test_accuracy"] == {"linear_eval": 0.823, "reference_random": 0.785,
-                                        "reference_pixels": 0.804}
-    assert figures["command"] == "bash scripts/demo.sh" and figures["git_commit"] == "abc1234"
+    assert figures["command"] == "bash scripts/demo.sh" and len(figures["runs"]) == 1
+    first = figures["runs"][0]
+    assert first["test_accuracy"] == {"linear_eval": 0.823, "reference_random": 0.785,
+                                      "reference_pixels": 0.804}
+    assert first["git_commit"] == "abc1234"
+    # a second demo.sh on the finished run only re-evaluates: the same pretraining, one run
+    again = subprocess.run([sys.executable, "scripts/demo_summary.py", str(out), "--json",
+                            str(kept)], cwd=REPO, capture_output=True, text=True)
+    assert again.returncode == 0 and len(json.loads(kept.read_text())["runs"]) == 1
+    # a new pretraining (other wall time and losses) is a second run, kept beside the first
+    run.update(wall_time_s=650.0, epoch_losses=[5.6, 5.1, 4.8])
+    (out / "run.json").write_text(json.dumps(run))
+    third = subprocess.run([sys.executable, "scripts/demo_summary.py", str(out), "--json",
+                            str(kept)], cwd=REPO, capture_output=True, text=True)
+    assert third.returncode == 0, third.stderr
+    runs = json.loads(kept.read_text())["runs"]
+    assert [r["pretraining_s"] for r in runs] == [700.0, 650.0]
     assert figures["versions"]["torch"] == "2.14.1" and figures["machine"]["cpu_count"]
     missing = subprocess.run([sys.executable, "scripts/demo_summary.py", str(tmp_path / "no")],
                              cwd=REPO, capture_output=True, text=True)
