@@ -65,6 +65,47 @@ def run_script(script, *args, timeout=600, env=None):
                           env=full_env)
 
 
+def run_in_process(script, *args, env=None):
+    """`python SCRIPT ARGS...` inside this process: the same parser, main() and run_main
+    error handling (one 'error:' line, exit status 2) as the command line, without the
+    interpreter start and imports that make a launch take seconds. For the checks of bad
+    arguments and inputs, which stop before any training (every script reports them through
+    the same utils.cli.run_main; test_bad_input checks a real process gives the same result).
+    Restores argv, cwd, environment, torch threads and the
+    global random states; returns a CompletedProcess (text)."""
+    import contextlib
+    import io
+    import random
+    import runpy
+
+    argv = [os.path.join(REPO, script), *map(str, args)]
+    out, err = io.StringIO(), io.StringIO()
+    saved = (sys.argv, os.getcwd(), dict(os.environ), torch.get_num_threads(),
+             torch.get_rng_state(), np.random.get_state(), random.getstate())
+    status = 0
+    try:
+        sys.argv = argv
+        os.chdir(REPO)
+        os.environ.update(env or {})
+        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+            try:
+                runpy.run_path(argv[0], run_name="__main__")
+            except SystemExit as stop:  # what the interpreter does with sys.exit(code)
+                if isinstance(stop.code, str):
+                    print(stop.code, file=sys.stderr)
+                status = stop.code if isinstance(stop.code, int) else int(stop.code is not None)
+    finally:
+        sys.argv = saved[0]
+        os.chdir(saved[1])
+        os.environ.clear()
+        os.environ.update(saved[2])
+        torch.set_num_threads(saved[3])
+        torch.set_rng_state(saved[4])
+        np.random.set_state(saved[5])
+        random.setstate(saved[6])
+    return subprocess.CompletedProcess(argv, status, out.getvalue(), err.getvalue())
+
+
 def start_script(script, *args):
     """Start `python SCRIPT ARGS...` from the repository root without waiting: a Popen (text)."""
     return subprocess.Popen([sys.executable, os.path.join(REPO, script), *map(str, args)],

@@ -1,5 +1,8 @@
 """Every bad input gets one clear 'error:' line, a non-zero exit code and no traceback, through
-the real command line; a corrupt image is skipped with a warning naming it."""
+the real command line; a corrupt image is skipped with a warning naming it. Most checks run the
+command line in this process (conftest.run_in_process: the same parser, main() and error
+handling, without seconds of interpreter start each); the first test shows both give the same
+result, and main.py and linear_evaluation.py keep errors through real processes."""
 import os
 import shutil
 
@@ -7,18 +10,23 @@ import numpy as np
 import torch
 from PIL import Image
 
-from conftest import FAST_PRETRAIN, assert_one_line_error, run_script, without_cuda
+from conftest import (FAST_PRETRAIN, assert_one_line_error, run_in_process, run_script,
+                      without_cuda)
 from utils.model import build_model
 
 
 def test_missing_datapath(tmp_path):
+    """Through a real process and in this one: the same exit status and error line."""
     result = run_script("main.py", tmp_path / "nope", tmp_path / "out")
-    assert_one_line_error(result, "nope", "does not exist")
+    line = assert_one_line_error(result, "nope", "does not exist")
+    inside = run_in_process("main.py", tmp_path / "nope", tmp_path / "out")
+    assert inside.returncode == result.returncode == 2
+    assert assert_one_line_error(inside, "nope") == line
 
 
 def test_datapath_without_train_folder(tmp_path):
     (tmp_path / "data" / "something").mkdir(parents=True)
-    result = run_script("main.py", tmp_path / "data", tmp_path / "out")
+    result = run_in_process("main.py", tmp_path / "data", tmp_path / "out")
     assert_one_line_error(result, "no train/ folder")
 
 
@@ -26,29 +34,29 @@ def test_empty_class_folder(tiny_folder, tmp_path):
     data = tmp_path / "data"
     shutil.copytree(tiny_folder, data)
     (data / "train" / "Empty_class").mkdir()
-    result = run_script("main.py", data, tmp_path / "out", *FAST_PRETRAIN)
+    result = run_in_process("main.py", data, tmp_path / "out", *FAST_PRETRAIN)
     assert_one_line_error(result, "Empty_class", "has no images")
 
 
 def test_batch_larger_than_data(tiny_folder, tmp_path):
-    result = run_script("main.py", tiny_folder, tmp_path / "out", *FAST_PRETRAIN, "-bs", "500")
+    result = run_in_process("main.py", tiny_folder, tmp_path / "out", *FAST_PRETRAIN, "-bs", "500")
     assert_one_line_error(result, "batch size 500", "36 training images", "-bs 36")
 
 
 @without_cuda
 def test_cuda_requested_without_cuda(tiny_folder, tmp_path):
-    result = run_script("main.py", tiny_folder, tmp_path / "out", "-c")
+    result = run_in_process("main.py", tiny_folder, tmp_path / "out", "-c")
     assert_one_line_error(result, "-c", "no CUDA device")
-    result = run_script("linear_evaluation.py", tiny_folder, "x.pth", tmp_path / "le", "-c")
+    result = run_in_process("linear_evaluation.py", tiny_folder, "x.pth", tmp_path / "le", "-c")
     assert_one_line_error(result, "no CUDA device")
-    result = run_script("main.py", tiny_folder, tmp_path / "out", "--multiple_gpus")
+    result = run_in_process("main.py", tiny_folder, tmp_path / "out", "--multiple_gpus")
     assert_one_line_error(result, "--multiple_gpus needs -c")
 
 
 def test_respath_not_writable(tiny_folder, tmp_path):
     blocker = tmp_path / "a_file"
     blocker.write_text("not a folder")
-    result = run_script("main.py", tiny_folder, blocker / "out")
+    result = run_in_process("main.py", tiny_folder, blocker / "out")
     assert_one_line_error(result, "not writable")
 
 
@@ -81,8 +89,8 @@ def test_resume_with_different_arch(pretrained, tmp_path):
     shutil.copytree(respath, copy)
     ckpt = torch.load(copy / "model" / "checkpoint.pth", weights_only=True)
     datapath = ckpt["extra"]["data"]["datapath"]
-    result = run_script("main.py", datapath, copy, "--epochs", "3", *FAST_PRETRAIN,
-                        "--arch", "resnet34")
+    result = run_in_process("main.py", datapath, copy, "--epochs", "3", *FAST_PRETRAIN,
+                            "--arch", "resnet34")
     assert_one_line_error(result, "--arch", "resnet18", "resnet34", "--fresh")
 
 
@@ -94,11 +102,11 @@ def test_modelpath_missing(tiny_folder, tmp_path):
 def test_modelpath_not_a_checkpoint(tiny_folder, tmp_path):
     text = tmp_path / "notes.pth"
     text.write_text("hello")
-    result = run_script("linear_evaluation.py", tiny_folder, text, tmp_path / "o")
+    result = run_in_process("linear_evaluation.py", tiny_folder, text, tmp_path / "o")
     assert_one_line_error(result, "notes.pth", "not a checkpoint")
     other = tmp_path / "other.pth"
     torch.save({"epoch": 3, "weights": [1, 2]}, other)
-    result = run_script("linear_evaluation.py", tiny_folder, other, tmp_path / "o")
+    result = run_in_process("linear_evaluation.py", tiny_folder, other, tmp_path / "o")
     assert_one_line_error(result, "other.pth", "not a model of this toolkit")
 
 
@@ -109,15 +117,16 @@ def test_modelpath_of_another_architecture(pretrained, tiny_folder, tmp_path):
     folder.mkdir()
     shutil.copy(os.path.join(respath, "model", "checkpoint.pth"), folder / "checkpoint.pth")
     torch.save(build_model("resnet34", 1, "cifar", [32, 16]).state_dict(), folder / "model.pth")
-    result = run_script("linear_evaluation.py", tiny_folder, folder / "model.pth", tmp_path / "o")
+    result = run_in_process("linear_evaluation.py", tiny_folder, folder / "model.pth",
+                            tmp_path / "o")
     assert_one_line_error(result, "model.pth", "does not match")
 
 
 def test_bare_weights_without_description(pretrained, tiny_folder, tmp_path):
     respath, _ = pretrained
     shutil.copy(os.path.join(respath, "model", "model.pth"), tmp_path / "model.pth")
-    result = run_script("linear_evaluation.py", tiny_folder, tmp_path / "model.pth",
-                        tmp_path / "o")
+    result = run_in_process("linear_evaluation.py", tiny_folder, tmp_path / "model.pth",
+                            tmp_path / "o")
     assert_one_line_error(result, "no description of the model")
 
 
@@ -126,8 +135,8 @@ def test_evaluation_needs_labelled_test_split(pretrained, tmp_path, tiny_folder)
     data = tmp_path / "data"
     shutil.copytree(os.path.join(tiny_folder, "train"), data / "train")
     model = os.path.join(respath, "model", "model.pth")
-    result = run_script("linear_evaluation.py", data, model, tmp_path / "o")
+    result = run_in_process("linear_evaluation.py", data, model, tmp_path / "o")
     assert_one_line_error(result, "no test/ folder")
-    result = run_script("linear_evaluation.py", tiny_folder, model, tmp_path / "o",
-                        "--remove_top_layers", "5")
+    result = run_in_process("linear_evaluation.py", tiny_folder, model, tmp_path / "o",
+                            "--remove_top_layers", "5")
     assert_one_line_error(result, "--remove_top_layers", "between 0 and 2")

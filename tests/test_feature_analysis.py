@@ -12,7 +12,8 @@ import torch
 from PIL import Image
 from sklearn.decomposition import PCA
 
-from conftest import assert_knn_accuracy_matches_sklearn, assert_one_line_error, run_script
+from conftest import (assert_knn_accuracy_matches_sklearn, assert_one_line_error, run_in_process,
+                      run_script)
 from utils.errors import UserError
 from utils.checkpoint import load_pretrained
 from utils.data import ImageDataset, make_loader
@@ -142,8 +143,8 @@ def test_retrieval_csv_matches_brute_force(analysis, reference):
 
 
 def test_k_larger_than_train_split_is_one_line_error(tiny_folder, pretrained, tmp_path):
-    result = run_script("feature_analysis.py", tiny_folder, model_path(pretrained),
-                        tmp_path / "out", "-bs", "12", "-nw", "0", "--k", "1000")
+    result = run_in_process("feature_analysis.py", tiny_folder, model_path(pretrained),
+                            tmp_path / "out", "-bs", "12", "-nw", "0", "--k", "1000")
     assert_one_line_error(result, "--k 1000", "train images")
 
 

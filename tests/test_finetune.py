@@ -13,8 +13,8 @@ import torch
 from sklearn.metrics import (accuracy_score, balanced_accuracy_score, confusion_matrix, f1_score,
                              roc_auc_score)
 
-from conftest import (assert_one_line_error, copy_of_killed_run, run_script, start_script,
-                      step_losses, wait_for_step)
+from conftest import (assert_one_line_error, copy_of_killed_run, run_in_process, run_script,
+                      start_script, step_losses, wait_for_step)
 
 QUICK = ["--epochs", "1", "-bs", "8", "-nw", "0"]
 
@@ -120,8 +120,9 @@ def test_resume_continues_to_more_epochs(runs, tiny_folder):
     ckpt = torch.load(os.path.join(respath, "checkpoint.pth"), weights_only=True)
     assert ckpt["epoch"] == 2 and [e["epoch"] for e in ckpt["history"]["evaluations"]] == [1, 2]
     assert ckpt["best"]["epoch"] in (1, 2) and "val_accuracy" in ckpt["best"]
-    changed = run_script("finetune.py", tiny_folder, respath, "--baseline", "--arch", "resnet18",
-                         "--image-size", "16", "--epochs", "2", "-bs", "4", "-nw", "0")
+    changed = run_in_process("finetune.py", tiny_folder, respath, "--baseline", "--arch",
+                             "resnet18", "--image-size", "16", "--epochs", "2", "-bs", "4",
+                             "-nw", "0")
     assert_one_line_error(changed, "--batch-size 8", "--fresh")
 
 

@@ -13,7 +13,7 @@ import torch
 import torchvision
 from torch import nn
 
-from conftest import assert_one_line_error, run_script
+from conftest import assert_one_line_error, run_in_process, run_script
 from utils.errors import UserError
 from utils.foreign_weights import WeightSettings
 from utils.model import load_trained_model
@@ -149,5 +149,6 @@ def test_further_pretraining_and_finetuning_from_thunderinfy_weights(thunderinfy
 
 def test_a_foreign_dict_is_still_a_one_line_error(tiny_folder, tmp_path):
     torch.save({"conv1.weight": torch.zeros(64, 3, 7, 7)}, tmp_path / "half.pth")
-    result = run_script("linear_evaluation.py", tiny_folder, tmp_path / "half.pth", tmp_path / "o")
+    result = run_in_process("linear_evaluation.py", tiny_folder, tmp_path / "half.pth",
+                            tmp_path / "o")
     assert_one_line_error(result, "half.pth", "not a model of this toolkit")

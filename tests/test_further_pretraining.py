@@ -7,7 +7,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from conftest import FAST_PRETRAIN, assert_one_line_error, run_script
+from conftest import FAST_PRETRAIN, assert_one_line_error, run_in_process, run_script
 from utils.model import adapt_input_channels
 
 
@@ -63,6 +63,6 @@ def test_fin_on_rgb_data_adapts_the_gray_model_and_fout_names_the_folder(pretrai
 
 
 def test_fin_must_exist(rgb_folder, tmp_path):
-    result = run_script("main.py", rgb_folder, tmp_path, "--fin", tmp_path / "none.pth",
-                        *FAST_PRETRAIN)
+    result = run_in_process("main.py", rgb_folder, tmp_path, "--fin", tmp_path / "none.pth",
+                            *FAST_PRETRAIN)
     assert_one_line_error(result, "--fin", "does not exist")

@@ -9,7 +9,7 @@ import pytest
 import torch
 from PIL import Image
 
-from conftest import FAST_PRETRAIN, assert_one_line_error, run_script
+from conftest import FAST_PRETRAIN, assert_one_line_error, run_in_process, run_script
 from utils.data import ImageList, decode_images
 from utils.file_index import find_split
 from utils.gpu_augment import BatchSimCLRAugmentation, DeviceTwoViews
@@ -114,5 +114,5 @@ def test_main_with_gpu_decode(jpeg_folder, tmp_path):
     assert run["augmentation"]["decode"] == "device" and run["speed"]["gpu_decode"]
     losses = np.load(out / "model" / "lossesfile.npz")
     assert np.isfinite(losses[losses.files[0]]).all()
-    result = run_script("main.py", jpeg_folder, tmp_path / "x", "--gpu-decode", "--gpu-aug")
+    result = run_in_process("main.py", jpeg_folder, tmp_path / "x", "--gpu-decode", "--gpu-aug")
     assert_one_line_error(result, "--gpu-aug and --gpu-decode")

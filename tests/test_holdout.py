@@ -8,7 +8,7 @@ import shutil
 
 import pytest
 
-from conftest import assert_one_line_error, run_script
+from conftest import assert_one_line_error, run_in_process, run_script
 
 
 @pytest.fixture(scope="module")
@@ -28,7 +28,7 @@ def test_linear_evaluation_holds_out_a_seeded_stratified_test_split(train_only, 
     from utils.sources import labelled_train_test
     model = os.path.join(pretrained[0], "model", "model.pth")
     probe = ["-bs", "12", "-nw", "0", "--epochs", "50"]
-    missing = run_script("linear_evaluation.py", train_only, model, tmp_path / "x", *probe)
+    missing = run_in_process("linear_evaluation.py", train_only, model, tmp_path / "x", *probe)
     assert_one_line_error(missing, "test")
     out = tmp_path / "a"
     result = run_script("linear_evaluation.py", train_only, model, out, *probe,

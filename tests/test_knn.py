@@ -7,7 +7,7 @@ import pytest
 import torch
 from sklearn.neighbors import KNeighborsClassifier
 
-from conftest import FAST_PRETRAIN, assert_knn_accuracy_matches_sklearn, run_script
+from conftest import FAST_PRETRAIN, assert_knn_accuracy_matches_sklearn, run_in_process, run_script
 from utils.checkpoint import load_pretrained
 from utils.data import ImageDataset, make_loader
 from utils.file_index import find_split
@@ -101,7 +101,7 @@ def test_knn_every_holds_out_validation_images_and_never_reads_test(tiny_folder,
 
 def test_knn_every_on_unlabelled_data_is_one_line_error(tiny_folder, tmp_path):
     from conftest import assert_one_line_error
-    result = run_script("main.py", os.path.join(tiny_folder, "train", os.listdir(
+    result = run_in_process("main.py", os.path.join(tiny_folder, "train", os.listdir(
         os.path.join(tiny_folder, "train"))[0]), tmp_path / "r", *FAST_PRETRAIN, "-bs", "6",
         "--knn-every", "1")
     assert_one_line_error(result, "--knn-every needs labelled")

@@ -8,7 +8,7 @@ import os
 import numpy as np
 import pytest
 
-from conftest import assert_one_line_error, run_script
+from conftest import assert_one_line_error, run_in_process, run_script
 
 ARGS = ["--budgets-per-class", "2", "--seeds", "0", "1", "--methods", "linear", "baseline",
         "--epochs", "1", "--min-steps", "0", "-bs", "8", "-nw", "0"]
@@ -50,7 +50,7 @@ def test_second_run_keeps_finished_runs(study, tiny_folder):
 
 def test_failed_run_names_its_log(study, tiny_folder, tmp_path):
     _, model, _ = study
-    result = run_script("label_efficiency.py", tiny_folder, model, tmp_path / "out",
-                        "--budgets-per-class", "50", "--seeds", "0", "--methods", "linear",
-                        "-nw", "0")
+    result = run_in_process("label_efficiency.py", tiny_folder, model, tmp_path / "out",
+                            "--budgets-per-class", "50", "--seeds", "0", "--methods", "linear",
+                            "-nw", "0")
     assert_one_line_error(result, "class", "50")

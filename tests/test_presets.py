@@ -17,7 +17,7 @@ import torch
 from PIL import Image, ImageOps
 from torchvision import transforms as T
 
-from conftest import FAST_PRETRAIN, REPO, assert_one_line_error, run_script
+from conftest import FAST_PRETRAIN, REPO, assert_one_line_error, run_in_process, run_script
 from utils.errors import UserError
 from utils.cli import add_augmentation_args
 from utils.data import TwoViewDataset
@@ -511,8 +511,8 @@ def test_data_preview_missing_datapath(tmp_path):
 def test_data_preview_bad_input_one_line(tiny_folder, tmp_path):
     """Through the real command line: --cutout outside [0, 1] stops with one 'error:' line
     naming the flag and the valid range, no traceback and no PNG."""
-    result = run_script("data_preview.py", tiny_folder, "--cutout", "1.5", "--out",
-                        tmp_path / "x.png", env=NO_DISPLAY)
+    result = run_in_process("data_preview.py", tiny_folder, "--cutout", "1.5", "--out",
+                            tmp_path / "x.png", env=NO_DISPLAY)
     assert_one_line_error(result, "--cutout 1.5", "[0, 1]")
     assert not (tmp_path / "x.png").exists()
 
@@ -532,8 +532,8 @@ def test_pretraining_stores_the_preset_and_refuses_to_resume_with_another(tiny_f
     ckpt = torch.load(respath / "model" / "checkpoint.pth")
     assert (ckpt["args"]["aug"], ckpt["args"]["rotate"], ckpt["args"]["cutout"]) == \
         ("novel", 10.0, 0.5)
-    again = run_script("main.py", tiny_folder, respath, "--epochs", "2", *FAST_PRETRAIN,
-                       "--aug", "greyscale", "--rotate", "10", "--cutout", "0.5")
+    again = run_in_process("main.py", tiny_folder, respath, "--epochs", "2", *FAST_PRETRAIN,
+                           "--aug", "greyscale", "--rotate", "10", "--cutout", "0.5")
     assert_one_line_error(again, "--aug", "novel", "greyscale")
 
 

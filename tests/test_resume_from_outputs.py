@@ -8,7 +8,7 @@ import shutil
 import numpy as np
 import torch
 
-from conftest import FAST_PRETRAIN, assert_one_line_error, run_script
+from conftest import FAST_PRETRAIN, assert_one_line_error, run_in_process, run_script
 
 
 def digest(path):
@@ -70,10 +70,10 @@ def test_model_of_other_flags_is_one_line_error_and_left_alone(pretrained, tiny_
     copy = without_checkpoint(pretrained, tmp_path)
     os.remove(copy / "run.json")  # nothing describes the model but the flags
     model_digest = digest(copy / "model" / "model.pth")
-    result = run_script("main.py", tiny_folder, copy, "--epochs", "3", *FAST_PRETRAIN,
-                        "--arch", "resnet34")
+    result = run_in_process("main.py", tiny_folder, copy, "--epochs", "3", *FAST_PRETRAIN,
+                            "--arch", "resnet34")
     assert_one_line_error(result, "model.pth", "resnet34", "--fresh", "another RESPATH")
     (copy / "model" / "lossesfile.npz").write_bytes(b"not an npz")
-    result = run_script("main.py", tiny_folder, copy, "--epochs", "3", *FAST_PRETRAIN)
+    result = run_in_process("main.py", tiny_folder, copy, "--epochs", "3", *FAST_PRETRAIN)
     assert_one_line_error(result, "lossesfile.npz", "--fresh")
     assert digest(copy / "model" / "model.pth") == model_digest

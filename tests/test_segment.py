@@ -15,8 +15,8 @@ from PIL import Image
 from sklearn.metrics import accuracy_score, jaccard_score
 from sklearn.metrics import confusion_matrix as sk_confusion_matrix
 
-from conftest import (assert_one_line_error, copy_of_killed_run, run_script, start_script,
-                      step_losses, wait_for_step)
+from conftest import (assert_one_line_error, copy_of_killed_run, run_in_process, run_script,
+                      start_script, step_losses, wait_for_step)
 from make_demo_data import build_segmentation_data
 from utils.model import build_model, encoder_state
 from utils.segmentation import (JointTransform, build_segmentation_net, confusion_matrix,
@@ -254,8 +254,8 @@ def test_bad_labelmap_is_one_line_error_naming_it(pretrained, gray_image, tmp_pa
     bad = bad_labelmap(kind, tmp_path)
     listing = tmp_path / "train.txt"
     listing.write_text(f"# image,labelmap\nimage.png,good.png\nimage.png,{bad.name}\n")
-    result = run_script("segment.py", listing, os.path.join(respath, "model", "model.pth"),
-                        tmp_path / "out", "--num-classes", "3", *FAST_SEGMENT, env=ONE_THREAD)
+    result = run_in_process("segment.py", listing, os.path.join(respath, "model", "model.pth"),
+                            tmp_path / "out", "--num-classes", "3", *FAST_SEGMENT, env=ONE_THREAD)
     assert_one_line_error(result, *fragments)
     assert not (tmp_path / "out" / "checkpoint.pth").exists()
 

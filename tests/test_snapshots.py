@@ -8,7 +8,7 @@ import os
 import pytest
 import torch
 
-from conftest import FAST_PRETRAIN, assert_one_line_error, run_script
+from conftest import FAST_PRETRAIN, assert_one_line_error, run_in_process, run_script
 
 
 @pytest.fixture(scope="module")
@@ -52,6 +52,6 @@ def test_snapshots_evaluates_every_epoch_as_a_plain_run_would(snapshot_run, tiny
 
 
 def test_snapshots_without_any_is_one_line_error(pretrained, tiny_folder, tmp_path):
-    result = run_script("linear_evaluation.py", tiny_folder,
-                        os.path.join(pretrained[0], "model"), tmp_path / "o", "--snapshots")
+    result = run_in_process("linear_evaluation.py", tiny_folder,
+                            os.path.join(pretrained[0], "model"), tmp_path / "o", "--snapshots")
     assert_one_line_error(result, "no epoch_NNNN.pth", "--save-every")

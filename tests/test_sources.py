@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from conftest import FAST_PRETRAIN, assert_one_line_error, run_script
+from conftest import FAST_PRETRAIN, assert_one_line_error, run_in_process, run_script
 from make_demo_data import balanced_subset
 from utils.errors import UserError
 from utils.data import ImageDataset, dataset_statistics, detect_channels
@@ -241,13 +241,13 @@ def test_source_errors_are_one_line(listed, tmp_path):
     _, entries = listed
     bad_npz = tmp_path / "bad.npz"
     np.savez(bad_npz, images=np.zeros((2, 28, 28), np.uint8))
-    assert_one_line_error(run_script("main.py", bad_npz, tmp_path / "r1", *FAST_PRETRAIN),
+    assert_one_line_error(run_in_process("main.py", bad_npz, tmp_path / "r1", *FAST_PRETRAIN),
                           "train_images")
-    assert_one_line_error(run_script("main.py", "organcmnist", tmp_path / "r2", "--data-root",
-                                     tmp_path, *FAST_PRETRAIN), "--download")
+    assert_one_line_error(run_in_process("main.py", "organcmnist", tmp_path / "r2", "--data-root",
+                                         tmp_path, *FAST_PRETRAIN), "--download")
     missing = tmp_path / "missing.txt"
     missing.write_text(f"{entries['train'][0][0]}\nno/such/image.png\n")
-    assert_one_line_error(run_script("main.py", missing, tmp_path / "r3", *FAST_PRETRAIN),
+    assert_one_line_error(run_in_process("main.py", missing, tmp_path / "r3", *FAST_PRETRAIN),
                           "line 2", "no/such/image.png")
 
 
@@ -315,7 +315,7 @@ def test_download_goes_through_the_medmnist_package(monkeypatch, gray_npz, tmp_p
 def test_binary_file_as_datapath_is_one_line_error(real_images, tmp_path):
     image = tmp_path / "photo.png"
     Image.fromarray(real_images[0]["train"][0][0]).save(image)
-    assert_one_line_error(run_script("main.py", image, tmp_path / "r", *FAST_PRETRAIN),
+    assert_one_line_error(run_in_process("main.py", image, tmp_path / "r", *FAST_PRETRAIN),
                           "not a text file of image paths")
 
 

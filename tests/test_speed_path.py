@@ -20,7 +20,7 @@ from torchvision.transforms import functional as TF
 
 import utils.engine as engine
 import utils.precision as precision_module
-from conftest import FAST_PRETRAIN, assert_one_line_error, run_script
+from conftest import FAST_PRETRAIN, assert_one_line_error, run_in_process, run_script
 from main import decode_for_device, get_args_parser
 from utils.errors import UserError
 from simclr import SimCLRTask, forward_backward, transfer_views
@@ -214,8 +214,8 @@ def test_gpu_aug_has_the_steps_of_the_simclr_preset_and_refuses_the_others(prese
         with pytest.raises(UserError, match="--aug simclr only"):
             BatchSimCLRAugmentation(16, 1, [0.5], [0.25], 0.5, True, 0.08, preset)
         if preset == "novel":
-            result = run_script("main.py", tiny_folder, tmp_path / "r", "--gpu-aug", "--aug",
-                                preset, *FAST_PRETRAIN)
+            result = run_in_process("main.py", tiny_folder, tmp_path / "r", "--gpu-aug", "--aug",
+                                    preset, *FAST_PRETRAIN)
             assert_one_line_error(result, "--gpu-aug", "--aug novel", "drop --gpu-aug")
         return
     for channels in (1, 3):
