@@ -81,6 +81,7 @@ def interpreter(command):
 def run_record(command, collect, sized=()):
     """Run `command` (a list of words) and return its run record, or its exit status."""
     load_before = os.getloadavg()
+    commit, changes = git_commit(), uncommitted_changes()  # the code as the command starts
     tic = time.perf_counter()
     status = subprocess.call(command)
     wall = time.perf_counter() - tic
@@ -90,8 +91,8 @@ def run_record(command, collect, sized=()):
     if missing:
         raise SystemExit(f"record: the command did not write {', '.join(missing)}: check "
                          f"--collect and --file-sizes")
-    return {"date": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "git_commit": git_commit(),
-            "uncommitted_changes": uncommitted_changes(),
+    return {"date": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "git_commit": commit,
+            "uncommitted_changes": changes,
             "machine": {"hostname": platform.node(), "cpu": cpu_model(),
                         "cpu_count": os.cpu_count(), "gpus": gpu_names(),
                         "platform": platform.platform()},
