@@ -3,7 +3,7 @@
     python scripts/record.py results/NAME.json [--collect FILE ...] [--file-sizes FILE ...] -- COMMAND ...
 
 Runs COMMAND (its output goes to the terminal as usual), then adds one run to
-results/NAME.json: the date, the commit (and whether tracked files had uncommitted changes),
+results/NAME.json: the date, the commit (and whether tracked code had uncommitted changes),
 the machine (CPU model and cores, GPUs), the library versions, the wall time, the load average
 before and after, the size of every --file-sizes file and the contents of every --collect file
 the command wrote (JSON parsed, CSV as a list of rows with numbers converted). Recording the
@@ -27,8 +27,10 @@ from utils.cli import cpu_model, git_commit  # noqa: E402  (light: no torch impo
 
 
 def uncommitted_changes():
-    """Whether tracked files differ from the commit (the record then says so)."""
-    result = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=REPO,
+    """Whether tracked code differs from the commit (the record then says so); the docs, the
+    results files and Markdown pages do not count (measurements rewrite them)."""
+    result = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no", "--", ".",
+                             ":!docs", ":!results", ":!*.md"], cwd=REPO,
                             capture_output=True, text=True)
     return result.returncode == 0 and bool(result.stdout.strip())
 
