@@ -130,7 +130,7 @@ def test_demo_summary_prints_its_table_and_keeps_the_figures(tmp_path):
     assert third.returncode == 0, third.stderr
     runs = json.loads(kept.read_text())["runs"]
     assert [r["pretraining_s"] for r in runs] == [700.0, 650.0]
-    assert figures["versions"]["torch"] == "2.14.1" and figures["machine"]["cpu_count"]
+    assert first["versions"]["torch"] == "2.14.1" and first["machine"]["cpu_count"]
     missing = subprocess.run([sys.executable, "scripts/demo_summary.py", str(tmp_path / "no")],
                              cwd=REPO, capture_output=True, text=True)
     assert missing.returncode == 2 and missing.stderr.startswith("error: ")
