@@ -61,27 +61,27 @@ section_chunk() {  # docs/distributed.md: --chunk-size, time per step and peak m
     done
 }
 
-segment_run() {  # segment_run NAME FLAG ...
+segment_run() {  # segment_run NAME FLAG ...: the demo model, segment.py's flags after RESPATH
     local name=$1; shift
     local S=$DATA/segmentation
     record segment_$name --collect $WORK/segment/$name/metrics.json -- \
-        $PY segment.py $S/train.txt "$@" $WORK/segment/$name --val-list $S/val.txt \
-        --test-list $S/test.txt --classes $S/classes.txt --fresh
+        $PY segment.py $S/train.txt $MODEL $WORK/segment/$name --val-list $S/val.txt \
+        --test-list $S/test.txt --classes $S/classes.txt --fresh "$@"
 }
 
 section_segmentation() {  # docs/evaluation.md: the segmentation table
     need_model
     [ -f $DATA/segmentation/train.txt ] || $PY make_demo_data.py $DATA --segmentation
-    segment_run fcn_e10 $MODEL
-    segment_run fcn_e10_baseline $MODEL --baseline
-    segment_run fcn_e10_lr3e-4 $MODEL --lr 3e-4
-    segment_run fcn_e5 $MODEL --epochs 5
-    segment_run fcn_e5_baseline $MODEL --epochs 5 --baseline
-    segment_run fcn_e5_freeze $MODEL --epochs 5 --freeze
-    segment_run fcn_e5_baseline_freeze $MODEL --epochs 5 --baseline --freeze
-    segment_run unet_e5 $MODEL --epochs 5 --decoder unet
-    segment_run unet_e5_baseline $MODEL --epochs 5 --decoder unet --baseline
-    segment_run unet_e5_freeze $MODEL --epochs 5 --decoder unet --freeze
+    segment_run fcn_e10
+    segment_run fcn_e10_baseline --baseline
+    segment_run fcn_e10_lr3e-4 --lr 3e-4
+    segment_run fcn_e5 --epochs 5
+    segment_run fcn_e5_baseline --epochs 5 --baseline
+    segment_run fcn_e5_freeze --epochs 5 --freeze
+    segment_run fcn_e5_baseline_freeze --epochs 5 --baseline --freeze
+    segment_run unet_e5 --epochs 5 --decoder unet
+    segment_run unet_e5_baseline --epochs 5 --decoder unet --baseline
+    segment_run unet_e5_freeze --epochs 5 --decoder unet --freeze
     cp $WORK/segment/fcn_e10/predictions.png docs/segmentation_demo.png
 }
 

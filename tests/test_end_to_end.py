@@ -1,8 +1,9 @@
 """main.py and linear_evaluation.py through their real command lines on small real images:
-every output present and loadable, resume, kill-and-resume equal to an uninterrupted run,
-Ctrl-C leaves a resumable run."""
+every output present and loadable, resume, kill-and-resume equal to an uninterrupted run (also
+from a checkpoint of the layout before the engine), Ctrl-C leaves a resumable run."""
 import json
 import os
+import shutil
 import signal
 import time
 
@@ -109,7 +110,6 @@ def test_colour_images_for_a_grayscale_model_warn_once(pretrained, tiny_folder, 
 def test_running_again_resumes_and_extends(pretrained, tmp_path):
     """The same command on a finished run says so; a larger --epochs continues from step 6."""
     respath, _ = pretrained
-    import shutil
     copy = str(tmp_path / "copy")
     shutil.copytree(respath, copy)
     tiny = json.load(open(os.path.join(copy, "run.json")))["args"]["datapath"]
@@ -148,7 +148,10 @@ def uninterrupted(tiny_folder, tmp_path_factory):
 def test_sigkill_mid_epoch_then_resume_equals_uninterrupted(tiny_folder, tmp_path,
                                                             uninterrupted):
     """SIGKILL twice at arbitrary moments (mid-epoch, mid-save possible); resuming gives the
-    same per-step and per-epoch losses as a run that was never interrupted."""
+    same per-step and per-epoch losses as a run that was never interrupted. A copy of the
+    killed run whose checkpoint is rewritten in the layout main.py wrote before the engine
+    (format 1: losses, scheduler, data) resumes to the same losses and is then written in the
+    current layout."""
     respath = str(tmp_path / "killed")
     for min_steps in (2, 5):  # steps 2 and 5 are inside epochs 1 and 2 (3 steps per epoch)
         proc = start_main(tiny_folder, respath, *RESUME_ARGS)
@@ -156,32 +159,19 @@ def test_sigkill_mid_epoch_then_resume_equals_uninterrupted(tiny_folder, tmp_pat
         time.sleep(0.1)
         proc.send_signal(signal.SIGKILL)
         proc.wait()
-    final = run_script("main.py", tiny_folder, respath, *RESUME_ARGS)
-    assert final.returncode == 0, final.stderr
-    assert "resuming" in final.stdout
-    epochs, steps = epoch_losses(respath)
-    np.testing.assert_allclose(steps, uninterrupted[1], rtol=0, atol=1e-5)
-    np.testing.assert_allclose(epochs, uninterrupted[0], rtol=0, atol=1e-5)
-    leftovers = [f for f in os.listdir(os.path.join(respath, "model")) if ".tmp" in f]
-    assert not leftovers
-
-
-def test_checkpoint_written_before_the_engine_resumes(tiny_folder, tmp_path, uninterrupted):
-    """A mid-epoch checkpoint rewritten in the layout main.py wrote before the engine (format
-    1: losses, scheduler, data) resumes to the uninterrupted losses and is then written in the
-    current layout."""
-    respath = str(tmp_path / "old")
-    proc = start_main(tiny_folder, respath, *RESUME_ARGS)
-    wait_for_main_step(respath, 4, proc)  # inside epoch 2
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
-    checkpoint = os.path.join(respath, "model", "checkpoint.pth")
+    old = str(tmp_path / "old")
+    shutil.copytree(respath, old)
+    checkpoint = os.path.join(old, "model", "checkpoint.pth")
     torch.save(to_format_1(torch.load(checkpoint, weights_only=True)), checkpoint)
-    final = run_script("main.py", tiny_folder, respath, *RESUME_ARGS)
-    assert final.returncode == 0, final.stderr
-    assert "resuming" in final.stdout
-    epochs, steps = epoch_losses(respath)
-    np.testing.assert_allclose(steps, uninterrupted[1], rtol=0, atol=1e-5)
+    for resumed in (respath, old):
+        final = run_script("main.py", tiny_folder, resumed, *RESUME_ARGS)
+        assert final.returncode == 0, final.stderr
+        assert "resuming" in final.stdout
+        epochs, steps = epoch_losses(resumed)
+        np.testing.assert_allclose(steps, uninterrupted[1], rtol=0, atol=1e-5)
+        np.testing.assert_allclose(epochs, uninterrupted[0], rtol=0, atol=1e-5)
+        leftovers = [f for f in os.listdir(os.path.join(resumed, "model")) if ".tmp" in f]
+        assert not leftovers
     assert torch.load(checkpoint, weights_only=True)["format_version"] == 2
 
 
