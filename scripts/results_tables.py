@@ -588,6 +588,29 @@ DEFAULT_RUNS = (("imagenet_e15", "ResNet-18, `imagenet` stem, 15 epochs"),
                 ("adamw", "same, `--optimizer adamw --lr 1e-3 --weight-decay 1e-2`"))
 
 
+def defaults_reading(demo):
+    """The comparisons of the defaults table, each against the demo's run, as sentences."""
+    def run(name):
+        pretrain = output(recorded(f"defaults_{name}_pretrain")[1], "run.json")
+        probe = output(recorded(f"defaults_{name}_probe")[1], "report.json")["accuracy"]
+        return pretrain, probe
+    probe = demo["test_accuracy"]["linear_eval"]
+    per_epoch = demo["pretraining_s"] / demo["epochs"]
+    imagenet, imagenet_probe = run("imagenet_e15")
+    imagenet_epoch = imagenet["wall_time_s"] / imagenet["epochs_done"]
+    lines = [f"- Stem: `cifar` 3 epochs against `imagenet` 15 epochs: {compare(probe, imagenet_probe)}, "
+             f"at {per_epoch:,.0f} against {imagenet_epoch:,.0f} s per epoch "
+             f"({per_epoch / imagenet_epoch:.1f}× the time)."]
+    lines.append(f"- Epochs: 3 against 1: {compare(probe, run('cifar_e1')[1])}.")
+    for name, what in (("temperature_0.5", "τ = 0.2 (default) against 0.5"),
+                       ("min_scale_0.2", "`--min-scale` 0.08 (default) against 0.2")):
+        lines.append(f"- {what}: {compare(probe, run(name)[1])}.")
+    adamw, adamw_probe = run("adamw")
+    lines.append(f"- SGD (default) against AdamW: probe {compare(probe, adamw_probe)}; last loss "
+                 f"{demo['epoch_losses'][-1]:.2f} against {adamw['epoch_losses'][-1]:.2f}.")
+    return lines
+
+
 def defaults_table():
     """docs/defaults.md: one flag changed from the demo's recipe per row, probed on h."""
     demo = demo_runs()[-1]
@@ -606,6 +629,7 @@ def defaults_table():
                      f"{100 * probe:.1f} % |")
     random = output(recorded("defaults_imagenet_e15_random")[1], "report.json")["accuracy"]
     acc = demo["test_accuracy"]
+    lines += ["", *defaults_reading(demo)]
     return lines + ["", f"References with the same probe: the `imagenet`-stem network randomly "
                     f"initialised {100 * random:.1f} %, the `cifar`-stem one "
                     f"{100 * acc['reference_random']:.1f} %, raw pixels "
