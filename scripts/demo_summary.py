@@ -15,6 +15,9 @@ import platform
 import sys
 import time
 
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from utils.fileio import json_dump  # noqa: E402
+
 ROWS = (("SimCLR (this run), linear probe on h", "linear_eval"),
         ("the same ResNet-18, randomly initialised", "reference_random"),
         ("raw pixels", "reference_pixels"))
@@ -96,12 +99,7 @@ def main(argv=None):
         return 2
     print_summary(s, args.out)
     kept = add_run(read_json(args.json) if os.path.exists(args.json) else None, s)
-    os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)
-    tmp = args.json + ".tmp"
-    with open(tmp, "w") as f:
-        json.dump(kept, f, indent=2, sort_keys=True)
-        f.write("\n")
-    os.replace(tmp, args.json)
+    json_dump(kept, args.json)
     print(f"figures kept in {args.json} (run {len(kept['runs'])} of the demo recorded there)")
     return 0
 

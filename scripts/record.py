@@ -24,6 +24,7 @@ import time
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
 from utils.cli import cpu_model, git_commit  # noqa: E402  (light: no torch import)
+from utils.fileio import json_dump  # noqa: E402
 
 
 def uncommitted_changes():
@@ -138,12 +139,7 @@ def main(argv=None):
         print(f"record: the command exited with status {run}; nothing recorded", file=sys.stderr)
         return run
     kept["runs"].append(run)
-    os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
-    tmp = args.out + ".tmp"
-    with open(tmp, "w") as f:
-        json.dump(kept, f, indent=1)
-        f.write("\n")
-    os.replace(tmp, args.out)
+    json_dump(kept, args.out)
     print(f"record: run {len(kept['runs'])} of {line!r} kept in {args.out} "
           f"({run['wall_s']:.0f} s)")
     return 0

@@ -165,6 +165,9 @@ def workers(n):
 
 
 def times(x):
+    """A ratio: 0.97×, 2.55×, 485×, or 1/130 (130 times slower)."""
+    if x < 0.1:
+        return f"1/{1 / x:,.0f}"
     return f"{x:.2f}×" if x < 10 else f"{x:,.0f}×"
 
 
@@ -255,11 +258,6 @@ def bench_grid_table():
                     provenance(data, "bench_cpu_grid_fp32.json")]
 
 
-def ratio(x):
-    """A speed ratio: 2.55× faster, 0.77×, or 1/130 (130 times slower)."""
-    return f"{x:.2f}×" if x >= 0.1 else f"1/{1 / x:,.0f}"
-
-
 def bench_amp_table():
     """docs/performance.md: --amp precisions on the CPU, a training step and a matmul."""
     step_data, step = bench("bench_cpu_amp.json")
@@ -274,10 +272,10 @@ def bench_amp_table():
     for r in step["compute"]:
         name = names[r["amp"]]
         m = matmul.get(name)
-        mm_cells = (f"{m['tflops']:.4f} TFLOP/s | {ratio(m['tflops'] / base_mm)}" if m
+        mm_cells = (f"{m['tflops']:.4f} TFLOP/s | {times(m['tflops'] / base_mm)}" if m
                     else "| ")
         lines.append(f"| {name} | {r['images_per_s']:.1f} img/s | "
-                     f"{ratio(r['images_per_s'] / base_step)} | {mm_cells} |")
+                     f"{times(r['images_per_s'] / base_step)} | {mm_cells} |")
     return lines + ["", provenance(step_data, "bench_cpu_amp.json"),
                     provenance(mm_data, "bench_cpu_matmul_amp.json")]
 

@@ -7,7 +7,6 @@ import os
 import shutil
 
 import numpy as np
-import torch
 
 from utils.errors import UserError
 
@@ -71,6 +70,8 @@ def fsync_folder(folder):
 
 def atomic_torch_save(obj, path):
     """torch.save `obj` to `path` atomically."""
+    import torch  # here, so that the JSON and bytes writers stay light for the scripts/ tools
+
     buffer = io.BytesIO()
     torch.save(obj, buffer)
     atomic_write_bytes(path, buffer.getvalue())
