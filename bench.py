@@ -60,7 +60,7 @@ import torch.nn.functional as F
 from PIL import Image
 from torch.utils.flop_counter import FlopCounterMode
 
-from utils.fileio import json_dump
+from utils.fileio import json_dump, open_runs
 from utils.errors import UserError, warn
 from simclr import SimCLRTask, transfer_views
 from utils.cli import ensure_writable_dir, environment_info, run_main
@@ -135,7 +135,11 @@ def get_args_parser():
                         default=list(SECTIONS),
                         help="what to measure (see the module docstring)")
     parser.add_argument("--json", metavar="OUT", default=os.path.join("results", "bench.json"),
-                        help="where to write every row, the settings and the device")
+                        help="the results file: every row, the settings and the device, kept "
+                             "as one more run of this command (the tables give the range over "
+                             "the runs)")
+    parser.add_argument("--replace", action="store_true",
+                        help="drop the runs of another command recorded in the --json file")
     grid = parser.add_argument_group(
         "grid (defaults per device: CPU resnet18, 32 px, amp off, gpu-aug off; CUDA resnet18 and "
         "resnet50, 32 and 224 px, amp off bf16 fp16, gpu-aug off on; both channels-last on off, "
@@ -1193,6 +1197,8 @@ def run_augment(args):
 def main(args):
     device = resolve_settings(args)
     ensure_writable_dir(os.path.dirname(os.path.abspath(args.json)), "the --json folder")
+    command = " ".join(["python", *sys.argv])
+    kept = open_runs(args.json, command, args.replace)  # before measuring: a wrong file fails now
     info = device_description(device)
     batches = ", ".join(f"{batch_for(args, size)} at {size} px" for size in args.sizes)
     print(f"device: {info['device_name']} ({device.type}), torch {info['torch']}, "
@@ -1214,14 +1220,15 @@ def main(args):
                    f", {t['ceiling']:.3g} at 100 % of the measured matmul rate")
         print(f"target {t['name']} ({t['config']}): measured {t['measured']:.3g}{ceiling} "
               f"({'met' if t['met'] else 'not met'})")
-    json_dump({"command": " ".join(["python", *sys.argv]),
-               "date": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "machine": platform.node(),
-               "device": info, "settings": vars(args), "data": source,
-               "memory_method": PeakMemory.METHOD[device.type],
-               "sections": {name: [{k: finite_or_none(v) for k, v in row.items()}
-                                   for row in rows] for name, rows in results.items()},
-               "targets": targets}, args.json)
-    print(f"\nwrote {args.json}")
+    kept["runs"].append({
+        "date": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "machine": platform.node(),
+        "device": info, "settings": vars(args), "data": source,
+        "memory_method": PeakMemory.METHOD[device.type],
+        "sections": {name: [{k: finite_or_none(v) for k, v in row.items()} for row in rows]
+                     for name, rows in results.items()},
+        "targets": targets})
+    json_dump(kept, args.json)
+    print(f"\nwrote {args.json} (run {len(kept['runs'])} of this command kept there)")
     return 0
 
 

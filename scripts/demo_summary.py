@@ -16,7 +16,8 @@ import sys
 import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from utils.fileio import json_dump  # noqa: E402
+from utils.errors import UserError  # noqa: E402
+from utils.fileio import json_dump, open_runs  # noqa: E402
 
 ROWS = (("SimCLR (this run), linear probe on h", "linear_eval"),
         ("the same ResNet-18, randomly initialised", "reference_random"),
@@ -56,15 +57,14 @@ def summary(out, script_seconds=None):
             "test_accuracy": {folder: round(acc, 4) for folder, acc in accuracies.items()}}
 
 
-def add_run(kept, s):
-    """The kept file {"command", "runs": [summary, ...]} with summary `s` added; a summary of
+def add_run(runs, s):
+    """`runs` (the demo's recorded summaries, oldest first) with summary `s` added; a summary of
     the same pretraining (a re-run that only re-evaluated: same commit, losses and wall time)
-    replaces the last run instead. A file of one summary (the earlier layout) is its first run."""
-    runs = [] if kept is None else kept.get("runs", [kept])
+    replaces the last run instead."""
     same = ("git_commit", "epoch_losses", "pretraining_s")
     if runs and all(runs[-1].get(k) == s.get(k) for k in same):
         runs = runs[:-1]
-    return {"command": s["command"], "runs": runs + [s]}
+    return runs + [s]
 
 
 def print_summary(s, out):
@@ -97,8 +97,13 @@ def main(argv=None):
         print(f"error: {args.out} does not hold a finished demo ({err}); run bash scripts/demo.sh",
               file=sys.stderr)
         return 2
+    try:
+        kept = open_runs(args.json, s["command"])
+    except UserError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
     print_summary(s, args.out)
-    kept = add_run(read_json(args.json) if os.path.exists(args.json) else None, s)
+    kept["runs"] = add_run(kept["runs"], s)
     json_dump(kept, args.json)
     print(f"figures kept in {args.json} (run {len(kept['runs'])} of the demo recorded there)")
     return 0

@@ -255,7 +255,7 @@ def check_bench(setup):
     path = os.path.join(setup.work, "bench_quick.json")
     run(setup, "bench.py", "--quick", "--device", setup.device, "--json", path)
     with open(path) as f:
-        return f"{len(json.load(f).get('targets', []))} target rows, {path}"
+        return f"{len(json.load(f)['runs'][-1].get('targets', []))} target rows, {path}"
 
 
 def write_rgb_jpegs(source, target, limit):

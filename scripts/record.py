@@ -24,7 +24,8 @@ import time
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
 from utils.cli import cpu_model, git_commit  # noqa: E402  (light: no torch import)
-from utils.fileio import json_dump  # noqa: E402
+from utils.errors import UserError  # noqa: E402
+from utils.fileio import json_dump, open_runs  # noqa: E402
 
 
 def uncommitted_changes():
@@ -125,15 +126,10 @@ def main(argv=None):
     if not command:
         raise SystemExit("record: no command after --")
     line = shlex.join(command)
-    kept = {"command": line, "runs": []}
-    if os.path.exists(args.out):
-        with open(args.out) as f:
-            kept = json.load(f)
-        if kept.get("command") != line:
-            if not args.replace:
-                raise SystemExit(f"record: {args.out} records another command "
-                                 f"({kept.get('command')!r}): pick another file or --replace")
-            kept = {"command": line, "runs": []}
+    try:
+        kept = open_runs(args.out, line, args.replace)
+    except UserError as err:
+        raise SystemExit(f"record: {err}") from None
     run = run_record(command, args.collect, args.file_sizes)
     if isinstance(run, int):
         print(f"record: the command exited with status {run}; nothing recorded", file=sys.stderr)

@@ -56,48 +56,86 @@ def rows_by(rows, *keys):
     return {tuple(r[k] for k in keys): r for r in rows}
 
 
+def bench(name):
+    """A bench.py results file: (its data, its runs, oldest first)."""
+    data = load(name)
+    return data, data["runs"]
+
+
+def across(runs, section, *keys):
+    """{(values of keys): [that row of every run that has it]} over the `section` rows of
+    `runs`, in the first run's order: one configuration's figures over the recorded runs."""
+    found = {}
+    for run in runs:
+        for row in run["sections"].get(section, []):
+            found.setdefault(tuple(row[k] for k in keys), []).append(row)
+    return found
+
+
+def runs_provenance(data, name):
+    """The source lines of a bench.py results file: its command and each run's commit, machine
+    and date; with several runs, a figure 'a to b' is the least and greatest over them."""
+    where = []
+    for run in data["runs"]:
+        device = run["device"]
+        where.append(f"commit {device['git_commit'][:7]} on {device['cpu_model']}, "
+                     f"{device['cpu_count']} cores"
+                     + (f", {device['device_name']}" if device["device"] == "cuda" else "")
+                     + f" ({run['date'][:10]})")
+    count = len(where)
+    runs = ("one run (figures of time and speed vary from run to run)" if count == 1 else
+            f"{count} runs, each figure the range over them")
+    return (f"- source: `results/{name}`, written by `{data['command']}`: {runs}: "
+            + "; ".join(where))
+
+
 def startup_table():
-    after, before = load("bench_startup_cpu.json"), load("bench_startup_cpu_before.json")
-    new = rows_by(after["sections"]["startup"], "entries", "start")
-    old = rows_by(before["sections"]["startup"], "entries", "start")
+    (after, new_runs), (before, old_runs) = (bench("bench_startup_cpu.json"),
+                                             bench("bench_startup_cpu_before.json"))
+    new = across(new_runs, "startup", "entries", "start")
+    old = across(old_runs, "startup", "entries", "start")
     first, kept = "first", "index kept (resume)"
+
+    def pair(rows, field):
+        return (f"{span([r[field] for r in rows[0]], '{:.2f}')} / "
+                f"{span([r[field] for r in rows[1]], '{:.2f}')} s")
     lines = ["| entries | before: one-step run, first / second start | after: to the first step, "
              "first start / index kept | after: one-step run, first start / index kept |",
              "|---|---|---|---|"]
     for n in sorted({n for n, _ in new}):
-        lines.append(f"| {entries(n)} | {old[n, first]['one_step_run_s']:.2f} / "
-                     f"{old[n, kept]['one_step_run_s']:.2f} s | "
-                     f"{new[n, first]['to_first_step_s']:.2f} / "
-                     f"{new[n, kept]['to_first_step_s']:.2f} s | "
-                     f"{new[n, first]['one_step_run_s']:.2f} / "
-                     f"{new[n, kept]['one_step_run_s']:.2f} s |")
-    imports = [r["import_s"] for r in after["sections"]["startup"] + before["sections"]["startup"]]
+        lines.append(f"| {entries(n)} | {pair((old[n, first], old[n, kept]), 'one_step_run_s')} | "
+                     f"{pair((new[n, first], new[n, kept]), 'to_first_step_s')} | "
+                     f"{pair((new[n, first], new[n, kept]), 'one_step_run_s')} |")
+    imports = [r["import_s"] for run in new_runs + old_runs for r in run["sections"]["startup"]]
+    commits = {r["commit"] for run in old_runs for r in run["sections"]["startup"]}
     lines += ["", f"Seconds after main.py's imports ({min(imports):.1f} to {max(imports):.1f} s, "
-              f"not counted). Single runs: they vary from run to run.", "",
-              provenance(after, "bench_startup_cpu.json"),
-              provenance(before, "bench_startup_cpu_before.json") +
-              f" (`--startup-repo` at commit {before['sections']['startup'][0]['commit']})"]
+              f"not counted).", "",
+              runs_provenance(after, "bench_startup_cpu.json"),
+              runs_provenance(before, "bench_startup_cpu_before.json") +
+              f" (`--startup-repo` at commit {', '.join(sorted(commits))})"]
     return lines
 
 
 def startup_scan_table():
-    data = load("bench_startup_cpu.json")
+    data, runs = bench("bench_startup_cpu.json")
     lines = ["| entries | method | seconds | files/s |", "|---|---|---|---|"]
-    for r in data["sections"]["startup_scan"]:
-        lines.append(f"| {entries(r['entries'])} | {r['method']} | {r['seconds']:.2f} | "
-                     f"{r['files_per_s']:,} |")
-    return lines + ["", provenance(data, "bench_startup_cpu.json")]
+    for (n, method), rows in across(runs, "startup_scan", "entries", "method").items():
+        lines.append(f"| {entries(n)} | {method} | {span_of(rows, 'seconds', '{:.2f}')} | "
+                     f"{span_of(rows, 'files_per_s', '{:,}')} |")
+    return lines + ["", runs_provenance(data, "bench_startup_cpu.json")]
 
 
 def startup_memory_table():
-    data = load("bench_startup_cpu.json")
+    data, runs = bench("bench_startup_cpu.json")
     lines = ["| entries | layout | index | main RSS | worker RSS | worker PSS | worker private |",
              "|---|---|---|---|---|---|---|"]
-    for r in data["sections"]["startup_memory"]:
-        lines.append(f"| {entries(r['entries'])} | {r['layout']} | {r['index_mb']:.1f} MB | "
-                     f"{r['main_rss_mb']:.0f} MB | {r['worker_rss_mb']:.0f} MB | "
-                     f"{r['worker_pss_mb']:.0f} MB | {r['worker_private_mb']:.1f} MB |")
-    return lines + ["", provenance(data, "bench_startup_cpu.json")]
+    for (n, layout), rows in across(runs, "startup_memory", "entries", "layout").items():
+        lines.append(f"| {entries(n)} | {layout} | {span_of(rows, 'index_mb', '{:.1f}', ' MB')} | "
+                     f"{span_of(rows, 'main_rss_mb', '{:.0f}', ' MB')} | "
+                     f"{span_of(rows, 'worker_rss_mb', '{:.0f}', ' MB')} | "
+                     f"{span_of(rows, 'worker_pss_mb', '{:.0f}', ' MB')} | "
+                     f"{span_of(rows, 'worker_private_mb', '{:.1f}', ' MB')} |")
+    return lines + ["", runs_provenance(data, "bench_startup_cpu.json")]
 
 
 def demo_runs():
@@ -105,10 +143,24 @@ def demo_runs():
     return load("demo.json")["runs"]
 
 
+def demo_before(date):
+    """The newest demo run recorded before `date` (ISO, as the results files write it): the
+    demo model a measurement of results/docs/ used, and the recipe it compared against."""
+    runs = [r for r in demo_runs() if r["date"] <= date]
+    return runs[-1] if runs else demo_runs()[-1]
+
+
 def span(values, fmt, unit=""):
-    """'x unit', or 'lo to hi unit' when the recorded runs differ."""
-    lo, hi = fmt.format(min(values)), fmt.format(max(values))
+    """'x unit', or 'lo to hi unit' when the recorded runs differ; fmt: a format string or a
+    function of one value."""
+    show = fmt if callable(fmt) else fmt.format
+    lo, hi = show(min(values)), show(max(values))
     return f"{lo}{unit}" if lo == hi else f"{lo} to {hi}{unit}"
+
+
+def span_of(rows, field, fmt, unit=""):
+    """span() of `field` over rows (one configuration's rows of the recorded runs)."""
+    return span([r[field] for r in rows], fmt, unit)
 
 
 def signed_points(a, b):
@@ -146,11 +198,6 @@ def demo_table():
     return lines + [provenance(r, "demo.json") for r in reversed(runs)]
 
 
-def bench(name):
-    data = load(name)
-    return data, data["sections"]
-
-
 def compute_label(row):
     return (("channels-last" if row["channels_last"] else "contiguous") +
             (", compiled" if row["compile"] else ""))
@@ -171,43 +218,54 @@ def times(x):
     return f"{x:.2f}×" if x < 10 else f"{x:,.0f}×"
 
 
+def ratio_span(rows, field):
+    return span([r[field] for r in rows], times)
+
+
 def bench_cpu_table():
     """docs/performance.md: the default CPU grid, one line per measured configuration."""
-    data, sec = bench("bench_cpu.json")
+    data, runs = bench("bench_cpu.json")
     lines = ["| section | configuration | figure |", "|---|---|---|"]
-    for r in sec["matmul"]:
-        lines.append(f"| dense matmul | {r['dtype']}, n = {r['size']} | "
-                     f"{r['tflops']:.3f} TFLOP/s |")
-    for r in sec["compute"]:
-        lines.append(f"| compute only | {compute_label(r)} | {r['images_per_s']:.1f} img/s, "
-                     f"{r['gflop_per_step']:.0f} GFLOP/step, {r['tflops']:.3f} TFLOP/s = "
-                     f"{pct(r['fraction_of_matmul'])} of the float32 matmul rate; first step "
-                     f"{r['first_step_s']:.1f} s |")
-    loader = [r for r in sec["loader"] if r["pipeline"] == "workers"]
-    workers = " / ".join(str(r["workers"]) for r in loader)
-    speeds = " / ".join(f"{r['images_per_s']:,.0f}" for r in loader)
-    ratios = " / ".join(times(r["over_resnet18_compute"]) for r in loader)
-    lines.append(f"| loader | {workers} workers | {speeds} img/s = {ratios} what the trainer "
-                 f"consumes |")
-    for n in sorted({r["n"] for r in sec["ntxent"]}):
-        by = {r["method"]: r for r in sec["ntxent"] if r["n"] == n}
-        nt, bound, broad = by["ntxent"], by["bound"], by["broadcast"]
-        other = (f"broadcast {broad['ms']:,.0f} ms ({times(broad['over_bound'])}), "
-                 f"{broad['peak_memory_mb']:,.0f} MB" if "ms" in broad
-                 else f"broadcast skipped ({broad['skipped']})")
-        lines.append(f"| NT-Xent, D = {nt['dim']} | N = {n} | {nt['ms']:,.1f} ms = "
-                     f"{times(nt['over_bound'])} the matmul + cross_entropy bound "
-                     f"({bound['ms']:,.1f} ms), {nt['peak_memory_mb']:,.0f} MB; {other} |")
-    for r in sec["baseline"]:
-        lines.append(f"| baseline loop | per-image PIL, {r['workers']} workers, two passes, "
-                     f"broadcast NT-Xent | {r['images_per_s']:.1f} img/s |")
-    for r in sec["end2end"]:
-        lines.append(f"| end to end | the fastest compute configuration ({compute_label(r)}), "
-                     f"{r['workers']} workers | {r['images_per_s']:.1f} img/s = "
-                     f"{pct(r['fraction_of_compute'])} of compute only, "
-                     f"{times(r['over_baseline'])} the baseline; ceiling "
-                     f"{times(r['ceiling_over_baseline'])} |")
-    return lines + ["", provenance(data, "bench_cpu.json")]
+    for (dtype, size), rows in across(runs, "matmul", "dtype", "size").items():
+        lines.append(f"| dense matmul | {dtype}, n = {size} | "
+                     f"{span_of(rows, 'tflops', '{:.3f}')} TFLOP/s |")
+    for rows in across(runs, "compute", "arch", "image_size", "amp", "channels_last",
+                       "compile").values():
+        lines.append(f"| compute only | {compute_label(rows[0])} | "
+                     f"{span_of(rows, 'images_per_s', '{:.1f}')} img/s, "
+                     f"{rows[0]['gflop_per_step']:.0f} GFLOP/step, "
+                     f"{span_of(rows, 'tflops', '{:.3f}')} TFLOP/s = "
+                     f"{span_of(rows, 'fraction_of_matmul', pct)} of the float32 matmul rate; "
+                     f"first step {span_of(rows, 'first_step_s', '{:.1f}')} s |")
+    loader = [rows for (pipeline, _), rows in across(runs, "loader", "pipeline", "workers").items()
+              if pipeline == "workers"]
+    for rows in loader:
+        lines.append(f"| loader | {workers(rows[0]['workers'])} | "
+                     f"{span_of(rows, 'images_per_s', '{:,.0f}')} img/s = "
+                     f"{ratio_span(rows, 'over_resnet18_compute')} what the trainer consumes |")
+    ntxent = across(runs, "ntxent", "n", "method")
+    for n in sorted({n for n, _ in ntxent}):
+        nt, bound, broad = ntxent[n, "ntxent"], ntxent[n, "bound"], ntxent[n, "broadcast"]
+        measured = [r for r in broad if "ms" in r]
+        other = (f"broadcast {span_of(measured, 'ms', '{:,.0f}')} ms "
+                 f"({ratio_span(measured, 'over_bound')}), "
+                 f"{span_of(measured, 'peak_memory_mb', '{:,.0f}')} MB" if measured
+                 else f"broadcast skipped ({broad[0]['skipped']})")
+        lines.append(f"| NT-Xent, D = {nt[0]['dim']} | N = {n} | "
+                     f"{span_of(nt, 'ms', '{:,.1f}')} ms = {ratio_span(nt, 'over_bound')} the "
+                     f"matmul + cross_entropy bound ({span_of(bound, 'ms', '{:,.1f}')} ms), "
+                     f"{span_of(nt, 'peak_memory_mb', '{:,.0f}')} MB; {other} |")
+    for rows in across(runs, "baseline", "arch", "image_size", "workers").values():
+        lines.append(f"| baseline loop | per-image PIL, {rows[0]['workers']} workers, two passes, "
+                     f"broadcast NT-Xent | {span_of(rows, 'images_per_s', '{:.1f}')} img/s |")
+    for rows in across(runs, "end2end", "arch", "image_size", "workers").values():
+        configs = " or ".join(dict.fromkeys(compute_label(r) for r in rows))
+        lines.append(f"| end to end | the fastest compute configuration ({configs}), "
+                     f"{rows[0]['workers']} workers | {span_of(rows, 'images_per_s', '{:.1f}')} "
+                     f"img/s = {span_of(rows, 'fraction_of_compute', pct)} of compute only, "
+                     f"{ratio_span(rows, 'over_baseline')} the baseline; ceiling "
+                     f"{ratio_span(rows, 'ceiling_over_baseline')} |")
+    return lines + ["", runs_provenance(data, "bench_cpu.json")]
 
 
 def bench_targets_table():
@@ -215,69 +273,96 @@ def bench_targets_table():
     lines = ["| target | configuration | measured | |", "|---|---|---|---|"]
     sources = []
     for name in ("bench_cpu.json", "bench_cpu_gpuaug.json"):
-        data = load(name)
-        sources.append(provenance(data, name))
-        for t in data["targets"]:
-            ceiling = f", ceiling {times(t['ceiling'])}" if t.get("ceiling") else ""
-            lines.append(f"| {t['name']} | {t['config']} | {times(t['measured'])}{ceiling} | "
-                         f"{'met' if t['met'] else '**not met**'} |")
+        data, runs = bench(name)
+        sources.append(runs_provenance(data, name))
+        found = {}  # a command evaluates the same targets in the same order in every run
+        for run in runs:
+            for i, t in enumerate(run["targets"]):
+                found.setdefault(i, []).append(t)
+        for rows in found.values():
+            ceilings = [t["ceiling"] for t in rows if t.get("ceiling")]
+            ceiling = f", ceiling {span(ceilings, times)}" if ceilings else ""
+            met = sum(t["met"] for t in rows)
+            verdict = ("met" if met == len(rows) else "**not met**" if not met else
+                       f"met in {met} of {len(rows)} runs")
+            configs = " or ".join(dict.fromkeys(t["config"] for t in rows))
+            lines.append(f"| {rows[0]['name']} | {configs} | "
+                         f"{span([t['measured'] for t in rows], times)}{ceiling} | {verdict} |")
     return lines + [""] + sources
 
 
 def bench_gpuaug_table():
     """docs/performance.md: CPU workers against --gpu-aug (batched augmentation on the device)."""
-    data, sec = bench("bench_cpu_gpuaug.json")
+    data, runs = bench("bench_cpu_gpuaug.json")
     lines = ["| section | input | img/s | |", "|---|---|---|---|"]
-    for r in sec["loader"]:
-        what = (f"`--gpu-aug` (decoded once in {r['decode_s']:.1f} s)"
-                if r["pipeline"] == "gpu-aug" else workers(r["workers"]))
-        lines.append(f"| loader | {what} | {r['images_per_s']:,.0f} | "
-                     f"{times(r['over_resnet18_compute'])} what the trainer consumes |")
-    for r in sec["end2end"]:
+    for (pipeline, n), rows in across(runs, "loader", "pipeline", "workers").items():
+        what = (f"`--gpu-aug` (decoded once in {span_of(rows, 'decode_s', '{:.1f}')} s)"
+                if pipeline == "gpu-aug" else workers(n))
+        lines.append(f"| loader | {what} | {span_of(rows, 'images_per_s', '{:,.0f}')} | "
+                     f"{ratio_span(rows, 'over_resnet18_compute')} what the trainer consumes |")
+    for rows in across(runs, "end2end", "gpu_aug", "workers", "channels_last",
+                       "compile").values():
+        r = rows[0]
         what = "`--gpu-aug`" if r["gpu_aug"] else workers(r["workers"])
-        lines.append(f"| end to end ({compute_label(r)}) | {what} | {r['images_per_s']:.1f} | "
-                     f"{pct(r['fraction_of_compute'])} of compute only |")
-    return lines + ["", provenance(data, "bench_cpu_gpuaug.json")]
+        lines.append(f"| end to end ({compute_label(r)}) | {what} | "
+                     f"{span_of(rows, 'images_per_s', '{:.1f}')} | "
+                     f"{span_of(rows, 'fraction_of_compute', pct)} of compute only |")
+    return lines + ["", runs_provenance(data, "bench_cpu_gpuaug.json")]
 
 
 def bench_grid_table():
     """docs/performance.md: compute only over archs and sizes, channels-last and contiguous."""
-    data, sec = bench("bench_cpu_grid_fp32.json")
+    data, runs = bench("bench_cpu_grid_fp32.json")
     lines = ["| arch | px | GFLOP/step | channels-last | contiguous | peak MB (channels-last) |",
              "|---|---|---|---|---|---|"]
-    rows = rows_by(sec["compute"], "arch", "image_size", "channels_last")
+    rows = across(runs, "compute", "arch", "image_size", "channels_last")
     for arch, size in sorted({(a, s) for a, s, _ in rows}):
         last, cont = rows[arch, size, True], rows[arch, size, False]
-        lines.append(f"| {arch} | {size} | {last['gflop_per_step']:,.0f} | "
-                     f"{last['images_per_s']:.1f} img/s, {pct(last['fraction_of_matmul'])} of "
-                     f"matmul | {cont['images_per_s']:.1f} img/s, "
-                     f"{pct(cont['fraction_of_matmul'])} | {last['peak_memory_mb']:,.0f} |")
-    matmul = sec["matmul"][0]
-    return lines + ["", f"Batch {data['settings']['batch_size']}, matmul rate "
-                    f"{matmul['tflops']:.3f} TFLOP/s in this run.", "",
-                    provenance(data, "bench_cpu_grid_fp32.json")]
+        lines.append(f"| {arch} | {size} | {last[0]['gflop_per_step']:,.0f} | "
+                     f"{span_of(last, 'images_per_s', '{:.1f}')} img/s, "
+                     f"{span_of(last, 'fraction_of_matmul', pct)} of matmul | "
+                     f"{span_of(cont, 'images_per_s', '{:.1f}')} img/s, "
+                     f"{span_of(cont, 'fraction_of_matmul', pct)} | "
+                     f"{span_of(last, 'peak_memory_mb', '{:,.0f}')} |")
+    matmul = across(runs, "matmul", "dtype")["float32",]
+    return lines + ["", f"Batch {runs[0]['settings']['batch_size']}, float32 matmul rate "
+                    f"{span_of(matmul, 'tflops', '{:.3f}')} TFLOP/s in the same runs.", "",
+                    runs_provenance(data, "bench_cpu_grid_fp32.json")]
+
+
+def per_run_ratios(runs, section, keys, field, base):
+    """{key: [row[field] / the base row's field of the same run]} over the runs: a ratio
+    within each run (the same machine and moment), then its range over the runs."""
+    found = {}
+    for run in runs:
+        rows = run["sections"][section]
+        reference = next(r[field] for r in rows if all(r[k] == v for k, v in base.items()))
+        for r in rows:
+            found.setdefault(tuple(r[k] for k in keys), []).append(r[field] / reference)
+    return found
 
 
 def bench_amp_table():
     """docs/performance.md: --amp precisions on the CPU, a training step and a matmul."""
-    step_data, step = bench("bench_cpu_amp.json")
-    mm_data, mm = bench("bench_cpu_matmul_amp.json")
+    step_data, step_runs = bench("bench_cpu_amp.json")
+    mm_data, mm_runs = bench("bench_cpu_matmul_amp.json")
     names = {"off": "float32", "bf16": "bfloat16", "fp16": "float16"}
-    base_step = next(r for r in step["compute"] if r["amp"] == "off")["images_per_s"]
-    matmul = {r["dtype"]: r for r in mm["matmul"]}
-    base_mm = matmul["float32"]["tflops"]
-    lines = [f"| precision | step, ResNet-18 at 32 px, batch {step_data['settings']['batch_size']} "
-             f"| against float32 | matmul, n = {mm['matmul'][0]['size']} | against float32 |",
+    step = across(step_runs, "compute", "amp")
+    step_ratio = per_run_ratios(step_runs, "compute", ("amp",), "images_per_s", {"amp": "off"})
+    matmul = across(mm_runs, "matmul", "dtype")
+    mm_ratio = per_run_ratios(mm_runs, "matmul", ("dtype",), "tflops", {"dtype": "float32"})
+    lines = [f"| precision | step, ResNet-18 at 32 px, batch "
+             f"{step_runs[0]['settings']['batch_size']} | against float32 | matmul, n = "
+             f"{mm_runs[0]['settings']['matmul_size']} | against float32 |",
              "|---|---|---|---|---|"]
-    for r in step["compute"]:
-        name = names[r["amp"]]
-        m = matmul.get(name)
-        mm_cells = (f"{m['tflops']:.4f} TFLOP/s | {times(m['tflops'] / base_mm)}" if m
-                    else "| ")
-        lines.append(f"| {name} | {r['images_per_s']:.1f} img/s | "
-                     f"{times(r['images_per_s'] / base_step)} | {mm_cells} |")
-    return lines + ["", provenance(step_data, "bench_cpu_amp.json"),
-                    provenance(mm_data, "bench_cpu_matmul_amp.json")]
+    for (amp,), rows in step.items():
+        name = names[amp]
+        mm_cells = (f"{span_of(matmul[name,], 'tflops', '{:.4f}')} TFLOP/s | "
+                    f"{span(mm_ratio[name,], times)}" if (name,) in matmul else "| ")
+        lines.append(f"| {name} | {span_of(rows, 'images_per_s', '{:.1f}')} img/s | "
+                     f"{span(step_ratio[amp,], times)} | {mm_cells} |")
+    return lines + ["", runs_provenance(step_data, "bench_cpu_amp.json"),
+                    runs_provenance(mm_data, "bench_cpu_matmul_amp.json")]
 
 
 def bench_constants():
@@ -330,25 +415,25 @@ AUGMENT_METHODS = (("batched", "own torch ops, batched (`--gpu-aug`)"),
 
 def bench_augment_table():
     """docs/performance.md: ways of producing the views of the simclr preset."""
-    data, sec = bench("bench_cpu_augment.json")
+    data, runs = bench("bench_cpu_augment.json")
     lines = ["| simclr preset, RGB | " + " | ".join(label for _, label in AUGMENT_METHODS) + " |",
              "|---|" + "---|" * len(AUGMENT_METHODS)]
-    by = rows_by(sec["augment"], "views", "image_size", "blur", "method")
-    for views, size, blur in dict.fromkeys((r["views"], r["image_size"], r["blur"])
-                                           for r in sec["augment"]):
+    by = across(runs, "augment", "views", "image_size", "blur", "method")
+    for views, size, blur in dict.fromkeys(key[:3] for key in by):
         cells = []
         for method, _ in AUGMENT_METHODS:
-            r = by[views, size, blur, method]
-            cells.append(f"{r['ms']:,.0f} ms" if "ms" in r else r["skipped"])
+            rows = by[views, size, blur, method]
+            timed = [r for r in rows if "ms" in r]
+            cells.append(span_of(timed, "ms", "{:,.0f}", " ms") if timed else rows[0]["skipped"])
         lines.append(f"| {views} views, {size} px{', blur' if blur else ''} | " +
                      " | ".join(cells) + " |")
-    kornia = next((r["version"] for r in sec["augment"] if r["method"] == "kornia"
-                   and r.get("version")), None)
+    kornia = sorted({r["version"] for rows in by.values() for r in rows
+                     if r["method"] == "kornia" and r.get("version")})
     return lines + ["", "Each figure is the least of 8 timed calls after an untimed one (the "
                     "results file also has their medians)" +
-                    (f"; kornia {kornia}, installed for this measurement only." if kornia
-                     else "."), "",
-                    provenance(data, "bench_cpu_augment.json")]
+                    (f"; kornia {', '.join(kornia)}, installed for these measurements only."
+                     if kornia else "."), "",
+                    runs_provenance(data, "bench_cpu_augment.json")]
 
 
 def recorded(name):
@@ -371,21 +456,22 @@ def wall_range(data):
 
 
 def recorded_provenance(names):
-    """Source lines of scripts/record.py files, one per (commit, machine, date) they share."""
+    """Source lines of scripts/record.py files, one per (commit, machine, date) their runs
+    share; a figure the tables give as 'a to b' is the range over a file's runs."""
     groups = {}
     for name in names:
-        data, run = recorded(name)
-        machine = run["machine"]
-        load_avg = run["load_average"]
-        key = (run["git_commit"][:7] + ("+changes" if run["uncommitted_changes"] else ""),
-               f"{machine['cpu']}, {machine['cpu_count']} cores"
-               + (f", {', '.join(machine['gpus'])}" if machine["gpus"] else ""),
-               run["date"][:10])
-        groups.setdefault(key, []).append((name, load_avg))
+        for run in recorded(name)[0]["runs"]:
+            machine = run["machine"]
+            key = (run["git_commit"][:7] + ("+changes" if run["uncommitted_changes"] else ""),
+                   f"{machine['cpu']}, {machine['cpu_count']} cores"
+                   + (f", {', '.join(machine['gpus'])}" if machine["gpus"] else ""),
+                   run["date"][:10])
+            members = groups.setdefault(key, {})
+            members.setdefault(name, []).extend(run["load_average"].values())
     lines = []
     for (commit, machine, date), members in groups.items():
-        loads = [v for _, load_avg in members for v in load_avg.values()]
-        files = ", ".join(f"`results/docs/{name}.json`" for name, _ in members)
+        loads = [v for values in members.values() for v in values]
+        files = ", ".join(f"`results/docs/{name}.json`" for name in members)
         lines.append(f"- source: {files}, written by `scripts/record.py` "
                      f"(`bash scripts/measure_docs.sh`) at commit {commit} on {machine} "
                      f"({date}; load average {min(loads):.1f} to {max(loads):.1f})")
@@ -425,7 +511,7 @@ def feature_analysis_table():
     """docs/evaluation.md: kNN accuracy and PCA of h and z on the demo model."""
     data, run = recorded("feature_analysis")
     a = output(run, "analysis.json")
-    probe = demo_runs()[-1]["test_accuracy"]["linear_eval"]
+    probe = demo_before(run["date"])["test_accuracy"]["linear_eval"]
     pca = a["pca_explained_variance"]
     lines = ["| representation | kNN accuracy (k = 20, cosine) | PCA: variance of the first two "
              "axes |", "|---|---|---|"]
@@ -462,11 +548,11 @@ def chunk_table():
     lines = ["| `--chunk-size` | img/s | peak memory (process) | loss of the epoch |",
              "|---|---|---|---|"]
     for chunk in CHUNKS:
-        data, run = recorded(f"chunk_{chunk}")
-        r = output(run, "run.json")
+        rows = [output(run, "run.json") for run in recorded(f"chunk_{chunk}")[0]["runs"]]
         lines.append(f"| {'none (one pass)' if chunk == 'none' else chunk} | "
-                     f"{r['images_per_s']:.1f} | {r['peak_memory_mb']:,.0f} MB | "
-                     f"{r['epoch_losses'][-1]:.4f} |")
+                     f"{span_of(rows, 'images_per_s', '{:.1f}')} | "
+                     f"{span_of(rows, 'peak_memory_mb', '{:,.0f}', ' MB')} | "
+                     f"{span([r['epoch_losses'][-1] for r in rows], '{:.4f}')} |")
     return lines + [""] + recorded_provenance([f"chunk_{c}" for c in CHUNKS])
 
 
@@ -611,7 +697,7 @@ def defaults_reading(demo):
 
 def defaults_table():
     """docs/defaults.md: one flag changed from the demo's recipe per row, probed on h."""
-    demo = demo_runs()[-1]
+    demo = demo_before(recorded("defaults_cifar_e1_pretrain")[1]["date"])
     lines = ["| run | pretraining | last epoch's loss | linear probe on h |", "|---|---|---|---|"]
     names = []
     for name, label in DEFAULT_RUNS:

@@ -11,8 +11,9 @@ import torch
 from torch import nn
 
 import bench
-from conftest import run_script
+from conftest import run_in_process, run_script
 from utils.errors import UserError
+from utils.fileio import json_dump, open_runs
 from simclr import SimCLRTask
 from utils.engine import LoopSettings, Run, RunFiles, Trainer
 from utils.optim import build_optimizer
@@ -31,7 +32,9 @@ def quick_run(tiny_folder, tmp_path_factory):
     result = run_script("bench.py", "--quick", "--device", "cpu", "--data", tiny_folder,
                         "--json", out)
     assert result.returncode == 0, result.stderr
-    return json.loads(out.read_text()), result.stdout
+    kept = json.loads(out.read_text())
+    assert "bench.py --quick" in kept["command"] and len(kept["runs"]) == 1
+    return kept["runs"][0], result.stdout
 
 
 def test_quick_run_writes_every_section_with_positive_finite_figures(quick_run):
@@ -263,3 +266,32 @@ def test_augment_section_times_every_installed_method():
     has_kornia = importlib.util.find_spec("kornia") is not None
     assert ("ms" in rows[3]) == has_kornia
     assert has_kornia or rows[3]["skipped"] == "kornia is not installed"
+
+
+def test_json_of_another_command_fails_before_measuring(tmp_path):
+    """--json FILE keeps runs of one command: a file of another command is refused in one line,
+    before any measurement, and left as it was."""
+    kept = tmp_path / "kept.json"
+    kept.write_text(json.dumps({"command": "python bench.py --sections matmul", "runs": []}))
+    before = kept.read_text()
+    result = run_in_process("bench.py", "--quick", "--device", "cpu", "--sections", "ntxent",
+                            "--json", kept)
+    assert result.returncode == 2 and "records another command" in result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1 and "device:" not in result.stdout
+    assert kept.read_text() == before
+
+
+def test_open_runs_appends_to_one_command(tmp_path):
+    """utils.fileio.open_runs: a new file has no runs; the same command keeps its runs; the
+    earlier one-run layout is its first run; another command is refused unless replace."""
+    path = str(tmp_path / "r.json")
+    kept = open_runs(path, "cmd a")
+    assert kept == {"command": "cmd a", "runs": []}
+    kept["runs"].append({"x": 1})
+    json_dump(kept, path)
+    assert open_runs(path, "cmd a")["runs"] == [{"x": 1}]
+    with pytest.raises(UserError, match="records another command"):
+        open_runs(path, "cmd b")
+    assert open_runs(path, "cmd b", replace=True) == {"command": "cmd b", "runs": []}
+    json_dump({"command": "cmd c", "date": "d"}, path)
+    assert open_runs(path, "cmd c")["runs"] == [{"command": "cmd c", "date": "d"}]

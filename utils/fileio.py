@@ -87,3 +87,24 @@ def atomic_savez(path, **arrays):
 def json_dump(obj, path):
     """Write `obj` as indented JSON atomically."""
     atomic_write_bytes(path, (json.dumps(obj, indent=2, sort_keys=True) + "\n").encode())
+
+
+def open_runs(path, command, replace=False):
+    """The results file at `path` as {"command": command, "runs": [run, ...]}, ready for one
+    more run of `command` (json_dump it after appending). Absent: no runs yet. A file of one
+    run without "runs" (the earlier layout) is its own first run. A file that records another
+    command raises UserError, unless `replace`: its runs are then dropped."""
+    if not os.path.exists(path):
+        return {"command": command, "runs": []}
+    try:
+        with open(path) as f:
+            kept = json.load(f)
+    except (OSError, ValueError) as err:
+        raise UserError(f"{path} is not a readable results file ({err}): move it away or "
+                        f"pick another file") from None
+    if kept.get("command") != command:
+        if not replace:
+            raise UserError(f"{path} records another command ({kept.get('command')!r}): pick "
+                            f"another file or pass --replace to drop its runs")
+        return {"command": command, "runs": []}
+    return {"command": command, "runs": kept.get("runs", [kept])}
