@@ -62,29 +62,56 @@ def bench(name):
     return data, data["runs"]
 
 
-def across(runs, section, *keys):
-    """{(values of keys): [that row of every run that has it]} over the `section` rows of
-    `runs`, in the first run's order: one configuration's figures over the recorded runs."""
+def short_cpu(model):
+    """'Intel(R) Xeon(R) Processor' -> 'Intel Xeon': the CPU as the tables name it."""
+    for noise in ("(R)", "(TM)", " Processor", " CPU"):
+        model = model.replace(noise, "")
+    return " ".join(model.split())
+
+
+def machine_of(run):
+    """The machine a run measured, as a table names it: CPU model, GPU name on CUDA."""
+    device = run.get("device")
+    if isinstance(device, dict):  # bench.py
+        return device["device_name"] if device["device"] == "cuda" else short_cpu(
+            device["cpu_model"])
+    machine = run["machine"]  # scripts/record.py, demo_summary.py
+    return ", ".join([short_cpu(machine["cpu"] or "?"), *machine.get("gpus", [])])
+
+
+def by_machine(runs):
+    """{machine: [its runs]} in the order the machines first ran."""
     found = {}
     for run in runs:
-        for row in run["sections"].get(section, []):
-            found.setdefault(tuple(row[k] for k in keys), []).append(row)
+        found.setdefault(machine_of(run), []).append(run)
     return found
 
 
+def across(runs, section, *keys):
+    """{(values of keys..., machine): [that row of each of the machine's runs]} over the
+    `section` rows of `runs`, ordered by configuration (first run's order), then machine: one
+    configuration's figures over the runs of one machine. Ranges span runs, never CPUs."""
+    found = {}
+    for run in runs:
+        for row in run["sections"].get(section, []):
+            found.setdefault(tuple(row[k] for k in keys), {}).setdefault(
+                machine_of(run), []).append(row)
+    return {key + (machine,): rows for key, machines in found.items()
+            for machine, rows in machines.items()}
+
+
+def machines_cell(machine, rows):
+    return machine if len(rows) == 1 else f"{machine} ({len(rows)} runs)"
+
+
 def runs_provenance(data, name):
-    """The source lines of a bench.py results file: its command and each run's commit, machine
-    and date; with several runs, a figure 'a to b' is the least and greatest over them."""
-    where = []
-    for run in data["runs"]:
-        device = run["device"]
-        where.append(f"commit {device['git_commit'][:7]} on {device['cpu_model']}, "
-                     f"{device['cpu_count']} cores"
-                     + (f", {device['device_name']}" if device["device"] == "cuda" else "")
-                     + f" ({run['date'][:10]})")
+    """The source line of a bench.py results file: its command and each run's commit, machine
+    and date; a figure 'a to b' is the least and greatest over one machine's runs."""
+    where = [f"commit {run['device']['git_commit'][:7]} on {machine_of(run)}, "
+             f"{run['device']['cpu_count']} cores ({run['date'][:10]})" for run in data["runs"]]
     count = len(where)
     runs = ("one run (figures of time and speed vary from run to run)" if count == 1 else
-            f"{count} runs, each figure the range over them")
+            f"{count} runs, a range per machine")
     return (f"- source: `results/{name}`, written by `{data['command']}`: {runs}: "
             + "; ".join(where))
 
@@ -96,16 +123,21 @@ def startup_table():
     old = across(old_runs, "startup", "entries", "start")
     first, kept = "first", "index kept (resume)"
 
-    def pair(rows, field):
-        return (f"{span([r[field] for r in rows[0]], '{:.2f}')} / "
-                f"{span([r[field] for r in rows[1]], '{:.2f}')} s")
-    lines = ["| entries | before: one-step run, first / second start | after: to the first step, "
-             "first start / index kept | after: one-step run, first start / index kept |",
-             "|---|---|---|---|"]
-    for n in sorted({n for n, _ in new}):
-        lines.append(f"| {entries(n)} | {pair((old[n, first], old[n, kept]), 'one_step_run_s')} | "
-                     f"{pair((new[n, first], new[n, kept]), 'to_first_step_s')} | "
-                     f"{pair((new[n, first], new[n, kept]), 'one_step_run_s')} |")
+    def pair(table, n, machine, field):
+        if (n, first, machine) not in table:
+            return "not measured"
+        return (f"{span_of(table[n, first, machine], field, '{:.2f}')} / "
+                f"{span_of(table[n, kept, machine], field, '{:.2f}')} s")
+    lines = ["| entries | CPU | before: one-step run, first / second start | after: to the first "
+             "step, first start / index kept | after: one-step run, first start / index kept |",
+             "|---|---|---|---|---|"]
+    for n, start, machine in new:
+        if start != first:
+            continue
+        lines.append(f"| {entries(n)} | {machines_cell(machine, new[n, first, machine])} | "
+                     f"{pair(old, n, machine, 'one_step_run_s')} | "
+                     f"{pair(new, n, machine, 'to_first_step_s')} | "
+                     f"{pair(new, n, machine, 'one_step_run_s')} |")
     imports = [r["import_s"] for run in new_runs + old_runs for r in run["sections"]["startup"]]
     commits = {r["commit"] for run in old_runs for r in run["sections"]["startup"]}
     lines += ["", f"Seconds after main.py's imports ({min(imports):.1f} to {max(imports):.1f} s, "
@@ -118,19 +150,22 @@ def startup_table():
 
 def startup_scan_table():
     data, runs = bench("bench_startup_cpu.json")
-    lines = ["| entries | method | seconds | files/s |", "|---|---|---|---|"]
-    for (n, method), rows in across(runs, "startup_scan", "entries", "method").items():
-        lines.append(f"| {entries(n)} | {method} | {span_of(rows, 'seconds', '{:.2f}')} | "
+    lines = ["| entries | method | CPU | seconds | files/s |", "|---|---|---|---|---|"]
+    for (n, method, machine), rows in across(runs, "startup_scan", "entries", "method").items():
+        lines.append(f"| {entries(n)} | {method} | {machines_cell(machine, rows)} | "
+                     f"{span_of(rows, 'seconds', '{:.2f}')} | "
                      f"{span_of(rows, 'files_per_s', '{:,}')} |")
     return lines + ["", runs_provenance(data, "bench_startup_cpu.json")]
 
 
 def startup_memory_table():
     data, runs = bench("bench_startup_cpu.json")
-    lines = ["| entries | layout | index | main RSS | worker RSS | worker PSS | worker private |",
-             "|---|---|---|---|---|---|---|"]
-    for (n, layout), rows in across(runs, "startup_memory", "entries", "layout").items():
-        lines.append(f"| {entries(n)} | {layout} | {span_of(rows, 'index_mb', '{:.1f}', ' MB')} | "
+    lines = ["| entries | layout | CPU | index | main RSS | worker RSS | worker PSS | "
+             "worker private |", "|---|---|---|---|---|---|---|---|"]
+    for (n, layout, machine), rows in across(runs, "startup_memory", "entries",
+                                             "layout").items():
+        lines.append(f"| {entries(n)} | {layout} | {machines_cell(machine, rows)} | "
+                     f"{span_of(rows, 'index_mb', '{:.1f}', ' MB')} | "
                      f"{span_of(rows, 'main_rss_mb', '{:.0f}', ' MB')} | "
                      f"{span_of(rows, 'worker_rss_mb', '{:.0f}', ' MB')} | "
                      f"{span_of(rows, 'worker_pss_mb', '{:.0f}', ' MB')} | "
@@ -190,9 +225,11 @@ def demo_table():
         probe = [100 * r["test_accuracy"]["linear_eval"] for r in runs]
         lines.append(f"Over the {len(runs)} recorded runs (machines below): SimCLR probe "
                      f"{span(probe, '{:.1f}', ' %')}, last loss "
-                     f"{span([r['epoch_losses'][-1] for r in runs], '{:.2f}')}, pretraining "
-                     f"{span([r['pretraining_s'] for r in runs], '{:.0f}', ' s')} at "
-                     f"{span([r['images_per_s'] for r in runs], '{:.1f}', ' img/s')}.")
+                     f"{span([r['epoch_losses'][-1] for r in runs], '{:.2f}')}; pretraining " +
+                     "; ".join(f"{span([r['pretraining_s'] for r in group], '{:.0f}', ' s')} at "
+                               f"{span([r['images_per_s'] for r in group], '{:.1f}', ' img/s')} "
+                               f"on {machines_cell(machine, group)}"
+                               for machine, group in by_machine(runs).items()) + ".")
     lines += ["Losses and accuracy vary by about a point between machines, wall time and img/s "
               "with the CPU and its load.", ""]
     return lines + [provenance(r, "demo.json") for r in reversed(runs)]
@@ -223,54 +260,58 @@ def ratio_span(rows, field):
 
 
 def bench_cpu_table():
-    """docs/performance.md: the default CPU grid, one line per measured configuration."""
+    """docs/performance.md: the default CPU grid, one line per configuration and machine."""
     data, runs = bench("bench_cpu.json")
-    lines = ["| section | configuration | figure |", "|---|---|---|"]
-    for (dtype, size), rows in across(runs, "matmul", "dtype", "size").items():
-        lines.append(f"| dense matmul | {dtype}, n = {size} | "
-                     f"{span_of(rows, 'tflops', '{:.3f}')} TFLOP/s |")
-    for rows in across(runs, "compute", "arch", "image_size", "amp", "channels_last",
-                       "compile").values():
-        lines.append(f"| compute only | {compute_label(rows[0])} | "
-                     f"{span_of(rows, 'images_per_s', '{:.1f}')} img/s, "
-                     f"{rows[0]['gflop_per_step']:.0f} GFLOP/step, "
-                     f"{span_of(rows, 'tflops', '{:.3f}')} TFLOP/s = "
-                     f"{span_of(rows, 'fraction_of_matmul', pct)} of the float32 matmul rate; "
-                     f"first step {span_of(rows, 'first_step_s', '{:.1f}')} s |")
-    loader = [rows for (pipeline, _), rows in across(runs, "loader", "pipeline", "workers").items()
-              if pipeline == "workers"]
-    for rows in loader:
-        lines.append(f"| loader | {workers(rows[0]['workers'])} | "
-                     f"{span_of(rows, 'images_per_s', '{:,.0f}')} img/s = "
-                     f"{ratio_span(rows, 'over_resnet18_compute')} what the trainer consumes |")
+    lines = ["| section | configuration | CPU | figure |", "|---|---|---|---|"]
+
+    def add(section, config, machine, rows, figure):
+        lines.append(f"| {section} | {config} | {machines_cell(machine, rows)} | {figure} |")
+    for (dtype, size, machine), rows in across(runs, "matmul", "dtype", "size").items():
+        add("dense matmul", f"{dtype}, n = {size}", machine, rows,
+            f"{span_of(rows, 'tflops', '{:.3f}')} TFLOP/s")
+    for key, rows in across(runs, "compute", "arch", "image_size", "amp", "channels_last",
+                            "compile").items():
+        add("compute only", compute_label(rows[0]), key[-1], rows,
+            f"{span_of(rows, 'images_per_s', '{:.1f}')} img/s, "
+            f"{rows[0]['gflop_per_step']:.0f} GFLOP/step, {span_of(rows, 'tflops', '{:.3f}')} "
+            f"TFLOP/s = {span_of(rows, 'fraction_of_matmul', pct)} of the float32 matmul "
+            f"rate; first step {span_of(rows, 'first_step_s', '{:.1f}')} s")
+    for (pipeline, n, machine), rows in across(runs, "loader", "pipeline", "workers").items():
+        if pipeline == "workers":
+            add("loader", workers(n), machine, rows,
+                f"{span_of(rows, 'images_per_s', '{:,.0f}')} img/s = "
+                f"{ratio_span(rows, 'over_resnet18_compute')} what the trainer consumes")
     ntxent = across(runs, "ntxent", "n", "method")
-    for n in sorted({n for n, _ in ntxent}):
-        nt, bound, broad = ntxent[n, "ntxent"], ntxent[n, "bound"], ntxent[n, "broadcast"]
+    for n, method, machine in ntxent:
+        if method != "ntxent":
+            continue
+        nt, bound, broad = (ntxent[n, m, machine] for m in ("ntxent", "bound", "broadcast"))
         measured = [r for r in broad if "ms" in r]
         other = (f"broadcast {span_of(measured, 'ms', '{:,.0f}')} ms "
                  f"({ratio_span(measured, 'over_bound')}), "
                  f"{span_of(measured, 'peak_memory_mb', '{:,.0f}')} MB" if measured
                  else f"broadcast skipped ({broad[0]['skipped']})")
-        lines.append(f"| NT-Xent, D = {nt[0]['dim']} | N = {n} | "
-                     f"{span_of(nt, 'ms', '{:,.1f}')} ms = {ratio_span(nt, 'over_bound')} the "
-                     f"matmul + cross_entropy bound ({span_of(bound, 'ms', '{:,.1f}')} ms), "
-                     f"{span_of(nt, 'peak_memory_mb', '{:,.0f}')} MB; {other} |")
-    for rows in across(runs, "baseline", "arch", "image_size", "workers").values():
-        lines.append(f"| baseline loop | per-image PIL, {rows[0]['workers']} workers, two passes, "
-                     f"broadcast NT-Xent | {span_of(rows, 'images_per_s', '{:.1f}')} img/s |")
-    for rows in across(runs, "end2end", "arch", "image_size", "workers").values():
+        add(f"NT-Xent, D = {nt[0]['dim']}", f"N = {n}", machine, nt,
+            f"{span_of(nt, 'ms', '{:,.1f}')} ms = {ratio_span(nt, 'over_bound')} the matmul + "
+            f"cross_entropy bound ({span_of(bound, 'ms', '{:,.1f}')} ms), "
+            f"{span_of(nt, 'peak_memory_mb', '{:,.0f}')} MB; {other}")
+    for key, rows in across(runs, "baseline", "arch", "image_size", "workers").items():
+        add("baseline loop", f"per-image PIL, {rows[0]['workers']} workers, two passes, "
+            f"broadcast NT-Xent", key[-1], rows, f"{span_of(rows, 'images_per_s', '{:.1f}')} img/s")
+    for key, rows in across(runs, "end2end", "arch", "image_size", "workers").items():
         configs = " or ".join(dict.fromkeys(compute_label(r) for r in rows))
-        lines.append(f"| end to end | the fastest compute configuration ({configs}), "
-                     f"{rows[0]['workers']} workers | {span_of(rows, 'images_per_s', '{:.1f}')} "
-                     f"img/s = {span_of(rows, 'fraction_of_compute', pct)} of compute only, "
-                     f"{ratio_span(rows, 'over_baseline')} the baseline; ceiling "
-                     f"{ratio_span(rows, 'ceiling_over_baseline')} |")
+        add("end to end", f"the fastest compute configuration ({configs}), "
+            f"{rows[0]['workers']} workers", key[-1], rows,
+            f"{span_of(rows, 'images_per_s', '{:.1f}')} img/s = "
+            f"{span_of(rows, 'fraction_of_compute', pct)} of compute only, "
+            f"{ratio_span(rows, 'over_baseline')} the baseline; ceiling "
+            f"{ratio_span(rows, 'ceiling_over_baseline')}")
     return lines + ["", runs_provenance(data, "bench_cpu.json")]
 
 
 def bench_targets_table():
     """docs/performance.md: the CPU targets, as bench.py evaluated them in its runs."""
-    lines = ["| target | configuration | measured | |", "|---|---|---|---|"]
+    lines = ["| target | configuration | CPU | measured | |", "|---|---|---|---|---|"]
     sources = []
     for name in ("bench_cpu.json", "bench_cpu_gpuaug.json"):
         data, runs = bench(name)
@@ -278,33 +319,37 @@ def bench_targets_table():
         found = {}  # a command evaluates the same targets in the same order in every run
         for run in runs:
             for i, t in enumerate(run["targets"]):
-                found.setdefault(i, []).append(t)
-        for rows in found.values():
-            ceilings = [t["ceiling"] for t in rows if t.get("ceiling")]
-            ceiling = f", ceiling {span(ceilings, times)}" if ceilings else ""
-            met = sum(t["met"] for t in rows)
-            verdict = ("met" if met == len(rows) else "**not met**" if not met else
-                       f"met in {met} of {len(rows)} runs")
-            configs = " or ".join(dict.fromkeys(t["config"] for t in rows))
-            lines.append(f"| {rows[0]['name']} | {configs} | "
-                         f"{span([t['measured'] for t in rows], times)}{ceiling} | {verdict} |")
+                found.setdefault(i, {}).setdefault(machine_of(run), []).append(t)
+        for machines in found.values():
+            for machine, rows in machines.items():
+                ceilings = [t["ceiling"] for t in rows if t.get("ceiling")]
+                ceiling = f", ceiling {span(ceilings, times)}" if ceilings else ""
+                met = sum(t["met"] for t in rows)
+                verdict = ("met" if met == len(rows) else "**not met**" if not met else
+                           f"met in {met} of {len(rows)} runs")
+                configs = " or ".join(dict.fromkeys(t["config"] for t in rows))
+                lines.append(f"| {rows[0]['name']} | {configs} | {machines_cell(machine, rows)} | "
+                             f"{span([t['measured'] for t in rows], times)}{ceiling} | "
+                             f"{verdict} |")
     return lines + [""] + sources
 
 
 def bench_gpuaug_table():
     """docs/performance.md: CPU workers against --gpu-aug (batched augmentation on the device)."""
     data, runs = bench("bench_cpu_gpuaug.json")
-    lines = ["| section | input | img/s | |", "|---|---|---|---|"]
-    for (pipeline, n), rows in across(runs, "loader", "pipeline", "workers").items():
+    lines = ["| section | input | CPU | img/s | |", "|---|---|---|---|---|"]
+    for (pipeline, n, machine), rows in across(runs, "loader", "pipeline", "workers").items():
         what = (f"`--gpu-aug` (decoded once in {span_of(rows, 'decode_s', '{:.1f}')} s)"
                 if pipeline == "gpu-aug" else workers(n))
-        lines.append(f"| loader | {what} | {span_of(rows, 'images_per_s', '{:,.0f}')} | "
+        lines.append(f"| loader | {what} | {machines_cell(machine, rows)} | "
+                     f"{span_of(rows, 'images_per_s', '{:,.0f}')} | "
                      f"{ratio_span(rows, 'over_resnet18_compute')} what the trainer consumes |")
-    for rows in across(runs, "end2end", "gpu_aug", "workers", "channels_last",
-                       "compile").values():
+    for key, rows in across(runs, "end2end", "gpu_aug", "workers", "channels_last",
+                            "compile").items():
         r = rows[0]
         what = "`--gpu-aug`" if r["gpu_aug"] else workers(r["workers"])
         lines.append(f"| end to end ({compute_label(r)}) | {what} | "
+                     f"{machines_cell(key[-1], rows)} | "
                      f"{span_of(rows, 'images_per_s', '{:.1f}')} | "
                      f"{span_of(rows, 'fraction_of_compute', pct)} of compute only |")
     return lines + ["", runs_provenance(data, "bench_cpu_gpuaug.json")]
@@ -313,32 +358,35 @@ def bench_gpuaug_table():
 def bench_grid_table():
     """docs/performance.md: compute only over archs and sizes, channels-last and contiguous."""
     data, runs = bench("bench_cpu_grid_fp32.json")
-    lines = ["| arch | px | GFLOP/step | channels-last | contiguous | peak MB (channels-last) |",
-             "|---|---|---|---|---|---|"]
+    lines = ["| arch | px | CPU | GFLOP/step | channels-last | contiguous | float32 matmul | "
+             "peak MB (channels-last) |", "|---|---|---|---|---|---|---|---|"]
     rows = across(runs, "compute", "arch", "image_size", "channels_last")
-    for arch, size in sorted({(a, s) for a, s, _ in rows}):
-        last, cont = rows[arch, size, True], rows[arch, size, False]
-        lines.append(f"| {arch} | {size} | {last[0]['gflop_per_step']:,.0f} | "
+    matmul = across(runs, "matmul", "dtype")
+    for arch, size, machine in sorted({(a, s, m) for a, s, _, m in rows},
+                                      key=lambda k: (k[0], k[1], list(by_machine(runs)).index(k[2]))):
+        last, cont = rows[arch, size, True, machine], rows[arch, size, False, machine]
+        lines.append(f"| {arch} | {size} | {machines_cell(machine, last)} | "
+                     f"{last[0]['gflop_per_step']:,.0f} | "
                      f"{span_of(last, 'images_per_s', '{:.1f}')} img/s, "
                      f"{span_of(last, 'fraction_of_matmul', pct)} of matmul | "
                      f"{span_of(cont, 'images_per_s', '{:.1f}')} img/s, "
                      f"{span_of(cont, 'fraction_of_matmul', pct)} | "
+                     f"{span_of(matmul['float32', machine], 'tflops', '{:.3f}')} TFLOP/s | "
                      f"{span_of(last, 'peak_memory_mb', '{:,.0f}')} |")
-    matmul = across(runs, "matmul", "dtype")["float32",]
-    return lines + ["", f"Batch {runs[0]['settings']['batch_size']}, float32 matmul rate "
-                    f"{span_of(matmul, 'tflops', '{:.3f}')} TFLOP/s in the same runs.", "",
-                    runs_provenance(data, "bench_cpu_grid_fp32.json")]
+    return lines + ["", f"Batch {runs[0]['settings']['batch_size']}; the matmul rate is the "
+                    f"same runs' own.", "", runs_provenance(data, "bench_cpu_grid_fp32.json")]
 
 
 def per_run_ratios(runs, section, keys, field, base):
-    """{key: [row[field] / the base row's field of the same run]} over the runs: a ratio
-    within each run (the same machine and moment), then its range over the runs."""
+    """{key + (machine,): [row[field] / the base row's field of the same run]}: a ratio within
+    each run (the same machine and moment), then its range over the machine's runs."""
     found = {}
     for run in runs:
         rows = run["sections"][section]
         reference = next(r[field] for r in rows if all(r[k] == v for k, v in base.items()))
         for r in rows:
-            found.setdefault(tuple(r[k] for k in keys), []).append(r[field] / reference)
+            found.setdefault(tuple(r[k] for k in keys) + (machine_of(run),), []).append(
+                r[field] / reference)
     return found
 
 
@@ -351,16 +399,17 @@ def bench_amp_table():
     step_ratio = per_run_ratios(step_runs, "compute", ("amp",), "images_per_s", {"amp": "off"})
     matmul = across(mm_runs, "matmul", "dtype")
     mm_ratio = per_run_ratios(mm_runs, "matmul", ("dtype",), "tflops", {"dtype": "float32"})
-    lines = [f"| precision | step, ResNet-18 at 32 px, batch "
+    lines = [f"| precision | CPU | step, ResNet-18 at 32 px, batch "
              f"{step_runs[0]['settings']['batch_size']} | against float32 | matmul, n = "
              f"{mm_runs[0]['settings']['matmul_size']} | against float32 |",
-             "|---|---|---|---|---|"]
-    for (amp,), rows in step.items():
-        name = names[amp]
-        mm_cells = (f"{span_of(matmul[name,], 'tflops', '{:.4f}')} TFLOP/s | "
-                    f"{span(mm_ratio[name,], times)}" if (name,) in matmul else "| ")
-        lines.append(f"| {name} | {span_of(rows, 'images_per_s', '{:.1f}')} img/s | "
-                     f"{span(step_ratio[amp,], times)} | {mm_cells} |")
+             "|---|---|---|---|---|---|"]
+    for (amp, machine), rows in step.items():
+        key = (names[amp], machine)
+        mm_cells = (f"{span_of(matmul[key], 'tflops', '{:.4f}')} TFLOP/s | "
+                    f"{span(mm_ratio[key], times)}" if key in matmul else "| ")
+        lines.append(f"| {names[amp]} | {machines_cell(machine, rows)} | "
+                     f"{span_of(rows, 'images_per_s', '{:.1f}')} img/s | "
+                     f"{span(step_ratio[amp, machine], times)} | {mm_cells} |")
     return lines + ["", runs_provenance(step_data, "bench_cpu_amp.json"),
                     runs_provenance(mm_data, "bench_cpu_matmul_amp.json")]
 
@@ -416,17 +465,20 @@ AUGMENT_METHODS = (("batched", "own torch ops, batched (`--gpu-aug`)"),
 def bench_augment_table():
     """docs/performance.md: ways of producing the views of the simclr preset."""
     data, runs = bench("bench_cpu_augment.json")
-    lines = ["| simclr preset, RGB | " + " | ".join(label for _, label in AUGMENT_METHODS) + " |",
-             "|---|" + "---|" * len(AUGMENT_METHODS)]
+    lines = ["| simclr preset, RGB | CPU | " +
+             " | ".join(label for _, label in AUGMENT_METHODS) + " |",
+             "|---|---|" + "---|" * len(AUGMENT_METHODS)]
     by = across(runs, "augment", "views", "image_size", "blur", "method")
-    for views, size, blur in dict.fromkeys(key[:3] for key in by):
+    for views, size, blur, machine in dict.fromkeys(key[:3] + key[4:] for key in by):
         cells = []
         for method, _ in AUGMENT_METHODS:
-            rows = by[views, size, blur, method]
+            rows = by.get((views, size, blur, method, machine), [])
             timed = [r for r in rows if "ms" in r]
-            cells.append(span_of(timed, "ms", "{:,.0f}", " ms") if timed else rows[0]["skipped"])
-        lines.append(f"| {views} views, {size} px{', blur' if blur else ''} | " +
-                     " | ".join(cells) + " |")
+            cells.append(span_of(timed, "ms", "{:,.0f}", " ms") if timed else
+                         rows[0]["skipped"] if rows else "not measured")
+        runs_of = by[views, size, blur, "batched", machine]
+        lines.append(f"| {views} views, {size} px{', blur' if blur else ''} | "
+                     f"{machines_cell(machine, runs_of)} | " + " | ".join(cells) + " |")
     kornia = sorted({r["version"] for rows in by.values() for r in rows
                      if r["method"] == "kornia" and r.get("version")})
     return lines + ["", "Each figure is the least of 8 timed calls after an untimed one (the "
@@ -448,11 +500,13 @@ def output(run, suffix):
 
 
 def wall_range(data):
-    """The whole command's wall time: one run's seconds, or the range over the recorded runs."""
-    walls = sorted(r["wall_s"] for r in data["runs"])
-    if len(walls) == 1:
-        return f"{walls[0]:,.0f} s"
-    return f"{walls[0]:,.0f} to {walls[-1]:,.0f} s ({len(walls)} runs)"
+    """The whole command's wall time per machine: '35 s on Intel Xeon', a range over a
+    machine's runs when it has several."""
+    parts = []
+    for machine, runs in by_machine(data["runs"]).items():
+        walls = [r["wall_s"] for r in runs]
+        parts.append(f"{span(walls, '{:,.0f}', ' s')} on {machines_cell(machine, runs)}")
+    return "; ".join(parts)
 
 
 def recorded_provenance(names):
@@ -520,8 +574,8 @@ def feature_analysis_table():
         lines.append(f"| {rep} ({a['feature_dims'][rep]}-d) | {100 * a['knn'][rep]:.1f} % | "
                      f"{100 * ratios[0]:.1f} % and {100 * ratios[1]:.1f} % |")
     return lines + ["", f"The linear probe on h of the same model: {100 * probe:.1f} % "
-                    f"(`results/demo.json`). The whole command took {wall_range(data)} on "
-                    f"{a['n_train']:,} train and {a['n_test']:,} test images.", ""] + \
+                    f"(`results/demo.json`). On {a['n_train']:,} train and {a['n_test']:,} test "
+                    f"images the whole command took {wall_range(data)}.", ""] + \
         recorded_provenance(["feature_analysis"])
 
 
@@ -545,14 +599,16 @@ CHUNKS = ("none", "64", "32", "16")
 
 def chunk_table():
     """docs/distributed.md: --chunk-size against the unchunked step, one epoch of main.py."""
-    lines = ["| `--chunk-size` | img/s | peak memory (process) | loss of the epoch |",
-             "|---|---|---|---|"]
+    lines = ["| `--chunk-size` | CPU | img/s | peak memory (process) | loss of the epoch |",
+             "|---|---|---|---|---|"]
     for chunk in CHUNKS:
-        rows = [output(run, "run.json") for run in recorded(f"chunk_{chunk}")[0]["runs"]]
-        lines.append(f"| {'none (one pass)' if chunk == 'none' else chunk} | "
-                     f"{span_of(rows, 'images_per_s', '{:.1f}')} | "
-                     f"{span_of(rows, 'peak_memory_mb', '{:,.0f}', ' MB')} | "
-                     f"{span([r['epoch_losses'][-1] for r in rows], '{:.4f}')} |")
+        for machine, runs in by_machine(recorded(f"chunk_{chunk}")[0]["runs"]).items():
+            rows = [output(run, "run.json") for run in runs]
+            lines.append(f"| {'none (one pass)' if chunk == 'none' else chunk} | "
+                         f"{machines_cell(machine, rows)} | "
+                         f"{span_of(rows, 'images_per_s', '{:.1f}')} | "
+                         f"{span_of(rows, 'peak_memory_mb', '{:,.0f}', ' MB')} | "
+                         f"{span([r['epoch_losses'][-1] for r in rows], '{:.4f}')} |")
     return lines + [""] + recorded_provenance([f"chunk_{c}" for c in CHUNKS])
 
 
