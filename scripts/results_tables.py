@@ -509,9 +509,10 @@ def wall_range(data):
     return "; ".join(parts)
 
 
-def recorded_provenance(names):
+def recorded_provenance(names, newest_only=True):
     """Source lines of scripts/record.py files, one per (commit, machine, date) their runs
-    share; a figure the tables give as 'a to b' is the range over a file's runs."""
+    share; newest_only: the table takes its figures but the wall times from each file's newest
+    run (said in a first line where a file has several)."""
     groups = {}
     for name in names:
         for run in recorded(name)[0]["runs"]:
@@ -521,14 +522,19 @@ def recorded_provenance(names):
                    + (f", {', '.join(machine['gpus'])}" if machine["gpus"] else ""),
                    run["date"][:10])
             members = groups.setdefault(key, {})
-            members.setdefault(name, []).extend(run["load_average"].values())
+            members.setdefault(name, []).append(list(run["load_average"].values()))
     lines = []
     for (commit, machine, date), members in groups.items():
-        loads = [v for values in members.values() for v in values]
+        loads = [v for runs in members.values() for values in runs for v in values]
         files = ", ".join(f"`results/docs/{name}.json`" for name in members)
         lines.append(f"- source: {files}, written by `scripts/record.py` "
                      f"(`bash scripts/measure_docs.sh`) at commit {commit} on {machine} "
                      f"({date}; load average {min(loads):.1f} to {max(loads):.1f})")
+    if newest_only and any(len(recorded(name)[0]["runs"]) > 1 for name in names):
+        newest = recorded(names[0])[1]
+        lines.insert(0, f"- runs: every figure but the wall times comes from the newest run "
+                        f"(commit {newest['git_commit'][:7]} on {machine_of(newest)}); wall "
+                        f"times are given per CPU over all its runs.")
     return lines
 
 
@@ -609,7 +615,7 @@ def chunk_table():
                          f"{span_of(rows, 'images_per_s', '{:.1f}')} | "
                          f"{span_of(rows, 'peak_memory_mb', '{:,.0f}', ' MB')} | "
                          f"{span([r['epoch_losses'][-1] for r in rows], '{:.4f}')} |")
-    return lines + [""] + recorded_provenance([f"chunk_{c}" for c in CHUNKS])
+    return lines + [""] + recorded_provenance([f"chunk_{c}" for c in CHUNKS], newest_only=False)
 
 
 SEGMENT_RUNS = (

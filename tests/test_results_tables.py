@@ -149,3 +149,29 @@ def test_no_page_quotes_a_figure_outside_generated_tables(path):
         ["724 s", "82.3 %"]
     with open(path) as f:
         assert results_tables.untraced_figures(f.read()) == []
+
+
+def bench_run(cpu, images_per_s, baseline):
+    """A bench.py run of the two sections the end-to-end row reads, on CPU `cpu`."""
+    return {"device": {"device": "cpu", "cpu_model": cpu, "cpu_count": 2},
+            "sections": {"end2end": [{"arch": "resnet18", "image_size": 32, "workers": 2,
+                                      "channels_last": True, "compile": False,
+                                      "images_per_s": images_per_s,
+                                      "over_baseline": images_per_s / baseline}]}}
+
+
+def test_ranges_are_per_machine_and_ratios_within_a_run():
+    """Rows of two CPUs stay apart: a figure's range covers one CPU's runs only, and a ratio
+    is taken within each run before it is ranged (10/5 and 30/10, never 30/5)."""
+    runs = [bench_run("Intel(R) Xeon(R) Processor", 10.0, 5.0),
+            bench_run("AMD EPYC", 50.0, 40.0),
+            bench_run("Intel(R) Xeon(R) Processor", 30.0, 10.0)]
+    rows = results_tables.across(runs, "end2end", "arch", "workers")
+    assert list(rows) == [("resnet18", 2, "Intel Xeon"), ("resnet18", 2, "AMD EPYC")]
+    intel, amd = rows["resnet18", 2, "Intel Xeon"], rows["resnet18", 2, "AMD EPYC"]
+    assert results_tables.span_of(intel, "images_per_s", "{:.1f}", " img/s") == \
+        "10.0 to 30.0 img/s"
+    assert results_tables.span_of(amd, "images_per_s", "{:.1f}") == "50.0"
+    assert results_tables.ratio_span(intel, "over_baseline") == "2.00× to 3.00×"
+    assert results_tables.machines_cell("Intel Xeon", intel) == "Intel Xeon (2 runs)"
+    assert results_tables.machines_cell("AMD EPYC", amd) == "AMD EPYC"
