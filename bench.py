@@ -1197,7 +1197,8 @@ def run_augment(args):
 def main(args):
     device = resolve_settings(args)
     ensure_writable_dir(os.path.dirname(os.path.abspath(args.json)), "the --json folder")
-    command = " ".join(["python", *sys.argv])
+    # the command without --replace, so that the runs after a replacing one append to it
+    command = " ".join(["python", *(a for a in sys.argv if a != "--replace")])
     kept = open_runs(args.json, command, args.replace)  # before measuring: a wrong file fails now
     info = device_description(device)
     batches = ", ".join(f"{batch_for(args, size)} at {size} px" for size in args.sizes)

@@ -88,6 +88,8 @@ def main(argv=None):
     parser.add_argument("out", help="the demo's output folder (results/demo)")
     parser.add_argument("--json", default=os.path.join("results", "demo.json"),
                         help="where to keep the figures with their provenance")
+    parser.add_argument("--replace", action="store_true",
+                        help="drop the runs of another command recorded in the --json file")
     parser.add_argument("--script-seconds", type=float, default=None,
                         help="the whole demo's wall time so far (demo.sh passes bash's $SECONDS)")
     args = parser.parse_args(argv)
@@ -98,7 +100,7 @@ def main(argv=None):
               file=sys.stderr)
         return 2
     try:
-        kept = open_runs(args.json, s["command"])
+        kept = open_runs(args.json, s["command"], args.replace)
     except UserError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2

@@ -39,17 +39,11 @@ def entries(n):
     return POWERS.get(n, f"{n:,}")
 
 
-def provenance(data, name):
-    """One line naming the results file, its command, commit, machine and date."""
-    device = data.get("device", {})
-    commit = (device.get("git_commit") or data.get("git_commit") or "?")[:7]
-    machine = data.get("machine")
-    if isinstance(machine, dict):
-        machine = f"{machine.get('cpu')}, {machine.get('cpu_count')} cores"
-    elif device.get("cpu_model"):
-        machine = f"{device['cpu_model']}, {device['cpu_count']} cores"
-    return (f"- source: `results/{name}`, written by `{data.get('command')}` at commit {commit} "
-            f"on {machine} ({data.get('date', '?')[:10]})")
+def demo_provenance(run):
+    """One line naming results/demo.json and one demo run's commit, machine and date."""
+    return (f"- source: `results/demo.json`, written by `{run['command']}` at commit "
+            f"{run['git_commit'][:7]} on {machine_of(run)}, {run['machine']['cpu_count']} cores "
+            f"({run['date'][:10]})")
 
 
 def rows_by(rows, *keys):
@@ -232,7 +226,7 @@ def demo_table():
                                for machine, group in by_machine(runs).items()) + ".")
     lines += ["Losses and accuracy vary by about a point between machines, wall time and img/s "
               "with the CPU and its load.", ""]
-    return lines + [provenance(r, "demo.json") for r in reversed(runs)]
+    return lines + [demo_provenance(r) for r in reversed(runs)]
 
 
 def compute_label(row):
@@ -253,10 +247,6 @@ def times(x):
     if x < 0.1:
         return f"1/{1 / x:,.0f}"
     return f"{x:.2f}×" if x < 10 else f"{x:,.0f}×"
-
-
-def ratio_span(rows, field):
-    return span([r[field] for r in rows], times)
 
 
 def bench_cpu_table():
@@ -280,7 +270,7 @@ def bench_cpu_table():
         if pipeline == "workers":
             add("loader", workers(n), machine, rows,
                 f"{span_of(rows, 'images_per_s', '{:,.0f}')} img/s = "
-                f"{ratio_span(rows, 'over_resnet18_compute')} what the trainer consumes")
+                f"{span_of(rows, 'over_resnet18_compute', times)} what the trainer consumes")
     ntxent = across(runs, "ntxent", "n", "method")
     for n, method, machine in ntxent:
         if method != "ntxent":
@@ -288,11 +278,11 @@ def bench_cpu_table():
         nt, bound, broad = (ntxent[n, m, machine] for m in ("ntxent", "bound", "broadcast"))
         measured = [r for r in broad if "ms" in r]
         other = (f"broadcast {span_of(measured, 'ms', '{:,.0f}')} ms "
-                 f"({ratio_span(measured, 'over_bound')}), "
+                 f"({span_of(measured, 'over_bound', times)}), "
                  f"{span_of(measured, 'peak_memory_mb', '{:,.0f}')} MB" if measured
                  else f"broadcast skipped ({broad[0]['skipped']})")
         add(f"NT-Xent, D = {nt[0]['dim']}", f"N = {n}", machine, nt,
-            f"{span_of(nt, 'ms', '{:,.1f}')} ms = {ratio_span(nt, 'over_bound')} the matmul + "
+            f"{span_of(nt, 'ms', '{:,.1f}')} ms = {span_of(nt, 'over_bound', times)} the matmul + "
             f"cross_entropy bound ({span_of(bound, 'ms', '{:,.1f}')} ms), "
             f"{span_of(nt, 'peak_memory_mb', '{:,.0f}')} MB; {other}")
     for key, rows in across(runs, "baseline", "arch", "image_size", "workers").items():
@@ -304,8 +294,8 @@ def bench_cpu_table():
             f"{rows[0]['workers']} workers", key[-1], rows,
             f"{span_of(rows, 'images_per_s', '{:.1f}')} img/s = "
             f"{span_of(rows, 'fraction_of_compute', pct)} of compute only, "
-            f"{ratio_span(rows, 'over_baseline')} the baseline; ceiling "
-            f"{ratio_span(rows, 'ceiling_over_baseline')}")
+            f"{span_of(rows, 'over_baseline', times)} the baseline; ceiling "
+            f"{span_of(rows, 'ceiling_over_baseline', times)}")
     return lines + ["", runs_provenance(data, "bench_cpu.json")]
 
 
@@ -343,7 +333,7 @@ def bench_gpuaug_table():
                 if pipeline == "gpu-aug" else workers(n))
         lines.append(f"| loader | {what} | {machines_cell(machine, rows)} | "
                      f"{span_of(rows, 'images_per_s', '{:,.0f}')} | "
-                     f"{ratio_span(rows, 'over_resnet18_compute')} what the trainer consumes |")
+                     f"{span_of(rows, 'over_resnet18_compute', times)} what the trainer consumes |")
     for key, rows in across(runs, "end2end", "gpu_aug", "workers", "channels_last",
                             "compile").items():
         r = rows[0]
@@ -362,8 +352,9 @@ def bench_grid_table():
              "peak MB (channels-last) |", "|---|---|---|---|---|---|---|---|"]
     rows = across(runs, "compute", "arch", "image_size", "channels_last")
     matmul = across(runs, "matmul", "dtype")
+    order = list(by_machine(runs))
     for arch, size, machine in sorted({(a, s, m) for a, s, _, m in rows},
-                                      key=lambda k: (k[0], k[1], list(by_machine(runs)).index(k[2]))):
+                                      key=lambda k: (k[0], k[1], order.index(k[2]))):
         last, cont = rows[arch, size, True, machine], rows[arch, size, False, machine]
         lines.append(f"| {arch} | {size} | {machines_cell(machine, last)} | "
                      f"{last[0]['gflop_per_step']:,.0f} | "
@@ -516,11 +507,8 @@ def recorded_provenance(names, newest_only=True):
     groups = {}
     for name in names:
         for run in recorded(name)[0]["runs"]:
-            machine = run["machine"]
             key = (run["git_commit"][:7] + ("+changes" if run["uncommitted_changes"] else ""),
-                   f"{machine['cpu']}, {machine['cpu_count']} cores"
-                   + (f", {', '.join(machine['gpus'])}" if machine["gpus"] else ""),
-                   run["date"][:10])
+                   f"{machine_of(run)}, {run['machine']['cpu_count']} cores", run["date"][:10])
             members = groups.setdefault(key, {})
             members.setdefault(name, []).append(list(run["load_average"].values()))
     lines = []
@@ -781,7 +769,7 @@ def defaults_table():
                     f"{100 * acc['reference_random']:.1f} %, raw pixels "
                     f"{100 * acc['reference_pixels']:.1f} % (`results/demo.json`).", ""] + \
         recorded_provenance(names + ["defaults_imagenet_e15_random"]) + \
-        [provenance(demo, "demo.json")]
+        [demo_provenance(demo)]
 
 
 TABLES = {"startup": startup_table, "startup-scan": startup_scan_table,
