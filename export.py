@@ -9,7 +9,7 @@ MODELPATH is the model.pth or checkpoint.pth main.py wrote. Writes
              image_size, mean, std, feature_dim, source_checkpoint, torch, torchvision,
              how_to_load}}. It loads with strict=True into torchvision.models.<arch>(weights=None)
              whose conv1 is rebuilt from meta["conv1"] for meta["in_channels"], whose maxpool is
-             nn.Identity() for the 'cifar' stem and whose fc is nn.Identity(): the 7 lines in
+             nn.Identity() for the 'cifar' and 'half' stems and whose fc is nn.Identity(): the 7 lines in
              meta["how_to_load"] and the README; utils.model.build_torchvision_backbone(meta)
              builds the same module.
     OUT.pt2  the same encoder as a torch.export program, meta.json inside:
@@ -47,7 +47,7 @@ import torch, torchvision
 saved = torch.load("{name}", weights_only=True); meta = saved["meta"]
 net = getattr(torchvision.models, meta["arch"])(weights=None)
 net.conv1 = torch.nn.Conv2d(meta["in_channels"], 64, **meta["conv1"], bias=False)
-if meta["stem"] == "cifar": net.maxpool = torch.nn.Identity()
+if meta["stem"] != "imagenet": net.maxpool = torch.nn.Identity()
 net.fc = torch.nn.Identity()
 net.load_state_dict(saved["state_dict"], strict=True); net.eval()
 """

@@ -41,7 +41,8 @@ from utils.errors import UserError
 from utils.fileio import json_dump
 from utils.foreign_weights import WeightSettings
 from utils.metrics import write_classification_report
-from utils.model import FEATURE_DIMS, build_encoder, encoder_state, load_state_strict, resolve_stem
+from utils.model import (FEATURE_DIMS, STEM_CHOICES, STEM_HELP, build_encoder, encoder_state,
+                         load_state_strict, resolve_stem)
 from utils.optim import WarmupCosine, build_optimizer, scaled_learning_rate
 from utils.plotfuncs import plot_finetune_curves
 from utils.precision import MixedPrecision, resolve_amp
@@ -84,8 +85,8 @@ def get_args_parser():
                        help="classifier on h: one Linear layer, or Linear-BN-ReLU-Linear")
     model.add_argument("--arch", choices=tuple(FEATURE_DIMS), default="resnet18",
                        help="--baseline without MODELPATH: the ResNet to train")
-    model.add_argument("--stem", choices=("auto", "cifar", "imagenet"), default="auto",
-                       help="--baseline without MODELPATH: 'auto' = cifar for images <= 64 px")
+    model.add_argument("--stem", choices=STEM_CHOICES, default="auto",
+                       help="--baseline without MODELPATH: " + STEM_HELP)
     model.add_argument("--image-size", type=int, default=None,
                        help="--baseline without MODELPATH: training size (default: the data's)")
     train = parser.add_argument_group("training")

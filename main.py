@@ -48,7 +48,8 @@ from utils.knn import knn_accuracy
 from utils.linear_probe import extract_features
 from utils.foreign_weights import WeightSettings
 from utils.model import (adapt_input_channels, build_model_from_meta, default_proj_dims,
-                         load_state_strict, resolve_stem, FEATURE_DIMS)
+                         load_state_strict, resolve_stem, FEATURE_DIMS, STEM_CHOICES,
+                         STEM_HELP)
 from utils.ntxent import NTXentLoss
 from utils.optim import WarmupCosine, build_optimizer, scaled_learning_rate
 from utils.plotfuncs import plot_training_losses
@@ -123,9 +124,7 @@ def get_args_parser():
     mod = parser.add_argument_group("model")
     mod.add_argument("--arch", choices=tuple(FEATURE_DIMS), default="resnet18",
                      help="ResNet encoder (torchvision, random initialisation)")
-    mod.add_argument("--stem", choices=("auto", "cifar", "imagenet"), default="auto",
-                     help="first layers: cifar = 3x3 conv stride 1, no max-pool; imagenet = 7x7 "
-                          "stride 2 + max-pool; auto = cifar for images <= 64 px")
+    mod.add_argument("--stem", choices=STEM_CHOICES, default="auto", help=STEM_HELP)
     mod.add_argument("--proj-dims", "--proj_dims", dest="proj_dims", type=int, nargs="+",
                      default=None, help="projection head widths after h, the last is z's size "
                                         "(default: feature size then 128, e.g. 512 128)")

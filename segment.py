@@ -45,7 +45,8 @@ from utils.engine import (LoopSettings, Run, RunFiles, Task, Trainer, launcher_n
 from utils.errors import UserError
 from utils.fileio import atomic_write_bytes, json_dump
 from utils.foreign_weights import WeightSettings
-from utils.model import FEATURE_DIMS, encoder_state, load_state_strict, resolve_stem
+from utils.model import (FEATURE_DIMS, STEM_CHOICES, STEM_HELP, encoder_state,
+                         load_state_strict, resolve_stem)
 from utils.optim import WarmupCosine, build_optimizer
 from utils.precision import MixedPrecision, resolve_amp
 from utils.segmentation import (DECODERS, IGNORE_INDEX, JointTransform, SegmentationDataset,
@@ -112,10 +113,8 @@ def get_args_parser():
                      help="the same network with random weights (the from-scratch reference)")
     mod.add_argument("--arch", choices=tuple(FEATURE_DIMS), default=None,
                      help="--baseline without MODELPATH: the ResNet (default resnet18)")
-    mod.add_argument("--stem", choices=("auto", "cifar", "imagenet"), default=None,
-                     help="--baseline without MODELPATH: cifar = 3x3 conv stride 1, no "
-                          "max-pool; imagenet = 7x7 stride 2 + max-pool; auto (the default) = "
-                          "cifar for images <= 64 px")
+    mod.add_argument("--stem", choices=STEM_CHOICES, default=None,
+                     help="--baseline without MODELPATH (default auto): " + STEM_HELP)
 
     opt = parser.add_argument_group("optimisation")
     opt.add_argument("--epochs", type=int, default=10, help="total epochs of the run")

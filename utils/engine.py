@@ -4,6 +4,7 @@ A script builds a `Run` (its task, plain model, optimizer, schedule, data, preci
 files) and calls `Trainer(run).fit()`. The task supplies what differs between scripts:
     step(trainer, batch, step) -> (loss, extras)   forward and backward of one batch
     evaluate(model, epoch) -> dict or None          on rank 0, every `eval_every` epochs
+                                                    (and at epoch 0 with `eval_at_start`)
 and the engine owns, once, what they share:
   - the epoch/step loop, starting mid-epoch (`EpochBatchSampler.set_epoch(epoch, batch)`);
   - the learning rate as a pure function of the global step (`run.schedule(step)`);
@@ -59,6 +60,7 @@ class LoopSettings:
     log_every: int = 10
     checkpoint_minutes: float = 10.0
     eval_every: int = 0  # evaluate every E epochs and after the last; 0: never
+    eval_at_start: bool = False  # also evaluate the starting point (epoch 0) of a new run
     channels_last: bool = True
     compile: str | None = None
     sync_bn: bool = True
@@ -67,10 +69,12 @@ class LoopSettings:
     print_freq: int = 50  # progress line every N steps when stderr is not a terminal
 
     @classmethod
-    def from_args(cls, args, steps_per_epoch, eval_every=0, tensorboard_dir=None):
+    def from_args(cls, args, steps_per_epoch, eval_every=0, tensorboard_dir=None,
+                  eval_at_start=False):
         return cls(epochs=args.epochs, steps_per_epoch=steps_per_epoch,
                    log_every=args.log_every, checkpoint_minutes=args.checkpoint_minutes,
-                   eval_every=eval_every, channels_last=args.channels_last,
+                   eval_every=eval_every, eval_at_start=eval_at_start,
+                   channels_last=args.channels_last,
                    compile=args.compile, sync_bn=args.sync_bn,
                    tensorboard_dir=tensorboard_dir if args.tensorboard else None,
                    sync_debug=args.sync_debug, print_freq=getattr(args, "print_freq", 50))
@@ -233,6 +237,9 @@ class Trainer:
         try:
             with GracefulStop() as stop:
                 self.stop = stop
+                if s.eval_every and s.eval_at_start and self.history.step == 0 \
+                        and not self.history.evaluations:
+                    self.save(draw_plot=False, best=self.evaluate(0))
                 while not self.finished:
                     epoch, start_batch = divmod(self.history.step, s.steps_per_epoch)
                     self.run.sampler.set_epoch(epoch, start_batch)
@@ -282,11 +289,12 @@ class Trainer:
         return True
 
     def train_step(self, batch, step):
-        """One optimisation step: lr of `step`, zero_grad, the task's forward and backward,
-        the optimizer (through the loss scaler). Returns (loss, *extras, lr), on the device."""
+        """One optimisation step: lr of `step` (times a parameter group's "lr_scale", e.g. the
+        encoder's smaller rate in fine-tuning), zero_grad, the task's forward and backward, the
+        optimizer (through the loss scaler). Returns (loss, *extras, lr), on the device."""
         lr = self.run.schedule(step)
         for group in self.optimizer.param_groups:
-            group["lr"] = lr
+            group["lr"] = lr * group.get("lr_scale", 1.0)
         self.optimizer.zero_grad(set_to_none=True)
         loss, extras = self.task.step(self, batch, step)
         self.precision.step(self.optimizer)

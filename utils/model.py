@@ -12,6 +12,14 @@ from utils.errors import UserError
 
 FEATURE_DIMS = {"resnet18": 512, "resnet34": 512, "resnet50": 2048}
 SMALL_IMAGE_MAX = 64
+# The first layers of the encoder: (kernel, stride, padding) of conv1 and whether the max-pool
+# follows. 'cifar' keeps small images at full resolution into layer1; 'half' halves it (a
+# quarter of the compute of every later layer); 'imagenet' is torchvision's own (stride 4).
+STEMS = {"cifar": (3, 1, 1, False), "half": (3, 2, 1, False), "imagenet": (7, 2, 3, True)}
+STEM_CHOICES = ("auto", *STEMS)
+STEM_HELP = ("first layers: cifar = 3x3 conv stride 1, no max-pool (full resolution); half = "
+             "3x3 conv stride 2, no max-pool (half resolution, about 4x less compute); imagenet "
+             "= 7x7 stride 2 + max-pool; auto = cifar for images <= 64 px, else imagenet")
 
 
 def resolve_stem(stem, image_size):
@@ -29,19 +37,20 @@ def default_proj_dims(arch):
 def build_encoder(arch, in_channels, stem):
     """torchvision ResNet (weights=None) with fc removed and the first conv for `in_channels`.
 
-    stem 'cifar' replaces the 7x7 stride-2 conv and the max-pool by a 3x3 stride-1 conv, which
-    keeps small images at full resolution into layer1. Returns (module, feat_dim).
+    `stem` is a key of STEMS: 'cifar' replaces the 7x7 stride-2 conv and the max-pool by a 3x3
+    stride-1 conv, which keeps small images at full resolution into layer1; 'half' by a 3x3
+    stride-2 conv. Returns (module, feat_dim).
     """
     if arch not in FEATURE_DIMS:
         raise UserError(f"unknown --arch {arch}; choose one of {', '.join(FEATURE_DIMS)}")
+    if stem not in STEMS:
+        raise UserError(f"unknown --stem {stem}; choose one of {', '.join(STEM_CHOICES)}")
     net = getattr(torchvision.models, arch)(weights=None)
-    if stem == "cifar":
-        net.conv1 = nn.Conv2d(in_channels, 64, kernel_size=3, stride=1, padding=1, bias=False)
+    kernel, stride, padding, maxpool = STEMS[stem]
+    net.conv1 = nn.Conv2d(in_channels, 64, kernel_size=kernel, stride=stride, padding=padding,
+                          bias=False)
+    if not maxpool:
         net.maxpool = nn.Identity()
-    elif stem == "imagenet":
-        net.conv1 = nn.Conv2d(in_channels, 64, kernel_size=7, stride=2, padding=3, bias=False)
-    else:
-        raise UserError(f"unknown --stem {stem}; choose auto, cifar or imagenet")
     nn.init.kaiming_normal_(net.conv1.weight, mode="fan_out", nonlinearity="relu")
     net.fc = nn.Identity()
     return net, FEATURE_DIMS[arch]
@@ -51,7 +60,8 @@ def build_torchvision_backbone(meta):
     """The plain torchvision ResNet that export.py's state dict loads into with strict=True.
 
     torchvision.models.<arch>(weights=None) with conv1 rebuilt for meta's in_channels and stem
-    (3x3 stride 1 and maxpool = Identity for 'cifar', 7x7 stride 2 for 'imagenet') and
+    (STEMS: 3x3 stride 1 or 2 and maxpool = Identity for 'cifar' and 'half', 7x7 stride 2 for
+    'imagenet') and
     fc = Identity: forward(x (B, in_channels, S, S)) -> h (B, feature_dim). `meta` is the
     "meta" dict of the exported file (any dict with arch, in_channels and stem will do).
     """
