@@ -1,10 +1,17 @@
 """Fine-tune a pretrained SimCLR encoder with a classifier head, or train the supervised baseline.
 
-    python finetune.py DATAPATH MODELPATH RESPATH -bs 64 -c            # whole encoder + head
+    python finetune.py DATAPATH MODELPATH RESPATH -bs 64 -c            # LP-FT: probe, then all
     python finetune.py DATAPATH MODELPATH RESPATH --freeze             # frozen encoder, head only
     python finetune.py DATAPATH MODELPATH RESPATH --baseline           # same network, from scratch
     python finetune.py DATAPATH RESPATH --baseline --arch resnet18     # baseline without a model
     python finetune.py DATAPATH MODELPATH RESPATH --label-fraction 0.1 # 10 % of each class's labels
+
+Fine-tuning a pretrained encoder follows LP-FT (Kumar et al. 2022) by default: the linear head
+starts from linear_evaluation.py's probe fitted on the frozen features of the labelled images
+(--head-init), the encoder trains at --encoder-lr-ratio times the head's learning rate, and its
+BatchNorm layers keep the statistics of pretraining (--encoder-bn); the probe itself is
+validated as epoch 0, so the kept model is never worse on the validation split than the probe.
+--from-head-layer K fine-tunes from inside the projection head (SimCLRv2).
 
 DATAPATH is any labelled source of utils/sources.py (ImageFolder train/ [val/] test/, a MedMNIST
 file or name, path lists). The validation split is DATAPATH's own (val/, the MedMNIST val
@@ -41,21 +48,28 @@ from utils.errors import UserError
 from utils.fileio import json_dump
 from utils.foreign_weights import WeightSettings
 from utils.metrics import write_classification_report
-from utils.model import (FEATURE_DIMS, STEM_CHOICES, STEM_HELP, build_encoder, encoder_state,
-                         load_state_strict, resolve_stem)
-from utils.optim import WarmupCosine, build_optimizer, scaled_learning_rate
+from utils.model import FEATURE_DIMS, STEM_CHOICES, STEM_HELP, resolve_stem
+from utils.optim import PartRate, WarmupCosine, build_optimizer, scaled_learning_rate
 from utils.plotfuncs import plot_finetune_curves
 from utils.precision import MixedPrecision, resolve_amp
 from utils.sources import (has_split, load_split, select_subset, split_off_validation,
                            train_and_test)
 from utils.tensorboard import tensorboard_dir
+from utils.transfer import encoder_with_head_layers, fit_probe_head, freeze_batchnorm_statistics
 from utils.transforms import EvalTransform, SupervisedAugmentation
 
 # Settings that define the run: resuming with another value is an error, not a silent mix.
 RUN_DEFINING_ARGS = ("modelpath", "baseline", "freeze", "head", "arch", "stem", "image_size",
                      "batch_size", "optimizer", "lr", "weight_decay", "warmup_epochs",
                      "min_scale", "val_fraction", "test_fraction", "samples",
-                     "samples_per_class", "label_fraction", "seed")
+                     "samples_per_class", "label_fraction", "seed", "head_init",
+                     "encoder_lr_ratio", "encoder_bn", "from_head_layer")
+# What a run written before a flag existed did (so it still resumes).
+LEGACY_VALUES = {"head_init": "random", "encoder_lr_ratio": 1.0, "encoder_bn": "train",
+                 "from_head_layer": 0}
+# The pretrained encoder's learning rate relative to the head's (docs/defaults.md).
+DEFAULT_ENCODER_LR_RATIO = 0.1
+MIN_STATISTICS_UPDATES = 50  # BatchNorm running averages (momentum 0.1) kept by --encoder-bn auto
 DEFAULT_LR = {"sgd": 0.1, "adamw": 1e-3, "lars": 0.1}
 DEFAULT_WEIGHT_DECAY = {"sgd": 5e-4, "adamw": 1e-2, "lars": 1e-6}
 
@@ -83,6 +97,15 @@ def get_args_parser():
                             "train the head only")
     model.add_argument("--head", choices=("linear", "mlp"), default="linear",
                        help="classifier on h: one Linear layer, or Linear-BN-ReLU-Linear")
+    model.add_argument("--head-init", choices=("auto", "probe", "random"), default="auto",
+                       help="probe = the linear head starts from linear_evaluation.py's probe "
+                            "fitted on the frozen features of the labelled training images "
+                            "(LP-FT), validated as epoch 0; random = a fresh head; auto = probe "
+                            "for a pretrained encoder with the linear head, else random")
+    model.add_argument("--from-head-layer", type=int, default=0, metavar="K",
+                       help="keep the first K Linear layers of the projection head (with their "
+                            "BatchNorm and ReLU) as part of the encoder, SimCLRv2's fine-tuning "
+                            "from the middle of the head; 0 = from h")
     model.add_argument("--arch", choices=tuple(FEATURE_DIMS), default="resnet18",
                        help="--baseline without MODELPATH: the ResNet to train")
     model.add_argument("--stem", choices=STEM_CHOICES, default="auto",
@@ -102,6 +125,18 @@ def get_args_parser():
                             "(default: sgd 5e-4, adamw 1e-2, lars 1e-6)")
     train.add_argument("--warmup-epochs", type=float, default=0.0,
                        help="linear warm-up before the cosine decay")
+    train.add_argument("--encoder-lr-ratio", type=float, default=None,
+                       help="the encoder's learning rate as a fraction of the head's (default "
+                            f"{DEFAULT_ENCODER_LR_RATIO:g} for a pretrained encoder, 1 with "
+                            "--baseline)")
+    train.add_argument("--encoder-bn", choices=("auto", "frozen", "train"), default="auto",
+                       help="the encoder's BatchNorm statistics: frozen = kept from pretraining "
+                            "(normalise with them, never update them; a few dozen labelled "
+                            "images per batch would replace them by noisy ones), train = "
+                            "batch statistics, updated; auto = frozen for a pretrained encoder, "
+                            "unless pretraining updated them fewer than "
+                            f"{MIN_STATISTICS_UPDATES} times (they have not converged); train "
+                            "with --baseline (there is nothing to keep)")
     train.add_argument("--min-scale", type=float, default=0.5,
                        help="smallest crop area of the training augmentation (random resized "
                             "crop and horizontal flip); 1.0 with --no-flip = no augmentation")
@@ -148,6 +183,19 @@ def check_args(args):
     if args.baseline and args.freeze:
         raise UserError("--freeze with --baseline would train a head on a random encoder; that "
                         "is linear_evaluation.py --reference random")
+    if args.head_init == "probe" and args.head != "linear":
+        raise UserError("--head-init probe starts the linear head from the probe; with --head "
+                        "mlp use --head-init random (or auto)")
+    if args.from_head_layer < 0:
+        raise UserError(f"--from-head-layer {args.from_head_layer} must be >= 0 (0 = from h)")
+    if args.encoder_lr_ratio is not None and not args.encoder_lr_ratio > 0:
+        raise UserError(f"--encoder-lr-ratio {args.encoder_lr_ratio} must be positive, e.g. "
+                        f"0.1 (--freeze keeps the encoder fixed)")
+    pretrained = not args.baseline
+    if args.head_init == "auto":
+        args.head_init = "probe" if pretrained and args.head == "linear" else "random"
+    if args.encoder_lr_ratio is None:
+        args.encoder_lr_ratio = DEFAULT_ENCODER_LR_RATIO if pretrained else 1.0
     check_training_args(args)
     if args.val_every < 1:
         raise UserError(f"--val-every {args.val_every} must be at least 1")
@@ -207,33 +255,68 @@ def model_description(args, train_images):
             "mean": stats["mean"], "std": stats["std"]}, None
 
 
-def build_classifier(meta, pretrained_state, head_kind, n_classes, seed):
-    """The classifier with the pretrained encoder weights (when given), else randomly
-    initialised from `seed`."""
-    torch.manual_seed(seed)
-    encoder, feat_dim = build_encoder(meta["arch"], meta["in_channels"], meta["stem"])
-    if pretrained_state is not None:
-        load_state_strict(encoder, encoder_state(pretrained_state), "MODELPATH")
-    return Classifier(encoder, build_head(head_kind, feat_dim, n_classes))
+def build_classifier(meta, pretrained_state, args, n_classes):
+    """The classifier (encoder, with --from-head-layer K the first K layers of the projection
+    head, and args.head) with the pretrained weights when given, else randomly initialised
+    from args.seed."""
+    torch.manual_seed(args.seed)
+    encoder, feat_dim = encoder_with_head_layers(meta, pretrained_state, args.from_head_layer)
+    return Classifier(encoder, build_head(args.head, feat_dim, n_classes))
+
+
+def batchnorm_mode(choice, pretrained_state):
+    """('frozen' or 'train', why) for --encoder-bn `choice`: auto keeps the statistics of a
+    pretrained encoder unless pretraining updated them fewer than MIN_STATISTICS_UPDATES times
+    (running averages still near their initial values would not normalise: activations and
+    gradients blow up); a file that does not count its updates (0) is trusted."""
+    if choice != "auto":
+        return choice, "--encoder-bn"
+    if pretrained_state is None:
+        return "train", "no pretrained statistics"
+    counts = [int(v) for k, v in pretrained_state.items() if k.endswith("num_batches_tracked")]
+    updates = min(counts) if counts else 0
+    if 0 < updates < MIN_STATISTICS_UPDATES:
+        return "train", f"pretraining updated them only {updates} times"
+    return "frozen", "those of pretraining"
+
+
+def start_head_from_probe(model, images, meta, args, device):
+    """LP-FT's first stage: model.head := the probe fitted on the frozen features of the
+    labelled `images` (on rank 0, the result given to every rank)."""
+    loader = make_loader(ImageDataset(images, meta["in_channels"],
+                                      EvalTransform(meta["image_size"], meta["mean"], meta["std"])),
+                         batch_size=args.batch_size, num_workers=args.num_workers)
+
+    def fit():
+        head, accuracy = fit_probe_head(model.encoder, loader, device, model.head.out_features)
+        return head.state_dict(), accuracy
+    state, accuracy = decide_on_main(fit)
+    model.head.load_state_dict(state)
+    print0(f"head: the linear probe on the frozen features of the {len(images)} labelled images "
+           f"(training accuracy {100 * accuracy:.2f} %); validated as epoch 0", flush=True)
 
 
 class FinetuneTask(Task):
     """The classification step for the engine (cross-entropy of the logits, per-step loss and
     batch accuracy) and the validation accuracy as the evaluation, whose best epoch is kept in
     best.pth. With `freeze` the encoder stays in eval mode: its BatchNorm statistics are part
-    of what is frozen (as in moco's linear evaluation)."""
+    of what is frozen (as in moco's linear evaluation); with --encoder-bn frozen only its
+    BatchNorm layers are (statistics of pretraining, affine parameters trained)."""
     script = "finetune"
     series = {"loss": "loss", "accuracy": "training accuracy"}
     best_metric = "val_accuracy"
 
-    def __init__(self, freeze, val_loader, device):
-        self.freeze, self.val_loader, self.device = freeze, val_loader, device
+    def __init__(self, args, bn_mode, val_loader, device):
+        self.freeze, self.val_loader, self.device = args.freeze, val_loader, device
+        self.frozen_statistics = bn_mode == "frozen"
         self.criterion = nn.CrossEntropyLoss()
 
     def train_mode(self, model):
         model.train()
         if self.freeze:
             unwrap_model(model).encoder.eval()
+        elif self.frozen_statistics:
+            freeze_batchnorm_statistics(unwrap_model(model).encoder)
 
     def step(self, trainer, batch, step):
         x, y = trainer.images_and_targets(batch)
@@ -279,7 +362,8 @@ def finetune(args, device):
     def prepare():
         ensure_writable_dir(args.respath)
         print_args(args)
-        return load_resumable(checkpoint_path, "finetune", args, RUN_DEFINING_ARGS)
+        return load_resumable(checkpoint_path, "finetune", args, RUN_DEFINING_ARGS,
+                              LEGACY_VALUES)
     ckpt = decide_on_main(prepare)
     train_images, val_images, test_images = finetune_splits(args)
     classes = train_images.classes
@@ -287,7 +371,7 @@ def finetune(args, device):
     meta, pretrained = decide_on_main(lambda: model_description(args, train_images))
     if is_main_process():
         warn_if_colour_dropped(train_images, meta["in_channels"], f"DATAPATH {args.datapath}")
-    model = build_classifier(meta, pretrained, args.head, len(classes), args.seed)
+    model = build_classifier(meta, pretrained, args, len(classes))
     print0(f"{run_kind(args)}: {meta['arch']} ({meta['stem']} stem, {meta['in_channels']} "
            f"channel(s), {meta['image_size']} px), {args.head} head; {len(train_images)} "
            f"training images ({counts.min()}-{counts.max()} per class), {len(val_images)} "
@@ -295,6 +379,8 @@ def finetune(args, device):
     if args.freeze:
         model.encoder.requires_grad_(False)
     model = model.to(device)
+    if args.head_init == "probe" and ckpt is None:
+        start_head_from_probe(model, train_images, meta, args, device)
 
     batch_size = min(args.batch_size, len(train_images))
     if batch_size < args.batch_size:
@@ -323,15 +409,20 @@ def finetune(args, device):
     peak_lr = scaled_learning_rate(args.lr, batch_size, "linear")
     schedule = WarmupCosine(peak_lr, int(round(args.warmup_epochs * steps_per_epoch)),
                             args.epochs * steps_per_epoch)
+    bn_mode, why = batchnorm_mode(args.encoder_bn, pretrained)
+    encoder_rate = "" if args.freeze else (
+        f", encoder lr x{args.encoder_lr_ratio:g} with BatchNorm statistics {bn_mode} ({why})")
     print0(f"{steps_per_epoch} steps of {batch_size} per epoch ({get_world_size()} "
            f"process(es) x {sampler.batch_size}), {args.epochs} epochs, {args.optimizer} peak lr "
-           f"{peak_lr:.4g}, amp {precision.mode}", flush=True)
+           f"{peak_lr:.4g}{encoder_rate}, amp {precision.mode}", flush=True)
+    parts = [PartRate(model.encoder, args.encoder_lr_ratio)] if args.encoder_lr_ratio != 1 else []
     trainer = Trainer(Run(
-        task=FinetuneTask(args.freeze, val_loader, device), model=model,
-        optimizer=build_optimizer(model, args.optimizer, peak_lr, args.weight_decay),
+        task=FinetuneTask(args, bn_mode, val_loader, device), model=model,
+        optimizer=build_optimizer(model, args.optimizer, peak_lr, args.weight_decay, parts),
         schedule=schedule, sampler=sampler, loader=train_loader, precision=precision,
         settings=LoopSettings.from_args(args, steps_per_epoch, eval_every=args.val_every,
-                                        tensorboard_dir=tensorboard_dir(args.respath)),
+                                        tensorboard_dir=tensorboard_dir(args.respath),
+                                        eval_at_start=args.head_init == "probe"),
         files=RunFiles(checkpoint_path, os.path.join(args.respath, "best.pth")),
         device=device, resume=ckpt, unreadable=unreadable,
         record={"args": vars(args), "model_meta": meta, "extra": {"classes": classes}}))
@@ -354,23 +445,30 @@ def report(args, trainer, meta, splits, test_loader):
                     for epoch in range(1, len(epoch_losses) + 1)]
     plot_finetune_curves(epoch_losses, val_accuracy,
                          os.path.join(args.respath, "training_curves.png"),
-                         title=f"{run_kind(args)}, {len(train_images)} labelled images")
+                         title=f"{run_kind(args)}, {len(train_images)} labelled images",
+                         start_score=validated.get(0))
     best = load_best(trainer.run.files.best, "finetune")
     trainer.plain.load_state_dict(best["model"])
     probs, labels = predict(trainer.plain, test_loader, trainer.device)
-    print(f"test split, model of epoch {best['best']['epoch']} (validation accuracy "
+    kept = best["best"]["epoch"]
+    what = "the probe head before fine-tuning, epoch 0" if kept == 0 else f"epoch {kept}"
+    print(f"test split, model of {what} (validation accuracy "
           f"{100 * best['best']['val_accuracy']:.2f} %):")
     metrics = write_classification_report(
         labels, probs.argmax(1), probs, train_images.classes, args.respath,
         {"method": "baseline" if args.baseline else "frozen" if args.freeze else "finetune",
-         "modelpath": args.modelpath, "head": args.head, "best_epoch": best["best"]["epoch"],
+         "modelpath": args.modelpath, "head": args.head, "head_init": args.head_init,
+         "encoder_lr_ratio": args.encoder_lr_ratio,
+         "encoder_bn": "frozen" if trainer.run.task.frozen_statistics else "train",
+         "from_head_layer": args.from_head_layer, "best_epoch": best["best"]["epoch"],
+         "start_val_accuracy": validated.get(0),
          "val_accuracy": best["best"]["val_accuracy"], "n_train": len(train_images),
          "n_val": len(val_images), "n_test": len(test_images),
          "train_per_class": counts.tolist(), "epochs": args.epochs,
          "processes": get_world_size(), "environment": environment_info(trainer.device)},
         names=test_images.paths)
     json_dump({"args": vars(args), "model_meta": meta, "metrics": metrics,
-               "val_accuracy": val_accuracy, "epoch_losses": epoch_losses.tolist(),
+               "val_accuracy": val_accuracy, "start_val_accuracy": validated.get(0), "epoch_losses": epoch_losses.tolist(),
                "launcher": launcher_name(), "processes": get_world_size(),
                "images_per_s": trainer.images_per_second(),
                "unreadable_images": trainer.run.unreadable.summary()},

@@ -43,6 +43,7 @@ from utils.distributed import (all_reduce_mean, barrier, decide_on_main, get_wor
                                is_main_process, print0, wrap_model)
 from utils.errors import UserError
 from utils.launch import launched_by_torchrun, launched_by_us
+from utils.optim import group_learning_rate
 from utils.runlock import acquire_run_lock
 from utils.sync_audit import SyncAudit
 
@@ -289,12 +290,12 @@ class Trainer:
         return True
 
     def train_step(self, batch, step):
-        """One optimisation step: lr of `step` (times a parameter group's "lr_scale", e.g. the
-        encoder's smaller rate in fine-tuning), zero_grad, the task's forward and backward, the
+        """One optimisation step: lr of `step` (a parameter group's own, group_learning_rate:
+        e.g. a pretrained encoder's smaller rate in fine-tuning), zero_grad, the task's forward and backward, the
         optimizer (through the loss scaler). Returns (loss, *extras, lr), on the device."""
         lr = self.run.schedule(step)
         for group in self.optimizer.param_groups:
-            group["lr"] = lr * group.get("lr_scale", 1.0)
+            group["lr"] = group_learning_rate(group, lr, step)
         self.optimizer.zero_grad(set_to_none=True)
         loss, extras = self.task.step(self, batch, step)
         self.precision.step(self.optimizer)

@@ -2,6 +2,7 @@
 the global batch, SGD/AdamW/LARS with BatchNorm and biases excluded from weight decay, and the
 rate of each step as a pure function of the step (so a resume restores a counter only)."""
 import math
+from dataclasses import dataclass
 
 import torch
 
@@ -23,27 +24,55 @@ def scaled_learning_rate(lr_per_256, global_batch_size, rule):
     raise ValueError(f"unknown learning-rate scaling {rule!r}: linear, sqrt or none")
 
 
-def build_optimizer(model, name, lr, weight_decay):
+def build_optimizer(model, name, lr, weight_decay, part_rates=()):
     """SGD (momentum 0.9), AdamW or LARS (momentum 0.9, eta 0.001) over the parameters of
     `model` that require gradients.
 
     BatchNorm weights and biases (the 1-d tensors) get no weight decay and, with LARS, no
-    trust-ratio adaptation, as in the SimCLR paper.
+    trust-ratio adaptation, as in the SimCLR paper. `part_rates` holds PartRate entries: the
+    parameters of each such submodule get groups of their own whose "lr_scale" and
+    "start_step" the engine applies (lr of step s = schedule(s) * lr_scale once s >=
+    start_step, else 0), e.g. a pretrained encoder at a tenth of the head's rate.
     """
-    decay, no_decay = [], []
+    owner = {}
+    for part in part_rates:
+        owner.update({id(p): (part.lr_scale, part.start_step) for p in part.module.parameters()})
+    rates = [(1.0, 0)] + [(part.lr_scale, part.start_step) for part in part_rates]
+    groups = {(rate, decayed): [] for rate in rates for decayed in (True, False)}
     for param in model.parameters():
         if param.requires_grad:  # frozen parameters (fine-tuning --freeze) are not optimised
-            (no_decay if param.ndim <= 1 else decay).append(param)
-    groups = [{"params": decay, "weight_decay": weight_decay},
-              {"params": no_decay, "weight_decay": 0.0}]
+            groups[owner.get(id(param), (1.0, 0)), param.ndim > 1].append(param)
+    param_groups = []
+    for ((scale, start), decayed), params in groups.items():
+        group = {"params": params, "weight_decay": weight_decay if decayed else 0.0}
+        if (scale, start) != (1.0, 0):
+            group.update(lr_scale=scale, start_step=start)
+        if name == "lars" and not decayed:
+            group["lars_adapt"] = False
+        param_groups.append(group)
     if name == "sgd":
-        return torch.optim.SGD(groups, lr=lr, momentum=0.9)
+        return torch.optim.SGD(param_groups, lr=lr, momentum=0.9)
     if name == "adamw":
-        return torch.optim.AdamW(groups, lr=lr)
+        return torch.optim.AdamW(param_groups, lr=lr)
     if name == "lars":
-        groups[1]["lars_adapt"] = False
-        return LARS(groups, lr=lr, momentum=0.9)
+        return LARS(param_groups, lr=lr, momentum=0.9)
     raise ValueError(f"unknown optimizer {name}")
+
+
+@dataclass
+class PartRate:
+    """A submodule trained at `lr_scale` times the schedule's rate from `start_step` on (rate 0
+    before it: the rest of the model trains alone first)."""
+    module: torch.nn.Module
+    lr_scale: float = 1.0
+    start_step: int = 0
+
+
+def group_learning_rate(group, lr, step):
+    """The learning rate of a parameter group at `step` when the schedule gives `lr`."""
+    if step < group.get("start_step", 0):
+        return 0.0
+    return lr * group.get("lr_scale", 1.0)
 
 
 def learning_rate_at(step, base_lr, warmup_steps, total_steps):

@@ -222,8 +222,9 @@ def plot_retrieval_grid(query_images, query_names, neighbour_images, neighbour_n
     save_figure(fig, path)
 
 
-def plot_finetune_curves(epoch_losses, val_scores, path, title="Fine-tuning"):
-    """Training loss (left axis) and validation accuracy (right axis) per epoch."""
+def plot_finetune_curves(epoch_losses, val_scores, path, title="Fine-tuning", start_score=None):
+    """Training loss (left axis) and validation accuracy (right axis) per epoch; `start_score`
+    is the validation accuracy of the starting point (epoch 0, e.g. the probe head) or None."""
     plt = pyplot()
     epochs = np.arange(1, len(epoch_losses) + 1)
     fig, ax = plt.subplots(figsize=(7, 4))
@@ -234,8 +235,10 @@ def plot_finetune_curves(epoch_losses, val_scores, path, title="Fine-tuning"):
     ax2 = ax.twinx()
     val_scores = np.asarray(val_scores, dtype=float)
     validated = np.isfinite(val_scores)  # NaN: an epoch without validation (--val-every)
-    ax2.plot(epochs[:len(val_scores)][validated], 100 * val_scores[validated], "s--",
-             color="tab:green", label="validation accuracy")
+    x, y = epochs[:len(val_scores)][validated], 100 * val_scores[validated]
+    if start_score is not None:
+        x, y = np.concatenate([[0], x]), np.concatenate([[100 * start_score], y])
+    ax2.plot(x, y, "s--", color="tab:green", label="validation accuracy")
     ax2.set_ylabel("validation accuracy (%)")
     handles, labels = ax.get_legend_handles_labels()
     more_handles, more_labels = ax2.get_legend_handles_labels()
