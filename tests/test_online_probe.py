@@ -181,3 +181,37 @@ def test_carved_out_validation_images_never_train_the_probe(tiny_folder, tmp_pat
     for got, want in zip(seen, expected):
         assert torch.equal(got.cpu(), want)
     assert sum(int((y == IGNORE_INDEX).sum()) for y in seen) > 0
+
+
+def probe_steps_on_rank(rank, world_size, port, h, y, folder):
+    """mp.spawn target: 3 probe steps on this rank's rows of each global batch (gloo)."""
+    import torch.distributed as dist
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=world_size)
+    try:
+        probe = OnlineProbe(5, 3, torch.device("cpu"), seed=3)
+        b = h.shape[1] // world_size
+        for hs, ys in zip(h, y):
+            probe.step(hs[rank * b:(rank + 1) * b], ys[rank * b:(rank + 1) * b])
+        torch.save(probe.linear.state_dict(), os.path.join(folder, f"rank{rank}.pt"))
+    finally:
+        dist.destroy_process_group()
+
+
+def test_two_processes_hold_the_same_probe_as_one(tmp_path):
+    """2 gloo processes, each stepping on its half of every global batch (one half without a
+    labelled row), end with bitwise the same probe, equal to one process on the whole batch."""
+    from test_distributed import free_port
+    g = torch.Generator().manual_seed(0)
+    h = torch.randn(3, 8, 5, generator=g)
+    y = torch.randint(0, 3, (3, 8), generator=g)
+    y[1, :4] = IGNORE_INDEX  # rank 0 has no labelled row in step 2
+    torch.multiprocessing.spawn(probe_steps_on_rank, args=(2, free_port(), h, y, str(tmp_path)),
+                                nprocs=2)
+    rank0, rank1 = (torch.load(tmp_path / f"rank{r}.pt") for r in (0, 1))
+    single = OnlineProbe(5, 3, torch.device("cpu"), seed=3)
+    for hs, ys in zip(h, y):
+        single.step(hs, ys)
+    for name, value in single.linear.state_dict().items():
+        assert torch.equal(rank0[name], rank1[name]), name
+        torch.testing.assert_close(rank0[name], value, rtol=0, atol=1e-6)
