@@ -7,14 +7,14 @@
     torchrun --nnodes=M --node_rank=i --nproc_per_node=K --rdzv_backend=c10d \
              --rdzv_endpoint=HOST:29500 main.py DATAPATH RESPATH -bs 4096 -c --optimizer lars
 
-DATAPATH holds ImageFolder `train/` (class subfolders; labels are not used here) or is a plain
-folder of images. RESPATH receives model/model.pth, model/optimizer.pth, model/lossesfile.npz,
-model/checkpoint.pth, plots/training_losses.png and run.json. With labelled images an online
-linear probe on the detached h (utils/online_probe.py) reports the validation accuracy of h
-after every epoch without changing the encoder (--no-online-probe: off). Running the same command again
-resumes (--epochs is the total); --fresh starts over. -bs is always the global batch: with W
-processes (--multiple_gpus or torchrun) each loads B/W images of every batch, and the run's
-result does not depend on W (see utils/distributed.py). The loop is utils/engine.py's; the
+DATAPATH holds ImageFolder `train/` (class subfolders; SimCLR does not use the labels) or is a
+plain folder of images. RESPATH receives model/model.pth, model/optimizer.pth,
+model/lossesfile.npz, model/checkpoint.pth, plots/training_losses.png and run.json. With
+labelled images an online linear probe on the detached h (utils/online_probe.py) reports the
+validation accuracy of h after every epoch without changing the encoder (--no-online-probe:
+off). Running the same command again resumes (--epochs is the total); --fresh starts over.
+-bs is always the global batch: with W processes (--multiple_gpus or torchrun) each loads B/W
+images of every batch, and the run's result does not depend on W (see utils/distributed.py). The loop is utils/engine.py's; the
 SimCLR step is simclr.py's.
 """
 import argparse

@@ -1,13 +1,16 @@
 """The SimCLR step: both views of B images in one batch -> model -> (h, z) -> NT-Xent(z1, z2)
--> backward, and `SimCLRTask`, which gives that step (and the kNN monitor as its evaluation) to
-the training engine. main.py builds the run; utils/engine.py runs the loop.
+-> backward, and `SimCLRTask`, which gives that step (and the kNN monitor and the online probe
+as its evaluation) to the training engine. main.py builds the run; utils/engine.py runs the loop.
 
 The loop, as the engine runs it for this task (utils/engine.py, Trainer.train_one_epoch):
-    for batch in loader:                          # (view1, view2) or uint8 images (--gpu-aug)
+    for batch in loader:                          # (view1, view2) or uint8 images (--gpu-aug),
+                                                  # with the images' labels y for the probe
         lr = schedule(step)                       # linear warm-up, then cosine, per step
         optimizer.zero_grad()
         x = make_views(batch, step)               # cat(view1, view2) (2B, C, S, S) on the device
         loss, top1 = forward_backward(model, criterion, x, chunk_size, precision)
+        probe.step(h1, y)                         # online probe (labelled data): h1 = view 1's
+                                                  # h of that forward pass, detached; own AdamW
         precision.step(optimizer)                 # GradScaler under fp16
         every log_every steps: one all-reduce + transfer of the window's losses and top-1s
 Under torchrun (or --multiple_gpus) every rank runs the same loop on its slice of each global
