@@ -7,12 +7,14 @@
     torchrun --nnodes=M --node_rank=i --nproc_per_node=K --rdzv_backend=c10d \
              --rdzv_endpoint=HOST:29500 main.py DATAPATH RESPATH -bs 4096 -c --optimizer lars
 
-DATAPATH holds ImageFolder `train/` (class subfolders; labels are not used here) or is a plain
-folder of images. RESPATH receives model/model.pth, model/optimizer.pth, model/lossesfile.npz,
-model/checkpoint.pth, plots/training_losses.png and run.json. Running the same command again
-resumes (--epochs is the total); --fresh starts over. -bs is always the global batch: with W
-processes (--multiple_gpus or torchrun) each loads B/W images of every batch, and the run's
-result does not depend on W (see utils/distributed.py). The loop is utils/engine.py's; the
+DATAPATH holds ImageFolder `train/` (class subfolders; SimCLR does not use the labels) or is a
+plain folder of images. RESPATH receives model/model.pth, model/optimizer.pth,
+model/lossesfile.npz, model/checkpoint.pth, plots/training_losses.png and run.json. With
+labelled images an online linear probe on the detached h (utils/online_probe.py) reports the
+validation accuracy of h after every epoch without changing the encoder (--no-online-probe:
+off). Running the same command again resumes (--epochs is the total); --fresh starts over.
+-bs is always the global batch: with W processes (--multiple_gpus or torchrun) each loads B/W
+images of every batch, and the run's result does not depend on W (see utils/distributed.py). The loop is utils/engine.py's; the
 SimCLR step is simclr.py's.
 """
 import argparse
@@ -51,10 +53,11 @@ from utils.model import (adapt_input_channels, build_model_from_meta, default_pr
                          load_state_strict, resolve_stem, FEATURE_DIMS, STEM_CHOICES,
                          STEM_HELP)
 from utils.ntxent import NTXentLoss
+from utils.online_probe import OnlineProbe, probe_labels
 from utils.optim import WarmupCosine, build_optimizer, scaled_learning_rate
 from utils.plotfuncs import plot_training_losses
 from utils.precision import MixedPrecision, resolve_amp
-from utils.sources import has_split, load_split, select_subset, split_off_validation
+from utils.sources import has_split, load_split, select_subset, validation_indices
 from utils.tensorboard import tensorboard_dir
 from utils.transforms import EvalTransform, SimCLRAugmentation, TwoViews
 
@@ -67,6 +70,7 @@ RUN_DEFINING_ARGS = ("arch", "stem", "proj_dims", "image_size", "batch_size", "o
 LEGACY_VALUES = {"lr_scaling": "none", "aug": "simclr", "noise": 0.0, "rotate": 0.0,
                  "cutout": 0.0, "fin": None}
 KNN_MEMORY = 10_000  # training images kept as the kNN memory of --knn-every
+PROBE_QUERIES = 10_000  # validation images the online probe is evaluated on, at most
 DEFAULT_LR = {"sgd": 0.5, "lars": 0.3, "adamw": 1e-3}
 DEFAULT_WEIGHT_DECAY = {"sgd": 5e-4, "lars": 1e-6, "adamw": 1e-2}
 
@@ -116,6 +120,12 @@ def get_args_parser():
                      help="--knn-every without a validation split: this share of each class "
                           "of train, chosen by --seed, is held out as the kNN queries")
     opt.add_argument("--knn-k", type=int, default=20, help="neighbours of the --knn-every vote")
+    opt.add_argument("--online-probe", action=argparse.BooleanOptionalAction, default=True,
+                     help="with labelled training images, train a linear classifier on the "
+                          "detached h of view 1 alongside SimCLR (own AdamW, no gradient into "
+                          "the encoder; the validation images of --knn-every never train it) "
+                          "and print its accuracy on those images (at most 10,000) after every "
+                          "epoch; off by itself for unlabelled data")
     opt.add_argument("--save-every", type=int, default=0, metavar="E",
                      help="keep a snapshot every E epochs, RESPATH/model/epoch_NNNN.pth (weights "
                           "and metadata, loadable by every script; linear_evaluation.py "
@@ -264,10 +274,13 @@ def resume_from_outputs(args, paths, meta, steps_per_epoch):
             pass  # not ours or damaged: this command describes the model
     state = load_model_state(paths.model, meta)
     optimizer_state, optimizer_note = fitting_optimizer_state(args, paths.optimizer, meta, state)
-    series, knn = {"loss": np.zeros(0)}, []
+    series, evaluations = {"loss": np.zeros(0)}, {}
     if os.path.exists(paths.losses):
         history = read_losses_file(paths.losses)
-        series, knn = {k: v for k, v in history.items() if k != "knn"}, history["knn"]
+        series = {k: v for k, v in history.items() if k not in ("knn", "online_probe")}
+        for name, key in (("knn", "knn_accuracy"), ("online_probe", "online_probe_accuracy")):
+            for e, a in history[name]:
+                evaluations.setdefault(int(e), {"epoch": int(e)})[key] = float(a)
     step = len(series["loss"])
     print(f"resuming from {paths.model} without checkpoint.pth: weights, {optimizer_note}, "
           f"position step {step} (epoch {step // steps_per_epoch}) from "
@@ -275,8 +288,8 @@ def resume_from_outputs(args, paths, meta, steps_per_epoch):
           f"restarts, so this resume is not bit-exact as one from checkpoint.pth is", flush=True)
     return {"model": state, "optimizer": optimizer_state, "scaler": None, "step": step,
             "epoch": step // steps_per_epoch, "steps_per_epoch": steps_per_epoch,
-            "history": {"series": series, "evaluations": [
-                {"epoch": int(e), "knn_accuracy": float(a)} for e, a in knn]},
+            "history": {"series": series,
+                        "evaluations": [evaluations[e] for e in sorted(evaluations)]},
             "best": None, "rng": None, "model_meta": meta, "args": vars(args),
             "resumed_from": paths.model}
 
@@ -325,30 +338,35 @@ def fitting_optimizer_state(args, path, meta, state):
 
 
 def knn_memory_and_queries(args, images):
-    """(memory, queries, description) of --knn-every: the validation split when the data has
-    one (val/, MedMNIST val, --val-list), else --val-fraction of each class carved out of the
-    training images by seed (and left out of the memory); the test split only with
+    """(memory, queries, description, held_out) of --knn-every and the online probe: the
+    validation split when the data has one (val/, MedMNIST val, --val-list), else
+    --val-fraction of each class carved out of the training images by seed (and left out of
+    the memory; `held_out` their indices in `images`, else empty); the test split only with
     --knn-on-test, so choosing a model on the kNN curve never looks at the test set."""
+    none = np.zeros(0, dtype=int)
     if args.knn_on_test:
-        return images, load_split(args.datapath, "test", True, args), "test split"
+        return images, load_split(args.datapath, "test", True, args), "test split", none
     if has_split(args.datapath, "val", args):
-        return images, load_split(args.datapath, "val", True, args), "validation split"
-    memory, queries = split_off_validation(images, args.val_fraction, args.seed)
-    return memory, queries, (f"validation images ({args.val_fraction:g} of each class of "
-                             f"train, seed {args.seed})")
+        return images, load_split(args.datapath, "val", True, args), "validation split", none
+    kept, held_out = validation_indices(images, args.val_fraction, args.seed)
+    return (images.subset(kept.tolist()), images.subset(held_out.tolist()),
+            f"validation images ({args.val_fraction:g} of each class of train, seed "
+            f"{args.seed})", held_out)
 
 
 class KnnMonitor:
     """encoder -> the kNN accuracy (cosine, args.knn_k) of its h on the query images, with the
     memory images (at most KNN_MEMORY, chosen by seed) as neighbours. One pass over both per
-    call, without augmentation; `split` says what the queries are."""
+    call, without augmentation; `split` says what the queries are, `due(epoch)` whether
+    --knn-every asks for it after `epoch` epochs. `sets`: knn_memory_and_queries'."""
 
-    def __init__(self, args, meta, images, device):
+    def __init__(self, args, meta, images, device, sets):
         if images.labels is None:
             raise UserError("--knn-every needs labelled training images (class folders, "
                             "MedMNIST or a path list with labels); drop --knn-every for "
                             "unlabeled data", all_ranks=True)
-        memory, queries, self.split = knn_memory_and_queries(args, images)
+        memory, queries, self.split, _ = sets
+        self.every, self.epochs = args.knn_every, args.epochs
         if queries.classes != images.classes:
             raise UserError(f"--knn-every: the {self.split} of {args.datapath} has other classes "
                             f"than the training images", all_ranks=True)
@@ -361,6 +379,9 @@ class KnnMonitor:
         self.device, self.channels_last = device, args.channels_last
         self.k, self.n_classes = args.knn_k, len(images.classes)
 
+    def due(self, epoch):
+        return epoch % self.every == 0 or epoch == self.epochs
+
     def __call__(self, encoder):
         (memory_h, memory_y), (query_h, query_y) = [
             extract_features(encoder, loader, self.device, self.channels_last,
@@ -368,12 +389,55 @@ class KnnMonitor:
         return knn_accuracy(memory_h, memory_y, query_h, query_y, self.n_classes, self.k)
 
 
+class ProbeMonitor:
+    """(encoder, probe) -> accuracy of the online probe (utils/online_probe.py) on the query
+    images of --knn-every (`sets`, knn_memory_and_queries'; at most PROBE_QUERIES, chosen by
+    seed): one no-grad pass without augmentation; `split` says what they are."""
+
+    def __init__(self, args, meta, sets, device):
+        _, queries, self.split, _ = sets
+        if len(queries) > PROBE_QUERIES:
+            queries = select_subset(queries, PROBE_QUERIES, None, args.seed)
+        transform = EvalTransform(meta["image_size"], meta["mean"], meta["std"])
+        self.loader = make_loader(ImageDataset(queries, meta["in_channels"], transform),
+                                  batch_size=args.batch_size, num_workers=args.num_workers,
+                                  pin_memory=device.type == "cuda")
+        self.device, self.channels_last = device, args.channels_last
+
+    def __call__(self, encoder, probe):
+        h, y = extract_features(encoder, self.loader, self.device, self.channels_last,
+                                desc="online probe features")
+        return probe.accuracy(h, y)
+
+
+def build_online_probe(args, meta, images, sets, device):
+    """(OnlineProbe, ProbeMonitor, labels (N,) of the training images with IGNORE_INDEX on
+    the held-out queries), or (None, None, None) with one line saying why it is off."""
+    if not args.online_probe:
+        return None, None, None
+    if images.labels is None:
+        print0("online probe: off (the training images have no labels)", flush=True)
+        return None, None, None
+    _, queries, split, held_out = sets
+    if queries.classes != images.classes:
+        print0(f"online probe: off (the {split} has other classes than the training images)",
+               flush=True)
+        return None, None, None
+    probe = OnlineProbe(FEATURE_DIMS[meta["arch"]], len(images.classes), device, args.seed)
+    monitor = ProbeMonitor(args, meta, sets, device)
+    print0(f"online probe: linear on the detached h of view 1 (AdamW lr "
+           f"{probe.optimizer.defaults['lr']:g}), evaluated after every epoch on "
+           f"{len(monitor.loader.dataset)} image(s), the {split}", flush=True)
+    return probe, monitor, probe_labels(images, held_out)
+
+
 class Pipeline:
     """The input side of a run: `loader` (batches of `sampler`), `make_views` (batch, step) ->
     x (2B, C, S, S) on the device, `augmentation` (what it applies, for run.json) and the CPU
-    version of it (for TensorBoard's view pairs)."""
+    version of it (for TensorBoard's view pairs). With `labels` (N,) (the online probe's) every
+    loader batch is (batch, labels of its images (b,))."""
 
-    def __init__(self, args, images, meta, blur, sampler, device):
+    def __init__(self, args, images, meta, blur, sampler, device, labels=None):
         self.unreadable = UnreadableFiles(len(images), args.max_unreadable)
         aug_args = (meta["image_size"], meta["in_channels"], meta["mean"], meta["std"],
                     args.jitter_strength, blur, args.min_scale, args.aug, args.noise,
@@ -384,20 +448,22 @@ class Pipeline:
             self.make_views = DeviceTwoViews(self.augmentation, args.seed, args.batch_size,
                                              sampler.rank)
         if args.gpu_aug:
-            self.loader = InMemoryBatches(decode_for_device(args, images, meta, device), sampler)
+            self.loader = InMemoryBatches(decode_for_device(args, images, meta, device), sampler,
+                                          labels)
         elif args.gpu_decode:
             channels, size = meta["in_channels"], meta["image_size"]
             self.loader = make_loader(EncodedImageDataset(images, channels, size, args.seed,
                                                           self.unreadable),
                                       batch_sampler=sampler, num_workers=args.num_workers,
                                       pin_memory=device.type == "cuda",
-                                      collate_fn=collate_encoded)
+                                      collate_fn=functools.partial(collate_encoded,
+                                                                   labels=labels))
             self.make_views = DecodedTwoViews(
                 BatchDecoder(images, channels, size, device, self.unreadable), self.make_views)
         else:
             self.augmentation = self.cpu_augmentation
             dataset = TwoViewDataset(images, meta["in_channels"], TwoViews(self.augmentation),
-                                     args.seed, self.unreadable)
+                                     args.seed, self.unreadable, labels)
             self.loader = make_loader(dataset, batch_sampler=sampler,
                                       num_workers=args.num_workers,
                                       pin_memory=device.type == "cuda")
@@ -451,22 +517,25 @@ class PretrainingOutputs:
         atomic_torch_save(trainer.plain.state_dict(), paths.model)
         atomic_torch_save(trainer.optimizer.state_dict(), paths.optimizer)
         self.keep_snapshot(trainer)
-        knn = np.asarray([(e["epoch"], e["knn_accuracy"]) for e in history.evaluations],
-                         dtype=float).reshape(-1, 2)
+        knn, probe = [np.asarray([(e["epoch"], e[key]) for e in history.evaluations if key in e],
+                                 dtype=float).reshape(-1, 2)
+                      for key in ("knn_accuracy", "online_probe_accuracy")]
         steps_per_epoch = trainer.settings.steps_per_epoch
         atomic_savez(paths.losses, step_losses=np.asarray(history.series["loss"]),
                      epoch_losses=history.epoch_means("loss"),
                      step_top1=np.asarray(history.series["positive_pair_top1"]),
                      epoch_top1=history.epoch_means("positive_pair_top1"), knn=knn,
-                     steps_per_epoch=steps_per_epoch)
+                     online_probe=probe, steps_per_epoch=steps_per_epoch)
         if draw_plot and history.step:
             plot_training_losses(history.series["loss"], steps_per_epoch, paths.loss_plot,
-                                 knn=[tuple(row) for row in knn.tolist()])
+                                 knn=[tuple(row) for row in knn.tolist()],
+                                 online_probe=[tuple(row) for row in probe.tolist()])
         json_dump({**self.run_info, "epochs_done": len(history.epoch_means()),
                    "steps_done": history.step,
                    "epoch_losses": history.epoch_means().tolist(),
                    "epoch_positive_pair_top1": history.epoch_means("positive_pair_top1").tolist(),
                    "knn_accuracy": knn.tolist(),
+                   "online_probe_accuracy": probe.tolist(),
                    "unreadable_images": self.unreadable.summary(),
                    "wall_time_s": round(time.perf_counter() - trainer.started, 1),
                    "images_per_s": trainer.images_per_second(),
@@ -513,7 +582,10 @@ def pretrain(args, device):
 
     sampler = EpochBatchSampler(len(images), args.batch_size, args.seed, get_rank(),
                                 get_world_size())
-    pipeline = Pipeline(args, images, meta, blur, sampler, device)
+    labelled = images.labels is not None and (args.knn_every or args.online_probe)
+    sets = knn_memory_and_queries(args, images) if labelled else None
+    probe, probe_eval, labels = build_online_probe(args, meta, images, sets, device)
+    pipeline = Pipeline(args, images, meta, blur, sampler, device, labels)
     steps_per_epoch = len(images) // args.batch_size
     peak_lr = scaled_learning_rate(args.lr, args.batch_size, args.lr_scaling)
     schedule = WarmupCosine(peak_lr, int(round(args.warmup_epochs * steps_per_epoch)),
@@ -533,11 +605,11 @@ def pretrain(args, device):
            f"{args.log_every} steps", flush=True)
 
     model = build_pretraining_model(args, meta, initial_state, device)
-    knn = KnnMonitor(args, meta, images, device) if args.knn_every else None
+    knn = KnnMonitor(args, meta, images, device, sets) if args.knn_every else None
     task = SimCLRTask(
         NTXentLoss(args.temperature, gather=gather_with_grad if get_world_size() > 1 else None),
         pipeline.make_views, args.chunk_size, knn,
-        PretrainingViews(args, images, meta, pipeline.cpu_augmentation))
+        PretrainingViews(args, images, meta, pipeline.cpu_augmentation), probe, probe_eval)
     source = os.path.abspath(args.datapath) if os.path.exists(args.datapath) else args.datapath
     data_info = {"datapath": source, "n_images": len(images), "classes": images.classes,
                  "blur": blur}
@@ -554,7 +626,8 @@ def pretrain(args, device):
         task=task, model=model,
         optimizer=build_optimizer(model, args.optimizer, peak_lr, args.weight_decay),
         schedule=schedule, sampler=sampler, loader=pipeline.loader, precision=precision,
-        settings=LoopSettings.from_args(args, steps_per_epoch, eval_every=args.knn_every,
+        settings=LoopSettings.from_args(args, steps_per_epoch,
+                                        eval_every=1 if probe is not None else args.knn_every,
                                         tensorboard_dir=tensorboard_dir(paths.root)),
         files=RunFiles(paths.checkpoint), device=device, resume=ckpt,
         unreadable=pipeline.unreadable,

@@ -34,7 +34,8 @@ def to_format_1(ckpt):
                    losses={"step_losses": _f64(series["loss"]),
                            "step_top1": _f64(series["positive_pair_top1"]),
                            "knn": torch.tensor(
-                               [[e["epoch"], e["knn_accuracy"]] for e in evaluations],
+                               [[e["epoch"], e["knn_accuracy"]] for e in evaluations
+                                if "knn_accuracy" in e],  # the old code had no online probe
                                dtype=torch.float64).reshape(-1, 2)})
     elif script == "finetune":
         by_epoch = {e["epoch"]: e["val_accuracy"] for e in evaluations}

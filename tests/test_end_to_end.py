@@ -22,6 +22,26 @@ def epoch_losses(respath):
         return f["epoch_losses"], f["step_losses"]
 
 
+def online_probe(respath):
+    """(probe weights and optimizer state from checkpoint.pth, its (epoch, accuracy) rows)."""
+    ckpt = torch.load(os.path.join(respath, "model", "checkpoint.pth"), weights_only=True)
+    with np.load(os.path.join(respath, "model", "lossesfile.npz")) as f:
+        return ckpt["extra"]["online_probe"], f["online_probe"]
+
+
+def assert_same_probe(respath, reference):
+    """The online probe of `respath` equals `reference` (online_probe()): weights, AdamW
+    moments and step count, and the accuracy rows."""
+    (state, rows), (expected, expected_rows) = online_probe(respath), reference
+    for name, value in expected["linear"].items():
+        torch.testing.assert_close(state["linear"][name], value, rtol=0, atol=1e-6)
+    for key, moments in expected["optimizer"]["state"].items():
+        for name, value in moments.items():
+            torch.testing.assert_close(state["optimizer"]["state"][key][name], value, rtol=0,
+                                       atol=1e-6)
+    np.testing.assert_allclose(rows, expected_rows, rtol=0, atol=1e-9)
+
+
 def test_pretraining_writes_every_output(pretrained):
     """model.pth loads strictly into a freshly built model; optimizer, losses, checkpoint, plot
     and run.json are present and consistent."""
@@ -142,16 +162,17 @@ def uninterrupted(tiny_folder, tmp_path_factory):
     respath = str(tmp_path_factory.mktemp("full"))
     result = run_script("main.py", tiny_folder, respath, *RESUME_ARGS)
     assert result.returncode == 0, result.stderr
-    return epoch_losses(respath)
+    return (*epoch_losses(respath), online_probe(respath))
 
 
 def test_sigkill_mid_epoch_then_resume_equals_uninterrupted(tiny_folder, tmp_path,
                                                             uninterrupted):
     """SIGKILL twice at arbitrary moments (mid-epoch, mid-save possible); resuming gives the
-    same per-step and per-epoch losses as a run that was never interrupted. A copy of the
-    killed run whose checkpoint is rewritten in the layout main.py wrote before the engine
-    (format 1: losses, scheduler, data) resumes to the same losses and is then written in the
-    current layout."""
+    same per-step and per-epoch losses, and the same online probe (weights, optimizer state,
+    accuracies), as a run that was never interrupted. A copy of the killed run whose
+    checkpoint is rewritten in the layout main.py wrote before the engine (format 1: losses,
+    scheduler, data; no probe) resumes to the same losses, with a fresh probe, and is then
+    written in the current layout."""
     respath = str(tmp_path / "killed")
     for min_steps in (2, 5):  # steps 2 and 5 are inside epochs 1 and 2 (3 steps per epoch)
         proc = start_main(tiny_folder, respath, *RESUME_ARGS)
@@ -170,6 +191,10 @@ def test_sigkill_mid_epoch_then_resume_equals_uninterrupted(tiny_folder, tmp_pat
         epochs, steps = epoch_losses(resumed)
         np.testing.assert_allclose(steps, uninterrupted[1], rtol=0, atol=1e-5)
         np.testing.assert_allclose(epochs, uninterrupted[0], rtol=0, atol=1e-5)
+        if resumed == respath:
+            assert_same_probe(resumed, uninterrupted[2])
+        else:
+            assert "online probe: none in the run resumed, a fresh probe starts" in final.stdout
         leftovers = [f for f in os.listdir(os.path.join(resumed, "model")) if ".tmp" in f]
         assert not leftovers
     assert torch.load(checkpoint, weights_only=True)["format_version"] == 2
@@ -192,6 +217,7 @@ def test_ctrl_c_saves_resumable_checkpoint(tiny_folder, tmp_path, uninterrupted)
     assert final.returncode == 0, final.stderr
     epochs, steps = epoch_losses(respath)
     np.testing.assert_allclose(steps, uninterrupted[1], rtol=0, atol=1e-5)
+    assert_same_probe(respath, uninterrupted[2])
 
 
 def test_unlabeled_plain_folder_pretrains_rgb(tmp_path, real_images):

@@ -28,9 +28,11 @@ def without_checkpoint(pretrained, tmp_path, keep=("model.pth", "optimizer.pth",
 
 def test_resume_from_model_optimizer_and_losses(pretrained, tiny_folder, tmp_path):
     """Position step 6 of the lossesfile, the weights and the optimizer state; the same
-    --epochs is a finished run that leaves model.pth as it is; a larger one continues."""
+    --epochs is a finished run that leaves model.pth as it is; a larger one continues, with a
+    fresh online probe and the probe accuracies of the lossesfile kept."""
     copy = without_checkpoint(pretrained, tmp_path)
     before = np.load(copy / "model" / "lossesfile.npz")["step_losses"]
+    probe_before = np.load(copy / "model" / "lossesfile.npz")["online_probe"]
     model_digest = digest(copy / "model" / "model.pth")
     same = run_script("main.py", tiny_folder, copy, "--epochs", "2", *FAST_PRETRAIN)
     assert same.returncode == 0, same.stderr
@@ -41,8 +43,12 @@ def test_resume_from_model_optimizer_and_losses(pretrained, tiny_folder, tmp_pat
     line = next(line for line in more.stdout.splitlines() if "without checkpoint.pth" in line)
     assert "the optimizer state of optimizer.pth" in line and "step 6 (epoch 2)" in line
     assert "not bit-exact" in line and "epoch 3/3" in more.stdout and "epoch 1/3" not in more.stdout
+    assert "online probe: none in the run resumed, a fresh probe starts" in more.stdout
     after = np.load(copy / "model" / "lossesfile.npz")["step_losses"]
     np.testing.assert_array_equal(after[:6], before)
+    probe_after = np.load(copy / "model" / "lossesfile.npz")["online_probe"]
+    assert probe_after[:, 0].tolist() == [1, 2, 3]
+    np.testing.assert_array_equal(probe_after[:2], probe_before)
     assert len(after) == 9 and np.all(np.isfinite(after))
     assert torch.load(copy / "model" / "checkpoint.pth", weights_only=True)["step"] == 9
 

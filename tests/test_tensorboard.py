@@ -9,7 +9,7 @@ import pytest
 from conftest import FAST_PRETRAIN, assert_one_line_error, run_script
 
 SCALARS = ("train/loss", "train/lr", "train/positive_pair_top1", "collapse/z_std_mean",
-           "eval/knn_accuracy")
+           "eval/knn_accuracy", "eval/online_probe_accuracy")
 
 
 @pytest.fixture(scope="module")
@@ -37,6 +37,8 @@ def test_event_files_hold_every_tag_with_the_run_values(logged_run):
                                losses["step_top1"], rtol=1e-6)
     knn = [e.value for e in events.Scalars("eval/knn_accuracy")]
     np.testing.assert_allclose(knn, losses["knn"][:, 1], rtol=1e-6)
+    probe = [e.value for e in events.Scalars("eval/online_probe_accuracy")]
+    np.testing.assert_allclose(probe, losses["online_probe"][:, 1], rtol=1e-6)
     spread = [e.value for e in events.Scalars("collapse/z_std_mean")]
     # per-dimension std of unit vectors in D = 16 dimensions: 0 (collapse) .. 1/sqrt(16)
     assert all(0 < v <= 0.25 + 1e-6 for v in spread), spread

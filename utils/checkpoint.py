@@ -260,7 +260,8 @@ def upgrade_format_1(ckpt):
 
 def read_losses_file(path):
     """The per-step history in a lossesfile.npz: {"loss": (S,), "positive_pair_top1": (S,) or
-    absent, "knn": [(epoch, accuracy)]}. Reads ours (named arrays) or the original project's
+    absent, "knn": [(epoch, accuracy)], "online_probe": [(epoch, accuracy)] (empty in files
+    written before the online probe)}. Reads ours (named arrays) or the original project's
     single unnamed array of per-batch losses; UserError for anything else."""
     try:
         with np.load(path) as f:
@@ -270,14 +271,15 @@ def read_losses_file(path):
                         f"away, or use --fresh or another RESPATH") from None
     if "step_losses" in arrays:
         out = {"loss": arrays["step_losses"].astype(np.float64).ravel(),
-               "knn": [tuple(r) for r in arrays.get("knn", np.zeros((0, 2))).tolist()]}
+               **{name: [tuple(r) for r in arrays.get(name, np.zeros((0, 2))).tolist()]
+                  for name in ("knn", "online_probe")}}
         if "step_top1" in arrays and len(arrays["step_top1"]) == len(out["loss"]):
             out["positive_pair_top1"] = arrays["step_top1"].astype(np.float64).ravel()
         return out
     if len(arrays) == 1:
         (losses,) = arrays.values()
         if np.issubdtype(losses.dtype, np.number):
-            return {"loss": losses.astype(np.float64).ravel(), "knn": []}
+            return {"loss": losses.astype(np.float64).ravel(), "knn": [], "online_probe": []}
     raise UserError(f"{path} holds {sorted(arrays)}, not per-step losses (step_losses, or one "
                     f"array of per-batch losses); move it away, or use --fresh or another "
                     f"RESPATH")

@@ -421,7 +421,9 @@ class ImageDataset(torch.utils.data.Dataset):
 
 
 class TwoViewDataset(torch.utils.data.Dataset):
-    """Pretraining dataset: key (index, epoch) -> (view1, view2), two augmentations of one image.
+    """Pretraining dataset: key (index, epoch) -> (view1, view2), two augmentations of one image;
+    with `labels` (N,) int64 (the online probe's, utils/online_probe.py) -> ((view1, view2),
+    label of the image used), so a batch is [(V1, V2), y].
 
     The augmentation of image `index` in `epoch` is seeded with
     derive_seed(AUGMENT_STREAM, seed, epoch, index), inside a forked torch RNG so the caller's
@@ -429,12 +431,13 @@ class TwoViewDataset(torch.utils.data.Dataset):
     epoch, index) (load_with_substitute) and reported to `unreadable`.
     """
 
-    def __init__(self, images, channels, transform, seed, unreadable=None):
+    def __init__(self, images, channels, transform, seed, unreadable=None, labels=None):
         self.images = images
         self.channels = channels
         self.transform = transform
         self.seed = seed
         self.unreadable = unreadable
+        self.labels = labels
 
     def __len__(self):
         return len(self.images)
@@ -449,7 +452,8 @@ class TwoViewDataset(torch.utils.data.Dataset):
             return self.transform(img), used
 
     def __getitem__(self, key):
-        return self.load(key)[0]
+        views, used = self.load(key)
+        return views if self.labels is None else (views, int(self.labels[used]))
 
 
 class LabelledViewDataset(TwoViewDataset):
@@ -559,11 +563,14 @@ def decode_images(images, channels, size):
 class InMemoryBatches:
     """The batches of `sampler` (keys (index, epoch)) as slices of `pixels`, uint8 (N, C, H, W)
     decoded once (decode_images) and usually already on the training device: yields uint8
-    (b, C, H, W) on pixels' device. Takes the place of the DataLoader with --gpu-aug (no worker
-    processes: indexing a tensor is all the loading there is)."""
+    (b, C, H, W) on pixels' device, or with `labels` (N,) int64 (the online probe's) the pairs
+    (pixels (b, C, H, W), labels (b,)), both on pixels' device. Takes the place of the
+    DataLoader with --gpu-aug (no worker processes: indexing a tensor is all the loading there
+    is)."""
 
-    def __init__(self, pixels, sampler):
+    def __init__(self, pixels, sampler, labels=None):
         self.pixels, self.sampler = pixels, sampler
+        self.labels = None if labels is None else labels.to(pixels.device)
 
     def __len__(self):
         return len(self.sampler)
@@ -573,4 +580,6 @@ class InMemoryBatches:
             index = torch.tensor([i for i, _ in keys], dtype=torch.long)
             if self.pixels.is_cuda:
                 index = index.pin_memory()  # a copy from pageable memory would wait for the GPU
-            yield self.pixels.index_select(0, index.to(self.pixels.device, non_blocking=True))
+            index = index.to(self.pixels.device, non_blocking=True)
+            batch = self.pixels.index_select(0, index)
+            yield batch if self.labels is None else (batch, self.labels.index_select(0, index))

@@ -108,8 +108,13 @@ class Task:
         return None
 
     def extra_state(self):
-        """Script-specific entries of the checkpoint (its "extra" dict)."""
+        """The task's own entries of the checkpoint's "extra" dict (merged with the script's
+        record["extra"]), e.g. the state of a part trained beside the model."""
         return {}
+
+    def load_extra_state(self, extra):
+        """Restore what extra_state saved from the resumed checkpoint's "extra" dict (an empty
+        dict for a checkpoint without one); a missing entry means a fresh start of that part."""
 
     def start_tensorboard(self, logger, trainer):
         """Add the script's own views to TensorBoard at the start (rank 0)."""
@@ -213,7 +218,8 @@ class Trainer:
         self._last_save = time.monotonic()
 
     def restore(self, ckpt):
-        """Continue the checkpoint `ckpt`: weights, optimizer, loss scale, history, RNG."""
+        """Continue the checkpoint `ckpt`: weights, optimizer, loss scale, history, RNG, and
+        the task's own state (Task.load_extra_state)."""
         self.plain.load_state_dict(ckpt["model"])
         if ckpt["optimizer"] is not None:  # None: resumed from weights alone
             self.optimizer.load_state_dict(ckpt["optimizer"])
@@ -224,6 +230,7 @@ class Trainer:
             set_rng_state(ckpt["rng"], self.device)
         print0(f"resuming {ckpt.get('resumed_from', self.run.files.checkpoint)}: epoch "
                f"{ckpt['epoch']}, step {ckpt['step']} of {self.settings.total_steps}", flush=True)
+        self.task.load_extra_state(ckpt.get("extra") or {})
 
     @property
     def finished(self):
@@ -411,8 +418,9 @@ class Trainer:
                 "step": step, "epoch": step // self.settings.steps_per_epoch,
                 "steps_per_epoch": self.settings.steps_per_epoch,
                 "history": self.history.state(), "best": self.history.best,
-                "schedule": self.run.schedule.state(), "extra": self.task.extra_state(),
-                **self.run.record, "rng": rng_state(self.device)}
+                "schedule": self.run.schedule.state(), **self.run.record,
+                "extra": {**self.run.record.get("extra", {}), **self.task.extra_state()},
+                "rng": rng_state(self.device)}
 
     def save(self, draw_plot, best=False):
         """Rank 0 writes the checkpoint (every rank holds the same state), best.pth when

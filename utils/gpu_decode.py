@@ -67,9 +67,13 @@ class EncodedImageDataset(torch.utils.data.Dataset):
                                        (self.seed, epoch), self.unreadable)
 
 
-def collate_encoded(items):
-    """A batch of EncodedImageDataset items as they are: a list (the bytes differ in length)."""
-    return list(items)
+def collate_encoded(items, labels=None):
+    """A batch of EncodedImageDataset items as they are: a list (the bytes differ in length);
+    with `labels` (N,) int64 (the online probe's, bound with functools.partial) the pair
+    (list, labels of the items' images (b,))."""
+    if labels is None:
+        return list(items)
+    return list(items), labels[torch.tensor([index for index, _, _ in items])]
 
 
 def to_channels(rgb, channels):
@@ -108,6 +112,8 @@ class BatchDecoder:
         """[uint8 (3, H, W) on the device or None] for items (index, jpeg bytes); None where
         the device could not decode the file."""
         data = [jpeg for _, jpeg, _ in items]
+        if not data:  # a batch without JPEGs (decode_jpeg refuses an empty list)
+            return []
         try:
             return self._decode_jpeg(data, mode=self._rgb, device=self.device)
         except RuntimeError:  # one bad file fails the whole list: find it one by one

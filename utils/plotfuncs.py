@@ -25,9 +25,10 @@ def save_figure(fig, path):
     atomic_write_bytes(path, buffer.getvalue())
 
 
-def plot_training_losses(step_losses, steps_per_epoch, path, knn=None):
+def plot_training_losses(step_losses, steps_per_epoch, path, knn=None, online_probe=None):
     """Loss per step and the per-epoch mean (at each epoch's last step) against the step;
-    `knn` [(epoch, accuracy), ...] adds the kNN accuracy on a second axis."""
+    `knn` and `online_probe` [(epoch, accuracy), ...] add the kNN and online-probe accuracies
+    of h (on the kNN query images) on a second axis."""
     plt = pyplot()
     step_losses = np.asarray(step_losses, dtype=float)
     fig, ax = plt.subplots(figsize=(7, 4))
@@ -45,12 +46,16 @@ def plot_training_losses(step_losses, steps_per_epoch, path, knn=None):
     ax.set_title("SimCLR pretraining loss")
     ax.grid(alpha=0.3)
     handles, labels = ax.get_legend_handles_labels()
-    if knn is not None and len(knn):
-        knn = np.asarray(knn, dtype=float)
+    accuracies = [(np.asarray(rows, dtype=float), style, label) for rows, style, label in (
+        (knn, ("s--", "tab:green"), "kNN accuracy of h"),
+        (online_probe, ("^:", "tab:red"), "online probe accuracy of h"))
+        if rows is not None and len(rows)]
+    if accuracies:
         ax2 = ax.twinx()
-        ax2.plot(knn[:, 0] * steps_per_epoch, 100 * knn[:, 1], "s--", color="tab:green",
-                 label="kNN accuracy of h (test)")
-        ax2.set_ylabel("kNN accuracy (%)")
+        for rows, (marker, colour), label in accuracies:
+            ax2.plot(rows[:, 0] * steps_per_epoch, 100 * rows[:, 1], marker, color=colour,
+                     label=label)
+        ax2.set_ylabel("accuracy (%)")
         extra_handles, extra_labels = ax2.get_legend_handles_labels()
         handles, labels = handles + extra_handles, labels + extra_labels
     ax.legend(handles, labels)

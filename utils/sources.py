@@ -299,6 +299,12 @@ def split_off_validation(images, fraction, seed, stream=VALIDATION_STREAM, flag=
     has 2 or more) moved to a validation split, chosen by `seed` alone, stratified so the
     validation split keeps the class proportions. `stream`/`flag`: another held-out split
     (the test hold-out of --test-fraction)."""
+    train, val = validation_indices(images, fraction, seed, stream, flag)
+    return images.subset(train.tolist()), images.subset(val.tolist())
+
+
+def validation_indices(images, fraction, seed, stream=VALIDATION_STREAM, flag="--val-fraction"):
+    """(train indices, val indices), sorted int arrays, of split_off_validation."""
     if not 0 < fraction < 1:
         raise UserError(f"{flag} {fraction} must be in (0, 1), e.g. 0.1")
     rng = np.random.default_rng(derive_seed(stream, seed))
@@ -310,7 +316,7 @@ def split_off_validation(images, fraction, seed, stream=VALIDATION_STREAM, flag=
         val.append(rng.permutation(members)[:max(k, 0)])
     val = np.sort(np.concatenate(val)).astype(int)
     train = np.setdiff1d(np.arange(len(images)), val)
-    return images.subset(train.tolist()), images.subset(val.tolist())
+    return train, val
 
 
 def train_and_test(args):
