@@ -55,7 +55,8 @@ from utils.precision import MixedPrecision, resolve_amp
 from utils.sources import (has_split, load_split, select_subset, split_off_validation,
                            train_and_test)
 from utils.tensorboard import tensorboard_dir
-from utils.transfer import encoder_with_head_layers, fit_probe_head, freeze_batchnorm_statistics
+from utils.transfer import (add_transfer_args, batchnorm_mode, encoder_with_head_layers,
+                            fit_probe_head, freeze_batchnorm_statistics, resolve_encoder_lr_ratio)
 from utils.transforms import EvalTransform, SupervisedAugmentation
 
 # Settings that define the run: resuming with another value is an error, not a silent mix.
@@ -67,9 +68,6 @@ RUN_DEFINING_ARGS = ("modelpath", "baseline", "freeze", "head", "arch", "stem", 
 # What a run written before a flag existed did (so it still resumes).
 LEGACY_VALUES = {"head_init": "random", "encoder_lr_ratio": 1.0, "encoder_bn": "train",
                  "from_head_layer": 0}
-# The pretrained encoder's learning rate relative to the head's (docs/defaults.md).
-DEFAULT_ENCODER_LR_RATIO = 0.1
-MIN_STATISTICS_UPDATES = 50  # BatchNorm running averages (momentum 0.1) kept by --encoder-bn auto
 DEFAULT_LR = {"sgd": 0.1, "adamw": 1e-3, "lars": 0.1}
 DEFAULT_WEIGHT_DECAY = {"sgd": 5e-4, "adamw": 1e-2, "lars": 1e-6}
 
@@ -125,18 +123,7 @@ def get_args_parser():
                             "(default: sgd 5e-4, adamw 1e-2, lars 1e-6)")
     train.add_argument("--warmup-epochs", type=float, default=0.0,
                        help="linear warm-up before the cosine decay")
-    train.add_argument("--encoder-lr-ratio", type=float, default=None,
-                       help="the encoder's learning rate as a fraction of the head's (default "
-                            f"{DEFAULT_ENCODER_LR_RATIO:g} for a pretrained encoder, 1 with "
-                            "--baseline)")
-    train.add_argument("--encoder-bn", choices=("auto", "frozen", "train"), default="auto",
-                       help="the encoder's BatchNorm statistics: frozen = kept from pretraining "
-                            "(normalise with them, never update them; a few dozen labelled "
-                            "images per batch would replace them by noisy ones), train = "
-                            "batch statistics, updated; auto = frozen for a pretrained encoder, "
-                            "unless pretraining updated them fewer than "
-                            f"{MIN_STATISTICS_UPDATES} times (they have not converged); train "
-                            "with --baseline (there is nothing to keep)")
+    add_transfer_args(train, "head")
     train.add_argument("--min-scale", type=float, default=0.5,
                        help="smallest crop area of the training augmentation (random resized "
                             "crop and horizontal flip); 1.0 with --no-flip = no augmentation")
@@ -188,14 +175,9 @@ def check_args(args):
                         "mlp use --head-init random (or auto)")
     if args.from_head_layer < 0:
         raise UserError(f"--from-head-layer {args.from_head_layer} must be >= 0 (0 = from h)")
-    if args.encoder_lr_ratio is not None and not args.encoder_lr_ratio > 0:
-        raise UserError(f"--encoder-lr-ratio {args.encoder_lr_ratio} must be positive, e.g. "
-                        f"0.1 (--freeze keeps the encoder fixed)")
-    pretrained = not args.baseline
+    resolve_encoder_lr_ratio(args)
     if args.head_init == "auto":
-        args.head_init = "probe" if pretrained and args.head == "linear" else "random"
-    if args.encoder_lr_ratio is None:
-        args.encoder_lr_ratio = DEFAULT_ENCODER_LR_RATIO if pretrained else 1.0
+        args.head_init = "probe" if not args.baseline and args.head == "linear" else "random"
     check_training_args(args)
     if args.val_every < 1:
         raise UserError(f"--val-every {args.val_every} must be at least 1")
@@ -262,22 +244,6 @@ def build_classifier(meta, pretrained_state, args, n_classes):
     torch.manual_seed(args.seed)
     encoder, feat_dim = encoder_with_head_layers(meta, pretrained_state, args.from_head_layer)
     return Classifier(encoder, build_head(args.head, feat_dim, n_classes))
-
-
-def batchnorm_mode(choice, pretrained_state):
-    """('frozen' or 'train', why) for --encoder-bn `choice`: auto keeps the statistics of a
-    pretrained encoder unless pretraining updated them fewer than MIN_STATISTICS_UPDATES times
-    (running averages still near their initial values would not normalise: activations and
-    gradients blow up); a file that does not count its updates (0) is trusted."""
-    if choice != "auto":
-        return choice, "--encoder-bn"
-    if pretrained_state is None:
-        return "train", "no pretrained statistics"
-    counts = [int(v) for k, v in pretrained_state.items() if k.endswith("num_batches_tracked")]
-    updates = min(counts) if counts else 0
-    if 0 < updates < MIN_STATISTICS_UPDATES:
-        return "train", f"pretraining updated them only {updates} times"
-    return "frozen", "those of pretraining"
 
 
 def start_head_from_probe(model, images, meta, args, device):

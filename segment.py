@@ -47,7 +47,7 @@ from utils.fileio import atomic_write_bytes, json_dump
 from utils.foreign_weights import WeightSettings
 from utils.model import (FEATURE_DIMS, STEM_CHOICES, STEM_HELP, encoder_state,
                          load_state_strict, resolve_stem)
-from utils.optim import WarmupCosine, build_optimizer
+from utils.optim import PartRate, WarmupCosine, build_optimizer
 from utils.precision import MixedPrecision, resolve_amp
 from utils.segmentation import (DECODERS, IGNORE_INDEX, JointTransform, SegmentationDataset,
                                 build_segmentation_net, check_class_indices, confusion_matrix,
@@ -55,12 +55,18 @@ from utils.segmentation import (DECODERS, IGNORE_INDEX, JointTransform, Segmenta
                                 scan_pairs, segmentation_scores)
 from utils.sources import read_list_lines
 from utils.tensorboard import tensorboard_dir
+from utils.transfer import (add_transfer_args, batchnorm_mode, freeze_batchnorm_statistics,
+                            resolve_encoder_lr_ratio)
 from utils.transforms import denormalize
 
 # Settings that define the run: resuming with a different value is an error, not a silent mix.
 RUN_DEFINING_ARGS = ("train_list", "modelpath", "baseline", "arch", "stem", "decoder", "freeze",
                      "num_classes", "classes", "ignore_index", "image_size", "min_scale",
-                     "batch_size", "optimizer", "lr", "weight_decay", "warmup_epochs", "seed")
+                     "batch_size", "optimizer", "lr", "weight_decay", "warmup_epochs", "seed",
+                     "decoder_epochs", "encoder_lr_ratio", "encoder_bn")
+# What a run written before a flag existed did (so it still resumes).
+LEGACY_VALUES = {"decoder_epochs": 0, "encoder_lr_ratio": 1.0, "encoder_bn": "train"}
+DEFAULT_DECODER_EPOCHS = 1  # a pretrained encoder waits this long for the decoder (defaults.md)
 DEFAULT_LR = {"adamw": 1e-3, "sgd": 0.01}
 DEFAULT_WEIGHT_DECAY = {"adamw": 1e-2, "sgd": 5e-4}
 OUTPUTS = ("checkpoint.pth", "best.pth", "metrics.json", "metrics.csv", "predictions.png")
@@ -128,6 +134,12 @@ def get_args_parser():
                           "adamw, 5e-4 for sgd)")
     opt.add_argument("--warmup-epochs", type=float, default=1.0,
                      help="epochs of linear learning-rate warm-up")
+    opt.add_argument("--decoder-epochs", type=int, default=None,
+                     help="epochs the decoder trains alone on the fixed pretrained encoder "
+                          "before the encoder joins at --encoder-lr-ratio (the LP-FT idea: "
+                          "a random decoder's first gradients would distort the features; "
+                          f"default {DEFAULT_DECODER_EPOCHS}, 0 with --baseline)")
+    add_transfer_args(opt, "decoder")
 
     out = parser.add_argument_group("output")
     out.add_argument("--grid-rows", type=int, default=6,
@@ -157,6 +169,9 @@ def resolve_args(args):
         if getattr(args, name) is not None:
             setattr(args, name, os.path.abspath(getattr(args, name)))
     args.lr = DEFAULT_LR[args.optimizer] if args.lr is None else args.lr
+    resolve_encoder_lr_ratio(args)
+    if args.decoder_epochs is None:
+        args.decoder_epochs = 0 if args.baseline else DEFAULT_DECODER_EPOCHS
     if args.weight_decay is None:
         args.weight_decay = DEFAULT_WEIGHT_DECAY[args.optimizer]
     check_training_args(args)
@@ -171,7 +186,9 @@ def resolve_args(args):
               (0 < args.min_scale <= 1, f"--min-scale {args.min_scale} must be in (0, 1]"),
               (args.lr > 0, f"--lr {args.lr} must be positive"),
               (args.warmup_epochs >= 0, f"--warmup-epochs {args.warmup_epochs} must be >= 0"),
-              (args.grid_rows >= 1, f"--grid-rows {args.grid_rows} must be at least 1")]
+              (args.grid_rows >= 1, f"--grid-rows {args.grid_rows} must be at least 1"),
+              (args.decoder_epochs >= 0,
+               f"--decoder-epochs {args.decoder_epochs} must be >= 0 (0: all train together)")]
     for ok, message in checks:
         if not ok:
             raise UserError(message)
@@ -279,19 +296,23 @@ class SegmentationTask(Task):
     """The segmentation step for the engine: cross-entropy over the non-ignored pixels of the
     global batch, and the val split's mIoU as the evaluation (best.pth keeps its best epoch;
     without a val split every epoch is the best known). With `freeze` the encoder stays in eval
-    mode (its BatchNorm statistics are part of what is frozen)."""
+    mode (its BatchNorm statistics are part of what is frozen); with --encoder-bn frozen only
+    its BatchNorm layers do."""
     script = "segment"
     series = {"loss": "loss"}
     best_metric = "miou"
 
-    def __init__(self, args, num_classes, val_loader, device):
+    def __init__(self, args, bn_mode, num_classes, val_loader, device):
         self.ignore_index, self.freeze, self.k = args.ignore_index, args.freeze, num_classes
         self.val_loader, self.device, self.channels_last = val_loader, device, args.channels_last
+        self.frozen_statistics = bn_mode == "frozen"
 
     def train_mode(self, model):
         model.train()
         if self.freeze:
             unwrap_model(model).encoder.eval()
+        elif self.frozen_statistics:
+            freeze_batchnorm_statistics(unwrap_model(model).encoder)
 
     def step(self, trainer, batch, step):
         """loss = sum of the pixel cross-entropies of this process * W / V, V the non-ignored
@@ -329,7 +350,8 @@ def segment(args, device):
     def prepare():
         ensure_writable_dir(args.respath)
         print_args(args)
-        return load_resumable(paths["checkpoint.pth"], "segment", args, RUN_DEFINING_ARGS)
+        return load_resumable(paths["checkpoint.pth"], "segment", args, RUN_DEFINING_ARGS,
+                              LEGACY_VALUES)
     ckpt = decide_on_main(prepare)
     splits = read_splits(args)
     meta, weights = decide_on_main(lambda: model_setup(args, splits["train"]))
@@ -353,9 +375,16 @@ def segment(args, device):
     steps_per_epoch = n_train // args.batch_size
     schedule = WarmupCosine(args.lr, round(args.warmup_epochs * steps_per_epoch),
                             args.epochs * steps_per_epoch)
+    bn_mode, why = batchnorm_mode(args.encoder_bn, weights)
+    parts = [] if args.freeze else [PartRate(net.encoder, args.encoder_lr_ratio,
+                                             args.decoder_epochs * steps_per_epoch)]
+    if is_main_process() and not args.freeze:
+        print(f"encoder: lr x{args.encoder_lr_ratio:g} from epoch {args.decoder_epochs + 1} "
+              f"(the decoder trains alone before), BatchNorm statistics {bn_mode} ({why})",
+              flush=True)
     trainer = Trainer(Run(
-        task=SegmentationTask(args, k, eval_loaders.get("val"), device), model=net,
-        optimizer=build_optimizer(net, args.optimizer, args.lr, args.weight_decay),
+        task=SegmentationTask(args, bn_mode, k, eval_loaders.get("val"), device), model=net,
+        optimizer=build_optimizer(net, args.optimizer, args.lr, args.weight_decay, parts),
         schedule=schedule, sampler=sampler, loader=train_loader, precision=precision,
         settings=LoopSettings.from_args(args, steps_per_epoch, eval_every=1,
                                         tensorboard_dir=tensorboard_dir(args.respath)),
@@ -433,6 +462,8 @@ def evaluate_and_write(model, data, args, device, paths, history):
     return {"classes": data.classes, "num_classes": len(data.classes),
             "ignore_index": args.ignore_index, "resolution": data.meta["image_size"],
             "decoder": args.decoder, "freeze": args.freeze, "baseline": args.baseline,
+            "decoder_epochs": args.decoder_epochs, "encoder_lr_ratio": args.encoder_lr_ratio,
+            "encoder_bn": args.encoder_bn,
             "modelpath": args.modelpath, "model_meta": data.meta,
             "n_pairs": {s: len(p) for s, p in data.splits.items() if p is not None},
             "epochs": args.epochs, "best_epoch": history.best["epoch"],

@@ -176,7 +176,7 @@ def test_sigkill_mid_epoch_then_resume_equals_uninterrupted(uninterrupted_and_ki
 
 
 def test_batchnorm_mode_keeps_only_converged_statistics():
-    from finetune import MIN_STATISTICS_UPDATES, batchnorm_mode
+    from utils.transfer import MIN_STATISTICS_UPDATES, batchnorm_mode
     state = {"encoder.bn1.num_batches_tracked": torch.tensor(MIN_STATISTICS_UPDATES - 1),
              "encoder.layer1.0.bn1.num_batches_tracked": torch.tensor(500)}
     assert batchnorm_mode("auto", state)[0] == "train"  # the least-updated layer decides

@@ -12,6 +12,51 @@ from utils.model import (build_encoder, build_model_from_meta, encoder_state, lo
                          truncate_head)
 
 BATCHNORM = nn.modules.batchnorm._BatchNorm
+# The pretrained encoder's learning rate relative to the head's (docs/defaults.md).
+DEFAULT_ENCODER_LR_RATIO = 0.1
+MIN_STATISTICS_UPDATES = 50  # BatchNorm running averages (momentum 0.1) kept by --encoder-bn auto
+
+
+def add_transfer_args(group, head="head"):
+    """--encoder-lr-ratio and --encoder-bn, the same in finetune.py and segment.py (`head`:
+    what trains beside the encoder, for the help text)."""
+    group.add_argument("--encoder-lr-ratio", type=float, default=None,
+                       help=f"the encoder's learning rate as a fraction of the {head}'s "
+                            f"(default {DEFAULT_ENCODER_LR_RATIO:g} for a pretrained encoder, 1 "
+                            f"with --baseline)")
+    group.add_argument("--encoder-bn", choices=("auto", "frozen", "train"), default="auto",
+                       help="the encoder's BatchNorm statistics: frozen = kept from pretraining "
+                            "(normalise with them, never update them; a few dozen labelled "
+                            "images per batch would replace them by noisy ones), train = "
+                            "batch statistics, updated; auto = frozen for a pretrained encoder, "
+                            "unless pretraining updated them fewer than "
+                            f"{MIN_STATISTICS_UPDATES} times (they have not converged); train "
+                            "with --baseline (there is nothing to keep)")
+
+
+def resolve_encoder_lr_ratio(args):
+    """args.encoder_lr_ratio: the default for a pretrained encoder or --baseline, else checked."""
+    if args.encoder_lr_ratio is None:
+        args.encoder_lr_ratio = 1.0 if args.baseline else DEFAULT_ENCODER_LR_RATIO
+    if not args.encoder_lr_ratio > 0:
+        raise UserError(f"--encoder-lr-ratio {args.encoder_lr_ratio} must be positive, e.g. "
+                        f"0.1 (--freeze keeps the encoder fixed)")
+
+
+def batchnorm_mode(choice, pretrained_state):
+    """('frozen' or 'train', why) for --encoder-bn `choice`: auto keeps the statistics of a
+    pretrained encoder unless pretraining updated them fewer than MIN_STATISTICS_UPDATES times
+    (running averages still near their initial values would not normalise: activations and
+    gradients blow up); a file that does not count its updates (0) is trusted."""
+    if choice != "auto":
+        return choice, "--encoder-bn"
+    if pretrained_state is None:
+        return "train", "no pretrained statistics"
+    counts = [int(v) for k, v in pretrained_state.items() if k.endswith("num_batches_tracked")]
+    updates = min(counts) if counts else 0
+    if 0 < updates < MIN_STATISTICS_UPDATES:
+        return "train", f"pretraining updated them only {updates} times"
+    return "frozen", "those of pretraining"
 
 
 def freeze_batchnorm_statistics(module):
