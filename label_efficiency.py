@@ -1,19 +1,24 @@
-"""How much do SimCLR features help with few labels? Linear evaluation, fine-tuning and the
-supervised baseline over label budgets and seeds, in one table and one plot.
+"""How much do SimCLR features help with few labels? Fine-tuning, the linear probe, the same
+network from scratch and the two references (raw pixels, the random encoder) over label budgets
+and seeds, side by side in one table and one plot, as the SimCLR paper and j-freddy report them.
 
-    python label_efficiency.py DATAPATH MODELPATH RESPATH --fractions 0.01 0.1 1 --seeds 0 1 2
-    python label_efficiency.py DATAPATH MODELPATH RESPATH --samples-per-class 5 20 100 \
-        --methods linear finetune baseline --epochs 30 -bs 64 -c
+    python label_efficiency.py DATAPATH MODELPATH RESPATH                 # 1 %, 10 %, 100 %
+    python label_efficiency.py DATAPATH MODELPATH RESPATH --budgets-per-class 5 20 100 \
+        --fractions 0.1 --epochs 30 -bs 64 -c
 
 Every run is the real script with its own output folder, RESPATH/<method>/<budget>/seed<s>/:
-linear = linear_evaluation.py (probe on the frozen h), finetune = finetune.py (whole encoder),
-frozen = finetune.py --freeze (head trained with augmentation), baseline = finetune.py
---baseline (same architecture, random initialisation). The seed chooses the labelled subset
-(the same images for every method), the initialisation and the augmentation. Finished runs
+finetune = finetune.py (LP-FT: the probe's head, then the whole encoder at a lower rate),
+linear = linear_evaluation.py (probe on the frozen h), baseline = finetune.py --baseline (same
+architecture, random initialisation, trained from scratch), pixels and random =
+linear_evaluation.py --reference pixels / random (the same probe on the normalised pixels and on
+the randomly initialised encoder), frozen = finetune.py --freeze (head trained with
+augmentation; not run by default). The seed chooses the labelled subset (the same images for
+every method), the initialisation and the augmentation. Finished runs
 are kept (their report.json), an interrupted one resumes, so running the command again
 completes a sweep. RESPATH receives label_efficiency.csv (mean and standard deviation over the
-seeds of accuracy, balanced accuracy, macro-F1 and AUROC, per method and budget) and
-label_efficiency.png (test accuracy against labelled images per class, one line per method).
+seeds of accuracy, balanced accuracy, macro-F1 and AUROC, per method and budget),
+label_efficiency.png (test accuracy against labelled images per class, one line per method,
+error bars of one standard deviation) and prints a table with a column per method.
 """
 import argparse
 import csv
@@ -35,7 +40,8 @@ from utils.plotfuncs import plot_label_efficiency
 from utils.engine import GracefulStop
 
 HERE = os.path.dirname(os.path.abspath(__file__))
-METHODS = ("linear", "finetune", "frozen", "baseline")
+METHODS = ("finetune", "linear", "baseline", "pixels", "random", "frozen")
+DEFAULT_METHODS = ("finetune", "linear", "baseline", "pixels", "random")
 METRICS = ("accuracy", "balanced_accuracy", "macro_f1", "auroc_ovr")
 SOURCE_FLAGS = ("data_root", "size", "train_list", "val_list", "test_list")
 
@@ -49,16 +55,17 @@ def get_args_parser():
     add_data_loading_args(parser, batch_size=64)
     add_data_source_args(parser)
     study = parser.add_argument_group("study")
-    budget = study.add_mutually_exclusive_group()
-    budget.add_argument("--fractions", type=float, nargs="+", default=None,
-                        help="label budgets as fractions of every class (default 0.01 0.1 1)")
-    budget.add_argument("--budgets-per-class", "--spc", dest="budgets_per_class", type=int,
-                        nargs="+", default=None,
-                        help="label budgets as images per class, instead of --fractions")
+    study.add_argument("--fractions", type=float, nargs="+", default=None,
+                       help="label budgets as fractions of every class, as in the SimCLR paper "
+                            "(default 0.01 0.1 1 when no --budgets-per-class is given)")
+    study.add_argument("--budgets-per-class", "--spc", dest="budgets_per_class", type=int,
+                       nargs="+", default=None,
+                       help="label budgets as images per class (with --fractions: both)")
     study.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2],
                        help="one run per seed and budget; mean and std over them")
-    study.add_argument("--methods", nargs="+", choices=METHODS,
-                       default=["linear", "finetune", "baseline"], help="what to compare")
+    study.add_argument("--methods", nargs="+", choices=METHODS, default=list(DEFAULT_METHODS),
+                       help="what to compare: finetune (LP-FT), linear (probe), baseline (from "
+                            "scratch), pixels and random (the probe's references), frozen")
     study.add_argument("--epochs", type=int, default=30,
                        help="fine-tuning and baseline epochs")
     study.add_argument("--min-steps", type=int, default=100,
@@ -72,16 +79,16 @@ def get_args_parser():
 
 
 def budget_list(args):
-    """[(flag, value, folder name)] of the label budgets."""
-    if args.budgets_per_class:
-        if min(args.budgets_per_class) < 1:
-            raise UserError("--budgets-per-class values must be at least 1")
-        return [("--samples-per-class", k, f"{k}_per_class") for k in args.budgets_per_class]
-    fractions = args.fractions or [0.01, 0.1, 1.0]
+    """[(flag, value, folder name)] of the label budgets: images per class, then fractions."""
+    per_class = args.budgets_per_class or []
+    if per_class and min(per_class) < 1:
+        raise UserError("--budgets-per-class values must be at least 1")
+    fractions = args.fractions or ([] if per_class else [0.01, 0.1, 1.0])
     for f in fractions:
         if not 0 < f <= 1:
             raise UserError(f"--fractions {f} must be in (0, 1], e.g. 0.1")
-    return [("--label-fraction", f, f"fraction_{f:g}") for f in fractions]
+    return ([("--samples-per-class", k, f"{k}_per_class") for k in per_class] +
+            [("--label-fraction", f, f"fraction_{f:g}") for f in fractions])
 
 
 def common_flags(args):
@@ -106,8 +113,10 @@ def finetune_epochs(args, n_train_estimate):
 def run_command(method, args, budget_flag, budget_value, seed, outdir, n_train_estimate):
     """The command line of one run."""
     common = common_flags(args) + [budget_flag, budget_value, "--seed", seed]
-    if method == "linear":
-        return ["linear_evaluation.py", args.datapath, args.modelpath, outdir] + common
+    if method in ("linear", "pixels", "random"):
+        reference = [] if method == "linear" else ["--reference", method]
+        return ["linear_evaluation.py", args.datapath, args.modelpath, outdir] + common + \
+            reference
     extra = {"finetune": [], "frozen": ["--freeze"], "baseline": ["--baseline"]}[method]
     epochs = finetune_epochs(args, n_train_estimate)
     return (["finetune.py", args.datapath, args.modelpath, outdir] + common + extra +
@@ -172,6 +181,21 @@ def summarise(results):
     return rows
 
 
+def side_by_side(rows, methods):
+    """Lines of a text table: one row per budget (labels per class), one column per method,
+    each cell the test accuracy's mean ± std in %."""
+    cells = {(r["budget"], r["method"]): f"{100 * r['accuracy_mean']:.1f} ± "
+                                         f"{100 * r['accuracy_std']:.1f}" for r in rows}
+    budgets = dict.fromkeys((r["budget"], r["labels_per_class"]) for r in rows)
+    width = max(13, *(len(c) for c in cells.values()))
+    lines = [f"{'budget':>16s} {'labels/class':>12s}  " +
+             "  ".join(f"{m:>{width}s}" for m in methods)]
+    for budget, per_class in budgets:
+        lines.append(f"{budget:>16s} {per_class:12g}  " + "  ".join(
+            f"{cells.get((budget, m), '-'):>{width}s}" for m in methods))
+    return lines
+
+
 def write_csv(rows, path):
     buffer = io.StringIO()
     writer = csv.DictWriter(buffer, fieldnames=list(rows[0]))
@@ -225,10 +249,8 @@ def main(args):
     csv_path = os.path.join(args.respath, "label_efficiency.csv")
     write_csv(rows, csv_path)
     plot_label_efficiency(rows, os.path.join(args.respath, "label_efficiency.png"))
-    print(f"\n{'method':10s} {'budget':>16s} {'labels/class':>12s}  accuracy (mean ± std)")
-    for row in rows:
-        print(f"{row['method']:10s} {row['budget']:>16s} {row['labels_per_class']:12g}  "
-              f"{100 * row['accuracy_mean']:.2f} ± {100 * row['accuracy_std']:.2f} %")
+    print("\ntest accuracy (%), mean ± std over seeds " + " ".join(map(str, args.seeds)))
+    print("\n".join(side_by_side(rows, args.methods)))
     print(f"{total} runs in {time.perf_counter() - started:.0f} s; {csv_path} and "
           f"label_efficiency.png written")
     return 0

@@ -253,12 +253,15 @@ def plot_finetune_curves(epoch_losses, val_scores, path, title="Fine-tuning", st
 
 
 METHOD_NAMES = {"linear": "SimCLR, linear probe", "finetune": "SimCLR, fine-tuned",
-                "frozen": "SimCLR, frozen encoder + head", "baseline": "supervised from scratch"}
+                "frozen": "SimCLR, frozen encoder + head", "baseline": "supervised from scratch",
+                "pixels": "raw pixels, linear probe", "random": "random encoder, linear probe"}
+REFERENCE_METHODS = ("pixels", "random")
 
 
 def plot_label_efficiency(rows, path):
-    """Test accuracy (mean +- std over seeds) against labelled images per class, log x axis,
-    one line per method; `rows` as written by label_efficiency.py."""
+    """Test accuracy (mean, error bars +- std over seeds) against labelled images per class, log
+    x axis, one line per method (the references dashed); `rows` as written by
+    label_efficiency.py."""
     plt = pyplot()
     fig, ax = plt.subplots(figsize=(6.5, 4.2))
     for method in dict.fromkeys(row["method"] for row in rows):
@@ -267,8 +270,9 @@ def plot_label_efficiency(rows, path):
         x = [r["labels_per_class"] for r in mine]
         mean = np.array([r["accuracy_mean"] for r in mine]) * 100
         std = np.array([r["accuracy_std"] for r in mine]) * 100
-        line, = ax.plot(x, mean, "o-", label=METHOD_NAMES.get(method, method))
-        ax.fill_between(x, mean - std, mean + std, color=line.get_color(), alpha=0.2)
+        ax.errorbar(x, mean, yerr=std, fmt="s--" if method in REFERENCE_METHODS else "o-",
+                    capsize=3, alpha=0.7 if method in REFERENCE_METHODS else 1.0,
+                    label=METHOD_NAMES.get(method, method))
     ax.set_xscale("log")
     budgets = sorted({row["labels_per_class"] for row in rows})
     ax.set_xticks(budgets, [f"{b:g}" for b in budgets])
