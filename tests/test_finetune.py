@@ -25,11 +25,13 @@ def model_path(pretrained):
 
 @pytest.fixture(scope="module")
 def runs(tiny_folder, pretrained, tmp_path_factory):
-    """Three runs: frozen encoder, full fine-tuning (half of each class's labels, MLP head),
-    and the baseline without MODELPATH. {name: (RESPATH, CompletedProcess)}."""
+    """Four runs: frozen encoder, full fine-tuning (half of each class's labels, MLP head),
+    LP-FT (the defaults, half of the images validate), and the baseline without MODELPATH.
+    {name: (RESPATH, CompletedProcess)}."""
     out, model = {}, model_path(pretrained)
     for name, models, flags in (
             ("frozen", [model], ["--freeze"]),
+            ("lpft", [model], ["--val-fraction", "0.5"]),
             ("full", [model], ["--label-fraction", "0.5", "--head", "mlp"]),
             ("baseline", [], ["--baseline", "--arch", "resnet18", "--image-size", "16"])):
         respath = str(tmp_path_factory.mktemp(name))
@@ -218,3 +220,52 @@ def test_frozen_statistics_train_the_weights_and_keep_the_running_averages():
     model.load_state_dict(before)
     model.eval()
     torch.testing.assert_close(train_logits.detach(), model(x), rtol=0, atol=1e-5)
+
+
+def test_lpft_starts_at_the_probes_validation_accuracy(runs, tiny_folder, pretrained):
+    """Epoch 0 of LP-FT (validated before any step) scores what a LinearProbe fitted
+    independently on the frozen features of the same labelled images scores on the same
+    validation images."""
+    import finetune
+    from utils.data import ImageDataset, make_loader
+    from utils.linear_probe import LinearProbe, extract_features
+    from utils.model import load_trained_model
+    from utils.transforms import EvalTransform
+    respath, result = runs["lpft"]
+    args = finetune.get_args_parser().parse_args(
+        [tiny_folder, model_path(pretrained), respath, "--val-fraction", "0.5"])
+    train, val, _ = finetune.finetune_splits(args)
+    model, meta = load_trained_model(model_path(pretrained))
+    transform = EvalTransform(meta["image_size"], meta["mean"], meta["std"])
+    (train_x, train_y), (val_x, val_y) = [
+        extract_features(model.encoder, make_loader(ImageDataset(images, 1, transform),
+                                                    batch_size=8), torch.device("cpu"))
+        for images in (train, val)]
+    probe = LinearProbe(3).fit(train_x, train_y)
+    expected = (probe.predict(val_x) == val_y).double().mean().item()
+    ckpt = torch.load(os.path.join(respath, "checkpoint.pth"), weights_only=True)
+    first = ckpt["history"]["evaluations"][0]
+    assert len(val) == 18 and first["epoch"] == 0
+    assert first["val_accuracy"] == pytest.approx(expected, abs=1e-12)
+    assert "head: the linear probe on the frozen features of the 18 labelled" in result.stdout
+    report = json.load(open(os.path.join(respath, "report.json")))
+    assert report["head_init"] == "probe" and report["start_val_accuracy"] == first["val_accuracy"]
+    assert report["val_accuracy"] >= first["val_accuracy"]  # epoch 0 can be the one kept
+
+
+def test_encoder_learning_rate_ratio_reaches_the_optimizer(runs, pretrained):
+    """The optimizer's groups hold every encoder parameter at 0.1 times the head's rate (the
+    default --encoder-lr-ratio), the head's at the schedule's own rate."""
+    respath, _ = runs["lpft"]
+    ckpt = torch.load(os.path.join(respath, "checkpoint.pth"), weights_only=True)
+    groups = ckpt["optimizer"]["param_groups"]
+    encoder = [g for g in groups if g.get("lr_scale") == 0.1]
+    rest = [g for g in groups if "lr_scale" not in g]
+    n_encoder = sum(1 for k in ckpt["model"] if k.startswith("encoder.") and
+                    not k.endswith(("running_mean", "running_var", "num_batches_tracked")))
+    assert sum(len(g["params"]) for g in encoder) == n_encoder
+    assert sum(len(g["params"]) for g in rest) == 2  # the head's weight and bias
+    head_lr = {g["lr"] for g in rest if g["params"]}
+    assert len(head_lr) == 1 and head_lr.pop() > 0
+    for group in encoder:
+        assert group["lr"] == pytest.approx(0.1 * rest[0]["lr"], rel=1e-12)

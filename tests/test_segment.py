@@ -202,6 +202,34 @@ def test_segment_end_to_end_frozen_resumed(pretrained, seg_data, tmp_path):
     assert (out / "predictions.png").stat().st_size > 10_000 and (out / "best.pth").exists()
 
 
+def test_decoder_trains_alone_first_then_the_encoder_joins(pretrained, seg_data, tmp_path):
+    """--decoder-epochs 1: after epoch 1 every encoder weight is bit-identical to model.pth
+    (its learning rate was 0); after epoch 2 the encoder weights have
+    moved too, at 0.1 times the decoder's rate (the optimizer's groups)."""
+    model = os.path.join(pretrained[0], "model", "model.pth")
+    out = tmp_path / "seg"
+    args = [seg_data / "train.txt", model, out, "--val-list", seg_data / "val.txt",
+            "--decoder-epochs", "1", *FAST_SEGMENT]
+    first = run_script("segment.py", *args, "--epochs", "1", env=ONE_THREAD)
+    assert first.returncode == 0, first.stderr
+    assert "encoder: lr x0.1 from epoch 2" in first.stdout
+    pretrained_encoder = encoder_state(torch.load(model, weights_only=True))
+    weights = [k for k in pretrained_encoder if k.endswith("weight") or k.endswith("bias")]
+    after_one = torch.load(out / "checkpoint.pth", weights_only=True)
+    assert all(torch.equal(after_one["model"][f"encoder.{k}"], pretrained_encoder[k])
+               for k in weights)
+    second = run_script("segment.py", *args, "--epochs", "2", env=ONE_THREAD)
+    assert second.returncode == 0, second.stderr
+    after_two = torch.load(out / "checkpoint.pth", weights_only=True)
+    moved = [k for k in weights
+             if not torch.equal(after_two["model"][f"encoder.{k}"], pretrained_encoder[k])]
+    assert sorted(moved) == sorted(weights)
+    groups = after_two["optimizer"]["param_groups"]
+    encoder = [g for g in groups if g.get("start_step") == 5]
+    assert encoder and all(g["lr_scale"] == 0.1 for g in encoder)
+    assert sum(len(g["params"]) for g in encoder) == len(weights)
+
+
 def test_segment_baseline_without_modelpath(seg_data, tmp_path):
     """--baseline without MODELPATH: TRAIN_LIST RESPATH, the network from --arch/--stem (here
     the imagenet stem), mean/std from the training images; no val split, so best.pth is the
