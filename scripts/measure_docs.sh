@@ -90,8 +90,7 @@ section_label_efficiency() {  # docs/evaluation.md: the label-efficiency table
     rm -rf $WORK/label_efficiency
     record label_efficiency --collect $WORK/label_efficiency/label_efficiency.csv -- \
         $PY label_efficiency.py $DATA/fashion_mnist.npz $MODEL $WORK/label_efficiency \
-        --budgets-per-class 5 20 --seeds 0 1 --epochs 10 --min-steps 60 --validations 4 \
-        -bs 32 -nw 0
+        --budgets-per-class 5 20 --epochs 10 --min-steps 60 --validations 4 -bs 32 -nw 0
     cp $WORK/label_efficiency/label_efficiency.png docs/label_efficiency_demo.png
 }
 

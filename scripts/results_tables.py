@@ -703,11 +703,14 @@ def label_efficiency_table():
     for b in budgets:
         best = max(dict.fromkeys(r["method"] for r in rows),
                    key=lambda m: by[m, b]["accuracy_mean"])
+        pairs = [("fine-tuned against the linear probe", "finetune", "linear"),
+                 ("fine-tuned against scratch", "finetune", "baseline"),
+                 ("linear probe against raw pixels", "linear", "pixels"),
+                 ("linear probe against the random encoder", "linear", "random")]
+        said = [f"{what} {compare(by[m, b]['accuracy_mean'], by[r, b]['accuracy_mean'])}"
+                for what, m, r in pairs if (m, b) in by and (r, b) in by]
         reading.append(f"- **{b:g} labels per class:** best {METHOD_NAMES.get(best, best)}; "
-                       f"linear probe against scratch "
-                       f"{compare(by['linear', b]['accuracy_mean'], by['baseline', b]['accuracy_mean'])}"
-                       f", fine-tuned against scratch "
-                       f"{compare(by['finetune', b]['accuracy_mean'], by['baseline', b]['accuracy_mean'])}.")
+                       + "; ".join(said) + ".")
     lines += ["", *reading]
     return lines + ["", f"AUROC (one-vs-rest, mean over the seeds) for {methods}: {auroc}. "
                     f"The whole sweep took {wall_range(data)}.", ""] + \
