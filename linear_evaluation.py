@@ -24,6 +24,7 @@ from utils.data import ImageDataset, make_loader, warn_if_colour_dropped
 from utils.errors import UserError
 from utils.fileio import atomic_torch_save, atomic_write_bytes
 from utils.foreign_weights import WeightSettings
+from utils.knn import knn_accuracy
 from utils.linear_probe import LinearProbe, extract_features
 from utils.metrics import write_classification_report
 from utils.model import head_depth, load_trained_model, truncate_head
@@ -48,6 +49,9 @@ def get_args_parser():
                         help="full-batch L-BFGS iterations of the probe over the cached features")
     parser.add_argument("--weight-decay", "--wd", dest="weight_decay", type=float, default=1e-4,
                         help="L2 penalty of the probe on standardised features")
+    parser.add_argument("--knn-k", type=int, default=20,
+                        help="also report the kNN accuracy (cosine similarity, majority vote of "
+                             "the K nearest training images) of the same features; 0 = off")
     parser.add_argument("--sweep", action="store_true",
                         help="evaluate every cut point of the head; writes acc_vs_layer.png/.csv")
     parser.add_argument("--reference", choices=("random", "pixels"), default=None,
@@ -133,6 +137,8 @@ def main(args):
     note_one_device(args, "feature extraction")
     ensure_writable_dir(args.respath)
     print_args(args)
+    if args.knn_k < 0:
+        raise UserError(f"--knn-k {args.knn_k} must be >= 0 (0: no kNN accuracy)")
     if args.snapshots:
         return evaluate_snapshots(args, device)
     model, meta = load_trained_model(args.modelpath, args.reference is not None, args.seed,
@@ -174,11 +180,19 @@ def main(args):
     report_at = remove if remove in results else cut_points[0]
     probe, pred, accuracy = results[report_at]
     with torch.no_grad():
-        probs = torch.softmax(probe.decision_function(truncate_head(head, report_at)(test_h)), 1)
+        cut = truncate_head(head, report_at)
+        train_x, test_x = cut(train_h), cut(test_h)
+        probs = torch.softmax(probe.decision_function(test_x), 1)
+    knn = None
+    if args.knn_k:
+        knn = knn_accuracy(train_x, train_y, test_x, test_y, len(classes), args.knn_k)
+        print(f"kNN accuracy (k {args.knn_k}, cosine, majority vote) of the same features "
+              f"{100 * knn:.2f} %", flush=True)
     write_classification_report(
         test_y.numpy(), pred.numpy(), probs.numpy(), classes, args.respath,
         {"remove_top_layers": report_at, "modelpath": os.path.abspath(args.modelpath),
          "reference": args.reference, "n_train": len(train_y), "n_test": len(test_y),
+         "knn_accuracy": knn, "knn_k": args.knn_k,
          "train_per_class": torch.bincount(train_y, minlength=len(classes)).tolist()},
         names=test_images.paths)
     atomic_torch_save({**probe.state_dict(), "classes": classes, "remove_top_layers": report_at},

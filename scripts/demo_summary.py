@@ -38,8 +38,7 @@ def summary(out, script_seconds=None):
     """The demo's figures and provenance as a dict (see the module docstring); script_seconds:
     the whole script's wall time, when the caller measured it."""
     run = read_json(os.path.join(out, "run.json"))
-    accuracies = {folder: read_json(os.path.join(out, folder, "report.json"))["accuracy"]
-                  for _, folder in ROWS}
+    reports = {folder: read_json(os.path.join(out, folder, "report.json")) for _, folder in ROWS}
     env = run["environment"]
     return {"command": "bash scripts/demo.sh", "date": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
             "git_commit": env.get("git_commit"),
@@ -54,7 +53,10 @@ def summary(out, script_seconds=None):
             "epoch_positive_pair_top1": [round(v, 4) for v in run["epoch_positive_pair_top1"]],
             "pretraining_s": run["wall_time_s"], "images_per_s": run["images_per_s"],
             "peak_memory_mb": run["peak_memory_mb"], "script_s": script_seconds,
-            "test_accuracy": {folder: round(acc, 4) for folder, acc in accuracies.items()}}
+            "recipe": {k: run["args"][k] for k in ("stem", "temperature", "lr", "min_scale")},
+            "test_accuracy": {f: round(r["accuracy"], 4) for f, r in reports.items()},
+            "test_knn_accuracy": {f: r.get("knn_accuracy") and round(r["knn_accuracy"], 4)
+                                  for f, r in reports.items()}}
 
 
 def add_run(runs, s):
@@ -72,9 +74,12 @@ def print_summary(s, out):
           f"{s['images_per_s']} img/s):")
     print(f"  loss per epoch {', '.join(f'{v:.2f}' for v in s['epoch_losses'])}; positive-pair "
           f"top-1 {', '.join(f'{v:.3f}' for v in s['epoch_positive_pair_top1'])}")
-    print("  test accuracy of a linear probe (5,000 train / 1,000 test images):")
+    print("  test accuracy (5,000 train / 1,000 test images) of a linear probe and of kNN "
+          "(k 20, cosine, majority vote):")
     for name, folder in ROWS:
-        print(f"    {100 * s['test_accuracy'][folder]:6.2f} %  {name}")
+        knn = s["test_knn_accuracy"][folder]
+        print(f"    probe {100 * s['test_accuracy'][folder]:6.2f} %   kNN "
+              f"{'  -   ' if knn is None else f'{100 * knn:6.2f}'} %  {name}")
     report = os.path.join(out, "linear_eval", "report.csv")
     print(f"  per-class report:  {report} (and report.json)")
     print(f"  confusion matrix:  {os.path.join(out, 'linear_eval', 'confusion_matrix.png')}")

@@ -200,16 +200,24 @@ def signed_points(a, b):
 def demo_table():
     runs = demo_runs()
     data, acc = runs[-1], runs[-1]["test_accuracy"]
-    lines = ["| representation (linear probe, 5,000 train / 1,000 test) | test accuracy |",
-             "|---|---|",
-             f"| **SimCLR, {data['epochs']} epochs (this demo)** | "
-             f"**{100 * acc['linear_eval']:.1f} %** |",
-             f"| raw pixels | {100 * acc['reference_pixels']:.1f} % |",
-             f"| the same ResNet-18, randomly initialised | "
-             f"{100 * acc['reference_random']:.1f} % |", "",
+    knn = data.get("test_knn_accuracy") or {}
+
+    def cells(folder, bold=""):
+        k = knn.get(folder)
+        return (f"{bold}{100 * acc[folder]:.1f} %{bold} | " +
+                ("–" if k is None else f"{bold}{100 * k:.1f} %{bold}"))
+    lines = ["| representation (5,000 train / 1,000 test) | linear probe | kNN (k 20, cosine) |",
+             "|---|---|---|",
+             f"| **SimCLR, {data['epochs']} epochs (this demo)** | {cells('linear_eval', '**')} |",
+             f"| raw pixels | {cells('reference_pixels')} |",
+             f"| the same ResNet-18, randomly initialised | {cells('reference_random')} |", "",
              f"SimCLR against raw pixels: {signed_points(acc['linear_eval'], acc['reference_pixels'])}"
              f"; against the random encoder: "
-             f"{signed_points(acc['linear_eval'], acc['reference_random'])}.",
+             f"{signed_points(acc['linear_eval'], acc['reference_random'])} (linear probe)" +
+             ("." if not knn else
+              f"; kNN against raw pixels: "
+              f"{signed_points(knn['linear_eval'], knn['reference_pixels'])}, against the random "
+              f"encoder: {signed_points(knn['linear_eval'], knn['reference_random'])}."),
              f"Loss per epoch {', '.join(f'{v:.2f}' for v in data['epoch_losses'])}; "
              f"positive-pair top-1 "
              f"{', '.join(f'{v:.3f}' for v in data['epoch_positive_pair_top1'])}; pretraining "

@@ -108,6 +108,38 @@ def test_linear_evaluation_reports(pretrained, tiny_folder, tmp_path):
     assert json.load(open(os.path.join(out2, "report.json")))["accuracy"] == report["accuracy"]
 
 
+def test_linear_evaluation_knn_equals_scikit_learn(pretrained, tiny_folder, tmp_path):
+    """The kNN accuracy linear_evaluation.py reports beside the probe equals scikit-learn's
+    cosine kNN on h computed independently (the model loaded, the test images transformed)."""
+    import types
+
+    from conftest import assert_knn_accuracy_matches_sklearn
+    from utils.data import ImageDataset, make_loader
+    from utils.linear_probe import extract_features
+    from utils.model import load_trained_model
+    from utils.sources import labelled_train_test
+    from utils.transforms import EvalTransform
+    model_file = os.path.join(pretrained[0], "model", "model.pth")
+    out = tmp_path / "knn"
+    result = run_script("linear_evaluation.py", tiny_folder, model_file, out, "-nw", "0",
+                        "--knn-k", "5")
+    assert result.returncode == 0, result.stderr
+    report = json.load(open(out / "report.json"))
+    assert report["knn_k"] == 5 and "kNN accuracy (k 5, cosine" in result.stdout
+    model, meta = load_trained_model(model_file)
+    transform = EvalTransform(meta["image_size"], meta["mean"], meta["std"])
+    options = types.SimpleNamespace(datapath=tiny_folder, data_root=None, size=None,
+                                    download=False, train_list=None, val_list=None,
+                                    test_list=None, samples=None, samples_per_class=None,
+                                    label_fraction=None, seed=0, test_fraction=None)
+    (train_x, train_y), (test_x, test_y) = [
+        extract_features(model.encoder, make_loader(ImageDataset(images, 1, transform),
+                                                    batch_size=8), torch.device("cpu"))
+        for images in labelled_train_test(options)]
+    assert_knn_accuracy_matches_sklearn(report["knn_accuracy"], train_x, train_y, test_x,
+                                        test_y, 5)
+
+
 def test_colour_images_for_a_grayscale_model_warn_once(pretrained, tiny_folder, tmp_path):
     """The grayscale model on a colour copy of its data (R = x, G = 255 - x, B = x / 2): one
     warning line naming the data, and the evaluation runs on the images converted to grey."""
