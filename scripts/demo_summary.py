@@ -53,7 +53,7 @@ def summary(out, script_seconds=None):
             "epoch_positive_pair_top1": [round(v, 4) for v in run["epoch_positive_pair_top1"]],
             "pretraining_s": run["wall_time_s"], "images_per_s": run["images_per_s"],
             "peak_memory_mb": run["peak_memory_mb"], "script_s": script_seconds,
-            "recipe": {k: run["args"][k] for k in ("stem", "temperature", "lr", "min_scale")},
+            "recipe": {k: run["args"].get(k) for k in ("stem", "temperature", "lr", "min_scale")},
             "test_accuracy": {f: round(r["accuracy"], 4) for f, r in reports.items()},
             "test_knn_accuracy": {f: r.get("knn_accuracy") and round(r["knn_accuracy"], 4)
                                   for f, r in reports.items()}}
