@@ -102,16 +102,18 @@ def test_demo_summary_prints_its_table_and_keeps_the_figures(tmp_path):
            "wall_time_s": 700.0, "images_per_s": 21.4, "peak_memory_mb": 3072.0}
     (out / "model").mkdir(parents=True)
     (out / "run.json").write_text(json.dumps(run))
-    for folder, acc in (("linear_eval", 0.823), ("reference_random", 0.785),
-                        ("reference_pixels", 0.804)):
+    for folder, acc, knn in (("linear_eval", 0.823, 0.761), ("reference_random", 0.785, 0.772),
+                             ("reference_pixels", 0.804, 0.795)):
         (out / folder).mkdir()
-        (out / folder / "report.json").write_text(json.dumps({"accuracy": acc}))
+        (out / folder / "report.json").write_text(json.dumps({"accuracy": acc,
+                                                              "knn_accuracy": knn}))
     kept = tmp_path / "demo.json"
     result = subprocess.run([sys.executable, "scripts/demo_summary.py", str(out), "--json",
                              str(kept)], cwd=REPO, capture_output=True, text=True)
     assert result.returncode == 0, result.stderr
-    for line in ("82.30 %  SimCLR (this run)", "78.50 %  the same ResNet-18, randomly",
-                 "80.40 %  raw pixels", "loss per epoch 5.70, 5.15, 4.87",
+    for line in ("probe  82.30 %   kNN  76.10 %  SimCLR (this run)",
+                 "probe  78.50 %   kNN  77.20 %  the same ResNet-18, randomly",
+                 "probe  80.40 %   kNN  79.50 %  raw pixels", "loss per epoch 5.70, 5.15, 4.87",
                  str(out / "linear_eval" / "confusion_matrix.png"),
                  str(out / "plots" / "training_losses.png"), "vary by about a point"):
         assert line in result.stdout, result.stdout
@@ -120,6 +122,8 @@ def test_demo_summary_prints_its_table_and_keeps_the_figures(tmp_path):
     first = figures["runs"][0]
     assert first["test_accuracy"] == {"linear_eval": 0.823, "reference_random": 0.785,
                                       "reference_pixels": 0.804}
+    assert first["test_knn_accuracy"] == {"linear_eval": 0.761, "reference_random": 0.772,
+                                          "reference_pixels": 0.795}
     assert first["git_commit"] == "abc1234"
     # a second demo.sh on the finished run only re-evaluates: the same pretraining, one run
     again = subprocess.run([sys.executable, "scripts/demo_summary.py", str(out), "--json",
