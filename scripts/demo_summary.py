@@ -1,6 +1,6 @@
 """The end of scripts/demo.sh: print what the demo measured and keep it with its provenance.
 
-    python scripts/demo_summary.py results/demo [--json results/demo.json]
+    python scripts/demo_summary.py results/demo [--json results/demo/demo.json]
 
 Reads the run (OUT/run.json) and the three linear-probe reports (OUT/linear_eval,
 OUT/reference_random, OUT/reference_pixels), prints the table of test accuracies, the loss per
@@ -91,13 +91,15 @@ def print_summary(s, out):
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("out", help="the demo's output folder (results/demo)")
-    parser.add_argument("--json", default=os.path.join("results", "demo.json"),
-                        help="where to keep the figures with their provenance")
+    parser.add_argument("--json", default=None,
+                        help="where to keep the figures with their provenance (default: "
+                             "OUT/demo.json; the maintainers' record is results/demo.json)")
     parser.add_argument("--replace", action="store_true",
                         help="drop the runs of another command recorded in the --json file")
     parser.add_argument("--script-seconds", type=float, default=None,
                         help="the whole demo's wall time so far (demo.sh passes bash's $SECONDS)")
     args = parser.parse_args(argv)
+    args.json = args.json or os.path.join(args.out, "demo.json")
     try:
         s = summary(args.out, args.script_seconds)
     except (OSError, KeyError, ValueError) as err:

@@ -3,12 +3,13 @@
 # make it: each runs through scripts/record.py, which keeps what it measured with its provenance
 # in results/docs/NAME.json; scripts/results_tables.py turns those files into the docs' tables.
 #
-#   bash scripts/measure_docs.sh SECTION ...   # sections: data features chunk segmentation
-#                                              #           label-efficiency defaults (or all)
+#   bash scripts/measure_docs.sh SECTION ...   # sections: demo data features chunk
+#                                              #  segmentation label-efficiency defaults (or all)
 #
 # A section's commands re-run from scratch (--fresh where a script resumes) and add one run
 # to their results file, so repeated measurements give the ranges the docs quote. The demo
-# model comes first: bash scripts/demo.sh (it writes results/demo.json itself).
+# comes first: its section runs bash scripts/demo.sh from scratch and adds the run to
+# results/demo.json (the other sections use its model).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=.venv/bin/python
@@ -24,6 +25,14 @@ record() {  # record NAME [--collect FILE ...] -- COMMAND ...
 
 need_model() {
     [ -f "$MODEL" ] || { echo "measure_docs: $MODEL is missing: run bash scripts/demo.sh first" >&2; exit 2; }
+}
+
+section_demo() {  # README and docs/evaluation.md: the demo table (results/demo.json)
+    rm -rf results/demo
+    local start=$SECONDS
+    bash scripts/demo.sh
+    $PY scripts/demo_summary.py results/demo --json results/demo.json \
+        --script-seconds $((SECONDS - start)) > /dev/null
 }
 
 section_data() {  # docs/data.md: the demo model through every data source
@@ -116,7 +125,7 @@ section_defaults() {  # docs/defaults.md: one flag changed from the demo's recip
 
 sections=("$@")
 [ ${#sections[@]} -gt 0 ] || { sed -n 2,11p "$0"; exit 2; }
-[ "${sections[0]}" != all ] || sections=(data features chunk segmentation label-efficiency defaults)
+[ "${sections[0]}" != all ] || sections=(demo data features chunk segmentation label-efficiency defaults)
 for s in "${sections[@]}"; do
     declare -F "section_${s//-/_}" > /dev/null || { echo "measure_docs: unknown section $s" >&2; exit 2; }
 done
