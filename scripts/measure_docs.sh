@@ -3,7 +3,7 @@
 # make it: each runs through scripts/record.py, which keeps what it measured with its provenance
 # in results/docs/NAME.json; scripts/results_tables.py turns those files into the docs' tables.
 #
-#   bash scripts/measure_docs.sh SECTION ...   # sections: demo data features chunk
+#   bash scripts/measure_docs.sh SECTION ...   # sections: recipes demo data features chunk
 #                                              #  segmentation label-efficiency defaults (or all)
 #
 # A section's commands re-run from scratch (--fresh where a script resumes) and add one run
@@ -103,6 +103,22 @@ section_label_efficiency() {  # docs/evaluation.md: the label-efficiency table
     cp $WORK/label_efficiency/label_efficiency.png docs/label_efficiency_demo.png
 }
 
+recipe_run() {  # recipe_run NAME MAIN_FLAG ...: pretrain on the demo data, judge on validation
+    local name=$1; shift
+    local out=$WORK/recipes/$name
+    record recipe_${name}_pretrain --collect $out/run.json -- \
+        $PY main.py $DATA $out -nw 2 --fresh "$@"
+    record recipe_${name}_val --collect $out/val_eval.json -- \
+        $PY scripts/val_eval.py $DATA $out/model/model.pth $out/val_eval.json --references
+}
+
+section_recipes() {  # docs/defaults.md: the demo recipe, chosen on validation images only
+    recipe_run half_bs250_e8 --stem half --epochs 8 -bs 250
+    recipe_run half_bs128_e8 --stem half --epochs 8 -bs 128
+    recipe_run half_bs250_e14 --stem half --epochs 14 -bs 250
+    recipe_run half_bs250_t01_e14 --stem half --epochs 14 -bs 250 --temperature 0.1
+}
+
 defaults_run() {  # defaults_run NAME MAIN_FLAG ...: pretrain, then the probe (and a random encoder)
     local name=$1; shift
     local out=$WORK/defaults/$name
@@ -125,7 +141,7 @@ section_defaults() {  # docs/defaults.md: one flag changed from the demo's recip
 
 sections=("$@")
 [ ${#sections[@]} -gt 0 ] || { sed -n 2,11p "$0"; exit 2; }
-[ "${sections[0]}" != all ] || sections=(demo data features chunk segmentation label-efficiency defaults)
+[ "${sections[0]}" != all ] || sections=(recipes demo data features chunk segmentation label-efficiency defaults)
 for s in "${sections[@]}"; do
     declare -F "section_${s//-/_}" > /dev/null || { echo "measure_docs: unknown section $s" >&2; exit 2; }
 done
