@@ -55,8 +55,9 @@ from utils.precision import MixedPrecision, resolve_amp
 from utils.sources import (has_split, load_split, select_subset, split_off_validation,
                            train_and_test)
 from utils.tensorboard import tensorboard_dir
-from utils.transfer import (add_transfer_args, batchnorm_mode, encoder_with_head_layers,
-                            fit_probe_head, freeze_batchnorm_statistics, resolve_encoder_lr_ratio)
+from utils.transfer import (ProbeHead, add_transfer_args, batchnorm_mode,
+                            encoder_with_head_layers, fit_probe_head, freeze_batchnorm_statistics,
+                            resolve_encoder_lr_ratio)
 from utils.transforms import EvalTransform, SupervisedAugmentation
 
 # Settings that define the run: resuming with another value is an error, not a silent mix.
@@ -239,11 +240,13 @@ def model_description(args, train_images):
 
 def build_classifier(meta, pretrained_state, args, n_classes):
     """The classifier (encoder, with --from-head-layer K the first K layers of the projection
-    head, and args.head) with the pretrained weights when given, else randomly initialised
-    from args.seed."""
+    head, and args.head: a ProbeHead to be filled by the probe with --head-init probe) with the
+    pretrained weights when given, else randomly initialised from args.seed."""
     torch.manual_seed(args.seed)
     encoder, feat_dim = encoder_with_head_layers(meta, pretrained_state, args.from_head_layer)
-    return Classifier(encoder, build_head(args.head, feat_dim, n_classes))
+    head = (ProbeHead(feat_dim, n_classes) if args.head_init == "probe" else
+            build_head(args.head, feat_dim, n_classes))
+    return Classifier(encoder, head)
 
 
 def start_head_from_probe(model, images, meta, args, device):

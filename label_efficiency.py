@@ -42,7 +42,9 @@ from utils.engine import GracefulStop
 HERE = os.path.dirname(os.path.abspath(__file__))
 METHODS = ("finetune", "linear", "baseline", "pixels", "random", "frozen")
 DEFAULT_METHODS = ("finetune", "linear", "baseline", "pixels", "random")
-METRICS = ("accuracy", "balanced_accuracy", "macro_f1", "auroc_ovr")
+# Test metrics, and the validation accuracy of the kept epoch (fine-tuning runs; NaN for the
+# probe, which has no validation split: choose settings on it, never on the test split).
+METRICS = ("accuracy", "balanced_accuracy", "macro_f1", "auroc_ovr", "val_accuracy")
 SOURCE_FLAGS = ("data_root", "size", "train_list", "val_list", "test_list")
 
 

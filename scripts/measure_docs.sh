@@ -4,7 +4,8 @@
 # in results/docs/NAME.json; scripts/results_tables.py turns those files into the docs' tables.
 #
 #   bash scripts/measure_docs.sh SECTION ...   # sections: recipes demo data features chunk
-#                                              #  segmentation label-efficiency defaults (or all)
+#                                              #  segmentation label-efficiency finetune-defaults
+#                                              #  defaults (or all)
 #
 # A section's commands re-run from scratch (--fresh where a script resumes) and add one run
 # to their results file, so repeated measurements give the ranges the docs quote. The demo
@@ -119,6 +120,24 @@ section_recipes() {  # docs/defaults.md: the demo recipe, chosen on validation i
     recipe_run half_bs250_t01_e14 --stem half --epochs 14 -bs 250 --temperature 0.1
 }
 
+finetune_run() {  # finetune_run NAME FINETUNE_FLAGS: LP-FT settings at 20 labels per class
+    need_model
+    local name=$1; shift
+    rm -rf $WORK/finetune_defaults/$name
+    record finetune_$name --collect $WORK/finetune_defaults/$name/label_efficiency.csv -- \
+        $PY label_efficiency.py $DATA/fashion_mnist.npz $MODEL $WORK/finetune_defaults/$name \
+        --budgets-per-class 20 --methods finetune --epochs 10 --min-steps 60 --validations 4 \
+        -bs 32 -nw 0 --finetune-args "$*"
+}
+
+section_finetune_defaults() {  # docs/defaults.md: fine-tuning's defaults, on validation accuracy
+    finetune_run defaults
+    finetune_run ratio_1 --encoder-lr-ratio 1
+    finetune_run lr_0.01 --lr 0.01
+    finetune_run bn_train --encoder-bn train
+    finetune_run head_random --head-init random
+}
+
 defaults_run() {  # defaults_run NAME MAIN_FLAG ...: pretrain, then the probe (and a random encoder)
     local name=$1; shift
     local out=$WORK/defaults/$name
@@ -141,7 +160,7 @@ section_defaults() {  # docs/defaults.md: one flag changed from the demo's recip
 
 sections=("$@")
 [ ${#sections[@]} -gt 0 ] || { sed -n 2,11p "$0"; exit 2; }
-[ "${sections[0]}" != all ] || sections=(recipes demo data features chunk segmentation label-efficiency defaults)
+[ "${sections[0]}" != all ] || sections=(recipes demo data features chunk segmentation label-efficiency finetune-defaults defaults)
 for s in "${sections[@]}"; do
     declare -F "section_${s//-/_}" > /dev/null || { echo "measure_docs: unknown section $s" >&2; exit 2; }
 done

@@ -783,6 +783,42 @@ def defaults_table():
         [demo_provenance(demo)]
 
 
+RECIPE_RUNS = (("half_bs250_e8", "`half` stem, 8 epochs, batch 250"),
+               ("half_bs128_e8", "`half` stem, 8 epochs, batch 128"),
+               ("half_bs250_e14", "`half` stem, 14 epochs, batch 250"),
+               ("half_bs250_t01_e14", "`half` stem, 14 epochs, batch 250, τ = 0.1"))
+
+
+def recipes_table():
+    """docs/defaults.md: the demo-recipe candidates judged on validation images (probe and kNN
+    of h, beside the random encoder and the raw pixels), with their pretraining time."""
+    names = [name for name, _ in RECIPE_RUNS
+             if os.path.exists(os.path.join(REPO, "results", "docs", f"recipe_{name}_val.json"))]
+    lines = ["| recipe (ResNet-18, SGD, demo data) | pretraining | linear probe (val) | "
+             "kNN, k 20 (val) |", "|---|---|---|---|"]
+    references = None
+    for name, label in RECIPE_RUNS:
+        if name not in names:
+            continue
+        run = recorded(f"recipe_{name}_val")[1]
+        val, pretrain = output(run, "val_eval.json"), output(run, "run.json")
+        references = references or val
+        lines.append(f"| {label} | {pretrain['wall_time_s']:,.0f} s | "
+                     f"{val['simclr']['probe']:.1f} % | {val['simclr']['knn']:.1f} % |")
+    if references and "random" in references:
+        for key, label in (("random", "the same ResNet-18 (`half` stem), randomly initialised"),
+                           ("pixels", "raw pixels")):
+            lines.append(f"| {label} | | {references[key]['probe']:.1f} % | "
+                         f"{references[key]['knn']:.1f} % |")
+    split = references["split"] if references else {}
+    return lines + ["", f"Validation: {split.get('val', '?')} training images "
+                    f"({split.get('val_fraction', '?')} of each class, seed "
+                    f"{split.get('seed', '?')}); the probe and the kNN memory use the other "
+                    f"{split.get('train', '?')}. Pretraining times are each run's own "
+                    f"(run.json), measured while other work shared the 2 cores.", ""] + \
+        recorded_provenance([f"recipe_{n}_val" for n in names])
+
+
 TABLES = {"startup": startup_table, "startup-scan": startup_scan_table,
           "startup-memory": startup_memory_table, "demo": demo_table,
           "bench-cpu": bench_cpu_table, "bench-targets": bench_targets_table,
@@ -791,7 +827,8 @@ TABLES = {"startup": startup_table, "startup-scan": startup_scan_table,
           "targets": target_settings_table, "data-sources": data_sources_table,
           "feature-analysis": feature_analysis_table, "embed-export": embed_export_table,
           "chunk": chunk_table, "segmentation": segmentation_table,
-          "label-efficiency": label_efficiency_table, "defaults": defaults_table}
+          "label-efficiency": label_efficiency_table, "defaults": defaults_table,
+          "recipes": recipes_table}
 
 
 def documents():

@@ -68,28 +68,47 @@ def freeze_batchnorm_statistics(module):
             layer.eval()
 
 
-def linear_from_probe(probe):
-    """nn.Linear(F, K) computing the fitted LinearProbe's logits on raw features:
-    W x + b with W = W_p / sigma (per column), b = b_p - W mu, where the probe computes
-    W_p (x - mu) / sigma + b_p."""
-    weight = probe.weight / probe.sigma  # (K, F)
-    bias = probe.bias - weight @ probe.mu
-    layer = nn.Linear(weight.shape[1], weight.shape[0])
-    with torch.no_grad():
-        layer.weight.copy_(weight.float())
-        layer.bias.copy_(bias.float())
-    return layer
+class ProbeHead(nn.Module):
+    """The linear probe as a trainable head: logits = W (h - mu) / sigma + b, with the probe's
+    feature mean mu and std sigma (F,) kept fixed (buffers) and W (K, F), b (K,) trained.
+    Training W in the probe's standardised coordinates keeps fine-tuning well conditioned: on
+    the raw, uncentred h (its mean dominates |h|^2) a gradient step mostly shifts every logit
+    of a class alike, which moves the decision far more than the step size suggests."""
+
+    def __init__(self, feat_dim, n_classes):
+        super().__init__()
+        self.linear = nn.Linear(feat_dim, n_classes)
+        self.register_buffer("mean", torch.zeros(feat_dim))
+        self.register_buffer("std", torch.ones(feat_dim))
+
+    @property
+    def out_features(self):
+        return self.linear.out_features
+
+    def forward(self, h):
+        return self.linear((h - self.mean) / self.std)
+
+    @classmethod
+    def from_probe(cls, probe):
+        """The head whose logits equal the fitted LinearProbe's decision function."""
+        head = cls(probe.weight.shape[1], probe.weight.shape[0])
+        with torch.no_grad():
+            head.linear.weight.copy_(probe.weight.float())
+            head.linear.bias.copy_(probe.bias.float())
+            head.mean.copy_(probe.mu.float())
+            head.std.copy_(probe.sigma.float())
+        return head
 
 
 def fit_probe_head(encoder, loader, device, n_classes, weight_decay=1e-4, max_iter=500):
-    """(nn.Linear head, training accuracy): linear_evaluation.py's probe (L-BFGS logistic
+    """(ProbeHead, training accuracy): linear_evaluation.py's probe (L-BFGS logistic
     regression, L2 `weight_decay` on standardised features) fitted on the frozen features of
-    `loader`'s images (no augmentation), as a head on the raw features: logits of
-    head(encoder(x)) equal the probe's. `encoder` is put in eval mode."""
+    `loader`'s images (no augmentation), as a head: head(encoder(x)) gives the probe's logits.
+    `encoder` is put in eval mode."""
     features, labels = extract_features(encoder.to(device), loader, device, desc="probe features")
     probe = LinearProbe(n_classes, weight_decay, max_iter).fit(features, labels)
     accuracy = (probe.predict(features) == labels).double().mean().item()
-    return linear_from_probe(probe), accuracy
+    return ProbeHead.from_probe(probe), accuracy
 
 
 def encoder_with_head_layers(meta, state, layers):
