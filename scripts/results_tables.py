@@ -814,8 +814,11 @@ def recipes_table():
     return lines + ["", f"Validation: {split.get('val', '?')} training images "
                     f"({split.get('val_fraction', '?')} of each class, seed "
                     f"{split.get('seed', '?')}); the probe and the kNN memory use the other "
-                    f"{split.get('train', '?')}. Pretraining times are each run's own "
-                    f"(run.json), measured while other work shared the 2 cores.", ""] + \
+                    f"{split.get('train', '?')}. Pretraining: `main.py demo_data OUT -nw 2` with the "
+                    f"row's flags (`measure_docs.sh recipes` lists them; `--knn-every 2` on the "
+                    f"14-epoch runs); its time is its own run.json's, measured while other work "
+                    f"shared the 2 cores. The validation figures were recorded by "
+                    f"`scripts/val_eval.py` through `scripts/record.py`.", ""] + \
         recorded_provenance([f"recipe_{n}_val" for n in names])
 
 
