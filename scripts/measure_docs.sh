@@ -114,6 +114,7 @@ recipe_run() {  # recipe_run NAME MAIN_FLAG ...: pretrain on the demo data, judg
 }
 
 section_recipes() {  # docs/defaults.md: the demo recipe, chosen on validation images only
+    recipe_run cifar_bs250_e3 --stem cifar --epochs 3 -bs 250
     recipe_run half_bs250_e8 --stem half --epochs 8 -bs 250
     recipe_run half_bs128_e8 --stem half --epochs 8 -bs 128
     recipe_run half_bs250_e14 --stem half --epochs 14 -bs 250
