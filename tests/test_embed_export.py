@@ -25,7 +25,7 @@ import torch, torchvision
 saved = torch.load("{name}", weights_only=True); meta = saved["meta"]
 net = getattr(torchvision.models, meta["arch"])(weights=None)
 net.conv1 = torch.nn.Conv2d(meta["in_channels"], 64, **meta["conv1"], bias=False)
-if meta["stem"] == "cifar": net.maxpool = torch.nn.Identity()
+if meta["stem"] != "imagenet": net.maxpool = torch.nn.Identity()
 net.fc = torch.nn.Identity()
 net.load_state_dict(saved["state_dict"], strict=True); net.eval()
 """

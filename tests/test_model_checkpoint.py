@@ -67,15 +67,15 @@ def test_build_model_shapes_and_stem(arch, stem, side, in_channels):
     assert isinstance(model.encoder.fc, nn.Identity)
 
 
-@pytest.mark.parametrize("stem", ["cifar", "imagenet"])
+@pytest.mark.parametrize("stem", ["cifar", "half", "imagenet"])
 def test_encoder_equals_modified_torchvision_resnet(stem):
     """The encoder computes exactly what a torchvision resnet18 computes after swapping in the
-    same first conv (and, for cifar, removing the max-pool) and dropping fc."""
+    same first conv (and, for cifar and half, removing the max-pool) and dropping fc."""
     torch.manual_seed(1)
     model = build_model("resnet18", 1, stem, [32, 16]).eval()
     plain = torchvision.models.resnet18(weights=None)
-    if stem == "cifar":
-        plain.conv1 = nn.Conv2d(1, 64, 3, 1, 1, bias=False)
+    if stem in ("cifar", "half"):
+        plain.conv1 = nn.Conv2d(1, 64, 3, 1 if stem == "cifar" else 2, 1, bias=False)
         plain.maxpool = nn.Identity()
     else:
         plain.conv1 = nn.Conv2d(1, 64, 7, 2, 3, bias=False)
@@ -85,6 +85,8 @@ def test_encoder_equals_modified_torchvision_resnet(stem):
     x = torch.randn(2, 1, 16, 16)
     with torch.no_grad():
         torch.testing.assert_close(model(x)[0], plain(x))
+    layer1 = model.encoder.maxpool(model.encoder.relu(model.encoder.bn1(model.encoder.conv1(x))))
+    assert layer1.shape[-1] == {"cifar": 16, "half": 8, "imagenet": 4}[stem]
 
 
 @pytest.fixture
