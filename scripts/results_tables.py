@@ -692,7 +692,9 @@ def segmentation_table():
 
 METHOD_NAMES = {"linear": "SimCLR, linear probe on h", "finetune": "SimCLR, fine-tuned",
                 "frozen": "SimCLR, frozen encoder, trained head",
-                "baseline": "supervised from scratch, same network and recipe"}
+                "baseline": "supervised from scratch, same network and recipe",
+                "pixels": "raw pixels, linear probe",
+                "random": "the same network randomly initialised, linear probe"}
 
 
 def label_efficiency_table():
