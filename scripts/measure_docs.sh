@@ -85,6 +85,7 @@ section_segmentation() {  # docs/evaluation.md: the segmentation table
     segment_run fcn_e10
     segment_run fcn_e10_baseline --baseline
     segment_run fcn_e10_lr3e-4 --lr 3e-4
+    segment_run fcn_e10_lpft --decoder-epochs 1 --encoder-lr-ratio 0.1 --encoder-bn frozen
     segment_run fcn_e5 --epochs 5
     segment_run fcn_e5_baseline --epochs 5 --baseline
     segment_run fcn_e5_freeze --epochs 5 --freeze
@@ -92,6 +93,8 @@ section_segmentation() {  # docs/evaluation.md: the segmentation table
     segment_run unet_e5 --epochs 5 --decoder unet
     segment_run unet_e5_baseline --epochs 5 --decoder unet --baseline
     segment_run unet_e5_freeze --epochs 5 --decoder unet --freeze
+    segment_run unet_e5_lpft --epochs 5 --decoder unet --decoder-epochs 1 --encoder-lr-ratio 0.1 \
+        --encoder-bn frozen
     cp $WORK/segment/fcn_e10/predictions.png docs/segmentation_demo.png
 }
 

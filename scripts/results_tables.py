@@ -625,13 +625,16 @@ SEGMENT_RUNS = (
     ("fcn_e10", "**SimCLR encoder fine-tuned (the defaults)**"),
     ("fcn_e10_baseline", "same network from random weights (`--baseline`)"),
     ("fcn_e10_lr3e-4", "SimCLR encoder fine-tuned, `--lr 3e-4`"),
+    ("fcn_e10_lpft", "SimCLR encoder, decoder first (`--decoder-epochs 1 --encoder-lr-ratio 0.1 "
+                     "--encoder-bn frozen`)"),
     ("fcn_e5", "SimCLR encoder fine-tuned"),
     ("fcn_e5_baseline", "same network from random weights (`--baseline`)"),
     ("fcn_e5_freeze", "SimCLR encoder frozen (`--freeze`)"),
     ("fcn_e5_baseline_freeze", "random encoder frozen (`--baseline --freeze`)"),
     ("unet_e5", "`--decoder unet`, SimCLR encoder fine-tuned"),
     ("unet_e5_baseline", "`--decoder unet`, from random weights"),
-    ("unet_e5_freeze", "`--decoder unet`, SimCLR encoder frozen"))
+    ("unet_e5_freeze", "`--decoder unet`, SimCLR encoder frozen"),
+    ("unet_e5_lpft", "`--decoder unet`, SimCLR encoder, decoder first (as above)"))
 
 
 def segment_metrics(name):

@@ -209,7 +209,7 @@ def test_decoder_trains_alone_first_then_the_encoder_joins(pretrained, seg_data,
     model = os.path.join(pretrained[0], "model", "model.pth")
     out = tmp_path / "seg"
     args = [seg_data / "train.txt", model, out, "--val-list", seg_data / "val.txt",
-            "--decoder-epochs", "1", *FAST_SEGMENT]
+            "--decoder-epochs", "1", "--encoder-lr-ratio", "0.1", *FAST_SEGMENT]
     first = run_script("segment.py", *args, "--epochs", "1", env=ONE_THREAD)
     assert first.returncode == 0, first.stderr
     assert "encoder: lr x0.1 from epoch 2" in first.stdout

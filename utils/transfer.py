@@ -17,14 +17,14 @@ DEFAULT_ENCODER_LR_RATIO = 0.1
 MIN_STATISTICS_UPDATES = 50  # BatchNorm running averages (momentum 0.1) kept by --encoder-bn auto
 
 
-def add_transfer_args(group, head="head"):
+def add_transfer_args(group, head="head", ratio=DEFAULT_ENCODER_LR_RATIO, bn="auto"):
     """--encoder-lr-ratio and --encoder-bn, the same in finetune.py and segment.py (`head`:
-    what trains beside the encoder, for the help text)."""
+    what trains beside the encoder, for the help text; `ratio` and `bn`: the script's defaults
+    for a pretrained encoder, chosen by measurement, docs/defaults.md)."""
     group.add_argument("--encoder-lr-ratio", type=float, default=None,
                        help=f"the encoder's learning rate as a fraction of the {head}'s "
-                            f"(default {DEFAULT_ENCODER_LR_RATIO:g} for a pretrained encoder, 1 "
-                            f"with --baseline)")
-    group.add_argument("--encoder-bn", choices=("auto", "frozen", "train"), default="auto",
+                            f"(default {ratio:g} for a pretrained encoder, 1 with --baseline)")
+    group.add_argument("--encoder-bn", choices=("auto", "frozen", "train"), default=bn,
                        help="the encoder's BatchNorm statistics: frozen = kept from pretraining "
                             "(normalise with them, never update them; a few dozen labelled "
                             "images per batch would replace them by noisy ones), train = "
@@ -34,10 +34,11 @@ def add_transfer_args(group, head="head"):
                             "with --baseline (there is nothing to keep)")
 
 
-def resolve_encoder_lr_ratio(args):
-    """args.encoder_lr_ratio: the default for a pretrained encoder or --baseline, else checked."""
+def resolve_encoder_lr_ratio(args, default=DEFAULT_ENCODER_LR_RATIO):
+    """args.encoder_lr_ratio: `default` for a pretrained encoder, 1 for --baseline, or the
+    value given (checked)."""
     if args.encoder_lr_ratio is None:
-        args.encoder_lr_ratio = 1.0 if args.baseline else DEFAULT_ENCODER_LR_RATIO
+        args.encoder_lr_ratio = 1.0 if args.baseline else default
     if not args.encoder_lr_ratio > 0:
         raise UserError(f"--encoder-lr-ratio {args.encoder_lr_ratio} must be positive, e.g. "
                         f"0.1 (--freeze keeps the encoder fixed)")
