@@ -153,7 +153,7 @@ def supervised_step(args, device):
         model = finetune.Classifier(encoder, finetune.build_head("mlp", feat_dim, 3))
         x = torch.randn(args.batch, 1, 8, 8, generator=generator)
         y = torch.randint(0, 3, (args.batch,), generator=generator)
-        task = finetune.FinetuneTask(False, None, device)
+        task = finetune.FinetuneTask(types.SimpleNamespace(freeze=False), "train", None, device)
     else:
         model = build_segmentation_net("resnet18", 1, "cifar", 3, "unet", False)
         x = torch.randn(args.batch, 1, 16, 16, generator=generator)
@@ -163,7 +163,7 @@ def supervised_step(args, device):
             torch.arange(args.batch) / args.batch).view(-1, 1, 1)
         y[ignored] = 255
         task = segment.SegmentationTask(types.SimpleNamespace(
-            ignore_index=255, freeze=False, channels_last=False), 3, None, device)
+            ignore_index=255, freeze=False, channels_last=False), "train", 3, None, device)
     model = wrap_model(model.to(dtype), device, args.sync_bn)
     model.train()
     b = args.batch // world
