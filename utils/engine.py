@@ -297,9 +297,10 @@ class Trainer:
         return True
 
     def train_step(self, batch, step):
-        """One optimisation step: lr of `step` (a parameter group's own, group_learning_rate:
-        e.g. a pretrained encoder's smaller rate in fine-tuning), zero_grad, the task's forward and backward, the
-        optimizer (through the loss scaler). Returns (loss, *extras, lr), on the device."""
+        """One optimisation step: lr of `step` (each parameter group's own, group_learning_rate:
+        e.g. a pretrained encoder's smaller rate in fine-tuning), zero_grad, the task's forward
+        and backward, the optimizer (through the loss scaler). Returns (loss, *extras, lr), on
+        the device."""
         lr = self.run.schedule(step)
         for group in self.optimizer.param_groups:
             group["lr"] = group_learning_rate(group, lr, step)
