@@ -9,8 +9,8 @@ MODELPATH is the model.pth or checkpoint.pth main.py wrote. Writes
              image_size, mean, std, feature_dim, source_checkpoint, torch, torchvision,
              how_to_load}}. It loads with strict=True into torchvision.models.<arch>(weights=None)
              whose conv1 is rebuilt from meta["conv1"] for meta["in_channels"], whose maxpool is
-             nn.Identity() for the 'cifar' and 'half' stems and whose fc is nn.Identity(): the 7 lines in
-             meta["how_to_load"] and the README; utils.model.build_torchvision_backbone(meta)
+             nn.Identity() for the 'cifar' and 'half' stems and whose fc is nn.Identity(): the 7
+             lines in meta["how_to_load"] and the README; utils.model.build_torchvision_backbone(meta)
              builds the same module.
     OUT.pt2  the same encoder as a torch.export program, meta.json inside:
              torch.export.load("OUT.pt2").module()(x) gives h (B, feature_dim) for a batch x

@@ -437,7 +437,8 @@ def report(args, trainer, meta, splits, test_loader):
          "processes": get_world_size(), "environment": environment_info(trainer.device)},
         names=test_images.paths)
     json_dump({"args": vars(args), "model_meta": meta, "metrics": metrics,
-               "val_accuracy": val_accuracy, "start_val_accuracy": validated.get(0), "epoch_losses": epoch_losses.tolist(),
+               "val_accuracy": val_accuracy, "start_val_accuracy": validated.get(0),
+               "epoch_losses": epoch_losses.tolist(),
                "launcher": launcher_name(), "processes": get_world_size(),
                "images_per_s": trainer.images_per_second(),
                "unreadable_images": trainer.run.unreadable.summary()},

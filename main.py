@@ -14,8 +14,8 @@ labelled images an online linear probe on the detached h (utils/online_probe.py)
 validation accuracy of h after every epoch without changing the encoder (--no-online-probe:
 off). Running the same command again resumes (--epochs is the total); --fresh starts over.
 -bs is always the global batch: with W processes (--multiple_gpus or torchrun) each loads B/W
-images of every batch, and the run's result does not depend on W (see utils/distributed.py). The loop is utils/engine.py's; the
-SimCLR step is simclr.py's.
+images of every batch, and the run's result does not depend on W (see utils/distributed.py).
+The loop is utils/engine.py's; the SimCLR step is simclr.py's.
 """
 import argparse
 import functools
