@@ -269,3 +269,23 @@ def test_encoder_learning_rate_ratio_reaches_the_optimizer(runs, pretrained):
     assert len(head_lr) == 1 and head_lr.pop() > 0
     for group in encoder:
         assert group["lr"] == pytest.approx(0.1 * rest[0]["lr"], rel=1e-12)
+
+
+def test_from_head_layer_keeps_the_first_layers_of_the_projection_head(pretrained):
+    """--from-head-layer 1 (SimCLRv2): the fine-tuned encoder computes what the pretrained
+    model's head computes after its first Linear-BN-ReLU (linear_evaluation.py
+    --remove_top_layers 1, computed another way), and a head without that many layers is a
+    one-line error naming the flag."""
+    from utils.errors import UserError
+    from utils.model import load_trained_model, truncate_head
+    from utils.transfer import encoder_with_head_layers
+    model, meta = load_trained_model(model_path(pretrained))
+    state = torch.load(model_path(pretrained), weights_only=True)
+    encoder, dim = encoder_with_head_layers(meta, state, 1)
+    assert dim == meta["proj_dims"][0]
+    x = torch.randn(3, meta["in_channels"], meta["image_size"], meta["image_size"])
+    with torch.no_grad():
+        expected = truncate_head(model.head, 1)(model.encoder(x))
+        torch.testing.assert_close(encoder.eval()(x), expected, rtol=0, atol=1e-6)
+    with pytest.raises(UserError, match="--from-head-layer 2"):
+        encoder_with_head_layers(meta, state, 2)
