@@ -263,7 +263,8 @@ def add_training_args(parser):
                             "(optional dependency: pip install tensorboard)")
     group.add_argument("--sync-bn", action=argparse.BooleanOptionalAction, default=True,
                        help="with several processes, BatchNorm statistics over the global batch "
-                            "(SyncBatchNorm); --no-sync-bn keeps them per process")
+                            "(utils/distributed.GlobalBatchNorm); --no-sync-bn keeps them per "
+                            "process")
     return group
 
 

@@ -14,9 +14,10 @@ holding the whole global batch:
     sums the embedding gradients that every rank's loss sends to this rank's embeddings;
   - DDP averages parameter gradients over ranks, and the mean of the W per-rank losses (each a
     mean over 2b anchors) is the global mean over 2bW anchors;
-  - BatchNorm statistics are computed over the global batch (nn.SyncBatchNorm on CUDA; on CPU,
-    where SyncBatchNorm is not implemented, `GlobalBatchNorm`, whose statistics are reduced
-    with the differentiable functional collective `all_reduce`).
+  - BatchNorm statistics are computed over the global batch by `GlobalBatchNorm`, whose sums
+    are reduced with the differentiable functional collective `all_reduce` (on every device:
+    nn.SyncBatchNorm is not implemented on the CPU, and on CUDA it waits for the GPU once per
+    layer, on a boolean-mask index of the gathered counts).
 """
 import datetime
 import os
@@ -198,16 +199,17 @@ def _sum_with_grad(tensor):
 
 
 class GlobalBatchNorm(nn.modules.batchnorm._BatchNorm):
-    """BatchNorm over the global batch of all ranks, for devices nn.SyncBatchNorm rejects (CPU).
+    """BatchNorm over the global batch of all ranks, on any device, with no host-device sync.
 
     Same parameters, buffers and state-dict keys as BatchNorm1d/2d. In training mode with a
     process group, per channel over all ranks' (N, C, *) inputs:
-        mean = sum(x) / count,  var = sum((x - mean)^2) / count   (two all_reduces, biased,
-                                                                    in float64)
+        count, mean = sum(x) / count     (one all_reduce of [sum(x), count])
+        var = sum((x - mean)^2) / count  (a second all_reduce; biased)
         y = (x - mean) / sqrt(var + eps) * weight + bias
-    and the running statistics get the unbiased var = var * count / (count - 1), as BatchNorm
-    does. The reductions use the differentiable all_reduce, so the backward is exactly that of
-    one BatchNorm over the concatenated batch. Otherwise it is a plain BatchNorm.
+    the sums in float64 on the CPU (as BatchNorm's CPU kernel accumulates) and float32 on
+    CUDA. The running statistics get the unbiased var = var * count / (count - 1), as
+    BatchNorm does. The reductions use the differentiable all_reduce, so the backward is
+    exactly that of one BatchNorm over the concatenated batch. Otherwise a plain BatchNorm.
     """
 
     def _check_input_dim(self, input):
@@ -219,33 +221,34 @@ class GlobalBatchNorm(nn.modules.batchnorm._BatchNorm):
             return super().forward(x)
         dims = [d for d in range(x.dim()) if d != 1]
         shape = [1, -1] + [1] * (x.dim() - 2)
-        xf = x.double()  # as BatchNorm's CPU kernel accumulates: a channel whose std is
-        # tiny against its mean loses its digits in float32 sums (seen: 0.6 % gradient error)
-        count = torch.tensor([x.numel() / x.shape[1]], dtype=xf.dtype, device=x.device)
-        count = _sum_with_grad(count)
-        mean = _sum_with_grad(xf.sum(dims)) / count
+        # float64 on the CPU: a channel whose std is tiny against its mean loses its digits in
+        # float32 sums there (seen: 0.6 % gradient error); CUDA's BatchNorm sums in float32
+        xf = x.double() if x.device.type == "cpu" else x.float()
+        count = torch.full((1,), x.numel() / x.shape[1], dtype=xf.dtype, device=x.device)
+        sums = _sum_with_grad(torch.cat([xf.sum(dims), count]))
+        mean, count = sums[:-1] / sums[-1], sums[-1]
         centred = xf - mean.view(shape)
         var = _sum_with_grad(centred.pow(2).sum(dims)) / count
         y = centred * torch.rsqrt(var + self.eps).view(shape)
         if self.affine:
             y = y * self.weight.view(shape) + self.bias.view(shape)
         if self.track_running_stats:
-            with torch.no_grad():
-                self.num_batches_tracked.add_(1)
-                momentum = (1.0 / float(self.num_batches_tracked) if self.momentum is None
-                            else self.momentum)
-                unbiased = var * count / (count - 1).clamp(min=1)
-                self.running_mean.mul_(1 - momentum).add_(momentum * mean)
-                self.running_var.mul_(1 - momentum).add_(momentum * unbiased)
+            self._update_running_stats(mean, var, count)
         return y.to(x.dtype)
+
+    @torch.no_grad()
+    def _update_running_stats(self, mean, var, count):
+        self.num_batches_tracked.add_(1)
+        momentum = (1.0 / float(self.num_batches_tracked) if self.momentum is None
+                    else self.momentum)  # momentum None (cumulative average) reads the count
+        unbiased = var * count / (count - 1).clamp(min=1)
+        self.running_mean.mul_(1 - momentum).add_(momentum * mean.to(self.running_mean.dtype))
+        self.running_var.mul_(1 - momentum).add_(momentum * unbiased.to(self.running_var.dtype))
 
 
 def convert_batchnorm(module, device):
-    """Replace every BatchNorm of `module` by its global-batch version for `device`:
-    nn.SyncBatchNorm on CUDA, GlobalBatchNorm elsewhere, holding the same parameter and buffer
-    tensors (as nn.SyncBatchNorm.convert_sync_batchnorm does)."""
-    if device.type == "cuda":
-        return nn.SyncBatchNorm.convert_sync_batchnorm(module)
+    """Replace every BatchNorm of `module` by GlobalBatchNorm on `device`, holding the same
+    parameter and buffer tensors (as nn.SyncBatchNorm.convert_sync_batchnorm does)."""
     if isinstance(module, nn.modules.batchnorm._BatchNorm) and not isinstance(
             module, GlobalBatchNorm):
         new = GlobalBatchNorm(module.num_features, module.eps, module.momentum, module.affine,

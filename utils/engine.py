@@ -23,6 +23,7 @@ and the engine owns, once, what they share:
 One step: lr = schedule(step); zero_grad; task.step (autocast inside, backward of the loss,
 scaled under fp16); precision.step(optimizer).
 """
+import importlib.util
 import math
 import os
 import resource
@@ -491,17 +492,27 @@ def format_seconds(seconds):
 
 
 def check_compile_backend(backend, device):
-    """UserError for a --compile backend torch does not know, or inductor on the CPU without
-    the C++ compiler it generates code for."""
+    """UserError for a --compile backend torch does not know, or inductor without what it
+    compiles with: a C++ compiler on the CPU; Triton and the C compiler it builds its kernel
+    launchers with on CUDA (else the run would stop at its first step with a traceback)."""
     known = torch._dynamo.list_backends(exclude_tags=())
     if backend not in known:
         raise UserError(f"--compile {backend}: torch.compile has no such backend; use inductor "
                         f"(the default) or one of {', '.join(sorted(known))}", all_ranks=True)
-    compiler = os.environ.get("CXX", "g++")
-    if backend == "inductor" and device.type == "cpu" and not (
-            shutil.which(compiler) or shutil.which("clang++")):
-        raise UserError(f"--compile on the CPU needs a C++ compiler ({compiler} or clang++, "
-                        f"e.g. apt-get install g++); install one, or drop --compile",
+    if backend != "inductor":
+        return
+    if device.type == "cuda" and importlib.util.find_spec("triton") is None:
+        raise UserError("--compile on CUDA needs the triton package (pip install triton, the "
+                        "version torch was built with); install it, or drop --compile",
+                        all_ranks=True)
+    variable, compilers = (("CC", ("cc", "gcc", "clang")) if device.type == "cuda"
+                           else ("CXX", ("g++", "clang++")))
+    chosen = os.environ.get(variable)
+    if not any(shutil.which(c) for c in ((chosen,) if chosen else compilers)):
+        language = "C" if device.type == "cuda" else "C++"
+        raise UserError(f"--compile on {device.type.upper()} needs a {language} compiler "
+                        f"({chosen or ' or '.join(compilers)}; e.g. apt-get install "
+                        f"{'gcc' if language == 'C' else 'g++'}); install one, or drop --compile",
                         all_ranks=True)
 
 

@@ -46,8 +46,10 @@ class MixedPrecision:
     `autocast()` wraps the model's forward pass (bf16/fp16 matmuls and convolutions, float32
     elsewhere); fp16 adds a torch.amp.GradScaler: the loss is multiplied by the scale S before
     backward, the gradients divided by S before the step, and a step whose gradients are not
-    finite is skipped with S halved (S doubles after 2000 finite steps). GradScaler.step reads
-    that finite flag on the host: fp16 has one synchronisation per step, bf16 none.
+    finite is skipped with S halved (S doubles after 2000 finite steps). With a fused optimizer
+    (SGD/AdamW on CUDA, utils.optim.uses_fused_kernels) the step reads that finite flag on the
+    device; otherwise GradScaler.step reads it on the host, one synchronisation per fp16 step
+    (LARS). bf16 has none.
     """
 
     def __init__(self, mode, device):
