@@ -143,7 +143,12 @@ def get_args_parser():
     speed.add_argument("--gpu-aug", action="store_true",
                        help="decode the training images once into a uint8 tensor on the device "
                             "and augment whole batches there (utils/gpu_augment.py; same "
-                            "augmentation distributions), instead of per image in -nw workers")
+                            "augmentation distributions), instead of per image in -nw workers "
+                            "(the default on CUDA when they fit --max-memory-gb)")
+    speed.add_argument("--cpu-aug", action="store_true",
+                       help="make the views per image in the -nw CPU workers even on CUDA "
+                            "(the default on the CPU); without it a CUDA run with --aug simclr "
+                            "uses --gpu-aug, or --gpu-decode when the data do not fit")
     speed.add_argument("--max-memory-gb", type=float, default=4.0,
                        help="largest decoded data set --gpu-aug holds (N x C x S x S bytes)")
     speed.add_argument("--gpu-decode", action="store_true",
@@ -189,6 +194,10 @@ def fill_defaults(args):
         raise UserError("--gpu-aug and --gpu-decode are two ways to feed the device: --gpu-aug "
                         "decodes every image once into memory, --gpu-decode decodes each batch; "
                         "give one of them")
+    if args.cpu_aug and (args.gpu_aug or args.gpu_decode):
+        raise UserError(f"--cpu-aug makes the views in CPU workers, "
+                        f"{'--gpu-aug' if args.gpu_aug else '--gpu-decode'} on the device: give "
+                        f"one of them")
     for flag, on in (("--gpu-aug", args.gpu_aug), ("--gpu-decode", args.gpu_decode)):
         if on and args.aug != "simclr":
             raise UserError(f"{flag} has the steps of --aug simclr only; --aug {args.aug} "
@@ -196,11 +205,34 @@ def fill_defaults(args):
                             f"sharpness) runs in the CPU workers: drop {flag}")
 
 
-def augmentation_place(args, device):
-    """Where the views are made, for the speed line: 'in CPU workers', 'on cuda' ..."""
+def choose_input_path(args, n_images, meta, device):
+    """Where the views are made, chosen where no flag says: sets args.gpu_aug / args.gpu_decode
+    and returns the reason, for the speed line and run.json.
+
+    CPU: per image in the -nw workers. CUDA with --aug simclr: --gpu-aug when the decoded
+    images (N x C x S x S bytes) fit --max-memory-gb, else --gpu-decode (workers only read
+    bytes; a 2-core host cannot augment for a GPU); the published presets run in the workers.
+    """
+    if args.gpu_aug or args.gpu_decode or args.cpu_aug:
+        flag = "--gpu-aug" if args.gpu_aug else "--gpu-decode" if args.gpu_decode else "--cpu-aug"
+        return f"{input_path_name(args, device)} ({flag})"
+    if device.type != "cuda":
+        return f"{input_path_name(args, device)} (a CPU run)"
+    if args.aug != "simclr":
+        return f"{input_path_name(args, device)} (--aug {args.aug} runs there only)"
+    size_gb = decoded_size_bytes(n_images, meta["in_channels"], meta["image_size"]) / 2 ** 30
+    fits = size_gb <= args.max_memory_gb
+    args.gpu_aug, args.gpu_decode = fits, not fits
+    why = (f"{size_gb:.2g} GB decoded {'fit' if fits else 'exceed'} --max-memory-gb "
+           f"{args.max_memory_gb:g}; --cpu-aug for the workers")
+    return f"{input_path_name(args, device)} (the CUDA default: {why})"
+
+
+def input_path_name(args, device):
+    """'in CPU workers', 'on cuda:0 (--gpu-aug)' ...: where the views are made."""
     if args.gpu_decode:
-        return f"on {device} (JPEG decoded there)"
-    return f"on {device}" if args.gpu_aug else "in CPU workers"
+        return f"on {device}, each batch decoded there (JPEG) or by the workers"
+    return f"on {device}, decoded once into memory" if args.gpu_aug else "in CPU workers"
 
 
 def decode_for_device(args, images, meta, device):
@@ -585,6 +617,7 @@ def pretrain(args, device):
     labelled = images.labels is not None and (args.knn_every or args.online_probe)
     sets = knn_memory_and_queries(args, images) if labelled else None
     probe, probe_eval, labels = build_online_probe(args, meta, images, sets, device)
+    input_path = choose_input_path(args, len(images), meta, device)
     pipeline = Pipeline(args, images, meta, blur, sampler, device, labels)
     steps_per_epoch = len(images) // args.batch_size
     peak_lr = scaled_learning_rate(args.lr, args.batch_size, args.lr_scaling)
@@ -601,7 +634,7 @@ def pretrain(args, device):
            f" {args.optimizer}, {args.warmup_epochs:g} warm-up epoch(s)", flush=True)
     print0(f"speed: amp {precision.mode}{' (GradScaler)' if precision.scaler else ''}, "
            f"compile {args.compile or 'off'}, channels-last {'on' if args.channels_last else 'off'}"
-           f", augmentation {augmentation_place(args, device)}, log every "
+           f", views made {input_path}, log every "
            f"{args.log_every} steps", flush=True)
 
     model = build_pretraining_model(args, meta, initial_state, device)
@@ -617,7 +650,8 @@ def pretrain(args, device):
                 "steps_per_epoch": steps_per_epoch,
                 "augmentation": {"preset": args.aug, "steps": pipeline.augmentation.describe(),
                                  "on": "device" if args.gpu_aug or args.gpu_decode else "cpu",
-                                 "decode": "device" if args.gpu_decode else "cpu"},
+                                 "decode": "device" if args.gpu_decode else "cpu",
+                                 "path": input_path},
                 "speed": {"amp": precision.mode, "compile": args.compile,
                           "channels_last": args.channels_last, "gpu_aug": args.gpu_aug,
                           "gpu_decode": args.gpu_decode,

@@ -1,12 +1,15 @@
 """The decisions the CUDA paths make, checked on the CPU: fused optimizer kernels only for CUDA
 parameters (and the same update as the default kernels), --compile's compiler check for CUDA,
-global-batch BatchNorm on every device."""
+global-batch BatchNorm on every device, and where the views are made by default."""
+import json
 import types
 
 import pytest
 import torch
 from torch import nn
 
+from conftest import FAST_PRETRAIN, assert_one_line_error, run_in_process
+from main import choose_input_path, get_args_parser
 from utils.distributed import GlobalBatchNorm, convert_batchnorm
 from utils.engine import check_compile_backend
 from utils.errors import UserError
@@ -86,3 +89,47 @@ def test_global_batchnorm_on_every_device_keeps_the_parameters():
         after = dict([*converted.named_parameters(), *converted.named_buffers()])
         assert after.keys() == before.keys()
         assert all(after[name] is before[name] for name in before)
+
+
+def path_args(argv):
+    """main.py's arguments for `argv` after DATAPATH RESPATH, with its defaults filled in."""
+    args = get_args_parser().parse_args(["DATA", "OUT", *argv])
+    return args
+
+
+META = {"in_channels": 3, "image_size": 32}  # 3,072 bytes per decoded image
+
+
+@pytest.mark.parametrize("argv, n_images, device, expected, reason", [
+    ([], 50_000, "cuda", (True, False), "the CUDA default: 0.14 GB decoded fit --max-memory-gb 4"),
+    ([], 2_000_000, "cuda", (False, True), "5.7 GB decoded exceed --max-memory-gb 4"),
+    (["--max-memory-gb", "0.1"], 50_000, "cuda", (False, True), "exceed --max-memory-gb 0.1"),
+    (["--aug", "natural"], 50_000, "cuda", (False, False), "--aug natural runs there only"),
+    (["--cpu-aug"], 50_000, "cuda", (False, False), "(--cpu-aug)"),
+    (["--gpu-decode"], 50_000, "cuda", (False, True), "(--gpu-decode)"),
+    ([], 50_000, "cpu", (False, False), "in CPU workers (a CPU run)"),
+    (["--gpu-aug"], 50_000, "cpu", (True, False), "(--gpu-aug)"),
+])
+def test_default_input_path(argv, n_images, device, expected, reason):
+    """On CUDA (a device object is all the choice reads) the views are made on the device when
+    the preset allows: decoded once when the data fit --max-memory-gb, else decoded per batch;
+    on the CPU in the workers; a flag always wins. The reason is part of the speed line."""
+    args = path_args(argv)
+    line = choose_input_path(args, n_images, META, torch.device(device))
+    assert (args.gpu_aug, args.gpu_decode) == expected
+    assert reason in line
+
+
+def test_cpu_aug_with_a_device_path_is_one_line_error(tiny_folder, tmp_path):
+    result = run_in_process("main.py", tiny_folder, tmp_path / "run", "--cpu-aug", "--gpu-aug")
+    assert_one_line_error(result, "--cpu-aug", "--gpu-aug", "give one of them")
+    assert not (tmp_path / "run").exists()
+
+
+def test_cpu_run_says_where_its_views_are_made(tiny_folder, tmp_path):
+    result = run_in_process("main.py", tiny_folder, tmp_path / "run", "--epochs", "1",
+                            *FAST_PRETRAIN)
+    assert result.returncode == 0, result.stderr
+    assert "views made in CPU workers (a CPU run)" in result.stdout
+    with open(tmp_path / "run" / "run.json") as f:
+        assert json.load(f)["augmentation"]["path"] == "in CPU workers (a CPU run)"
