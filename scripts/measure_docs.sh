@@ -3,7 +3,7 @@
 # make it: each runs through scripts/record.py, which keeps what it measured with its provenance
 # in results/docs/NAME.json; scripts/results_tables.py turns those files into the docs' tables.
 #
-#   bash scripts/measure_docs.sh SECTION ...   # sections: recipes demo data features chunk
+#   [ONLY="RECIPE ..."] bash scripts/measure_docs.sh SECTION ...   # sections: recipes demo data features chunk
 #                                              #  segmentation label-efficiency finetune-defaults
 #                                              #  defaults (or all)
 #
@@ -109,6 +109,7 @@ section_label_efficiency() {  # docs/evaluation.md: the label-efficiency table
 
 recipe_run() {  # recipe_run NAME MAIN_FLAG ...: pretrain on the demo data, judge on validation
     local name=$1; shift
+    [ -z "${ONLY:-}" ] || [[ " $ONLY " == *" $name "* ]] || return 0
     local out=$WORK/recipes/$name
     record recipe_${name}_pretrain --collect $out/run.json -- \
         $PY main.py $DATA $out -nw 2 --fresh "$@"
@@ -122,6 +123,11 @@ section_recipes() {  # docs/defaults.md: the demo recipe, chosen on validation i
     recipe_run half_bs128_e8 --stem half --epochs 8 -bs 128
     recipe_run half_bs250_e14 --stem half --epochs 14 -bs 250
     recipe_run half_bs250_t01_e14 --stem half --epochs 14 -bs 250 --temperature 0.1
+    # the batched augmentation (--gpu-aug, on the CPU here): the same distributions, 12 % faster
+    recipe_run half_lr1_e14 --stem half --epochs 14 -bs 250 --gpu-aug -nw 0 --lr 1.0
+    recipe_run half_ms02_e14 --stem half --epochs 14 -bs 250 --gpu-aug -nw 0 --min-scale 0.2
+    recipe_run half_t05_e14 --stem half --epochs 14 -bs 250 --gpu-aug -nw 0 --temperature 0.5
+    recipe_run half_e16 --stem half --epochs 16 -bs 250 --gpu-aug -nw 0
 }
 
 finetune_run() {  # finetune_run NAME FINETUNE_FLAGS: LP-FT settings at 20 labels per class
