@@ -34,7 +34,7 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
-from utils.checkpoint import load_best, load_pretrained, unwrap_model
+from utils.checkpoint import DATA_STATS, load_best, load_pretrained, unwrap_model
 from utils.cli import (add_data_loading_args, add_data_source_args, add_training_args,
                        add_unreadable_arg, add_weight_description_args, check_training_args,
                        ensure_writable_dir, environment_info, print_args, run_main)
@@ -230,7 +230,7 @@ def model_description(args, train_images):
     if args.modelpath is not None:
         state, meta = load_pretrained(args.modelpath, WeightSettings.from_args(args))
         return meta, None if args.baseline else state
-    stats = dataset_statistics(train_images, os.path.join(args.respath, "data_stats.json"),
+    stats = dataset_statistics(train_images, os.path.join(args.respath, DATA_STATS),
                                args.seed)
     image_size = args.image_size or stats["native_size"]
     return {"arch": args.arch, "stem": resolve_stem(args.stem, image_size), "proj_dims": None,

@@ -48,7 +48,7 @@ from utils.gpu_augment import BatchSimCLRAugmentation, DeviceTwoViews
 from utils.gpu_decode import BatchDecoder, DecodedTwoViews, EncodedImageDataset, collate_encoded
 from utils.knn import knn_accuracy
 from utils.linear_probe import extract_features
-from utils.foreign_weights import WeightSettings
+from utils.foreign_weights import WeightSettings, is_torchvision_resnet
 from utils.model import (adapt_input_channels, build_model_from_meta, default_proj_dims,
                          load_state_strict, resolve_stem, FEATURE_DIMS, STEM_CHOICES,
                          STEM_HELP)
@@ -332,6 +332,11 @@ def load_model_state(path, meta):
     model = build_model_from_meta(meta)
     try:
         state = strip_prefixes(torch.load(path, map_location="cpu", weights_only=True))
+        if isinstance(state, dict) and is_torchvision_resnet(state):
+            raise UserError(f"{path} is another project's model (a ResNet in torchvision's "
+                            f"layout, as thunderInfy/simclr saves it), not a run to resume; to "
+                            f"continue from its weights, pretrain into a new RESPATH with --fin "
+                            f"{path}")
         model.load_state_dict(state, strict=True)
         return state
     except RuntimeError as err:

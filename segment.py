@@ -33,7 +33,7 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from utils.checkpoint import load_best, load_pretrained, unwrap_model
+from utils.checkpoint import DATA_STATS, load_best, load_pretrained, unwrap_model
 from utils.cli import (add_data_loading_args, add_training_args, add_weight_description_args,
                        check_training_args, ensure_writable_dir, print_args, run_main)
 from utils.data import (EpochBatchSampler, ImageList, dataset_statistics, make_loader,
@@ -242,7 +242,7 @@ def model_setup(args, train_pairs):
                                f"TRAIN_LIST {args.train_list}")
         return meta, None if args.baseline else encoder_state(state)
     stats = dataset_statistics(ImageList(train_pairs.images),
-                               os.path.join(args.respath, "data_stats.json"), args.seed)
+                               os.path.join(args.respath, DATA_STATS), args.seed)
     size = args.image_size or stats["native_size"]
     return {"arch": args.arch, "stem": resolve_stem(args.stem, size),
             "in_channels": stats["channels"], "mean": stats["mean"], "std": stats["std"],

@@ -140,3 +140,21 @@ def test_evaluation_needs_labelled_test_split(pretrained, tmp_path, tiny_folder)
     result = run_in_process("linear_evaluation.py", tiny_folder, model, tmp_path / "o",
                             "--remove_top_layers", "5")
     assert_one_line_error(result, "--remove_top_layers", "between 0 and 2")
+
+
+def test_refused_new_run_leaves_no_respath(tiny_folder, tmp_path):
+    """A refusal after the data were listed and measured (a --fin file that does not exist)
+    removes the data index, data_stats.json and the lock it wrote, and the RESPATH it made,
+    also as --fout's folder; a refusal in a RESPATH holding other files keeps them all."""
+    for flags, created in (([], tmp_path / "new"), (["--fout", "sub"], tmp_path / "new2")):
+        result = run_in_process("main.py", tiny_folder, created, "--fin", tmp_path / "nope.pth",
+                                *flags, *FAST_PRETRAIN)
+        assert_one_line_error(result, "nope.pth", "does not exist")
+        assert not created.exists()
+    kept = tmp_path / "kept"
+    kept.mkdir()
+    (kept / "notes.txt").write_text("mine")
+    result = run_in_process("main.py", tiny_folder, kept, "--fin", tmp_path / "nope.pth",
+                            *FAST_PRETRAIN)
+    assert_one_line_error(result, "does not exist")
+    assert sorted(os.listdir(kept)) == ["notes.txt"]

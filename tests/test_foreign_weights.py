@@ -6,14 +6,16 @@ files through their real command lines. Every file is built here (no download)."
 import csv
 import json
 import os
+import shutil
 from collections import OrderedDict
 
+import numpy as np
 import pytest
 import torch
 import torchvision
 from torch import nn
 
-from conftest import assert_one_line_error, run_in_process, run_script
+from conftest import FAST_PRETRAIN, assert_one_line_error, run_in_process, run_script
 from utils.errors import UserError
 from utils.foreign_weights import WeightSettings
 from utils.model import load_trained_model
@@ -152,3 +154,38 @@ def test_a_foreign_dict_is_still_a_one_line_error(tiny_folder, tmp_path):
     result = run_in_process("linear_evaluation.py", tiny_folder, tmp_path / "half.pth",
                             tmp_path / "o")
     assert_one_line_error(result, "half.pth", "not a model of this toolkit")
+
+
+def tree_state(root):
+    """{relative path: bytes} of every file under `root`, and the folders."""
+    found = {}
+    for folder, dirs, files in os.walk(root):
+        for name in dirs:
+            found[os.path.relpath(os.path.join(folder, name), root) + "/"] = None
+        for name in files:
+            with open(os.path.join(folder, name), "rb") as f:
+                found[os.path.relpath(os.path.join(folder, name), root)] = f.read()
+    return found
+
+
+def test_thunderinfy_respath_is_refused_unchanged_and_fin_continues(thunderinfy_file,
+                                                                    tiny_folder, tmp_path):
+    """A RESPATH holding thunderInfy's three files is not a run of ours to resume: one line
+    that names --fin, and RESPATH exactly as it was (no data index, no data_stats.json, no
+    lock). The command it suggests then pretrains from those weights into a new RESPATH."""
+    respath = tmp_path / "thunder_run"
+    (respath / "model").mkdir(parents=True)
+    shutil.copy(thunderinfy_file[0], respath / "model" / "model.pth")
+    torch.save({"state": {}, "param_groups": []}, respath / "model" / "optimizer.pth")
+    np.savez(respath / "model" / "lossesfile.npz", np.linspace(5, 4, 30))
+    before = tree_state(respath)
+    result = run_in_process("main.py", tiny_folder, respath, "--epochs", "1", *FAST_PRETRAIN)
+    error = assert_one_line_error(result, "another project's model", "--fin")
+    assert tree_state(respath) == before
+    fin = error.split("--fin ", 1)[1].strip()
+    assert fin == str(respath / "model" / "model.pth")
+    result = run_in_process("main.py", tiny_folder, tmp_path / "continued", "--epochs", "1",
+                            "--fin", fin, *FAST_PRETRAIN)
+    assert result.returncode == 0, result.stderr
+    assert (tmp_path / "continued" / "model" / "model.pth").exists()
+    assert tree_state(respath) == before

@@ -33,6 +33,10 @@ from utils.foreign_weights import WeightSettings, convert_torchvision_resnet, is
 
 FORMAT_VERSION = 2
 KIND = "simclr-toolkit-checkpoint"
+# What every script writes into RESPATH before its run is accepted: caches of the data's file
+# listing and statistics (removed again when the run is refused: utils/cli.run_main).
+DATA_INDEX, DATA_STATS = "data_index", "data_stats.json"
+SETUP_CACHES = (DATA_INDEX, DATA_STATS)
 
 
 @dataclass(frozen=True)
@@ -74,7 +78,7 @@ class RunPaths:
 
     @property
     def data_stats(self):
-        return os.path.join(self.root, "data_stats.json")
+        return os.path.join(self.root, DATA_STATS)
 
 
 def unwrap_model(model):

@@ -1,6 +1,7 @@
 """Command-line plumbing shared by every script: the wrapper that turns a UserError into a
 one-line message, argument groups, device selection and run descriptions."""
 import os
+import shutil
 import subprocess
 import sys
 import platform
@@ -14,6 +15,8 @@ def run_main(main, parser, launches_workers=False):
     `launches_workers` (the scripts that train with the engine): with --multiple_gpus / --nproc
     start the worker processes instead, each of which runs `main` (utils/launch.py)."""
     args = parser.parse_args()
+    respath = getattr(args, "respath", None)
+    before = respath_entries(respath)
     try:
         status = None
         if launches_workers and wants_launch(args):
@@ -25,8 +28,42 @@ def run_main(main, parser, launches_workers=False):
         if rank == 0 or not err.all_ranks:
             where = f"(rank {rank}) " if int(os.environ.get("WORLD_SIZE", "1")) > 1 else ""
             print(f"error: {where}{user_message(err)}", file=sys.stderr, flush=True)
+        if rank == 0 and respath:
+            undo_setup_writes(respath, before, args.respath)
         sys.exit(2)
     sys.exit(status or 0)
+
+
+def respath_entries(respath):
+    """The names in folder `respath` (None when it does not exist)."""
+    return set(os.listdir(respath)) if respath and os.path.isdir(respath) else None
+
+
+def undo_setup_writes(respath, before, final):
+    """After a refusal, leave RESPATH as the run found it: remove what this process created
+    there before any training (the data caches of checkpoint.SETUP_CACHES, its lock, and the
+    folder itself if it made it and nothing else is in it). `before` holds respath's names at
+    the start, `final` is RESPATH after --fout. Anything else new (a model, a checkpoint: a run
+    that had started) leaves every file in place."""
+    from utils.checkpoint import SETUP_CACHES
+    from utils.runlock import LOCK_NAME, release_run_lock
+
+    made = [] if before is not None else [respath]  # folders this process created
+    if final != respath:  # --fout NAME: a folder inside RESPATH, new unless it was there
+        if before is not None and os.path.basename(os.path.normpath(final)) in before:
+            return
+        before, made = None, [final] + made
+    created = (respath_entries(final) or set()) - (before or set())
+    if not created <= {*SETUP_CACHES, LOCK_NAME}:
+        return
+    if LOCK_NAME in created:
+        release_run_lock(os.path.join(final, LOCK_NAME))
+    for name in created - {LOCK_NAME}:
+        path = os.path.join(final, name)
+        shutil.rmtree(path) if os.path.isdir(path) else os.remove(path)
+    for folder in made:
+        if os.path.isdir(folder) and not os.listdir(folder):
+            os.rmdir(folder)
 
 
 def user_message(err):

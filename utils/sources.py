@@ -17,6 +17,7 @@ import stat
 
 import numpy as np
 
+from utils.checkpoint import DATA_INDEX
 from utils.data import ImageList, PathTable, derive_seed
 from utils.distributed import decide_on_main
 from utils.errors import UserError
@@ -197,7 +198,7 @@ def index_dir_of(options):
     """Where load_split keeps its file index: RESPATH/data_index for scripts with a RESPATH
     (`options.respath`), else nowhere (every start scans)."""
     respath = getattr(options, "respath", None)
-    return os.path.join(respath, "data_index") if respath else None
+    return os.path.join(respath, DATA_INDEX) if respath else None
 
 
 def _is_list_file(path):
