@@ -3,6 +3,7 @@ the real command line; a corrupt image is skipped with a warning naming it. Most
 command line in this process (conftest.run_in_process: the same parser, main() and error
 handling, without seconds of interpreter start each); the first test shows both give the same
 result, and main.py and linear_evaluation.py keep errors through real processes."""
+import json
 import os
 import shutil
 
@@ -158,3 +159,23 @@ def test_refused_new_run_leaves_no_respath(tiny_folder, tmp_path):
                             *FAST_PRETRAIN)
     assert_one_line_error(result, "does not exist")
     assert sorted(os.listdir(kept)) == ["notes.txt"]
+
+
+def test_corrupt_image_in_the_statistics_pass_is_named(tiny_folder, tmp_path):
+    """17 images, one of them corrupt, -bs 4: whether or not the epoch's batches meet it (the
+    17th image of an epoch is dropped), the statistics pass names it, and data_stats.json
+    keeps it out of the count of images used."""
+    data = tmp_path / "data"
+    shutil.copytree(tiny_folder, data)
+    files = sorted((data / "train").rglob("*.png"))
+    for path in files[16:]:
+        path.unlink()
+    (data / "train" / "Trouser" / "broken.png").write_bytes(os.urandom(200))
+    result = run_in_process("main.py", data, tmp_path / "out", "--epochs", "1", *FAST_PRETRAIN,
+                            "-bs", "4")
+    assert result.returncode == 0, result.stderr
+    warning = [line for line in result.stderr.splitlines() if "left out of the mean/std" in line]
+    assert len(warning) == 1 and "broken.png" in warning[0]
+    with open(tmp_path / "out" / "data_stats.json") as f:
+        stats = json.load(f)["stats"]
+    assert stats["n_images_used"] == 16 and stats["unreadable"][0].endswith("broken.png")

@@ -231,10 +231,11 @@ def stats_sample(images, seed):
     return images.subset(sorted(rng.choice(len(images), STATS_MAX_IMAGES, replace=False)))
 
 
-def compute_mean_std(images, channels):
+def compute_mean_std(images, channels, unreadable=None):
     """Per-channel mean and std of pixel values in [0, 1] over all pixels of `images`.
 
-    Returns two lists of length `channels`. Uses float64 sums, one pass.
+    Returns two lists of length `channels`. Uses float64 sums, one pass. Images that cannot be
+    decoded are left out and their paths appended to the list `unreadable` when given.
     """
     total = np.zeros(channels)
     total_sq = np.zeros(channels)
@@ -242,7 +243,9 @@ def compute_mean_std(images, channels):
     for index in range(len(images)):
         try:
             img = images.load(index, channels)
-        except (OSError, ValueError):  # left out; the loaders name it when they meet it
+        except (OSError, ValueError):
+            if unreadable is not None:
+                unreadable.append(str(images.paths[index]))
             continue
         arr = np.asarray(img, dtype=np.float64).reshape(-1, channels)
         arr /= 255.0
@@ -280,22 +283,35 @@ def dataset_statistics(images, cache_path, seed):
     The cache is reused only when it was computed for the same list of files.
     """
     key = {"n_images": len(images), "first": images.paths[0], "last": images.paths[-1]}
+    stats = None
     if os.path.exists(cache_path):
         try:
             with open(cache_path) as f:
                 cached = json.load(f)
             if cached.get("key") == key:
-                return cached["stats"]
+                stats = cached["stats"]
         except (OSError, ValueError, KeyError):
             pass
-    sample = stats_sample(images, seed)
-    channels = detect_channels(sample)
-    mean, std = compute_mean_std(sample, channels)
-    stats = {"channels": channels, "native_size": native_image_size(sample),
-             "mean": mean, "std": std, "n_images_used": len(sample)}
-    from utils.fileio import json_dump
-    json_dump({"key": key, "stats": stats}, cache_path)
+    if stats is None:
+        sample = stats_sample(images, seed)
+        channels, unreadable = detect_channels(sample), []
+        mean, std = compute_mean_std(sample, channels, unreadable)
+        stats = {"channels": channels, "native_size": native_image_size(sample),
+                 "mean": mean, "std": std, "n_images_used": len(sample) - len(unreadable),
+                 "unreadable": unreadable}
+        from utils.fileio import json_dump
+        json_dump({"key": key, "stats": stats}, cache_path)
+    warn_unreadable_in_statistics(stats.get("unreadable", []))
     return stats
+
+
+def warn_unreadable_in_statistics(paths):
+    """One warning line naming the images the statistics pass could not decode (they are left
+    out of the mean/std; training replaces each by seed when it meets it, --max-unreadable)."""
+    if paths:
+        more = f" and {len(paths) - 1} more (data_stats.json lists them)" if len(paths) > 1 else ""
+        warn(f"{paths[0]}{more} could not be decoded and {'was' if len(paths) == 1 else 'were'}"
+             f" left out of the mean/std; fix or remove {'it' if len(paths) == 1 else 'them'}")
 
 
 class UnreadableFiles:
