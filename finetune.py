@@ -49,7 +49,8 @@ from utils.fileio import json_dump
 from utils.foreign_weights import WeightSettings
 from utils.metrics import write_classification_report
 from utils.model import FEATURE_DIMS, STEM_CHOICES, STEM_HELP, resolve_stem
-from utils.optim import PartRate, WarmupCosine, build_optimizer, scaled_learning_rate
+from utils.optim import (PartRate, WarmupCosine, add_optimisation_args, build_optimizer,
+                         fill_optimisation_defaults, scaled_learning_rate)
 from utils.plotfuncs import plot_finetune_curves
 from utils.precision import MixedPrecision, resolve_amp
 from utils.sources import (has_split, load_split, select_subset, split_off_validation,
@@ -69,8 +70,6 @@ RUN_DEFINING_ARGS = ("modelpath", "baseline", "freeze", "head", "arch", "stem", 
 # What a run written before a flag existed did (so it still resumes).
 LEGACY_VALUES = {"head_init": "random", "encoder_lr_ratio": 1.0, "encoder_bn": "train",
                  "from_head_layer": 0}
-DEFAULT_LR = {"sgd": 0.1, "adamw": 1e-3, "lars": 0.1}
-DEFAULT_WEIGHT_DECAY = {"sgd": 5e-4, "adamw": 1e-2, "lars": 1e-6}
 
 
 def get_args_parser():
@@ -114,16 +113,7 @@ def get_args_parser():
     train = parser.add_argument_group("training")
     train.add_argument("--epochs", type=int, default=30,
                        help="total epochs (a resumed run continues to this number)")
-    train.add_argument("--optimizer", choices=("sgd", "adamw", "lars"), default="sgd",
-                       help="SGD with momentum 0.9, AdamW or LARS")
-    train.add_argument("--lr", type=float, default=None,
-                       help="learning rate per 256 images, scaled linearly to the batch "
-                            "(default: sgd 0.1, adamw 1e-3, lars 0.1)")
-    train.add_argument("--weight-decay", "--wd", dest="weight_decay", type=float, default=None,
-                       help="weight decay, not applied to biases and BatchNorm "
-                            "(default: sgd 5e-4, adamw 1e-2, lars 1e-6)")
-    train.add_argument("--warmup-epochs", type=float, default=0.0,
-                       help="linear warm-up before the cosine decay")
+    add_optimisation_args(train, "finetune")
     add_transfer_args(train, "head")
     train.add_argument("--min-scale", type=float, default=0.5,
                        help="smallest crop area of the training augmentation (random resized "
@@ -186,9 +176,7 @@ def check_args(args):
         raise UserError("-bs must be at least 2 (BatchNorm needs two images)")
     if not 0 < args.min_scale <= 1:
         raise UserError(f"--min-scale {args.min_scale} must be in (0, 1]")
-    args.lr = DEFAULT_LR[args.optimizer] if args.lr is None else args.lr
-    if args.weight_decay is None:
-        args.weight_decay = DEFAULT_WEIGHT_DECAY[args.optimizer]
+    fill_optimisation_defaults(args, "finetune")
     for name in ("modelpath", "datapath"):
         value = getattr(args, name)
         if value is not None and os.path.exists(value):

@@ -54,7 +54,8 @@ from utils.model import (adapt_input_channels, build_model_from_meta, default_pr
                          STEM_HELP)
 from utils.ntxent import NTXentLoss
 from utils.online_probe import OnlineProbe, probe_labels
-from utils.optim import WarmupCosine, build_optimizer, scaled_learning_rate
+from utils.optim import (WarmupCosine, add_optimisation_args, build_optimizer,
+                         fill_optimisation_defaults, scaled_learning_rate)
 from utils.plotfuncs import plot_training_losses
 from utils.precision import MixedPrecision, resolve_amp
 from utils.sources import has_split, load_split, select_subset, validation_indices
@@ -71,8 +72,6 @@ LEGACY_VALUES = {"lr_scaling": "none", "aug": "simclr", "noise": 0.0, "rotate": 
                  "cutout": 0.0, "fin": None}
 KNN_MEMORY = 10_000  # training images kept as the kNN memory of --knn-every
 PROBE_QUERIES = 10_000  # validation images the online probe is evaluated on, at most
-DEFAULT_LR = {"sgd": 0.5, "lars": 0.3, "adamw": 1e-3}
-DEFAULT_WEIGHT_DECAY = {"sgd": 5e-4, "lars": 1e-6, "adamw": 1e-2}
 
 
 def get_args_parser():
@@ -89,21 +88,11 @@ def get_args_parser():
 
     opt = parser.add_argument_group("optimisation")
     opt.add_argument("--epochs", type=int, default=100, help="total epochs of the run")
-    opt.add_argument("--optimizer", choices=("sgd", "adamw", "lars"), default="sgd",
-                     help="SGD with momentum 0.9, AdamW, or LARS (the SimCLR paper's, for "
-                          "global batches of about 1024 and more)")
-    opt.add_argument("--lr", type=float, default=None,
-                     help="peak learning rate per 256 images, scaled by --lr-scaling to the "
-                          "global batch (default 0.5 for sgd, 0.3 for lars, 1e-3 for adamw)")
+    add_optimisation_args(opt, "main")
     opt.add_argument("--lr-scaling", choices=("linear", "sqrt", "none"), default="linear",
                      help="peak lr = lr * B/256 (linear), lr * sqrt(B/256) (sqrt; the paper's "
                           "advice for small batches and long runs, e.g. lars --lr 1.2), or lr "
                           "as given (none), B being the global batch size")
-    opt.add_argument("--weight-decay", "--wd", dest="weight_decay", type=float, default=None,
-                     help="weight decay, not applied to BatchNorm and biases "
-                          "(default 5e-4 for sgd, 1e-6 for lars, 1e-2 for adamw)")
-    opt.add_argument("--warmup-epochs", type=float, default=1.0,
-                     help="epochs of linear learning-rate warm-up before the cosine decay")
     opt.add_argument("--temperature", type=float, default=0.2, help="NT-Xent temperature tau")
     opt.add_argument("--chunk-size", type=int, default=None,
                      help="images per forward pass within a batch: the loss and gradient of the "
@@ -172,10 +161,7 @@ def get_args_parser():
 
 def fill_defaults(args):
     """Resolve the defaults that depend on other flags; UserError for unusable values."""
-    if args.lr is None:
-        args.lr = DEFAULT_LR[args.optimizer]
-    if args.weight_decay is None:
-        args.weight_decay = DEFAULT_WEIGHT_DECAY[args.optimizer]
+    fill_optimisation_defaults(args, "main")
     if args.chunk_size is not None and args.chunk_size < 1:
         raise UserError("--chunk-size must be at least 1 image")
     if args.proj_dims is None:

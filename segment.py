@@ -47,7 +47,8 @@ from utils.fileio import atomic_write_bytes, json_dump
 from utils.foreign_weights import WeightSettings
 from utils.model import (FEATURE_DIMS, STEM_CHOICES, STEM_HELP, encoder_state,
                          load_state_strict, resolve_stem)
-from utils.optim import PartRate, WarmupCosine, build_optimizer
+from utils.optim import (PartRate, WarmupCosine, add_optimisation_args, build_optimizer,
+                         fill_optimisation_defaults)
 from utils.precision import MixedPrecision, resolve_amp
 from utils.segmentation import (DECODERS, IGNORE_INDEX, JointTransform, SegmentationDataset,
                                 build_segmentation_net, check_class_indices, confusion_matrix,
@@ -70,8 +71,6 @@ LEGACY_VALUES = {"decoder_epochs": 0, "encoder_lr_ratio": 1.0, "encoder_bn": "tr
 # the statistics of pretraining lost val mIoU with FCN and were level with U-Net, so by default
 # everything trains together; the flags keep the LP-FT schedule at hand.
 DEFAULT_DECODER_EPOCHS, DEFAULT_ENCODER_LR_RATIO, DEFAULT_ENCODER_BN = 0, 1.0, "train"
-DEFAULT_LR = {"adamw": 1e-3, "sgd": 0.01}
-DEFAULT_WEIGHT_DECAY = {"adamw": 1e-2, "sgd": 5e-4}
 OUTPUTS = ("checkpoint.pth", "best.pth", "metrics.json", "metrics.csv", "predictions.png")
 
 
@@ -127,16 +126,7 @@ def get_args_parser():
 
     opt = parser.add_argument_group("optimisation")
     opt.add_argument("--epochs", type=int, default=10, help="total epochs of the run")
-    opt.add_argument("--optimizer", choices=("adamw", "sgd"), default="adamw",
-                     help="AdamW, or SGD with momentum 0.9")
-    opt.add_argument("--lr", type=float, default=None,
-                     help="peak learning rate after warm-up, then cosine decay to 0 per step "
-                          "(default 1e-3 for adamw, 0.01 for sgd)")
-    opt.add_argument("--weight-decay", "--wd", dest="weight_decay", type=float, default=None,
-                     help="weight decay, not applied to BatchNorm and biases (default 1e-2 for "
-                          "adamw, 5e-4 for sgd)")
-    opt.add_argument("--warmup-epochs", type=float, default=1.0,
-                     help="epochs of linear learning-rate warm-up")
+    add_optimisation_args(opt, "segment")
     opt.add_argument("--decoder-epochs", type=int, default=None,
                      help="epochs the decoder trains alone on the fixed pretrained encoder "
                           "before the encoder joins at --encoder-lr-ratio (the LP-FT idea: "
@@ -171,12 +161,10 @@ def resolve_args(args):
     for name in ("train_list", "val_list", "test_list", "modelpath", "classes"):
         if getattr(args, name) is not None:
             setattr(args, name, os.path.abspath(getattr(args, name)))
-    args.lr = DEFAULT_LR[args.optimizer] if args.lr is None else args.lr
+    fill_optimisation_defaults(args, "segment")
     resolve_encoder_lr_ratio(args, DEFAULT_ENCODER_LR_RATIO)
     if args.decoder_epochs is None:
         args.decoder_epochs = 0 if args.baseline else DEFAULT_DECODER_EPOCHS
-    if args.weight_decay is None:
-        args.weight_decay = DEFAULT_WEIGHT_DECAY[args.optimizer]
     check_training_args(args)
     checks = [(args.batch_size >= 2,
                f"-bs {args.batch_size} must be at least 2 (BatchNorm needs two images)"),

@@ -290,7 +290,9 @@ def add_training_args(parser):
     group.add_argument("--print-freq", type=int, default=50, metavar="N",
                        help="without a terminal (a log file, a batch job): print a progress "
                             "line (epoch, step, loss, lr, images/s, ETA) every N steps; with "
-                            "one, the progress bar shows them")
+                            "one, the progress bar shows them. Not --log-every: that one is how "
+                            "often the device waits for the host (speed), this one how often "
+                            "a person reads a line")
     group.add_argument("--checkpoint-minutes", type=float, default=10.0,
                        help="also checkpoint mid-epoch every this many minutes (0: epoch ends "
                             "only)")

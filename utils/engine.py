@@ -79,7 +79,7 @@ class LoopSettings:
                    channels_last=args.channels_last,
                    compile=args.compile, sync_bn=args.sync_bn,
                    tensorboard_dir=tensorboard_dir if args.tensorboard else None,
-                   sync_debug=args.sync_debug, print_freq=getattr(args, "print_freq", 50))
+                   sync_debug=args.sync_debug, print_freq=args.print_freq)
 
     @property
     def total_steps(self):

@@ -11,6 +11,64 @@ from utils.lars import LARS
 LR_REFERENCE_BATCH = 256
 
 
+@dataclass(frozen=True)
+class OptimisationDefaults:
+    """A training script's optimisation defaults: peak learning rate and weight decay per
+    optimizer (the first optimizer is the default one), warm-up epochs, and what --lr means
+    in that script (for its help)."""
+    lr: dict
+    weight_decay: dict
+    warmup_epochs: float
+    lr_means: str
+
+
+# Every training script's flags --optimizer --lr --weight-decay --warmup-epochs and their
+# defaults (docs/defaults.md says how they were chosen).
+OPTIMISATION_DEFAULTS = {
+    "main": OptimisationDefaults(
+        {"sgd": 0.5, "adamw": 1e-3, "lars": 0.3}, {"sgd": 5e-4, "adamw": 1e-2, "lars": 1e-6},
+        1.0, "peak learning rate per 256 images, scaled by --lr-scaling to the global batch"),
+    "finetune": OptimisationDefaults(
+        {"sgd": 0.1, "adamw": 1e-3, "lars": 0.1}, {"sgd": 5e-4, "adamw": 1e-2, "lars": 1e-6},
+        0.0, "peak learning rate per 256 images, scaled linearly to the batch"),
+    "segment": OptimisationDefaults(
+        {"adamw": 1e-3, "sgd": 0.01}, {"adamw": 1e-2, "sgd": 5e-4},
+        1.0, "peak learning rate (not scaled to the batch)"),
+}
+OPTIMIZER_HELP = {"sgd": "SGD with momentum 0.9", "adamw": "AdamW",
+                  "lars": "LARS (the SimCLR paper's, for global batches of about 1024 and more)"}
+
+
+def add_optimisation_args(group, script):
+    """--optimizer, --lr, --weight-decay (--wd) and --warmup-epochs with `script`'s defaults
+    (OPTIMISATION_DEFAULTS; lr and weight decay None until fill_optimisation_defaults)."""
+    defaults = OPTIMISATION_DEFAULTS[script]
+    names = tuple(defaults.lr)
+
+    def per_optimizer(values):
+        return ", ".join(f"{values[name]:g} for {name}" for name in names)
+
+    group.add_argument("--optimizer", choices=names, default=names[0],
+                       help=", ".join(OPTIMIZER_HELP[name] for name in names))
+    group.add_argument("--lr", type=float, default=None,
+                       help=f"{defaults.lr_means}, then cosine decay to 0 (default "
+                            f"{per_optimizer(defaults.lr)})")
+    group.add_argument("--weight-decay", "--wd", dest="weight_decay", type=float, default=None,
+                       help=f"weight decay, not applied to BatchNorm and biases (default "
+                            f"{per_optimizer(defaults.weight_decay)})")
+    group.add_argument("--warmup-epochs", type=float, default=defaults.warmup_epochs,
+                       help="epochs of linear learning-rate warm-up before the cosine decay")
+
+
+def fill_optimisation_defaults(args, script):
+    """Set args.lr and args.weight_decay left None to `script`'s default for args.optimizer."""
+    defaults = OPTIMISATION_DEFAULTS[script]
+    if args.lr is None:
+        args.lr = defaults.lr[args.optimizer]
+    if args.weight_decay is None:
+        args.weight_decay = defaults.weight_decay[args.optimizer]
+
+
 def scaled_learning_rate(lr_per_256, global_batch_size, rule):
     """The peak learning rate for a global batch of B images, from a rate given per 256:
     linear: lr * B / 256;  sqrt: lr * sqrt(B / 256);  none: lr as given (SimCLR paper, B.1)."""
