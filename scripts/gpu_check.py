@@ -10,8 +10,9 @@ versions and each check's figures.
 Without a visible CUDA device it stops at once (exit status 2) unless given --device cpu.
 
 Checks, most valuable first (each runs the scripts through their real command lines):
-    main        main.py -c, the default path, for 1 epoch and then resumed to 2: finite
-                losses, plain checkpoint keys, the amp mode in run.json
+    main        main.py -c, the default path (on CUDA the views made on the device, as
+                main.py chooses), for 1 epoch and then resumed to 2: finite losses, plain
+                checkpoint keys, the amp mode and the input path in run.json
     kill        main.py killed (SIGKILL) after its first epoch's checkpoint, resumed to the end
     ddp         the multi-process path: N processes, global BatchNorm, one writer. N > 1 GPUs:
                 --multiple_gpus and torchrun --nproc_per_node=N, NCCL. 1 GPU: --multiple_gpus
@@ -21,8 +22,9 @@ Checks, most valuable first (each runs the scripts through their real command li
                 gloo processes
     sync        main.py --sync-debug with CPU workers, --gpu-aug and --gpu-decode, gray and RGB,
                 and the other presets in workers: no host-GPU synchronisation inside a step
-    speed       main.py --gpu-aug, --gpu-decode, --amp fp16 and --compile, each for 1 epoch and
-                then resumed to 2 (on the CPU --gpu-aug and --gpu-decode)
+    speed       main.py --cpu-aug (views in CPU workers), --gpu-decode, --amp fp16 and
+                --compile, each for 1 epoch and then resumed to 2 (on the CPU, where the
+                workers are the default: --gpu-aug and --gpu-decode)
     scripts     linear_evaluation.py, finetune.py, segment.py and embed.py once each
     cuda_tests  pytest tests/test_cuda.py: -c headline commands, bf16/fp16 dtypes, fp16 resume
                 with its scaler, --gpu-aug determinism on the device
@@ -87,7 +89,7 @@ CHECKS = (
     Check("kill", 90, 120, "main.py SIGKILLed after its first checkpoint, resumed"),
     Check("ddp", 120, 120, "--multiple_gpus and torchrun: processes, global BatchNorm"),
     Check("sync", 120, None, "--sync-debug: no host-GPU sync inside a step, 10 runs"),
-    Check("speed", 180, 120, "--gpu-aug, --gpu-decode, fp16, --compile, each resumed"),
+    Check("speed", 180, 120, "--cpu-aug, --gpu-decode, fp16, --compile, each resumed"),
     Check("scripts", 90, 150, "linear_evaluation, finetune, segment, embed"),
     Check("cuda_tests", 120, None, "pytest tests/test_cuda.py"),
     Check("bench", 90, 90, "bench.py --quick on the device"),
@@ -95,9 +97,11 @@ CHECKS = (
 CHECK_NAMES = tuple(c.name for c in CHECKS)
 WANTED_IMAGES = {"cuda": 2048, "cpu": 48}  # training images at most; test: a quarter
 KILL_EPOCHS = 12  # epochs of the kill check's run (killed after the first)
-SPEED_PATHS = {"compile": ["--compile"], "fp16": ["--amp", "fp16"], "gpu-aug": ["--gpu-aug"],
-               "gpu-decode": ["--gpu-decode"]}  # the longest first: it starts first
-CPU_SPEED_PATHS = ("gpu-aug", "gpu-decode")  # no fp16 autocast on the CPU; compile: bench.py's
+SPEED_PATHS = {  # main.py's paths other than its default, the longest first (it starts first)
+    "cuda": {"compile": ["--compile"], "fp16": ["--amp", "fp16"], "cpu-aug": ["--cpu-aug"],
+             "gpu-decode": ["--gpu-decode"]},
+    "cpu": {"gpu-aug": ["--gpu-aug"], "gpu-decode": ["--gpu-decode"]}}  # no fp16 autocast on
+# the CPU, and compiling there is bench.py's to time
 SKIPPED_BUDGET = "skipped (budget)"
 
 
@@ -235,7 +239,9 @@ def epoch_and_resume(setup, name, flags):
     if "scaler" in ckpt and (ckpt["scaler"] is not None) != (amp == "fp16"):
         raise CheckFailed(f"{name}: loss scaler state {ckpt['scaler'] is not None} with amp "
                           f"{amp}")
-    return f"{name} (amp {amp}) loss {loss:.3f} {info.get('images_per_s')} img/s"
+    views = info["augmentation"].get("path", info["augmentation"]["on"]).split(" (")[0]
+    return (f"{name} (amp {amp}, views made {views}) loss {loss:.3f} "
+            f"{info.get('images_per_s')} img/s")
 
 
 def check_main(setup):
@@ -245,8 +251,8 @@ def check_main(setup):
 
 def check_speed(setup):
     """The other speed paths of main.py, each resumed, side by side."""
-    names = [n for n in SPEED_PATHS if setup.device == "cuda" or n in CPU_SPEED_PATHS]
-    figures = side_by_side(setup, lambda n: epoch_and_resume(setup, n, SPEED_PATHS[n]), names)
+    paths = SPEED_PATHS[setup.device]
+    figures = side_by_side(setup, lambda n: epoch_and_resume(setup, n, paths[n]), list(paths))
     together = f" ({setup.width} at a time: img/s shared)" if setup.width > 1 else ""
     return "; ".join(figures) + together
 
@@ -333,7 +339,7 @@ def ddp_run(setup, name, n, how):
 def check_sync(setup):
     """--sync-debug over the real loop: zero synchronisations inside the audited steps."""
     runs = [(data, name, flags) for data in ("gray", "rgb")
-            for name, flags in (("workers", []), ("gpu-aug", ["--gpu-aug"]),
+            for name, flags in (("workers", ["--cpu-aug"]), ("gpu-aug", ["--gpu-aug"]),
                                 ("gpu-decode", ["--gpu-decode"]))]
     runs += [("gray", f"workers --aug {aug}", ["--aug", aug])
              for aug in ("natural", "novel", "simple", "greyscale")]
