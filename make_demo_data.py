@@ -61,10 +61,11 @@ def load_digits_upscaled():
 
 
 def balanced_subset(labels, per_class, seed):
-    """Indices of up to `per_class` items of each label, chosen reproducibly, sorted."""
+    """Indices of up to `per_class` items of each label, chosen reproducibly, sorted (none
+    for no labels: the digits fallback leaves no training images over for the val split)."""
     rng = np.random.default_rng(seed)
     chosen = [rng.permutation(np.flatnonzero(labels == c))[:per_class] for c in np.unique(labels)]
-    return np.sort(np.concatenate(chosen))
+    return np.sort(np.concatenate(chosen)) if chosen else np.zeros(0, dtype=np.int64)
 
 
 def write_image_folder(images, labels, class_names, folder):

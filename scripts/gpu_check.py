@@ -1,27 +1,47 @@
-"""Every CUDA path of the toolkit in a few minutes on one GPU machine: one pass/fail line per
-check and a JSON with the device, the versions and each check's figures.
+"""Every CUDA path of the toolkit within 8 minutes on one GPU machine: one pass/fail line per
+check, a summary of what passed, failed and was skipped, and a JSON with the device, the
+versions and each check's figures.
 
-    python scripts/gpu_check.py                          # on a GPU machine: every check
-    python scripts/gpu_check.py --only main kill ddp     # some checks (names: --list)
+    python scripts/gpu_check.py                          # on a GPU machine: the checks in order
+    python scripts/gpu_check.py --budget 300             # 5 minutes: the last checks skip
+    python scripts/gpu_check.py --only main kill ddp     # some checks (names, budgets: --list)
     python scripts/gpu_check.py --device cpu --data DIR  # the CPU-runnable checks (CI runs some)
 
-Checks (each runs the scripts through their real command lines, on the demo data or --data):
-    cuda_tests    pytest tests/test_cuda.py: -c headline commands, bf16/fp16 dtypes, fp16 resume
-                  with its scaler, --gpu-aug determinism on the device
-    sync          main.py --sync-debug with CPU workers, --gpu-aug and --gpu-decode, gray and RGB,
-                  and the other presets in workers: no host-GPU synchronisation inside a step
-    main          main.py for 1 epoch with the default precision, --gpu-aug, --gpu-decode,
-                  --amp fp16 and --compile, each then resumed to 2 epochs: finite losses, plain
-                  checkpoint keys, the amp mode in run.json
-    kill          main.py killed (SIGKILL) inside its second epoch, then resumed to the end
-    ddp           --multiple_gpus and torchrun --nproc_per_node=N on all visible GPUs (N = 1
-                  still runs DDP, NCCL on CUDA): N processes, SyncBatchNorm for N > 1, one writer
-    scripts       linear_evaluation.py, finetune.py, segment.py and embed.py once each
-    bench         bench.py --quick on the device
-Needs no network: demo_data/ is made by make_demo_data.py (Debian's Fashion-MNIST, else
-scikit-learn's digits) when absent. Exit status 1 when a check fails.
+Without a visible CUDA device it stops at once (exit status 2) unless given --device cpu.
+
+Checks, most valuable first (each runs the scripts through their real command lines):
+    main        main.py -c, the default path (on CUDA the views made on the device, as
+                main.py chooses), for 1 epoch and then resumed to 2: finite losses, plain
+                checkpoint keys, the amp mode and the input path in run.json
+    kill        main.py killed (SIGKILL) after its first epoch's checkpoint, resumed to the end
+    ddp         the multi-process path: N processes, global BatchNorm, one writer. N > 1 GPUs:
+                --multiple_gpus and torchrun --nproc_per_node=N, NCCL. 1 GPU: --multiple_gpus
+                runs one process (no DDP, and the line says so), and torchrun
+                --nproc_per_node=2 runs 2 processes sharing the GPU through gloo on CUDA
+                tensors (SIMCLR_TOOLKIT_SHARE_GPUS=1, utils/distributed.py). CPU: torchrun, 2
+                gloo processes
+    sync        main.py --sync-debug with CPU workers, --gpu-aug and --gpu-decode, gray and RGB,
+                and the other presets in workers: no host-GPU synchronisation inside a step
+    speed       main.py --cpu-aug (views in CPU workers), --gpu-decode, --amp fp16 and
+                --compile, each for 1 epoch and then resumed to 2 (on the CPU, where the
+                workers are the default: --gpu-aug and --gpu-decode)
+    scripts     linear_evaluation.py, finetune.py, segment.py and embed.py once each
+    cuda_tests  pytest tests/test_cuda.py: -c headline commands, bf16/fp16 dtypes, fp16 resume
+                with its scaler, --gpu-aug determinism on the device
+    bench       bench.py --quick on the device
+Time: every check has a budget in seconds (--list shows them, on one GPU and on the CPU).
+--budget S (default 480) is the whole run's: a check starts only while at least its own
+budget is left, else it is reported "skipped (budget)"; a command still running at the end of
+its check's budget is stopped and the check fails, saying so. The runs of one check that do
+not depend on each other go side by side where there are cores for them (one per 4 cores).
+Data: at most 2,048 training images (48 with --device cpu) of the demo data or --data, fewer
+where it has fewer, and a quarter as many test images, spread over its files; the same again
+as tinted RGB JPEGs. Needs no network: demo_data/ is made by make_demo_data.py (Debian's
+Fashion-MNIST, else scikit-learn's digits) when absent. Exit status 1 when a check fails, 2
+for bad input (no CUDA without --device cpu, --data without train/).
 """
 import argparse
+import contextlib
 import datetime
 import json
 import os
@@ -32,6 +52,7 @@ import sys
 import tempfile
 import time
 import traceback
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -41,10 +62,47 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 from PIL import Image  # noqa: E402
 
-from utils.cli import environment_info  # noqa: E402
+from utils.cli import environment_info, run_main  # noqa: E402
+from utils.data import is_image_file  # noqa: E402
+from utils.distributed import SHARE_GPUS_ENV  # noqa: E402
+from utils.errors import UserError  # noqa: E402
 from utils.fileio import json_dump  # noqa: E402
 
-CHECKS = ("cuda_tests", "sync", "main", "kill", "ddp", "scripts", "bench")
+
+@dataclass(frozen=True)
+class Check:
+    """One check: its name, its budget in seconds on one GPU and on the CPU (None: it needs
+    CUDA and is skipped on the CPU), and what it runs."""
+    name: str
+    cuda_s: int
+    cpu_s: int | None
+    what: str
+
+    def budget(self, device):
+        """Seconds this check may take on `device` ('cuda' or 'cpu'); 0 where it does not
+        run."""
+        return self.cuda_s if device == "cuda" else (self.cpu_s or 0)
+
+
+CHECKS = (
+    Check("main", 75, 90, "main.py -c default path, 1 epoch, resumed to 2"),
+    Check("kill", 90, 120, "main.py SIGKILLed after its first checkpoint, resumed"),
+    Check("ddp", 120, 120, "--multiple_gpus and torchrun: processes, global BatchNorm"),
+    Check("sync", 120, None, "--sync-debug: no host-GPU sync inside a step, 10 runs"),
+    Check("speed", 180, 120, "--cpu-aug, --gpu-decode, fp16, --compile, each resumed"),
+    Check("scripts", 90, 150, "linear_evaluation, finetune, segment, embed"),
+    Check("cuda_tests", 120, None, "pytest tests/test_cuda.py"),
+    Check("bench", 90, 90, "bench.py --quick on the device"),
+)
+CHECK_NAMES = tuple(c.name for c in CHECKS)
+WANTED_IMAGES = {"cuda": 2048, "cpu": 48}  # training images at most; test: a quarter
+KILL_EPOCHS = 12  # epochs of the kill check's run (killed after the first)
+SPEED_PATHS = {  # main.py's paths other than its default, the longest first (it starts first)
+    "cuda": {"compile": ["--compile"], "fp16": ["--amp", "fp16"], "cpu-aug": ["--cpu-aug"],
+             "gpu-decode": ["--gpu-decode"]},
+    "cpu": {"gpu-aug": ["--gpu-aug"], "gpu-decode": ["--gpu-decode"]}}  # no fp16 autocast on
+# the CPU, and compiling there is bench.py's to time
+SKIPPED_BUDGET = "skipped (budget)"
 
 
 class CheckFailed(Exception):
@@ -53,42 +111,101 @@ class CheckFailed(Exception):
 
 @dataclass
 class Setup:
-    """What every check needs: device ('cuda' or 'cpu'), the data folders, the scratch folder
-    and main.py's sizing flags for this device."""
+    """What every check needs: device ('cuda' or 'cpu'), the data folders (gray copies and
+    RGB JPEGs), the scratch folder, main.py's sizing flags for this device, the GPU count,
+    how many runs may go side by side, and the running check's budget and deadline
+    (time.monotonic())."""
     device: str
     data: str
     rgb_data: str
     work: str
     sizing: list
     gpus: int
+    width: int
+    budget: int = 0
+    deadline: float = float("inf")
 
     @property
     def device_flags(self):
         return ["-c"] if self.device == "cuda" else []
 
+    def seconds_left(self):
+        """Seconds left of the running check's budget; CheckFailed when none are."""
+        left = self.deadline - time.monotonic()
+        if left <= 0:
+            raise CheckFailed(f"ran past its budget of {self.budget} s")
+        return left
 
-def run(setup, script, *args, launcher=None, timeout=600):
-    """Run a repository script (or `launcher` + script); CheckFailed with the end of its
-    stderr when it fails. Returns its stdout."""
+
+def call(setup, command, env=None):
+    """Run `command` from the repository root in its own process group, within the running
+    check's budget: (exit status, stdout, stderr). At the end of the budget the whole group is
+    stopped and CheckFailed says so."""
+    timeout = setup.seconds_left()
+    proc = subprocess.Popen(command, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True, start_new_session=True,
+                            env={**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})})
+    try:
+        out, err = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        stop(proc)
+        script = next((os.path.basename(c) for c in command if c.endswith(".py")), command[0])
+        raise CheckFailed(f"ran past its budget of {setup.budget} s: {script} stopped") \
+            from None
+    except BaseException:
+        stop(proc)
+        raise
+    return proc.returncode, out, err
+
+
+def stop(proc):
+    """End `proc` and its process group: SIGTERM first (torchrun then stops its workers, which
+    run in sessions of their own), SIGKILL 5 s later."""
+    for sig in (signal.SIGTERM, signal.SIGKILL):
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, sig)
+        try:
+            proc.wait(timeout=5)
+            return
+        except subprocess.TimeoutExpired:
+            continue
+
+
+def run(setup, script, *args, launcher=None, env=None):
+    """Run a repository script (or `launcher` + script) within the check's budget; returns its
+    stdout, or raises CheckFailed with the end of its stderr when it fails."""
     command = [sys.executable, *(launcher or []), os.path.join(REPO, script), *map(str, args)]
-    result = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=timeout,
-                            env={**os.environ, "PYTHONUNBUFFERED": "1"})
-    if result.returncode != 0:
-        tail = " | ".join(result.stderr.strip().splitlines()[-3:])
-        raise CheckFailed(f"{script} {' '.join(map(str, args))} exited {result.returncode}: "
-                          f"{tail}")
-    return result.stdout
+    status, out, err = call(setup, command, env)
+    if status != 0:
+        tail = " | ".join(err.strip().splitlines()[-3:])
+        raise CheckFailed(f"{script} {' '.join(map(str, args))} exited {status}: {tail}")
+    return out
+
+
+def side_by_side(setup, fn, jobs):
+    """[fn(job) for job in jobs], setup.width of them at a time (each job runs processes of
+    its own); the first CheckFailed stops the jobs not yet started."""
+    pool = ThreadPoolExecutor(max_workers=setup.width)
+    try:
+        return list(pool.map(fn, jobs))
+    finally:
+        pool.shutdown(cancel_futures=True)
+
+
+def read_run(respath):
+    """(run.json, checkpoint) of the main.py run in `respath`."""
+    with open(os.path.join(respath, "run.json")) as f:
+        info = json.load(f)
+    ckpt = torch.load(os.path.join(respath, "model", "checkpoint.pth"), map_location="cpu",
+                      weights_only=True)
+    return info, ckpt
 
 
 def pretrain(setup, respath, *flags, epochs=1, data=None):
     """main.py on the check data for `epochs`; returns (stdout, run.json, checkpoint)."""
     out = run(setup, "main.py", data or setup.data, respath, "--epochs", epochs, *setup.sizing,
               *setup.device_flags, *flags)
-    with open(os.path.join(respath, "run.json")) as f:
-        info = json.load(f)
-    ckpt = torch.load(os.path.join(respath, "model", "checkpoint.pth"), map_location="cpu",
-                      weights_only=True)
-    return out, info, ckpt
+    return (out, *read_run(respath))
 
 
 def check_run_outputs(info, ckpt, epochs, what):
@@ -106,193 +223,339 @@ def check_run_outputs(info, ckpt, epochs, what):
     return float(losses[-info["steps_per_epoch"]:].mean())
 
 
-def check_cuda_tests(setup):
-    if setup.device != "cuda":
-        return "skipped: needs CUDA"
-    result = subprocess.run([sys.executable, "-m", "pytest", "-q", "-rs", "tests/test_cuda.py"],
-                            cwd=REPO, capture_output=True, text=True, timeout=600)
-    summary = (result.stdout.strip().splitlines() or ["no output"])[-1]
-    if result.returncode != 0 or "skipped" in summary:
-        raise CheckFailed(f"tests/test_cuda.py: {summary}")
-    return summary
+def epoch_and_resume(setup, name, flags):
+    """main.py with `flags` for 1 epoch, then resumed to 2: every step's loss finite, plain
+    keys, the amp mode and loss scaler the flags ask for. Returns its figures."""
+    respath = os.path.join(setup.work, "main", name)
+    data = setup.rgb_data if "--gpu-decode" in flags else setup.data
+    pretrain(setup, respath, *flags, data=data)
+    out, info, ckpt = pretrain(setup, respath, *flags, epochs=2, data=data)
+    if "resuming" not in out:
+        raise CheckFailed(f"{name}: the second run did not resume")
+    loss = check_run_outputs(info, ckpt, 2, name)
+    amp = info["speed"]["amp"]
+    if "fp16" in flags and amp != "fp16":
+        raise CheckFailed(f"{name}: run.json says amp {amp}")
+    if "scaler" in ckpt and (ckpt["scaler"] is not None) != (amp == "fp16"):
+        raise CheckFailed(f"{name}: loss scaler state {ckpt['scaler'] is not None} with amp "
+                          f"{amp}")
+    views = info["augmentation"].get("path", info["augmentation"]["on"]).split(" (")[0]
+    return (f"{name} (amp {amp}, views made {views}) loss {loss:.3f} "
+            f"{info.get('images_per_s')} img/s")
+
+
+def check_main(setup):
+    """main.py's default path (what `python main.py DATA OUT -c` runs), resumed."""
+    return epoch_and_resume(setup, "default", [])
+
+
+def check_speed(setup):
+    """The other speed paths of main.py, each resumed, side by side."""
+    paths = SPEED_PATHS[setup.device]
+    figures = side_by_side(setup, lambda n: epoch_and_resume(setup, n, paths[n]), list(paths))
+    together = f" ({setup.width} at a time: img/s shared)" if setup.width > 1 else ""
+    return "; ".join(figures) + together
+
+
+def check_kill(setup):
+    """SIGKILL of main.py and its workers after the first epoch's checkpoint, then resume."""
+    respath = os.path.join(setup.work, "kill")
+    checkpoint = os.path.join(respath, "model", "checkpoint.pth")
+    command = [sys.executable, os.path.join(REPO, "main.py"), setup.data, respath, "--epochs",
+               str(KILL_EPOCHS), *setup.sizing, *setup.device_flags]
+    log = os.path.join(setup.work, "kill_stderr.txt")
+    with open(log, "w") as stderr:
+        proc = subprocess.Popen(command, cwd=REPO, stdout=subprocess.DEVNULL, stderr=stderr,
+                                start_new_session=True)
+        try:
+            wait_for_checkpoint(setup, proc, checkpoint, log)
+            time.sleep(0.3)  # into the second epoch
+            if proc.poll() is not None:
+                raise CheckFailed("main.py finished before it could be killed")
+        finally:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+    killed_at = torch.load(checkpoint, map_location="cpu", weights_only=True)["step"]
+    out, info, ckpt = pretrain(setup, respath, epochs=KILL_EPOCHS)
+    if "resuming" not in out:
+        raise CheckFailed("the run after SIGKILL did not resume")
+    check_run_outputs(info, ckpt, KILL_EPOCHS, "resumed after SIGKILL")
+    return f"killed with the checkpoint at step {killed_at}, resumed to step {ckpt['step']}"
+
+
+def wait_for_checkpoint(setup, proc, checkpoint, log):
+    """Return once `checkpoint` exists; CheckFailed if `proc` exits first or the budget ends."""
+    while not os.path.exists(checkpoint):
+        if proc.poll() is not None:
+            with open(log) as f:
+                tail = " | ".join(f.read().strip().splitlines()[-3:])
+            raise CheckFailed(f"main.py exited {proc.returncode} before its first "
+                              f"checkpoint: {tail}")
+        setup.seconds_left()
+        time.sleep(0.2)
+
+
+def check_ddp(setup):
+    """The multi-process path of main.py with as many processes as the machine allows."""
+    if setup.device == "cpu":
+        launches = [("torchrun", 2, "gloo on the CPU")]
+    elif setup.gpus == 1:
+        launches = [("--multiple_gpus", 1, "one GPU"),
+                    ("torchrun", 2, "2 processes sharing 1 GPU, gloo on CUDA tensors")]
+    else:
+        launches = [(name, setup.gpus, "NCCL") for name in ("--multiple_gpus", "torchrun")]
+    return "; ".join(side_by_side(setup, lambda launch: ddp_run(setup, *launch), launches))
+
+
+def ddp_run(setup, name, n, how):
+    """main.py for 1 epoch launched by `name` ('torchrun' or '--multiple_gpus') as `n`
+    processes: their count, global BatchNorm for n > 1, the device, one 'done:' line."""
+    respath = os.path.join(setup.work, "ddp", name.strip("-"))
+    launcher = (["-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={n}"]
+                if name == "torchrun" else None)
+    flags = ["--multiple_gpus"] if launcher is None else []
+    shared = setup.device == "cuda" and n > setup.gpus
+    out = run(setup, "main.py", setup.data, respath, "--epochs", 1, *setup.sizing,
+              *setup.device_flags, *flags, launcher=launcher,
+              env={SHARE_GPUS_ENV: "1"} if shared else None)
+    info, ckpt = read_run(respath)
+    check_run_outputs(info, ckpt, 1, name)
+    if info["processes"] != n:
+        raise CheckFailed(f"{name}: {info['processes']} processes, expected {n}")
+    if n > 1 and not info["sync_bn"]:
+        raise CheckFailed(f"{name}: no global BatchNorm with {n} processes")
+    if not info["environment"]["device"].startswith(setup.device):
+        raise CheckFailed(f"{name}: ran on {info['environment']['device']}")
+    done = [line for line in out.splitlines() if line.startswith("done:")]
+    if len(done) != 1:
+        raise CheckFailed(f"{name}: {len(done)} 'done:' lines (one writer expected)")
+    if n == 1:
+        return f"1 GPU: {name} runs one process; DDP not exercised by NCCL"
+    return (f"{name}: {n} process(es) ({how}), DDP, global BatchNorm {info['sync_bn']}, "
+            f"{info.get('images_per_s')} img/s")
 
 
 def check_sync(setup):
     """--sync-debug over the real loop: zero synchronisations inside the audited steps."""
-    if setup.device != "cuda":
-        return "skipped: needs CUDA"
     runs = [(data, name, flags) for data in ("gray", "rgb")
-            for name, flags in (("workers", []), ("gpu-aug", ["--gpu-aug"]),
+            for name, flags in (("workers", ["--cpu-aug"]), ("gpu-aug", ["--gpu-aug"]),
                                 ("gpu-decode", ["--gpu-decode"]))]
     runs += [("gray", f"workers --aug {aug}", ["--aug", aug])
              for aug in ("natural", "novel", "simple", "greyscale")]
-    found = []
-    for data, name, flags in runs:
-        folder = setup.data if data == "gray" else setup.rgb_data
-        respath = os.path.join(setup.work, "sync", f"{data}-{name}".replace(" ", "_"))
-        out, _, _ = pretrain(setup, respath, "--sync-debug", *flags, data=folder)
-        summary = [line for line in out.splitlines() if line.startswith("sync-debug:")]
-        if not summary:
-            raise CheckFailed(f"{data} {name}: no sync-debug summary printed")
-        count = int(summary[0].split()[1])
-        if count:
-            places = [line.strip() for line in out.splitlines() if line.startswith("  ")][:3]
-            found.append(f"{data} {name}: {count} ({'; '.join(places)})")
+    found = [f for f in side_by_side(setup, lambda r: sync_audit(setup, *r), runs) if f]
     if found:
         raise CheckFailed("synchronisations inside steps: " + " | ".join(found))
     return f"0 synchronisations in {len(runs)} runs"
 
 
-def check_main(setup):
-    """1 epoch then a resume to 2, per speed configuration."""
-    configs = {"default": [], "gpu-aug": ["--gpu-aug"], "gpu-decode": ["--gpu-decode"],
-               "fp16": ["--amp", "fp16"], "compile": ["--compile"]}
-    if setup.device == "cpu":  # no fp16 autocast on the CPU; compile is bench.py's to time
-        configs = {k: v for k, v in configs.items() if k in ("default", "gpu-aug",
-                                                             "gpu-decode")}
-    expected_amp = {"fp16": "fp16"}
-    figures = []
-    for name, flags in configs.items():
-        respath = os.path.join(setup.work, "main", name)
-        data = setup.rgb_data if name == "gpu-decode" else setup.data
-        _, info, _ = pretrain(setup, respath, *flags, data=data)
-        out, info, ckpt = pretrain(setup, respath, *flags, epochs=2, data=data)
-        if "resuming" not in out:
-            raise CheckFailed(f"{name}: the second run did not resume")
-        loss = check_run_outputs(info, ckpt, 2, name)
-        amp = info["speed"]["amp"]
-        if name in expected_amp and amp != expected_amp[name]:
-            raise CheckFailed(f"{name}: run.json says amp {amp}")
-        if "scaler" in ckpt and (ckpt["scaler"] is not None) != (amp == "fp16"):
-            raise CheckFailed(f"{name}: loss scaler state {ckpt['scaler'] is not None} with amp "
-                              f"{amp}")
-        figures.append(f"{name} (amp {amp}) loss {loss:.3f} {info.get('images_per_s')} img/s")
-    return "; ".join(figures)
-
-
-def check_kill(setup):
-    """SIGKILL inside the second epoch (after the first epoch's checkpoint), then resume."""
-    respath = os.path.join(setup.work, "kill")
-    checkpoint = os.path.join(respath, "model", "checkpoint.pth")
-    command = [sys.executable, os.path.join(REPO, "main.py"), setup.data, respath, "--epochs",
-               "4", *setup.sizing, *setup.device_flags]
-    proc = subprocess.Popen(command, cwd=REPO, stdout=subprocess.DEVNULL,
-                            stderr=subprocess.PIPE, text=True)
-    deadline = time.monotonic() + 300
-    try:
-        while not os.path.exists(checkpoint):
-            if proc.poll() is not None or time.monotonic() > deadline:
-                raise CheckFailed(f"no checkpoint before exit {proc.returncode}: "
-                                  f"{proc.stderr.read()[-300:]}")
-            time.sleep(0.2)
-        time.sleep(0.3)  # into the second epoch
-        if proc.poll() is not None:
-            raise CheckFailed("main.py finished before it could be killed: use more --samples")
-        proc.send_signal(signal.SIGKILL)
-        proc.wait()
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-    killed_at = torch.load(checkpoint, map_location="cpu", weights_only=True)["step"]
-    out, info, ckpt = pretrain(setup, respath, epochs=4)
-    check_run_outputs(info, ckpt, 4, "resumed after SIGKILL")
-    return f"killed with the checkpoint at step {killed_at}, resumed to step {ckpt['step']}"
-
-
-def check_ddp(setup):
-    """--multiple_gpus (CUDA) and torchrun on every GPU (2 gloo processes on the CPU)."""
-    n = setup.gpus if setup.device == "cuda" else 2
-    launches = {"torchrun": ["-m", "torch.distributed.run", "--standalone",
-                             f"--nproc_per_node={n}"]}
-    if setup.device == "cuda":
-        launches["--multiple_gpus"] = None
-    figures = []
-    for name, launcher in launches.items():
-        respath = os.path.join(setup.work, "ddp", name.strip("-"))
-        flags = ["--multiple_gpus"] if launcher is None else []
-        out = run(setup, "main.py", setup.data, respath, "--epochs", 1, *setup.sizing,
-                  *setup.device_flags, *flags, launcher=launcher)
-        with open(os.path.join(respath, "run.json")) as f:
-            info = json.load(f)
-        ckpt = torch.load(os.path.join(respath, "model", "checkpoint.pth"), map_location="cpu",
-                          weights_only=True)
-        check_run_outputs(info, ckpt, 1, name)
-        if info["processes"] != n:
-            raise CheckFailed(f"{name}: {info['processes']} processes, expected {n}")
-        if n > 1 and not info["sync_bn"]:
-            raise CheckFailed(f"{name}: no SyncBatchNorm with {n} processes")
-        done = [line for line in out.splitlines() if line.startswith("done:")]
-        if len(done) != 1:
-            raise CheckFailed(f"{name}: {len(done)} 'done:' lines (one writer expected)")
-        figures.append(f"{name}: {n} process(es), {info['launcher']}, sync_bn "
-                       f"{info['sync_bn']}, {info.get('images_per_s')} img/s")
-    return "; ".join(figures)
+def sync_audit(setup, data, name, flags):
+    """One main.py --sync-debug run: '' without synchronisations, else where they were."""
+    folder = setup.data if data == "gray" else setup.rgb_data
+    respath = os.path.join(setup.work, "sync", f"{data}-{name}".replace(" ", "_"))
+    out, _, _ = pretrain(setup, respath, "--sync-debug", *flags, data=folder)
+    summary = [line for line in out.splitlines() if line.startswith("sync-debug:")]
+    if not summary:
+        raise CheckFailed(f"{data} {name}: no sync-debug summary printed")
+    count = int(summary[0].split()[1])
+    if not count:
+        return ""
+    places = [line.strip() for line in out.splitlines() if line.startswith("  ")][:3]
+    return f"{data} {name}: {count} ({'; '.join(places)})"
 
 
 def check_scripts(setup):
-    """The evaluation and feature scripts once each on a 1-epoch model."""
+    """The evaluation and feature scripts once each on a 1-epoch model, side by side."""
     respath = os.path.join(setup.work, "scripts", "pretrain")
     pretrain(setup, respath)
     model = os.path.join(respath, "model", "model.pth")
     bs = setup.sizing[setup.sizing.index("-bs") + 1]
     small = ["-bs", bs, "-nw", "0", *setup.device_flags]
     out = os.path.join(setup.work, "scripts")
-    run(setup, "linear_evaluation.py", setup.data, model, os.path.join(out, "le"), *small)
+    jobs = {"linear_evaluation.py": [setup.data, model, os.path.join(out, "le"), *small],
+            "finetune.py": [setup.data, model, os.path.join(out, "ft"), "--epochs", 1, *small],
+            "embed.py": [setup.data, model, os.path.join(out, "emb", "feats"), *small],
+            "segment.py": [os.path.join(setup.work, "seg_data", "segmentation", "train.txt"),
+                           model, os.path.join(out, "seg"), "--epochs", 1, *small]}
+    side_by_side(setup, lambda script: script_run(setup, script, jobs[script]), list(jobs))
     with open(os.path.join(out, "le", "report.json")) as f:
         accuracy = json.load(f)["accuracy"]
-    run(setup, "finetune.py", setup.data, model, os.path.join(out, "ft"), "--epochs", 1,
-        *small)
-    run(setup, "embed.py", setup.data, model, os.path.join(out, "emb", "feats"), *small)
     features = np.load(os.path.join(out, "emb", "feats.npy"))
-    seg = os.path.join(setup.work, "seg_data")
-    run(setup, "make_demo_data.py", seg, "--segmentation", "--seg-per-class", 4, 2, 3)
-    run(setup, "segment.py", os.path.join(seg, "segmentation", "train.txt"), model,
-        os.path.join(out, "seg"), "--epochs", 1, *small)
     return f"linear probe accuracy {100 * accuracy:.1f} %, embeddings {features.shape}"
 
 
+def script_run(setup, script, args):
+    """One evaluation script run; segment.py after writing its small data set."""
+    if script == "segment.py":
+        run(setup, "make_demo_data.py", os.path.join(setup.work, "seg_data"), "--segmentation",
+            "--seg-per-class", 4, 2, 3)
+    return run(setup, script, *args)
+
+
+def check_cuda_tests(setup):
+    """tests/test_cuda.py, none of it skipped."""
+    status, out, _ = call(setup, [sys.executable, "-m", "pytest", "-q", "-rs", "-p",
+                                  "no:cacheprovider", "tests/test_cuda.py"])
+    summary = (out.strip().splitlines() or ["no output"])[-1]
+    if status != 0 or "skipped" in summary:
+        raise CheckFailed(f"tests/test_cuda.py: {summary}")
+    return summary
+
+
 def check_bench(setup):
+    """bench.py --quick on the device: it runs and writes its target rows."""
     path = os.path.join(setup.work, "bench_quick.json")
     run(setup, "bench.py", "--quick", "--device", setup.device, "--json", path)
     with open(path) as f:
         return f"{len(json.load(f)['runs'][-1].get('targets', []))} target rows, {path}"
 
 
-def write_rgb_jpegs(source, target, limit):
-    """Up to `limit` train and limit // 4 test images of the ImageFolder `source` as tinted RGB
-    JPEGs (channels differ) under `target`: the colour data of the checks."""
+def image_names(root):
+    """The image files under `root`, relative to it, sorted (none when it is absent)."""
+    return sorted(os.path.relpath(os.path.join(d, f), root) for d, _, files in os.walk(root)
+                  for f in files if is_image_file(f))
+
+
+def spread(names, n):
+    """At most `n` of `names`, evenly spaced over the list (so over its class folders)."""
+    if len(names) <= n:
+        return names
+    return [names[i * len(names) // n] for i in range(n)]
+
+
+def copy_subset(source, target, limit, rgb):
+    """Up to `limit` train and limit // 4 test images of the ImageFolder `source` under
+    `target`, spread over its files: linked (else copied) as they are, or with `rgb` written
+    as tinted RGB JPEGs (channels differ). Returns the number of train images."""
+    counts = {}
     for split, n in (("train", limit), ("test", max(limit // 4, 1))):
-        root = os.path.join(source, split)
-        names = sorted((os.path.relpath(os.path.join(d, f), root) for d, _, files in
-                        os.walk(root) for f in files))[:n]
+        names = spread(image_names(os.path.join(source, split)), n)
         for name in names:
-            gray = np.asarray(Image.open(os.path.join(root, name)).convert("L"))
-            rgb = np.stack([gray, 255 - gray, gray // 2], axis=-1)
-            path = os.path.join(target, split, os.path.splitext(name)[0] + ".jpg")
-            os.makedirs(os.path.dirname(path), exist_ok=True)
-            Image.fromarray(rgb).save(path, quality=90)
-    return target
+            copy_image(os.path.join(source, split, name), os.path.join(target, split, name),
+                       rgb)
+        counts[split] = len(names)
+    return counts["train"]
 
 
-def build_setup(args):
-    device = "cuda" if args.device == "cuda" or (args.device == "auto" and
-                                                 torch.cuda.is_available()) else "cpu"
-    work = args.workdir or tempfile.mkdtemp(prefix="gpu_check_")
-    data = args.data
-    if data is None:
-        data = os.path.join(REPO, "demo_data")
-        if not os.path.isdir(os.path.join(data, "train")):
-            subprocess.run([sys.executable, os.path.join(REPO, "make_demo_data.py"), data],
-                           check=True, cwd=REPO, stdout=subprocess.DEVNULL)
+def copy_image(source, target, rgb):
+    """One image of copy_subset."""
+    os.makedirs(os.path.dirname(target), exist_ok=True)
+    if not rgb:
+        try:
+            os.link(source, target)
+        except OSError:
+            shutil.copyfile(source, target)
+        return
+    gray = np.asarray(Image.open(source).convert("L"))
+    rgb_pixels = np.stack([gray, 255 - gray, gray // 2], axis=-1)
+    Image.fromarray(rgb_pixels).save(os.path.splitext(target)[0] + ".jpg", quality=90)
+
+
+def pick_device(choice):
+    """'cuda' or 'cpu' for --device; UserError when CUDA is wanted (auto or cuda) and absent."""
+    if choice == "cpu":
+        return "cpu"
+    if not torch.cuda.is_available():
+        raise UserError("gpu_check: no CUDA device visible; pass --device cpu to run the "
+                        "CPU-runnable checks")
+    return "cuda"
+
+
+def source_data(folder):
+    """--data, checked, or demo_data/ (made when absent)."""
+    if folder is not None:
+        if not os.path.isdir(os.path.join(folder, "train")):
+            raise UserError(f"--data {folder} has no train/ folder; give an ImageFolder with "
+                            f"train/ (and test/), or leave --data out to use demo_data")
+        return folder
+    folder = os.path.join(REPO, "demo_data")
+    if not os.path.isdir(os.path.join(folder, "train")):
+        made = subprocess.run([sys.executable, os.path.join(REPO, "make_demo_data.py"), folder],
+                              cwd=REPO, capture_output=True, text=True)
+        if made.returncode != 0:
+            last = (made.stderr.strip().splitlines() or ["no message"])[-1]
+            raise UserError(f"make_demo_data.py could not make {folder} ({last}); give --data")
+    return folder
+
+
+def main_sizing(device, images):
+    """main.py's flags for `images` training images on `device`: a quarter of them per batch
+    (even, for 2 processes), at most 256."""
+    bs = str(max(2, min(256, images // 4) // 2 * 2))
     if device == "cuda":
-        sizing = ["-bs", "256", "-nw", "4", "--samples", "2048", "--log-every", "2"]
-        images = 2048
-    else:
-        sizing = ["--image-size", "16", "--proj-dims", "32", "16", "-bs", "12", "-nw", "0",
-                  "--lr", "1.0"]
-        images = 36
-    rgb = write_rgb_jpegs(data, os.path.join(work, "rgb_data"), images)
-    return Setup(device, data, rgb, work, sizing, torch.cuda.device_count())
+        return ["-bs", bs, "-nw", "4", "--log-every", "2"]
+    return ["--image-size", "16", "--proj-dims", "32", "16", "-bs", bs, "-nw", "0", "--lr", "1.0"]
+
+
+def build_setup(args, device):
+    """The Setup of this run, and a line describing its data."""
+    source = source_data(args.data)
+    work = args.workdir or tempfile.mkdtemp(prefix="gpu_check_")
+    wanted = WANTED_IMAGES[device]
+    present = len(image_names(os.path.join(source, "train")))
+    images = copy_subset(source, os.path.join(work, "gray_data"), wanted, rgb=False)
+    copy_subset(source, os.path.join(work, "rgb_data"), wanted, rgb=True)
+    if images < 8:
+        raise UserError(f"{source}/train holds {images} images; the checks need at least 8")
+    width = max(1, min(4, (os.cpu_count() or 1) // 4))
+    setup = Setup(device, os.path.join(work, "gray_data"), os.path.join(work, "rgb_data"), work,
+                  main_sizing(device, images), torch.cuda.device_count(), width)
+    return setup, (f"data: {images} training images of the {present} in {source} (at most "
+                   f"{wanted} on {device}), also as RGB JPEGs; {width} run(s) side by side")
+
+
+def run_check(setup, check):
+    """Run one check within its budget: (status, detail)."""
+    if check.budget(setup.device) == 0:
+        return "skip", "skipped: needs CUDA"
+    setup.budget = check.budget(setup.device)
+    setup.deadline = time.monotonic() + setup.budget
+    try:
+        return "pass", globals()[f"check_{check.name}"](setup)
+    except CheckFailed as err:
+        return "FAIL", str(err)
+    except Exception as err:  # a crash of the check itself is a failure, with its place
+        return "FAIL", f"{type(err).__name__}: {err} ({traceback.format_exc().splitlines()[-3]})"
+
+
+def run_checks(setup, checks, budget, started):
+    """Every check in turn, or "skipped (budget)" where less than its budget is left of
+    `budget` seconds since `started`; prints one line per check, returns the rows."""
+    rows = []
+    for check in checks:
+        left = budget - (time.monotonic() - started)
+        tic = time.monotonic()
+        if check.budget(setup.device) and left < check.budget(setup.device):
+            status, detail = SKIPPED_BUDGET, (f"needs {check.budget(setup.device)} s, "
+                                              f"{max(left, 0):.0f} s left of --budget {budget:g}")
+        else:
+            status, detail = run_check(setup, check)
+        seconds = time.monotonic() - tic
+        shown = "skip" if status == SKIPPED_BUDGET else status
+        print(f"{shown:4s} {check.name:10s} {seconds:6.1f} s  "
+              f"{SKIPPED_BUDGET + ': ' if status == SKIPPED_BUDGET else ''}{detail}", flush=True)
+        rows.append({"check": check.name, "status": status, "seconds": round(seconds, 2),
+                     "budget_s": check.budget(setup.device), "detail": detail})
+    return rows
+
+
+def summarise(rows):
+    """{'passed': [...], 'failed': [...], 'skipped (needs CUDA)': [...], 'skipped (budget)':
+    [...]}: the check names by outcome."""
+    kinds = {"pass": "passed", "FAIL": "failed", "skip": "skipped (needs CUDA)",
+             SKIPPED_BUDGET: "skipped (budget)"}
+    return {kind: [r["check"] for r in rows if r["status"] == status]
+            for status, kind in kinds.items()}
+
+
+def list_checks():
+    """The --list table: the checks in the order they run, with their budgets."""
+    print(f"{'check':10s}  {'GPU s':>5s}  {'CPU s':>5s}  runs (in this order; --budget: the "
+          f"whole run)")
+    for c in CHECKS:
+        cpu = "-" if c.cpu_s is None else str(c.cpu_s)
+        print(f"{c.name:10s}  {c.cuda_s:5d}  {cpu:>5s}  {c.what}")
+    return 0
 
 
 def get_args_parser():
@@ -300,10 +563,15 @@ def get_args_parser():
                                      formatter_class=argparse.RawDescriptionHelpFormatter,
                                      epilog=__doc__.split("\n\n", 1)[1])
     parser.add_argument("--device", choices=("auto", "cuda", "cpu"), default="auto",
-                        help="auto: cuda when visible")
-    parser.add_argument("--only", nargs="+", choices=CHECKS, default=None,
-                        help="run these checks only")
-    parser.add_argument("--list", action="store_true", help="print the check names and stop")
+                        help="auto and cuda need a visible CUDA device (else exit status 2); "
+                             "cpu runs the CPU-runnable checks")
+    parser.add_argument("--only", nargs="+", choices=CHECK_NAMES, default=None,
+                        help="run these checks only, in the order given")
+    parser.add_argument("--budget", type=float, default=480, metavar="SECONDS",
+                        help="time for the whole run: a check starts only while at least its "
+                             "own budget (--list) is left")
+    parser.add_argument("--list", action="store_true",
+                        help="print the checks in order with their budgets and stop")
     parser.add_argument("--data", default=None,
                         help="ImageFolder with train/ and test/ (default: demo_data, made if "
                              "absent)")
@@ -316,39 +584,33 @@ def get_args_parser():
 
 
 def main(args):
+    started = time.monotonic()
     if args.list:
-        print("\n".join(CHECKS))
-        return 0
-    setup = build_setup(args)
-    env = environment_info(torch.device(setup.device))
-    print(f"gpu_check on {setup.device}: {env.get('gpus', env['platform'])}, torch "
-          f"{env['torch']}, commit {env['git_commit']}", flush=True)
-    rows, failed = [], 0
-    for name in args.only or CHECKS:
-        tic = time.perf_counter()
-        try:
-            detail, ok = globals()[f"check_{name}"](setup), True
-        except CheckFailed as err:
-            detail, ok = str(err), False
-        except Exception as err:  # a crash of the check itself is a failure, with its place
-            detail = f"{type(err).__name__}: {err} ({traceback.format_exc().splitlines()[-3]})"
-            ok = False
-        seconds = time.perf_counter() - tic
-        status = "skip" if ok and detail.startswith("skipped") else ("pass" if ok else "FAIL")
-        failed += not ok
-        print(f"{status:4s} {name:10s} {seconds:6.1f} s  {detail}", flush=True)
-        rows.append({"check": name, "status": status, "seconds": round(seconds, 2),
-                     "detail": detail})
+        return list_checks()
+    if args.budget <= 0:
+        raise UserError(f"--budget {args.budget:g} must be a positive number of seconds, e.g. "
+                        f"480")
+    device = pick_device(args.device)
+    setup, data_line = build_setup(args, device)
+    env = environment_info(torch.device(device))
+    print(f"gpu_check on {device}: {env.get('gpus', env['platform'])}, torch {env['torch']}, "
+          f"commit {env['git_commit']}; --budget {args.budget:g} s\n{data_line}", flush=True)
+    checks = [next(c for c in CHECKS if c.name == n) for n in args.only] if args.only else CHECKS
+    rows = run_checks(setup, checks, args.budget, started)
+    outcome = summarise(rows)
     report = {"command": " ".join([os.path.basename(sys.executable), *sys.argv]),
               "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-              "environment": env, "checks": rows, "failed": failed}
+              "environment": env, "budget_s": args.budget, "checks": rows,
+              "summary": outcome, "failed": len(outcome["failed"])}
     os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)
     json_dump(report, args.json)
-    print(f"{failed} of {len(rows)} checks failed; results in {args.json}", flush=True)
+    print("; ".join(f"{kind}: {', '.join(names) or 'none'}" for kind, names in outcome.items()),
+          flush=True)
+    print(f"{report['failed']} of {len(rows)} checks failed; results in {args.json}", flush=True)
     if args.workdir is None:
         shutil.rmtree(setup.work, ignore_errors=True)
-    return 1 if failed else 0
+    return 1 if report["failed"] else 0
 
 
 if __name__ == "__main__":
-    sys.exit(main(get_args_parser().parse_args()))
+    run_main(main, get_args_parser())

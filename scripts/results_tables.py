@@ -456,7 +456,9 @@ def target_settings_table():
             f"compute-only img/s, i.e. what the trainer consumes |",
             f"| any device | NT-Xent forward + backward at N = {bench.NTXENT_TARGET_N} ≤ "
             f"{bench.NTXENT_OVER_BOUND}× the matmul + cross_entropy bound |",
-            f"| CUDA, the fastest input of each arch and size | end to end ≥ "
+            f"| CUDA, the fastest input of each arch and size, and main.py's default input "
+            f"(`--gpu-aug` where the decoded images fit `--max-memory-gb`, else `--gpu-decode`) "
+            f"where slower | end to end ≥ "
             f"{pct(bench.E2E_OVER_COMPUTE)} of the compute-only img/s of the same configuration "
             f"and ≥ {bench.CUDA_E2E_OVER_BASELINE:g}× the baseline loop |",
             f"| CUDA, on an {' or '.join(bench.TARGET_GPU_NAMES)} | {gpu} |",

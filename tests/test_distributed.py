@@ -221,3 +221,32 @@ def test_chunked_step_on_two_processes_equals_one_plain_process(tmp_path, two_pr
     print(f"2 processes, chunks of 2 vs 1 plain process: gradient diff {grad_diff:.2e}")
     assert abs(chunked["loss"] - plain["loss"]).item() < 1e-10
     assert grad_diff < 1e-10
+
+
+def test_more_processes_than_gpus_share_them_through_gloo_only_when_asked(monkeypatch):
+    """setup(cuda=True) under torchrun with 2 processes on a (pretended) 1-GPU machine: the
+    rank without a GPU of its own stops with a one-line error naming SIMCLR_TOOLKIT_SHARE_GPUS;
+    with it set to 1 both ranks take cuda:0 and join through gloo (NCCL takes one process per
+    GPU); with a GPU per process the variable changes nothing (NCCL). The real run on a GPU is
+    scripts/gpu_check.py's ddp check."""
+    from utils import distributed
+    from utils.errors import UserError
+    joined = []
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    monkeypatch.setattr(torch.cuda, "set_device", lambda device: None)
+    monkeypatch.setattr(distributed.dist, "init_process_group",
+                        lambda backend, **kwargs: joined.append(backend))
+    for name, value in (("WORLD_SIZE", "2"), ("LOCAL_WORLD_SIZE", "2"), ("LOCAL_RANK", "1")):
+        monkeypatch.setenv(name, value)
+    monkeypatch.delenv(distributed.SHARE_GPUS_ENV, raising=False)
+    with pytest.raises(UserError, match=f"local rank 1 has no GPU.*{distributed.SHARE_GPUS_ENV}=1"):
+        distributed.setup(cuda=True)
+    monkeypatch.setenv(distributed.SHARE_GPUS_ENV, "1")
+    assert distributed.setup(cuda=True) == torch.device("cuda", 0)
+    monkeypatch.setenv("LOCAL_RANK", "0")
+    assert distributed.setup(cuda=True) == torch.device("cuda", 0)
+    assert joined == ["gloo", "gloo"]
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    monkeypatch.setenv("LOCAL_RANK", "1")
+    assert distributed.setup(cuda=True) == torch.device("cuda", 1) and joined[-1] == "nccl"

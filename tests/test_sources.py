@@ -273,6 +273,19 @@ def test_demo_data_holds_the_same_images_as_npz_and_path_lists(tmp_path):
     assert len(npz_names) == 10  # one npz class index per class name
 
 
+def test_demo_data_from_the_digits_fallback(tmp_path):
+    """make_demo_data.py --source digits (what a machine without Debian's Fashion-MNIST gets):
+    fewer images than 500 a class, so every training image goes to train/ and the npz's extra
+    val split is empty, instead of a crash."""
+    out = tmp_path / "demo"
+    result = run_script("make_demo_data.py", out, "--source", "digits")
+    assert result.returncode == 0, result.stderr
+    train = load_split(str(out), "train", True, options())
+    assert 0 < len(train) < 5000 and len(train.classes) == 10
+    assert len(load_split(str(out), "test", True, options())) > 0
+    assert len(np.load(out / "fashion_mnist.npz")["val_labels"]) == 0
+
+
 def test_download_without_the_medmnist_package_says_how_to_get_it(monkeypatch, tmp_path):
     monkeypatch.setitem(sys.modules, "medmnist", None)  # import medmnist -> ImportError
     with pytest.raises(UserError, match="pip install medmnist"):

@@ -29,6 +29,8 @@ from torch import nn
 from utils.errors import UserError
 from utils.launch import launched_by_torchrun
 
+# Set to 1 to let more processes than GPUs share the GPUs (gloo), see setup().
+SHARE_GPUS_ENV = "SIMCLR_TOOLKIT_SHARE_GPUS"
 
 
 def setup(cuda, timeout_minutes=30):
@@ -36,7 +38,10 @@ def setup(cuda, timeout_minutes=30):
 
     Single process (no WORLD_SIZE > 1): no group, device cuda (UserError without CUDA) or cpu.
     Under torchrun or --multiple_gpus: backend NCCL with `-c` (device cuda:LOCAL_RANK), else
-    gloo on the CPU.
+    gloo on the CPU. With `-c`, SIMCLR_TOOLKIT_SHARE_GPUS=1 and more processes on this machine
+    than GPUs (`gpus_shared`), the processes share the GPUs (cuda:LOCAL_RANK mod GPUs) through
+    gloo on CUDA tensors, as NCCL takes one process per GPU: slow, a way to run the
+    multi-process path on a machine of one GPU (scripts/gpu_check.py does).
     """
     if not launched_by_torchrun():
         if cuda and not torch.cuda.is_available():
@@ -48,18 +53,30 @@ def setup(cuda, timeout_minutes=30):
         if not torch.cuda.is_available():
             raise UserError("-c asks for CUDA but no CUDA device is available on this machine; "
                             "run without -c to train on the CPU (gloo)")
-        if local_rank >= torch.cuda.device_count():
-            raise UserError(f"local rank {local_rank} has no GPU: this machine has "
-                            f"{torch.cuda.device_count()}; use --nproc_per_node="
-                            f"{torch.cuda.device_count()} or fewer")
-        device = torch.device("cuda", local_rank)
+        gpus = torch.cuda.device_count()
+        shared = gpus_shared(gpus)
+        if local_rank >= gpus and not shared:
+            raise UserError(f"local rank {local_rank} has no GPU: this machine has {gpus}; use "
+                            f"--nproc_per_node={gpus} or fewer (or, to test, "
+                            f"{SHARE_GPUS_ENV}=1: processes share GPUs through gloo, slowly)")
+        device = torch.device("cuda", local_rank % gpus)
         torch.cuda.set_device(device)
-        dist.init_process_group("nccl", timeout=datetime.timedelta(minutes=timeout_minutes),
-                                device_id=device)
+        timeout = datetime.timedelta(minutes=timeout_minutes)
+        if shared:
+            dist.init_process_group("gloo", timeout=timeout)
+        else:
+            dist.init_process_group("nccl", timeout=timeout, device_id=device)
     else:
         device = torch.device("cpu")
         dist.init_process_group("gloo", timeout=datetime.timedelta(minutes=timeout_minutes))
     return device
+
+
+def gpus_shared(gpus):
+    """Whether the processes on this machine share its `gpus` GPUs: SIMCLR_TOOLKIT_SHARE_GPUS=1
+    and more of them (torchrun's LOCAL_WORLD_SIZE) than GPUs. Every process decides alike."""
+    local = int(os.environ.get("LOCAL_WORLD_SIZE", os.environ.get("WORLD_SIZE", "1")))
+    return os.environ.get(SHARE_GPUS_ENV) == "1" and local > gpus
 
 
 def run_in_process_group(train, args):
