@@ -1,43 +1,13 @@
 """NT-Xent, the SimCLR contrastive loss."""
-import threading
-from collections import OrderedDict
-
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-_TARGETS = OrderedDict()  # (n, offset, device) -> targets, most recently used last
-_TARGETS_KEPT = 32  # a few batch sizes (the last batch is smaller) x devices x offsets
-_TARGETS_LOCK = threading.Lock()
-
 
 def ntxent_targets(n, offset, device):
     """(2N,) int64 [N .. 2N-1, 0 .. N-1] + offset on `device`: the column of each anchor's
-    partner among the candidates of `ntxent_logits`.
-
-    Made on the device (torch.arange, no host-to-device copy, which on CUDA would synchronise
-    the stream) the first time a (n, offset, device) is asked for, then the same tensor is
-    returned again (the last 32 combinations are kept); callers must not modify it in place.
-    While torch.compile traces, a fresh tensor is returned and nothing is cached.
-    """
-    if torch.compiler.is_compiling():
-        return _partner_columns(n, offset, device)
-    key = (n, offset, torch.device(device))
-    with _TARGETS_LOCK:
-        targets = _TARGETS.get(key)
-        if targets is None:
-            with torch.inference_mode(False):  # a normal tensor even if first made under
-                targets = _partner_columns(n, offset, device)  # inference_mode
-            _TARGETS[key] = targets
-            while len(_TARGETS) > _TARGETS_KEPT:
-                _TARGETS.popitem(last=False)
-        else:
-            _TARGETS.move_to_end(key)
-    return targets
-
-
-def _partner_columns(n, offset, device):
-    """(2N,) int64 [N .. 2N-1, 0 .. N-1] + offset, made on `device`."""
+    partner among the candidates of `ntxent_logits`. Made on the device (torch.arange: two
+    small kernels, no host-to-device copy, which on CUDA would synchronise the stream)."""
     return torch.cat([torch.arange(n, 2 * n, device=device),
                       torch.arange(0, n, device=device)]) + offset
 
@@ -57,8 +27,7 @@ def ntxent_logits(z1, z2, temperature, gather=None):
     M views.
 
     Returns (logits (2N, M) float, targets (2N,) int64 = [N .. 2N-1, 0 .. N-1] + offset on u's
-    device). The targets come from `ntxent_targets`: made on the device once per (N, offset,
-    device) and shared by later calls, so a step copies nothing from the host; read-only.
+    device), made there by `ntxent_targets`: a step copies nothing from the host.
     """
     n = z1.shape[0]
     with torch.autocast(z1.device.type, enabled=False):  # bf16 similarities lose ~1e-2
