@@ -109,7 +109,7 @@ def test_main_with_gpu_decode(jpeg_folder, tmp_path):
     result = run_script("main.py", jpeg_folder, out, *FAST_PRETRAIN, "-nw", "1", "--epochs",
                         "1", "--gpu-decode")
     assert result.returncode == 0, result.stderr
-    assert "JPEG decoded there" in result.stdout
+    assert "each batch decoded there (JPEG)" in result.stdout
     run = json.loads((out / "run.json").read_text())
     assert run["augmentation"]["decode"] == "device" and run["speed"]["gpu_decode"]
     losses = np.load(out / "model" / "lossesfile.npz")

@@ -135,7 +135,7 @@ class ImageList:
 # The random streams of derive_seed: data order, per-image augmentation (CPU workers) and
 # per-batch augmentation on the device (utils/gpu_augment.py, --gpu-aug).
 ORDER_STREAM, AUGMENT_STREAM, DEVICE_AUGMENT_STREAM = 1, 2, 3
-# The images that take the place of an unreadable one (load_or_substitute).
+# The images that take the place of an unreadable one (load_with_substitute).
 SUBSTITUTE_STREAM = 6
 
 
@@ -412,11 +412,6 @@ def load_with_substitute(images, index, channels, key=(0, 0), unreadable=None):
                     f"readable as images (check DATAPATH)")
 
 
-def load_or_substitute(images, index, channels, key=(0, 0), unreadable=None):
-    """The PIL image of load_with_substitute."""
-    return load_with_substitute(images, index, channels, key, unreadable)[0]
-
-
 class ImageDataset(torch.utils.data.Dataset):
     """(image tensor, label) for evaluation; label is -1 for unlabeled data. An unreadable file
     is replaced as in load_with_substitute (with that image's label)."""
@@ -568,7 +563,7 @@ def decode_images(images, channels, size):
         return torch.from_numpy(np.ascontiguousarray(arr)).permute(0, 3, 1, 2).contiguous()
     out = torch.empty((len(images), channels, size, size), dtype=torch.uint8)
     for index in range(len(images)):
-        img = load_or_substitute(images, index, channels)
+        img, _ = load_with_substitute(images, index, channels)
         if img.size != (size, size):
             img = img.resize((size, size), Image.BILINEAR)
         out[index] = torch.from_numpy(np.array(img).reshape(size, size, channels)).permute(

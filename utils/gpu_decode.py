@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from utils.data import load_or_substitute
+from utils.data import load_with_substitute
 
 JPEG_MAGIC = b"\xff\xd8\xff"
 # PIL's convert("L"): L = (19595 R + 38470 G + 7471 B + 2^15) >> 16 (ITU-R 601-2 in 16-bit
@@ -38,8 +38,8 @@ def read_jpeg_bytes(path):
 
 def pil_pixels(images, index, channels, size, key=(0, 0), unreadable=None):
     """Image `index` decoded on the host as decode_images does: uint8 (channels, size, size);
-    an unreadable file is replaced as in load_or_substitute (key (seed, epoch))."""
-    img = load_or_substitute(images, index, channels, key, unreadable)
+    an unreadable file is replaced as in load_with_substitute (key (seed, epoch))."""
+    img, _ = load_with_substitute(images, index, channels, key, unreadable)
     if img.size != (size, size):
         img = img.resize((size, size), Image.BILINEAR)
     return torch.from_numpy(np.array(img).reshape(size, size, channels)).permute(2, 0, 1)
