@@ -173,8 +173,8 @@ def losses(respath):
 
 
 def test_corrupt_image_mid_epoch_progress_lines_and_resume_with_the_index(tiny_folder, tmp_path):
-    """A file that is not an image, met by the workers during the epochs: one warning naming
-    it, the same number of steps, its count in run.json. Without a terminal, a progress line
+    """A file that is not an image, met by the statistics pass and by the workers during the
+    epochs: one warning naming it from each, the same number of steps, its count in run.json. Without a terminal, a progress line
     every --print-freq steps. A run resumed with its index kept gives the per-step losses of
     the uninterrupted run, which listed the folder at its start."""
     data = tmp_path / "data"
@@ -186,7 +186,9 @@ def test_corrupt_image_mid_epoch_progress_lines_and_resume_with_the_index(tiny_f
     result = run_script("main.py", data, full, "--epochs", "2", *flags)
     assert result.returncode == 0, result.stderr
     warnings = [line for line in result.stderr.splitlines() if "00005_garbage.png" in line]
-    assert len(warnings) == 1 and warnings[0].startswith("warning:"), result.stderr
+    assert len(warnings) == 2 and all(w.startswith("warning:") for w in warnings), result.stderr
+    assert "left out of the mean/std" in warnings[0]  # the statistics pass, once
+    assert "takes its place" in warnings[1]  # training, once over two epochs
     run = json.loads((full / "run.json").read_text())
     assert run["steps_done"] == 2 * run["steps_per_epoch"] == 2 * (37 // 12)
     assert run["unreadable_images"]["files"] == 1
