@@ -18,6 +18,7 @@ images of every batch, and the run's result does not depend on W (see utils/dist
 The loop is utils/engine.py's; the SimCLR step is simclr.py's.
 """
 import argparse
+import copy
 import functools
 import json
 import os
@@ -40,8 +41,8 @@ from utils.data import (EpochBatchSampler, ImageDataset, InMemoryBatches, TwoVie
 from utils.distributed import (check_same_on_all_ranks, decide_on_main,
                                gather_with_grad, get_rank, get_world_size, is_main_process,
                                print0, run_in_process_group)
-from utils.engine import (LoopSettings, Run, RunFiles, Trainer, launcher_name, load_resumable,
-                          peak_memory_mb, report_outcome)
+from utils.engine import (LoopSettings, Run, RunFiles, Trainer, epoch_means, launcher_name,
+                          load_resumable, peak_memory_mb, report_outcome)
 from utils.errors import UserError
 from utils.fileio import atomic_savez, atomic_torch_save, json_dump
 from utils.gpu_augment import BatchSimCLRAugmentation, DeviceTwoViews
@@ -517,52 +518,63 @@ class PretrainingViews:
 
 class PretrainingOutputs:
     """What main.py writes beside checkpoint.pth at every save (rank 0): model.pth,
-    optimizer.pth, lossesfile.npz (the original project's files), the loss plot and run.json."""
+    optimizer.pth, lossesfile.npz (the original project's files), the loss plot and run.json.
+    Called on the training thread with the save's host snapshot; the engine's background
+    writer then writes the files from that snapshot and the values captured with it."""
 
     def __init__(self, paths, run_info, unreadable):
         self.paths, self.run_info, self.unreadable = paths, run_info, unreadable
 
-    def keep_snapshot(self, trainer):
+    def __call__(self, trainer, state, draw_plot):
+        """The writes of this save (a function of no arguments, for the background writer):
+        from `state`, the checkpoint's host snapshot, and what only the live trainer knows
+        (time, speed, memory, unreadable files, save waits), taken now."""
+        now = {"unreadable_images": copy.deepcopy(self.unreadable.summary()),
+               "wall_time_s": round(time.perf_counter() - trainer.started, 1),
+               "images_per_s": trainer.images_per_second(),
+               "peak_memory_mb": round(peak_memory_mb(trainer.device), 1),
+               "save_wait_s": trainer.save_wait_summary()}
+        return functools.partial(self.write, state, now, draw_plot)
+
+    def keep_snapshot(self, state):
         """--save-every E: at the end of every E-th epoch, model/epoch_NNNN.pth with the weights
         and what rebuilding them needs (a checkpoint dict load_pretrained reads)."""
-        every, step = self.run_info["args"]["save_every"], trainer.history.step
-        epoch, mid_epoch = divmod(step, trainer.settings.steps_per_epoch)
+        every, step = self.run_info["args"]["save_every"], state["step"]
+        epoch, mid_epoch = divmod(step, state["steps_per_epoch"])
         if not every or mid_epoch or epoch % every or not epoch:
             return
         path = snapshot_path(self.paths, epoch)
         if not os.path.exists(path):
-            save_checkpoint({"script": "main", "model": trainer.plain.state_dict(),
+            save_checkpoint({"script": "main", "model": state["model"],
                              "model_meta": self.run_info["model_meta"], "epoch": epoch,
                              "step": step, "snapshot": True}, path)
 
-    def __call__(self, trainer, draw_plot):
-        paths, history = self.paths, trainer.history
-        atomic_torch_save(trainer.plain.state_dict(), paths.model)
-        atomic_torch_save(trainer.optimizer.state_dict(), paths.optimizer)
-        self.keep_snapshot(trainer)
-        knn, probe = [np.asarray([(e["epoch"], e[key]) for e in history.evaluations if key in e],
-                                 dtype=float).reshape(-1, 2)
+    def write(self, state, now, draw_plot):
+        """model.pth, optimizer.pth, the --save-every snapshot, lossesfile.npz, the loss plot
+        (when `draw_plot`) and run.json, from the snapshot `state` and the values `now`."""
+        paths, steps_per_epoch = self.paths, state["steps_per_epoch"]
+        atomic_torch_save(state["model"], paths.model)
+        atomic_torch_save(state["optimizer"], paths.optimizer)
+        self.keep_snapshot(state)
+        series = {name: values.numpy() for name, values in state["history"]["series"].items()}
+        losses, top1 = series["loss"], series["positive_pair_top1"]
+        epoch_losses, epoch_top1 = (epoch_means(values, steps_per_epoch)
+                                    for values in (losses, top1))
+        knn, probe = [np.asarray([(e["epoch"], e[key]) for e in state["history"]["evaluations"]
+                                  if key in e], dtype=float).reshape(-1, 2)
                       for key in ("knn_accuracy", "online_probe_accuracy")]
-        steps_per_epoch = trainer.settings.steps_per_epoch
-        atomic_savez(paths.losses, step_losses=np.asarray(history.series["loss"]),
-                     epoch_losses=history.epoch_means("loss"),
-                     step_top1=np.asarray(history.series["positive_pair_top1"]),
-                     epoch_top1=history.epoch_means("positive_pair_top1"), knn=knn,
-                     online_probe=probe, steps_per_epoch=steps_per_epoch)
-        if draw_plot and history.step:
-            plot_training_losses(history.series["loss"], steps_per_epoch, paths.loss_plot,
+        atomic_savez(paths.losses, step_losses=losses, epoch_losses=epoch_losses,
+                     step_top1=top1, epoch_top1=epoch_top1, knn=knn, online_probe=probe,
+                     steps_per_epoch=steps_per_epoch)
+        if draw_plot and len(losses):
+            plot_training_losses(losses, steps_per_epoch, paths.loss_plot,
                                  knn=[tuple(row) for row in knn.tolist()],
                                  online_probe=[tuple(row) for row in probe.tolist()])
-        json_dump({**self.run_info, "epochs_done": len(history.epoch_means()),
-                   "steps_done": history.step,
-                   "epoch_losses": history.epoch_means().tolist(),
-                   "epoch_positive_pair_top1": history.epoch_means("positive_pair_top1").tolist(),
-                   "knn_accuracy": knn.tolist(),
-                   "online_probe_accuracy": probe.tolist(),
-                   "unreadable_images": self.unreadable.summary(),
-                   "wall_time_s": round(time.perf_counter() - trainer.started, 1),
-                   "images_per_s": trainer.images_per_second(),
-                   "peak_memory_mb": round(peak_memory_mb(trainer.device), 1)}, paths.run_json)
+        json_dump({**self.run_info, "epochs_done": len(epoch_losses),
+                   "steps_done": len(losses), "epoch_losses": epoch_losses.tolist(),
+                   "epoch_positive_pair_top1": epoch_top1.tolist(),
+                   "knn_accuracy": knn.tolist(), "online_probe_accuracy": probe.tolist(),
+                   **now}, paths.run_json)
 
 
 def snapshot_path(paths, epoch):

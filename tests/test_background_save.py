@@ -1,7 +1,12 @@
-"""Saves that do not stall training (utils/writer.py): the background writer's order, one job
-in flight and errors raised on the training thread; host snapshots that later training does
-not change."""
+"""Saves that do not stall training (utils/writer.py, Trainer.save): the background writer's
+order, one job in flight and errors raised on the training thread; host snapshots that later
+training does not change; the engine's checkpoints written while training goes on, equal to
+the state of their save; the loss plot's schedule; a stop that waits for its save."""
 import copy
+import functools
+import os
+import shutil
+import signal
 import threading
 import time
 from collections import OrderedDict
@@ -10,7 +15,14 @@ import pytest
 import torch
 from torch import nn
 
+import utils.engine as engine
+from simclr import SimCLRTask, transfer_views
+from test_speed_path import TinySimCLR, view_batches
+from utils.engine import LoopSettings, Run, RunFiles, Trainer
 from utils.errors import UserError
+from utils.ntxent import NTXentLoss
+from utils.optim import WarmupCosine, build_optimizer
+from utils.precision import FLOAT32
 from utils.writer import BackgroundWriter, host_copy
 
 
@@ -119,3 +131,147 @@ def test_host_copy_keeps_the_state_of_the_moment_it_was_taken():
     state["history"]["evaluations"].append({"epoch": 2})
     assert not torch.equal(model.state_dict()["0.weight"], reference["model"]["0.weight"])
     assert_same_tree(snapshot, reference)
+
+
+class SameBatchesEveryEpoch:
+    """Loader and sampler in one: `batches` every epoch, from the batch set_epoch names."""
+    global_batch_size = 4
+
+    def __init__(self, batches):
+        self.batches, self.start = batches, 0
+
+    def set_epoch(self, epoch, start_batch):
+        self.start = start_batch
+
+    def __iter__(self):
+        return iter(self.batches[self.start:])
+
+
+def tiny_trainer(folder, epochs, batches, write_outputs=None):
+    """The engine's Trainer with main.py's SimCLR task on TinySimCLR (seed 0), checkpoints in
+    `folder` at epoch ends only."""
+    torch.manual_seed(0)
+    model, cpu = TinySimCLR(), torch.device("cpu")
+    loader = SameBatchesEveryEpoch(batches)
+    return Trainer(Run(
+        task=SimCLRTask(NTXentLoss(0.2), functools.partial(transfer_views, device=cpu)),
+        model=model, optimizer=build_optimizer(model, "sgd", 0.1, 1e-4),
+        schedule=WarmupCosine(0.1, 0, 100), sampler=loader, loader=loader, precision=FLOAT32,
+        settings=LoopSettings(epochs=epochs, steps_per_epoch=len(batches), log_every=1,
+                              checkpoint_minutes=0),
+        files=RunFiles(str(folder / "checkpoint.pth")), device=cpu,
+        write_outputs=write_outputs))
+
+
+def load(path):
+    return torch.load(path, weights_only=True)
+
+
+def test_checkpoint_written_while_training_goes_on_holds_the_state_of_its_save(tmp_path,
+                                                                               monkeypatch):
+    """The epoch-1 checkpoint, held back in the writer until a step of epoch 2 has changed the
+    weights and momentum in place, holds the end of epoch 1: the live state of a 1-epoch run
+    trained separately; the epoch-2 checkpoint, on disk when fit returns, the live state of
+    the 2-epoch run. Both are written on the writer thread, in order."""
+    batches = view_batches(3)
+    one = tiny_trainer(tmp_path / "one", 1, batches)
+    assert one.fit() == "finished"
+    two = tiny_trainer(tmp_path / "two", 2, batches)
+    epoch_2_stepped, real_step = threading.Event(), two.train_step
+
+    def train_step(batch, step):
+        out = real_step(batch, step)
+        if step == 3:
+            epoch_2_stepped.set()
+        return out
+
+    written, real_save = [], engine.save_checkpoint
+
+    def held_back(state, path):
+        if not written:
+            assert epoch_2_stepped.wait(60)
+        written.append((state["step"], threading.current_thread().name))
+        real_save(state, path)
+        shutil.copy(path, tmp_path / f"step{state['step']}.pth")
+
+    two.train_step = train_step
+    monkeypatch.setattr(engine, "save_checkpoint", held_back)
+    assert two.fit() == "finished"
+    assert written == [(3, "checkpoint-writer"), (6, "checkpoint-writer")]
+    epoch_1, final = load(tmp_path / "step3.pth"), load(tmp_path / "two" / "checkpoint.pth")
+    assert_same_tree(epoch_1["model"], one.plain.state_dict())
+    assert_same_tree(epoch_1["optimizer"], one.optimizer.state_dict())
+    assert epoch_1["history"]["series"]["loss"].tolist() == one.history.series["loss"]
+    assert final["step"] == 6
+    assert_same_tree(final["model"], two.plain.state_dict())
+    assert_same_tree(final["optimizer"], two.optimizer.state_dict())
+    assert final["history"]["series"]["loss"].tolist() == two.history.series["loss"]
+
+
+@pytest.mark.parametrize("epochs", [1, 2])
+def test_failed_background_write_is_raised_at_the_next_save_or_the_end(tmp_path, monkeypatch,
+                                                                       epochs):
+    """A checkpoint write that fails in the writer (a full disk's UserError) is raised by fit,
+    unchanged: at the next save, after epoch 2 trained (so nothing more was written), or when
+    it was the last save, by fit's end; no writer thread is left behind."""
+    attempts = []
+
+    def full_disk(state, path):
+        attempts.append(state["step"])
+        raise UserError(f"no space left on the device for {path}")
+
+    monkeypatch.setattr(engine, "save_checkpoint", full_disk)
+    trainer = tiny_trainer(tmp_path, epochs, view_batches(3))
+    with pytest.raises(UserError, match="^no space left on the device for .*checkpoint.pth$"):
+        trainer.fit()
+    assert attempts == [3] and trainer.history.step == 3 * epochs
+    assert "checkpoint-writer" not in [t.name for t in threading.enumerate()]
+
+
+class RecordedOutputs:
+    """A script's write_outputs that records, when its write runs, (step, draw_plot, thread)
+    and whether checkpoint.pth already held that step; each write takes `seconds`."""
+
+    def __init__(self, checkpoint, seconds=0.0):
+        self.checkpoint, self.seconds, self.writes = checkpoint, seconds, []
+
+    def __call__(self, trainer, state, draw_plot):
+        return functools.partial(self.write, state["step"], draw_plot)
+
+    def write(self, step, draw_plot):
+        time.sleep(self.seconds)
+        self.writes.append((step, draw_plot, threading.current_thread().name,
+                            load(self.checkpoint)["step"] == step))
+
+
+@pytest.mark.parametrize("plot_seconds, drawn", [(engine.PLOT_SECONDS, [True, False, True]),
+                                                  (0.0, [True, True, True])])
+def test_loss_plot_at_most_every_plot_seconds_and_at_the_end(tmp_path, monkeypatch,
+                                                              plot_seconds, drawn):
+    """Epoch ends draw the loss plot when PLOT_SECONDS have passed since the last one (a run of
+    3 quick epochs: the first and the last only; with 0 s: every epoch), the last save always;
+    the outputs are written on the writer thread after the checkpoint of the same step."""
+    monkeypatch.setattr(engine, "PLOT_SECONDS", plot_seconds)
+    outputs = RecordedOutputs(tmp_path / "checkpoint.pth")
+    assert tiny_trainer(tmp_path, 3, view_batches(2), outputs).fit() == "finished"
+    assert outputs.writes == [(step, draw, "checkpoint-writer", True)
+                              for step, draw in zip((2, 4, 6), drawn)]
+
+
+def test_stop_draws_the_plot_and_fit_returns_once_the_save_is_on_disk(tmp_path):
+    """Ctrl-C inside epoch 2: fit returns 'stopped' only after the stop's save (checkpoint,
+    then outputs with the plot, each write taking 0.5 s) is written, at the step it stopped."""
+    outputs = RecordedOutputs(tmp_path / "checkpoint.pth", seconds=0.5)
+    trainer = tiny_trainer(tmp_path, 3, view_batches(3), outputs)
+    real_step = trainer.train_step
+
+    def train_step(batch, step):
+        if step == 4:
+            os.kill(os.getpid(), signal.SIGINT)
+        return real_step(batch, step)
+
+    trainer.train_step = train_step
+    assert trainer.fit() == "stopped"
+    assert trainer.history.step == 5 and load(tmp_path / "checkpoint.pth")["step"] == 5
+    assert outputs.writes == [(3, True, "checkpoint-writer", True),
+                              (5, True, "checkpoint-writer", True)]

@@ -13,7 +13,9 @@ and the engine owns, once, what they share:
     giving every rank the same values and the same stop/save decisions;
   - one rule for non-finite losses (see `Trainer.log_window`);
   - Ctrl-C/SIGTERM (`GracefulStop`), checkpoints every `checkpoint_minutes` and at epoch ends,
-    written by rank 0 only, through utils/checkpoint.py, and the best evaluation (best.pth);
+    and the best evaluation (best.pth): rank 0 takes a host snapshot of the state and one
+    background thread writes it (utils/writer.py, through utils/checkpoint.py) while training
+    goes on; the end of the run, a stop and an exception wait for that write;
   - device placement: channels-last, DDP with global-batch BatchNorm under torchrun (and
     --multiple_gpus, which launches the same processes), torch.compile, cudnn.benchmark;
   - TensorBoard, the progress bar on a terminal and, without one (a log file), a progress
@@ -23,6 +25,7 @@ and the engine owns, once, what they share:
 One step: lr = schedule(step); zero_grad; task.step (autocast inside, backward of the loss,
 scaled under fp16); precision.step(optimizer).
 """
+import functools
 import importlib.util
 import math
 import os
@@ -40,18 +43,20 @@ from tqdm import tqdm
 
 from utils.checkpoint import (load_checkpoint, rng_state, save_best, save_checkpoint,
                               set_rng_state, unwrap_model)
-from utils.distributed import (all_reduce_mean, barrier, decide_on_main, get_world_size,
+from utils.distributed import (all_reduce_mean, decide_on_main, get_world_size,
                                is_main_process, print0, wrap_model)
 from utils.errors import UserError
 from utils.launch import launched_by_torchrun, launched_by_us
 from utils.optim import group_learning_rate
 from utils.runlock import acquire_run_lock
 from utils.sync_audit import SyncAudit
+from utils.writer import BackgroundWriter, host_copy
 
 # fp16: a non-finite loss is a step GradScaler skips; this many in a row is an overflow that
 # skipping does not cure (the forward pass itself overflows), so the run stops.
 MAX_SKIPPED_STEPS_IN_A_ROW = 20
 POSITIONALS = ("datapath", "modelpath", "train_list")  # run-defining arguments without a flag
+PLOT_SECONDS = 30.0  # epoch-end saves draw the loss plot at most this often (and at the end)
 
 
 @dataclass
@@ -147,7 +152,10 @@ class Run:
     device: torch.device
     record: dict = field(default_factory=dict)  # args, model_meta: stored in the checkpoint
     resume: dict | None = None  # the checkpoint to continue (load_checkpoint), or None
-    write_outputs: Callable | None = None  # (trainer, draw_plot) on rank 0 after each save
+    # (trainer, state, draw_plot) on rank 0 at each save, on the training thread: returns the
+    # function (no arguments) that writes the script's outputs from `state`, the checkpoint's
+    # host snapshot, and what it captured; the background writer runs it after checkpoint.pth
+    write_outputs: Callable | None = None
     unreadable: Any = None  # utils.data.UnreadableFiles of the training data, or None
 
 
@@ -217,6 +225,9 @@ class Trainer:
         self.logger = None
         self.started, self.first_step = time.perf_counter(), self.history.step
         self._last_save = time.monotonic()
+        self.writer = BackgroundWriter()
+        self.save_waits = {}  # epoch -> seconds the training thread spent in its saves (rank 0)
+        self._last_plot, self._plotted_step = -math.inf, None
 
     def restore(self, ckpt):
         """Continue the checkpoint `ckpt`: weights, optimizer, loss scale, history, RNG, and
@@ -239,36 +250,57 @@ class Trainer:
 
     def fit(self):
         """Train until the last epoch; returns 'finished' or 'stopped' (a signal: the
-        checkpoint was written at the step where every process agreed to stop)."""
+        checkpoint was written at the step where every process agreed to stop). Returns, or
+        raises, only once the last save is on disk; a failed background write raises here."""
         s = self.settings
         if is_main_process() and s.tensorboard_dir and not self.finished:
             self.start_tensorboard()
         try:
             with GracefulStop() as stop:
                 self.stop = stop
-                if s.eval_every and s.eval_at_start and self.history.step == 0 \
-                        and not self.history.evaluations:
-                    self.save(draw_plot=False, best=self.evaluate(0))
-                while not self.finished:
-                    epoch, start_batch = divmod(self.history.step, s.steps_per_epoch)
-                    self.run.sampler.set_epoch(epoch, start_batch)
-                    tic = time.perf_counter()
-                    if not self.train_one_epoch(epoch):
-                        return "stopped"
-                    self.end_epoch(epoch, (s.steps_per_epoch - start_batch),
-                                   time.perf_counter() - tic)
-                    # a signal that arrived after the last all-reduce reached some ranks only
-                    flag = torch.tensor([float(stop.requested)], device=self.device)
-                    if all_reduce_mean(flag).item() > 0 and not self.finished:
-                        return "stopped"
-            if self.logger is not None:
+                outcome = self.train_epochs()
+                self.writer.wait()  # the last save is on disk (a failed write raises)
+            if outcome == "finished" and self.logger is not None:
                 self.task.finish_tensorboard(self.logger, self)
-            return "finished"
+            return outcome
         finally:
+            self.close_writer()
             if self.logger is not None:
                 self.logger.close()
             if self.sync_audit.enabled:
                 print0(self.sync_audit.summary(), flush=True)
+
+    def train_epochs(self):
+        """The epochs of `fit` (inside its GracefulStop `self.stop`): 'finished' or 'stopped'."""
+        s, stop = self.settings, self.stop
+        if s.eval_every and s.eval_at_start and self.history.step == 0 \
+                and not self.history.evaluations:
+            self.save(draw_plot=False, best=self.evaluate(0))
+        while not self.finished:
+            epoch, start_batch = divmod(self.history.step, s.steps_per_epoch)
+            self.run.sampler.set_epoch(epoch, start_batch)
+            tic = time.perf_counter()
+            if not self.train_one_epoch(epoch):
+                return "stopped"
+            self.end_epoch(epoch, (s.steps_per_epoch - start_batch),
+                           time.perf_counter() - tic)
+            # a signal that arrived after the last all-reduce reached some ranks only
+            flag = torch.tensor([float(stop.requested)], device=self.device)
+            if all_reduce_mean(flag).item() > 0 and not self.finished:
+                if self.run.write_outputs is not None and is_main_process() \
+                        and self._plotted_step != self.history.step:
+                    self.save(draw_plot=True)  # the plot a stop always draws
+                return "stopped"
+        return "finished"
+
+    def close_writer(self):
+        """Wait for the background write in flight and end its thread; on an exception path
+        (the write's own error was not raised yet) its error is printed, not lost."""
+        error = self.writer.close()
+        if error is not None:
+            print(f"note: the background write of the run's files failed as well: "
+                  f"{error if isinstance(error, UserError) else repr(error)}",
+                  file=sys.stderr, flush=True)
 
     def train_one_epoch(self, epoch):
         """Train over the loader (which may start mid-epoch); False if stopped by a signal."""
@@ -386,7 +418,13 @@ class Trainer:
         improved = False
         if s.eval_every and (done % s.eval_every == 0 or done == s.epochs):
             improved = self.evaluate(done)
-        self.save(draw_plot=True, best=improved)
+        self.save(draw_plot=self.plot_due(), best=improved)
+
+    def plot_due(self):
+        """Whether an epoch-end save draws the loss plot: at the end of the run, on a stop,
+        else when PLOT_SECONDS have passed since the last one (the first epoch's always)."""
+        return (self.finished or self.stop.requested
+                or time.monotonic() - self._last_plot >= PLOT_SECONDS)
 
     def evaluate(self, epoch):
         """The task's evaluation on rank 0 (the others wait for its result); records it and
@@ -425,17 +463,35 @@ class Trainer:
                 "rng": rng_state(self.device)}
 
     def save(self, draw_plot, best=False):
-        """Rank 0 writes the checkpoint (every rank holds the same state), best.pth when
-        `best`, then the script's outputs; the others wait for it."""
+        """Rank 0 hands this save to the background writer: checkpoint.pth first (the file
+        resume reads), best.pth when `best`, then the script's outputs (`draw_plot`: with the
+        loss plot). The training thread only waits for the previous write to finish (raising
+        its error) and copies the state to host memory; the other ranks do not wait."""
         if is_main_process():
-            state = self.checkpoint_state()
-            save_checkpoint(state, self.run.files.checkpoint)  # the file resume reads first
-            if best and self.run.files.best:
-                save_best(state, self.run.files.best)
+            tic = time.perf_counter()
+            self.writer.wait()
+            state = host_copy(self.checkpoint_state(), self.device)
+            self.record_save_wait(time.perf_counter() - tic)
+            outputs = None
             if self.run.write_outputs is not None:
-                self.run.write_outputs(self, draw_plot)
-        barrier()
+                outputs = self.run.write_outputs(self, state, draw_plot)
+            self.writer.submit(functools.partial(write_checkpoint_files, state,
+                                                 self.run.files, best, outputs))
+            if draw_plot:
+                self._last_plot, self._plotted_step = time.monotonic(), self.history.step
         self._last_save = time.monotonic()
+
+    def record_save_wait(self, seconds):
+        """Add `seconds` the training thread spent saving to the epoch of the current step."""
+        epoch = -(-self.history.step // self.settings.steps_per_epoch)  # a save ends or is in it
+        self.save_waits[epoch] = self.save_waits.get(epoch, 0.0) + seconds
+
+    def save_wait_summary(self):
+        """{"total": s, "per_epoch": [[epoch, s], ...]}: the seconds the training thread of
+        this process spent inside its saves (for run.json)."""
+        return {"total": round(sum(self.save_waits.values()), 4),
+                "per_epoch": [[epoch, round(seconds, 4)]
+                              for epoch, seconds in sorted(self.save_waits.items())]}
 
     def start_tensorboard(self):
         from utils.tensorboard import TensorBoardLogger
@@ -448,6 +504,17 @@ class Trainer:
         steps = self.history.step - self.first_step
         seconds = time.perf_counter() - self.started
         return round(steps * self.run.sampler.global_batch_size / seconds, 1) if steps else None
+
+
+def write_checkpoint_files(state, files, best, outputs):
+    """One save's writes, on the background writer, in order: checkpoint.pth (what resume
+    reads) from the host snapshot `state`, best.pth when `best`, then `outputs()` (the script's
+    files, or None)."""
+    save_checkpoint(state, files.checkpoint)
+    if best and files.best:
+        save_best(state, files.best)
+    if outputs is not None:
+        outputs()
 
 
 class ProgressLines:
