@@ -106,11 +106,11 @@ def run_in_process(script, *args, env=None):
     return subprocess.CompletedProcess(argv, status, out.getvalue(), err.getvalue())
 
 
-def start_script(script, *args):
+def start_script(script, *args, env=None):
     """Start `python SCRIPT ARGS...` from the repository root without waiting: a Popen (text)."""
     return subprocess.Popen([sys.executable, os.path.join(REPO, script), *map(str, args)],
                             cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            env={**os.environ, "PYTHONUNBUFFERED": "1"})
+                            env={**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})})
 
 
 def wait_for_step(checkpoint, min_steps, proc, timeout=300):

@@ -1,10 +1,12 @@
 """main.py and linear_evaluation.py through their real command lines on small real images:
 every output present and loadable, resume, kill-and-resume equal to an uninterrupted run (also
-from a checkpoint of the layout before the engine), Ctrl-C leaves a resumable run."""
+from a checkpoint of the layout before the engine), Ctrl-C leaves a resumable run, and so does
+a SIGKILL while a checkpoint is being written in the background."""
 import json
 import os
 import shutil
 import signal
+import threading
 import time
 
 import numpy as np
@@ -176,8 +178,8 @@ def test_running_again_resumes_and_extends(pretrained, tmp_path):
     assert steps.shape == (9,)
 
 
-def start_main(datapath, respath, *extra):
-    return start_script("main.py", datapath, respath, *extra)
+def start_main(datapath, respath, *extra, env=None):
+    return start_script("main.py", datapath, respath, *extra, env=env)
 
 
 def wait_for_main_step(respath, min_steps, proc):
@@ -250,6 +252,116 @@ def test_ctrl_c_saves_resumable_checkpoint(tiny_folder, tmp_path, uninterrupted)
     epochs, steps = epoch_losses(respath)
     np.testing.assert_allclose(steps, uninterrupted[1], rtol=0, atol=1e-5)
     assert_same_probe(respath, uninterrupted[2])
+
+
+# A sitecustomize for one main.py run (PYTHONPATH): the HOLD_WRITE-th write of checkpoint.pth
+# writes half its bytes to the temporary file, names its thread in HOLD_MARKER and hangs there.
+HOLD_ONE_CHECKPOINT_WRITE = '''
+import builtins, os, threading, time
+_open, _writes = builtins.open, []
+
+class _Held:
+    def __init__(self, f):
+        self.f = f
+    def __enter__(self):
+        return self
+    def __exit__(self, *exc):
+        self.f.close()
+    def write(self, data):
+        self.f.write(data[:len(data) // 2])
+        self.f.flush()
+        with _open(os.environ["HOLD_MARKER"], "w") as marker:
+            marker.write(threading.current_thread().name)
+        time.sleep(600)
+    def __getattr__(self, name):
+        return getattr(self.f, name)
+
+def _open_holding_one_write(file, mode="r", *args, **kwargs):
+    f = _open(file, mode, *args, **kwargs)
+    if isinstance(file, str) and os.path.basename(file) == ".checkpoint.pth.tmp" and "w" in mode:
+        _writes.append(file)
+        if len(_writes) == int(os.environ["HOLD_WRITE"]):
+            return _Held(f)
+    return f
+
+builtins.open = _open_holding_one_write
+'''
+
+
+def read_lines_until(proc, prefix, timeout=180):
+    """The stdout lines of the running `proc` up to the first that starts with `prefix`; an
+    AssertionError if none comes within `timeout` seconds or the process ends first."""
+    lines, found = [], threading.Event()
+
+    def read():
+        for line in proc.stdout:
+            lines.append(line)
+            if line.startswith(prefix):
+                found.set()
+                return
+
+    threading.Thread(target=read, daemon=True).start()
+    assert found.wait(timeout), f"no line {prefix!r} in {timeout} s: {''.join(lines)}"
+    return lines
+
+
+def test_sigkill_during_a_background_write_then_resume(tiny_folder, tmp_path, uninterrupted):
+    """The epoch-2 checkpoint write hangs half-written on the writer thread while training goes
+    on through epoch 3 (its epoch line is printed); SIGKILL then leaves the epoch-1
+    checkpoint.pth intact beside the half-written temporary file, and the same command resumes
+    from it to the losses and online probe of the uninterrupted run, leaving no temporary
+    file."""
+    inject, respath = tmp_path / "inject", tmp_path / "killed"
+    inject.mkdir()
+    (inject / "sitecustomize.py").write_text(HOLD_ONE_CHECKPOINT_WRITE)
+    marker = tmp_path / "held"
+    args = [a if a != "0.0001" else "0" for a in RESUME_ARGS]  # epoch-end checkpoints only
+    proc = start_main(tiny_folder, respath, *args,
+                      env={"PYTHONPATH": str(inject), "HOLD_WRITE": "2",
+                           "HOLD_MARKER": str(marker)})
+    try:
+        read_lines_until(proc, "epoch 3/3")
+        assert marker.read_text() == "checkpoint-writer"
+        assert proc.poll() is None  # the last save waits for the write in flight
+    finally:
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+    model = respath / "model"
+    assert 0 < (model / ".checkpoint.pth.tmp").stat().st_size
+    assert torch.load(model / "checkpoint.pth", weights_only=True)["step"] == 3
+    final = run_script("main.py", tiny_folder, respath, *args)
+    assert final.returncode == 0, final.stderr
+    assert "resuming" in final.stdout and "step 3 of 9" in final.stdout
+    epochs, steps = epoch_losses(respath)
+    np.testing.assert_allclose(steps, uninterrupted[1], rtol=0, atol=1e-5)
+    np.testing.assert_allclose(epochs, uninterrupted[0], rtol=0, atol=1e-5)
+    assert_same_probe(respath, uninterrupted[2])
+    assert not [f for f in os.listdir(model) if ".tmp" in f]
+
+
+def test_outputs_written_in_the_background_equal_the_checkpoint(pretrained):
+    """model.pth and optimizer.pth, written by the background writer after checkpoint.pth from
+    the same snapshot, equal the checkpoint's model and optimizer state tensor for tensor;
+    run.json's per-epoch losses are the means of the checkpoint's step losses; run.json
+    records the seconds the training thread spent in its saves, per epoch."""
+    respath, _ = pretrained
+    folder = os.path.join(respath, "model")
+    ckpt = torch.load(os.path.join(folder, "checkpoint.pth"), weights_only=True)
+    for name in ("model", "optimizer"):
+        saved = torch.load(os.path.join(folder, f"{name}.pth"), weights_only=True)
+        flat, expected = torch.utils._pytree.tree_flatten(saved), \
+            torch.utils._pytree.tree_flatten(ckpt[name])
+        assert flat[1] == expected[1]  # the same structure and keys
+        for value, reference in zip(flat[0], expected[0]):
+            assert (torch.equal(value, reference) if torch.is_tensor(reference)
+                    else value == reference)
+    run = json.load(open(os.path.join(respath, "run.json")))
+    steps = ckpt["history"]["series"]["loss"].numpy()
+    np.testing.assert_allclose(run["epoch_losses"], steps.reshape(2, -1).mean(1), rtol=1e-12)
+    waits = run["save_wait_s"]
+    assert [epoch for epoch, _ in waits["per_epoch"]] == [1, 2]
+    assert all(seconds > 0 for _, seconds in waits["per_epoch"])
+    assert waits["total"] == pytest.approx(sum(s for _, s in waits["per_epoch"]), abs=1e-3)
 
 
 def test_unlabeled_plain_folder_pretrains_rgb(tmp_path, real_images):
