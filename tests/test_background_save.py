@@ -164,6 +164,7 @@ def tiny_trainer(folder, epochs, batches, write_outputs=None):
 
 
 def load(path):
+    """The checkpoint (or any weights_only file) at `path`."""
     return torch.load(path, weights_only=True)
 
 
@@ -226,6 +227,30 @@ def test_failed_background_write_is_raised_at_the_next_save_or_the_end(tmp_path,
         trainer.fit()
     assert attempts == [3] and trainer.history.step == 3 * epochs
     assert "checkpoint-writer" not in [t.name for t in threading.enumerate()]
+
+
+def test_failed_write_behind_a_training_error_is_printed_not_lost(tmp_path, monkeypatch,
+                                                                  capsys):
+    """Training fails (a UserError at step 4) while the epoch-1 write's failure is not raised
+    yet: fit raises the training's error, after waiting for the write, and prints the write's
+    error in a note."""
+    def full_disk(state, path):
+        raise UserError(f"no space left on the device for {path}")
+
+    monkeypatch.setattr(engine, "save_checkpoint", full_disk)
+    trainer = tiny_trainer(tmp_path, 2, view_batches(3))
+    real_step = trainer.train_step
+
+    def train_step(batch, step):
+        if step == 4:
+            raise UserError("the loss became nan at step 4")
+        return real_step(batch, step)
+
+    trainer.train_step = train_step
+    with pytest.raises(UserError, match="^the loss became nan at step 4$"):
+        trainer.fit()
+    note = "note: the background write of the run's files failed as well: no space left"
+    assert note in capsys.readouterr().err
 
 
 class RecordedOutputs:
