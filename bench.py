@@ -27,10 +27,10 @@ Sections (--sections; each prints a table, and every row goes to the JSON file):
               and the broadcast version, for N in --ntxent-n
     startup   (only when named) main.py's start-up on path lists of --startup-sizes entries,
               the first scan of a folder of that many files, and the memory of DataLoader
-              workers holding that many entries (utils/startup_bench.py)
+              workers holding that many entries (tools/startup_bench.py)
     augment   (only when named) ways of producing the views: the batched ops of --gpu-aug,
               torchvision.transforms.v2 per view, the per-image PIL pipeline and kornia where
-              installed, ms per batch of views (utils/augment_bench.py)
+              installed, ms per batch of views (tools/augment_bench.py)
 Images per second count images (two views each), as main.py's img/s does. The targets of
 the performance goals are printed as "target ...: measured X (met|not met)" lines and stored under "targets";
 the end-to-end target also gives its ceiling: the speed-up over the baseline of a step that ran
@@ -1191,8 +1191,8 @@ def run_sections(args, device, data):
 
 
 def run_startup(args, workdir):
-    """The startup, startup_scan and startup_memory tables (utils/startup_bench.py)."""
-    from utils.startup_bench import bench_startup
+    """The startup, startup_scan and startup_memory tables (tools/startup_bench.py)."""
+    from tools.startup_bench import bench_startup
     sizes = args.startup_sizes or ([200, 1000] if args.quick else [10 ** 4, 10 ** 5, 10 ** 6])
     repo = os.path.abspath(args.startup_repo or os.path.dirname(os.path.abspath(__file__)))
     tic = time.perf_counter()
@@ -1220,9 +1220,9 @@ def run_startup(args, workdir):
 
 
 def run_augment(args):
-    """The augment table (utils/augment_bench.py), on the CPU: the PIL pipeline and workers
+    """The augment table (tools/augment_bench.py), on the CPU: the PIL pipeline and workers
     run there; --gpu-aug's own speed on a GPU is the loader section's."""
-    from utils.augment_bench import bench_augment
+    from tools.augment_bench import bench_augment
     tic = time.perf_counter()
     rows = bench_augment(repeats=2 if args.quick else 8, quick=args.quick)
     print_table("views of the simclr preset (RGB), ms per batch of views: least of the timed "

@@ -25,5 +25,5 @@ $PY linear_evaluation.py "$DATA" "$OUT/model/model.pth" "$OUT/reference_random" 
 $PY linear_evaluation.py "$DATA" "$OUT/model/model.pth" "$OUT/reference_pixels" -bs 250 -nw 2 \
     --reference pixels > "$OUT/reference_pixels.log"
 # The figures stay with the run (OUT is ignored by git: a user's demo changes no tracked file);
-# the maintainers' copy in results/demo.json is written by bash scripts/measure_docs.sh demo.
+# the maintainers' copy in results/demo.json is written by bash tools/measure_docs.sh demo.
 $PY scripts/demo_summary.py "$OUT" --json "$OUT/demo.json" --script-seconds "$SECONDS"

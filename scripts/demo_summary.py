@@ -6,7 +6,7 @@ Reads the run (OUT/run.json) and the three linear-probe reports (OUT/linear_eval
 OUT/reference_random, OUT/reference_pixels), prints the table of test accuracies, the loss per
 epoch and where the report, the loss plot and the confusion matrix are, and writes the figures
 with the command, commit, machine, versions and date to --json (the file the documentation's
-demo table is generated from, scripts/results_tables.py).
+demo table is generated from, tools/results_tables.py).
 """
 import argparse
 import json

@@ -268,7 +268,7 @@ def test_startup_section_pieces(tmp_path):
     hard link with both methods; a kept index (numpy arrays) is held in the workers without a
     private copy, and memory_row reads the index bench_memory writes."""
     from utils.file_index import scan_folder
-    from utils.startup_bench import bench_memory, bench_scan, write_real_files
+    from tools.startup_bench import bench_memory, bench_scan, write_real_files
 
     write_real_files(str(tmp_path / "files"), n=7)
     rows = bench_scan([350], str(tmp_path))
@@ -291,7 +291,7 @@ def test_augment_section_times_every_installed_method():
     (checked inside) and gets a positive time; kornia is timed or skipped as not installed."""
     import importlib.util
 
-    from utils.augment_bench import bench_augment
+    from tools.augment_bench import bench_augment
     rows = bench_augment(repeats=1, quick=True)
     assert [r["method"] for r in rows] == ["batched", "v2-per-view", "pil", "kornia"]
     for row in rows[:3]:

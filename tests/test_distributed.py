@@ -228,7 +228,7 @@ def test_more_processes_than_gpus_share_them_through_gloo_only_when_asked(monkey
     rank without a GPU of its own stops with a one-line error naming SIMCLR_TOOLKIT_SHARE_GPUS;
     with it set to 1 both ranks take cuda:0 and join through gloo (NCCL takes one process per
     GPU); with a GPU per process the variable changes nothing (NCCL). The real run on a GPU is
-    scripts/gpu_check.py's ddp check."""
+    tools/gpu_check.py's ddp check."""
     from utils import distributed
     from utils.errors import UserError
     joined = []

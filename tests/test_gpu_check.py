@@ -1,4 +1,4 @@
-"""scripts/gpu_check.py on the CPU, through its command line: without CUDA it stops at once
+"""tools/gpu_check.py on the CPU, through its command line: without CUDA it stops at once
 unless given --device cpu; with it the checks that need CUDA say they were skipped, the
 torchrun (2 gloo processes) check passes, checks run in the order --list gives, those the
 --budget leaves no time for are reported "skipped (budget)", the data is sized from what the
@@ -18,8 +18,8 @@ from conftest import REPO
 
 
 def gpu_check(*args, env=None, timeout=600):
-    """`python scripts/gpu_check.py ARGS...` from the repository root: a CompletedProcess."""
-    return subprocess.run([sys.executable, "scripts/gpu_check.py", *map(str, args)], cwd=REPO,
+    """`python tools/gpu_check.py ARGS...` from the repository root: a CompletedProcess."""
+    return subprocess.run([sys.executable, "tools/gpu_check.py", *map(str, args)], cwd=REPO,
                           capture_output=True, text=True, timeout=timeout,
                           env={**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})})
 

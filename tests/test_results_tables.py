@@ -1,5 +1,5 @@
 """The measured figures of the documentation: every generated table equals what
-scripts/results_tables.py makes of the results files, and every results file carries its
+tools/results_tables.py makes of the results files, and every results file carries its
 provenance (command, commit, machine, versions, date)."""
 import glob
 import json
@@ -12,12 +12,12 @@ import torch
 
 from conftest import REPO
 
-sys.path.insert(0, os.path.join(REPO, "scripts"))
+sys.path.insert(0, os.path.join(REPO, "tools"))
 import results_tables  # noqa: E402
 
 
 def test_generated_tables_match_their_results_files():
-    result = subprocess.run([sys.executable, "scripts/results_tables.py", "--check"], cwd=REPO,
+    result = subprocess.run([sys.executable, "tools/results_tables.py", "--check"], cwd=REPO,
                             capture_output=True, text=True)
     assert result.returncode == 0, result.stderr
     used = set()
@@ -45,7 +45,7 @@ RESULTS = sorted(glob.glob(os.path.join(REPO, "results", "*.json")) +
 
 @pytest.mark.parametrize("path", RESULTS, ids=lambda p: os.path.relpath(p, REPO))
 def test_results_files_carry_their_provenance(path):
-    """bench.py and demo_summary.py files hold one measurement, scripts/record.py files a list
+    """bench.py and demo_summary.py files hold one measurement, tools/record.py files a list
     of runs of one command: each with its date, commit, machine and library versions."""
     with open(path) as f:
         data = json.load(f)
@@ -59,7 +59,7 @@ def test_results_files_carry_their_provenance(path):
 
 
 def test_record_keeps_a_command_its_outputs_and_provenance(tmp_path):
-    """scripts/record.py runs the command, keeps the collected files and sizes with the
+    """tools/record.py runs the command, keeps the collected files and sizes with the
     provenance, adds a run when the same command is recorded again, refuses another command
     in the same file, and records nothing when the command fails."""
     out, kept = tmp_path / "out", tmp_path / "kept.json"
@@ -67,7 +67,7 @@ def test_record_keeps_a_command_its_outputs_and_provenance(tmp_path):
              f"json.dump({{'accuracy': 0.5}}, open({str(out / 'r.json')!r}, 'w')); "
              f"open({str(out / 't.csv')!r}, 'w').write('k,acc\\na,0.25\\nb,1\\n')")
     command = [sys.executable, "-c", write]
-    record = [sys.executable, "scripts/record.py", str(kept), "--collect", str(out / "r.json"),
+    record = [sys.executable, "tools/record.py", str(kept), "--collect", str(out / "r.json"),
               str(out / "t.csv"), "--file-sizes", str(out / "t.csv"), "--"]
     for _ in range(2):
         result = subprocess.run(record + command, cwd=REPO, capture_output=True, text=True)
@@ -83,7 +83,7 @@ def test_record_keeps_a_command_its_outputs_and_provenance(tmp_path):
     other = subprocess.run(record + [sys.executable, "-c", "pass"], cwd=REPO,
                            capture_output=True, text=True)
     assert other.returncode != 0 and "records another command" in other.stderr
-    failed = subprocess.run([sys.executable, "scripts/record.py", str(tmp_path / "f.json"), "--",
+    failed = subprocess.run([sys.executable, "tools/record.py", str(tmp_path / "f.json"), "--",
                              sys.executable, "-c", "raise SystemExit(3)"], cwd=REPO,
                             capture_output=True, text=True)
     assert failed.returncode == 3 and not (tmp_path / "f.json").exists()

@@ -1,6 +1,6 @@
 """--sync-debug's bookkeeping (utils/sync_audit.py) on the CPU: the first steps are not
 audited, every synchronisation warning of an audited step is counted at its line, and the CPU
-is refused with a one-line error. (The CUDA run itself is scripts/gpu_check.py's.)"""
+is refused with a one-line error. (The CUDA run itself is tools/gpu_check.py's.)"""
 import inspect
 import warnings
 

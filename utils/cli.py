@@ -286,7 +286,7 @@ def add_training_args(parser):
     group.add_argument("--sync-debug", action="store_true",
                        help="CUDA: record every host-GPU synchronisation inside the training "
                             "steps (torch.cuda.set_sync_debug_mode) and print them at the end "
-                            "(utils/sync_audit.py; scripts/gpu_check.py uses it)")
+                            "(utils/sync_audit.py; tools/gpu_check.py uses it)")
     group.add_argument("--print-freq", type=int, default=50, metavar="N",
                        help="without a terminal (a log file, a batch job): print a progress "
                             "line (epoch, step, loss, lr, images/s, ETA) every N steps; with "

@@ -41,7 +41,7 @@ def setup(cuda, timeout_minutes=30):
     gloo on the CPU. With `-c`, SIMCLR_TOOLKIT_SHARE_GPUS=1 and more processes on this machine
     than GPUs (`gpus_shared`), the processes share the GPUs (cuda:LOCAL_RANK mod GPUs) through
     gloo on CUDA tensors, as NCCL takes one process per GPU: slow, a way to run the
-    multi-process path on a machine of one GPU (scripts/gpu_check.py does).
+    multi-process path on a machine of one GPU (tools/gpu_check.py does).
     """
     if not launched_by_torchrun():
         if cuda and not torch.cuda.is_available():

@@ -1,13 +1,13 @@
 """Run a command that measures something and keep what it measured, with its provenance.
 
-    python scripts/record.py results/NAME.json [--collect FILE ...] [--file-sizes FILE ...] -- COMMAND ...
+    python tools/record.py results/NAME.json [--collect FILE ...] [--file-sizes FILE ...] -- COMMAND ...
 
 Runs COMMAND (its output goes to the terminal as usual), then adds one run to
 results/NAME.json: the date, the commit (and whether tracked code had uncommitted changes),
 the machine (CPU model and cores, GPUs), the library versions, the wall time, the load average
 before and after, the size of every --file-sizes file and the contents of every --collect file
 the command wrote (JSON parsed, CSV as a list of rows with numbers converted). Recording the
-same command again adds a run, so a table generated from the file (scripts/results_tables.py)
+same command again adds a run, so a table generated from the file (tools/results_tables.py)
 can give the range of the wall times of the recorded runs. A file records one command: another
 one is an error unless --replace. A failed command records nothing and exits with its status.
 """
@@ -110,7 +110,7 @@ def run_record(command, collect, sized=()):
 def main(argv=None):
     argv = sys.argv[1:] if argv is None else argv
     if "--" not in argv:
-        raise SystemExit("record: put the command after --, e.g. python scripts/record.py "
+        raise SystemExit("record: put the command after --, e.g. python tools/record.py "
                          "results/x.json -- python main.py ...")
     split = argv.index("--")
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])

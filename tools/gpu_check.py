@@ -2,10 +2,10 @@
 check, a summary of what passed, failed and was skipped, and a JSON with the device, the
 versions and each check's figures.
 
-    python scripts/gpu_check.py                          # on a GPU machine: the checks in order
-    python scripts/gpu_check.py --budget 300             # 5 minutes: the last checks skip
-    python scripts/gpu_check.py --only main kill ddp     # some checks (names, budgets: --list)
-    python scripts/gpu_check.py --device cpu --data DIR  # the CPU-runnable checks (CI runs some)
+    python tools/gpu_check.py                          # on a GPU machine: the checks in order
+    python tools/gpu_check.py --budget 300             # 5 minutes: the last checks skip
+    python tools/gpu_check.py --only main kill ddp     # some checks (names, budgets: --list)
+    python tools/gpu_check.py --device cpu --data DIR  # the CPU-runnable checks (CI runs some)
 
 Without a visible CUDA device it stops at once (exit status 2) unless given --device cpu.
 

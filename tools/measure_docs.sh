@@ -1,9 +1,9 @@
 #!/usr/bin/env bash
 # Every measurement the documentation quotes outside bench.py and the demo, as the commands that
-# make it: each runs through scripts/record.py, which keeps what it measured with its provenance
-# in results/docs/NAME.json; scripts/results_tables.py turns those files into the docs' tables.
+# make it: each runs through tools/record.py, which keeps what it measured with its provenance
+# in results/docs/NAME.json; tools/results_tables.py turns those files into the docs' tables.
 #
-#   [ONLY="RECIPE ..."] bash scripts/measure_docs.sh SECTION ...   # sections: recipes demo data features chunk
+#   [ONLY="RECIPE ..."] bash tools/measure_docs.sh SECTION ...   # sections: recipes demo data features chunk
 #                                              #  segmentation label-efficiency finetune-defaults
 #                                              #  defaults (or all)
 #
@@ -21,7 +21,7 @@ KEEP=results/docs
 
 record() {  # record NAME [--collect FILE ...] -- COMMAND ...
     local name=$1; shift
-    $PY scripts/record.py "$KEEP/$name.json" "$@"
+    $PY tools/record.py "$KEEP/$name.json" "$@"
 }
 
 need_model() {
@@ -114,7 +114,7 @@ recipe_run() {  # recipe_run NAME MAIN_FLAG ...: pretrain on the demo data, judg
     record recipe_${name}_pretrain --collect $out/run.json -- \
         $PY main.py $DATA $out -nw 2 --fresh "$@"
     record recipe_${name}_val --collect $out/val_eval.json -- \
-        $PY scripts/val_eval.py $DATA $out/model/model.pth $out/val_eval.json --references
+        $PY tools/val_eval.py $DATA $out/model/model.pth $out/val_eval.json --references
 }
 
 section_recipes() {  # docs/defaults.md: the demo recipe, chosen on validation images only

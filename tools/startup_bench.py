@@ -1,4 +1,4 @@
-"""bench.py --sections startup: start-up time and memory against the number of images.
+"""tools/bench_grid.py --sections startup: start-up time and memory against the number of images.
 
     startup   main.py on a path list of N entries (repeats of a few thousand real files): the
               seconds from its first output line (printed after the imports) to the first
@@ -25,6 +25,8 @@ import torch
 from PIL import Image
 
 from utils.data import ImageList, PathTable, make_loader
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 REAL_FILES = 2560
 
@@ -248,8 +250,8 @@ def bench_memory(sizes, workdir):
                  labels=np.arange(n) % 100)
         del table
         for layout in ("numpy", "lists"):
-            code = (f"import json, sys; sys.path.insert(0, {os.getcwd()!r}); "
-                    f"from utils.startup_bench import memory_row; "
+            code = (f"import json, sys; sys.path.insert(0, {REPO!r}); "
+                    f"from tools.startup_bench import memory_row; "
                     f"print(json.dumps(memory_row({n}, {layout!r}, {index_file!r})))")
             out = subprocess.run([sys.executable, "-c", code], check=True, capture_output=True,
                                  text=True).stdout.strip().splitlines()[-1]

@@ -1,8 +1,8 @@
 """The tables of measured figures in the documentation, generated from the results files.
 
-    python scripts/results_tables.py           # rewrite every generated table in README.md, docs/
-    python scripts/results_tables.py --check   # exit 1, naming them, if any table is stale
-    python scripts/results_tables.py --untraced  # count measured-looking figures outside them
+    python tools/results_tables.py           # rewrite every generated table in README.md, docs/
+    python tools/results_tables.py --check   # exit 1, naming them, if any table is stale
+    python tools/results_tables.py --untraced  # count measured-looking figures outside them
 
 A generated table sits between two comment lines in a Markdown file:
 
@@ -69,7 +69,7 @@ def machine_of(run):
     if isinstance(device, dict):  # bench.py
         return device["device_name"] if device["device"] == "cuda" else short_cpu(
             device["cpu_model"])
-    machine = run["machine"]  # scripts/record.py, demo_summary.py
+    machine = run["machine"]  # tools/record.py, demo_summary.py
     return ", ".join([short_cpu(machine["cpu"] or "?"), *machine.get("gpus", [])])
 
 
@@ -497,7 +497,7 @@ def bench_augment_table():
 
 
 def recorded(name):
-    """A scripts/record.py file of results/docs/: (its data, its newest run)."""
+    """A tools/record.py file of results/docs/: (its data, its newest run)."""
     data = load(os.path.join("docs", f"{name}.json"))
     return data, data["runs"][-1]
 
@@ -518,7 +518,7 @@ def wall_range(data):
 
 
 def recorded_provenance(names, newest_only=True):
-    """Source lines of scripts/record.py files, one per (commit, machine, date) their runs
+    """Source lines of tools/record.py files, one per (commit, machine, date) their runs
     share; newest_only: the table takes its figures but the wall times from each file's newest
     run (said in a first line where a file has several)."""
     groups = {}
@@ -532,8 +532,8 @@ def recorded_provenance(names, newest_only=True):
     for (commit, machine, date), members in groups.items():
         loads = [v for runs in members.values() for values in runs for v in values]
         files = ", ".join(f"`results/docs/{name}.json`" for name in members)
-        lines.append(f"- source: {files}, written by `scripts/record.py` "
-                     f"(`bash scripts/measure_docs.sh`) at commit {commit} on {machine} "
+        lines.append(f"- source: {files}, written by `tools/record.py` "
+                     f"(`bash tools/measure_docs.sh`) at commit {commit} on {machine} "
                      f"({date}; load average {min(loads):.1f} to {max(loads):.1f})")
     if newest_only and any(len(recorded(name)[0]["runs"]) > 1 for name in names):
         newest = recorded(names[0])[1]
@@ -835,7 +835,7 @@ def recipes_table():
                     f"row's flags (`measure_docs.sh recipes` lists them; `--knn-every 2` on the "
                     f"14-epoch runs); its time is its own run.json's; the `half`-stem runs shared "
                     f"the 2 cores with other work, the `cifar` one had them to itself. The validation figures were recorded by "
-                    f"`scripts/val_eval.py` through `scripts/record.py`.", ""] + \
+                    f"`tools/val_eval.py` through `tools/record.py`.", ""] + \
         recorded_provenance([f"recipe_{n}_val" for n in names])
 
 
@@ -906,7 +906,7 @@ def main(argv=None):
                 with open(path, "w") as f:
                     f.write(new)
     if args.check and stale:
-        print(f"stale results tables in {', '.join(stale)}: run python scripts/results_tables.py",
+        print(f"stale results tables in {', '.join(stale)}: run python tools/results_tables.py",
               file=sys.stderr)
         return 1
     print(f"{count} results tables {'checked' if args.check else 'written'}"

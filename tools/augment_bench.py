@@ -1,4 +1,4 @@
-"""bench.py --sections augment: ways of producing SimCLR views, ms per batch of views.
+"""tools/bench_grid.py --sections augment: ways of producing SimCLR views, ms per batch of views.
 
     batched      utils/gpu_augment.BatchSimCLRAugmentation on a uint8 batch (what --gpu-aug
                  runs): every view's parameters drawn at once, each step one batched op

@@ -2,7 +2,7 @@
 accuracy of h on a validation split carved from the training images, beside the same two
 evaluations of the references (the same network randomly initialised, the raw pixels).
 
-    python scripts/val_eval.py DATAPATH MODELPATH OUT.json [--val-fraction 0.2] [--references]
+    python tools/val_eval.py DATAPATH MODELPATH OUT.json [--val-fraction 0.2] [--references]
 
 The validation images are --val-fraction of every class of DATAPATH's train split, chosen by
 --seed (utils.sources.split_off_validation); the probe (linear_evaluation.py's) is fitted and
