@@ -1,57 +1,21 @@
-"""Benchmark of the pretraining path: how fast each part of what main.py runs goes on
-this machine, next to the machine's own limits and a straightforward reference loop.
+"""How fast SimCLR pretraining runs here, on your data and this device: each part of what
+main.py runs, held against the device's own dense matmul rate.
 
-    python bench.py                                  # this machine's default grid
-    python bench.py --device cpu --json results/bench_cpu.json
-    python bench.py --device cuda --json results/bench_cuda.json
-    python bench.py --device cuda --archs resnet18 --sizes 32 --compile off on \
-                    --sections compute end2end --json results/bench_cuda_compile.json
-    python bench.py --device cuda --gpu-targets --json results/bench_cuda_targets.json
-    python bench.py --quick --json /tmp/bench.json   # seconds: what the test suite runs
+    python bench.py                                     # synthetic RGB JPEGs of 32 px
+    python bench.py DATAPATH --image-size 224 -bs 256   # your images (any DATAPATH of main.py)
+    python bench.py --device cuda --arch resnet50 --compile --json bench.json
+    python bench.py --quick                             # seconds, meaningless figures (tests)
 
-Sections (--sections; each prints a table, and every row goes to the JSON file):
-    matmul    square matmul in each --amp dtype: the measured dense rate of the device
-    compute   forward + backward + optimizer step on a batch already on the device, for every
-              arch x size x amp x channels-last x compile: img/s, TFLOP/s (FlopCounterMode count
-              of the step) and their fraction of the matmul rate, peak memory
-    loader    main.py's input pipeline alone: DataLoader workers (decode + two augmented views
-              per image) per worker count, with --gpu-aug on the decoded uint8 batches
-              augmented on the device, with --gpu-decode on (JPEG data) workers reading bytes
-              and the device decoding and augmenting; its ratio to what the trainer consumes
-              (the fastest compute img/s of that size)
-    end2end   the engine's loop (Trainer.train_one_epoch) fed by that pipeline, as main.py runs it, in the fastest
-              compute configuration of each arch and size
-    baseline  the reference: a plain Dataset with per-image PIL transforms, two forward passes
-              (one per view), fp32, a broadcast cosine-similarity NT-Xent and loss.item() per step
-    ntxent    NTXentLoss forward + backward against the bare matmul + cross_entropy lower bound
-              and the broadcast version, for N in --ntxent-n
-    startup   (only when named) main.py's start-up on path lists of --startup-sizes entries,
-              the first scan of a folder of that many files, and the memory of DataLoader
-              workers holding that many entries (tools/startup_bench.py)
-    augment   (only when named) ways of producing the views: the batched ops of --gpu-aug,
-              torchvision.transforms.v2 per view, the per-image PIL pipeline and kornia where
-              installed, ms per batch of views (tools/augment_bench.py)
-Images per second count images (two views each), as main.py's img/s does. The targets of
-the performance goals are printed as "target ...: measured X (met|not met)" lines and stored under "targets";
-the end-to-end target also gives its ceiling: the speed-up over the baseline of a step that ran
-all its FLOPs at the measured matmul rate (no loop doing the same work can exceed it). MFU is
-a step's TFLOP/s over the device's measured bf16 matmul rate. On CUDA the targets judge the
-fastest input pipeline of each arch and size, and main.py's default one (--gpu-aug where the
-decoded images fit --max-memory-gb, else --gpu-decode) where that is slower: >= 90 % of
-compute-only, >= 3x the baseline and, on an H100/H200, >= 15,000 img/s (ResNet-18, 32 px,
-batch 512, 3-channel images) and >= 2,500 img/s (ResNet-50, 224 px, batch 256, JPEG files);
---gpu-targets runs just those configurations.
-Image sizes above --jpeg-above (CUDA: 64) read synthetic RGB JPEGs of 8/7 x the size unless
---data; with --gpu-targets the smaller sizes read RGB JPEGs of their own size (32 px).
+matmul, the device's dense rate; compute, main.py's step on a batch already on the device;
+loader, main.py's input alone (workers, and the device path it takes on CUDA); end2end, the
+engine's loop fed by each input. "Of matmul" is img/s over that of the same step run at the
+matmul rate. docs/performance.md explains each figure; tools/bench_grid.py builds on these.
 """
 import argparse
-import ctypes
 import functools
 import gc
 import itertools
-import math
 import os
-import platform
 import sys
 import tempfile
 import time
@@ -59,209 +23,90 @@ import types
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from PIL import Image
 from torch.utils.flop_counter import FlopCounterMode
 
-from utils.fileio import json_dump, open_runs
-from utils.errors import UserError, warn
 from simclr import SimCLRTask, transfer_views
-from utils.cli import ensure_writable_dir, environment_info, run_main
+from utils.cli import ensure_writable_dir, environment_info, non_negative_int, run_main
 from utils.data import (EpochBatchSampler, InMemoryBatches, TwoViewDataset, dataset_statistics,
                         decode_images, decoded_size_bytes, make_loader)
+from utils.engine import LoopSettings, Run, RunFiles, Trainer
+from utils.errors import UserError
 from utils.file_index import find_split
+from utils.fileio import json_dump
 from utils.gpu_augment import BatchSimCLRAugmentation, DeviceTwoViews
 from utils.gpu_decode import BatchDecoder, DecodedTwoViews, EncodedImageDataset, collate_encoded
 from utils.model import FEATURE_DIMS, build_model, default_proj_dims, resolve_stem
-from utils.engine import LoopSettings, Run, RunFiles, Trainer
 from utils.ntxent import NTXentLoss
 from utils.optim import build_optimizer, scaled_learning_rate
 from utils.precision import MixedPrecision, resolve_amp
-from utils.sources import select_subset
+from utils.sources import load_split, select_subset
 from utils.transforms import SimCLRAugmentation, TwoViews
 
-REPO = os.path.dirname(os.path.abspath(__file__))
-SECTIONS = ("matmul", "compute", "loader", "ntxent", "end2end", "baseline")
 MATMUL_DTYPES = {"off": "float32", "bf16": "bfloat16", "fp16": "float16"}  # per --amp
 # main.py's defaults: temperature, SGD learning rate per 256 images and weight decay, logging
 TEMPERATURE, LR_PER_256, WEIGHT_DECAY, LOG_EVERY = 0.2, 0.5, 5e-4, 10
-# The broadcast NT-Xent peaked at 6.2x one (2N, 2N, D) float32 tensor (CPU, N = 256 and 512).
-BROADCAST_PEAK_TENSORS = 6.2
-# Performance targets (CPU: end to end over the baseline, loader over the trainer; CUDA: end to
-# end over compute-only and over the baseline; any device: NT-Xent over its bound).
-E2E_OVER_BASELINE, LOADER_OVER_TRAINER, NTXENT_OVER_BOUND, E2E_OVER_COMPUTE = 1.3, 3.0, 1.5, 0.90
-CUDA_E2E_OVER_BASELINE = 3.0
-NTXENT_TARGET_N = 1024
-# img/s of the GPU targets on an H100/H200-class GPU, per (arch, image size, batch): the
-# published references are about 4,200 img/s (ResNet-18, CIFAR-10, fp32, A100) and 2,500-3,000
-# per view (ResNet-50, 224 px, DALI + AMP, A100).
-GPU_CLASS_TARGETS = {("resnet18", 32, 512): 15_000, ("resnet50", 224, 256): 2_500}
-TARGET_GPU_NAMES = ("H100", "H200")
-
-# Defaults that depend on the device (and on --quick); a flag given on the command line wins.
-DEFAULTS = {
-    "cpu": dict(archs=["resnet18"], sizes=[32], amp=["off"], channels_last=["on", "off"],
-                compile=["off", "on"], gpu_aug=["off"], gpu_decode=["off"], batch_size=128,
-                batch_by_size={}, jpeg_above=None, steps=4, warmup=1,
-                workers=[0, 1, 2], ntxent_n=[256, 1024, 4096], matmul_size=2048,
-                broadcast_limit_gb=4.0),
-    "cuda": dict(archs=["resnet18", "resnet50"], sizes=[32, 224], amp=["off", "bf16", "fp16"],
-                 channels_last=["on", "off"], compile=["off"], gpu_aug=["off", "on"],
-                 gpu_decode=["off", "on"], batch_size=None, batch_by_size={32: 512, 224: 256},
-                 jpeg_above=64, steps=30, warmup=5, workers=[2, 4, 8, 16],
-                 ntxent_n=[256, 1024, 4096], matmul_size=8192, broadcast_limit_gb=None),
-    "quick": dict(archs=["resnet18"], sizes=[8], amp=["off"], channels_last=["on", "off"],
-                  compile=["off"], gpu_aug=["off"], gpu_decode=["off"], batch_size=8,
-                  batch_by_size={}, jpeg_above=None, steps=1, warmup=0,
-                  workers=[0, 1], ntxent_n=[64, 1024], matmul_size=256,
-                  broadcast_limit_gb=1.0),
+MAX_MEMORY_GB = 4.0  # main.py's --max-memory-gb default (its CUDA default takes --gpu-aug below)
+DEFAULTS = {  # per device, and --quick; a flag given on the command line wins
+    "cpu": dict(batch_size=128, steps=4, warmup=1, workers=[0, 1, 2], matmul_size=2048),
+    "cuda": dict(batch_size=256, steps=30, warmup=5, workers=[2, 4, 8, 16], matmul_size=8192),
+    "quick": dict(batch_size=8, steps=1, warmup=0, workers=[0, 1], matmul_size=256),
 }
-QUICK_MAX_IMAGES = 128
 
 
 def get_args_parser():
     parser = argparse.ArgumentParser(
-        description="Benchmark of the pretraining path: loader, compute, end to end, NT-Xent, "
-                    "matmul rate, and a straightforward reference loop.",
+        description="How fast SimCLR pretraining runs here: matmul rate, compute, loader and end "
+                    "to end on your data (or synthetic images) and device.",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    parser.add_argument("--quick", action="store_true",
-                        help="tiny sizes (8 px, batch 8, 1 step without warm-up, 128 images): "
-                             "runs in seconds, for the test suite; the figures mean nothing")
+    parser.add_argument("datapath", metavar="DATAPATH", nargs="?", default=None,
+                        help="training images, as main.py takes them; default synthetic JPEGs")
     parser.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto",
                         help="auto = cuda when available, else cpu")
-    parser.add_argument("--gpu-targets", action="store_true",
-                        help="only the configurations of the GPU targets, side by side: "
-                             "ResNet-18 at 32 px (batch 512, RGB JPEGs of 32 px) and ResNet-50 "
-                             "at 224 px (batch 256, from JPEG files), bf16, channels-last, every "
-                             "input pipeline and the baseline (flags given on the command line "
-                             "still win)")
-    parser.add_argument("--sections", nargs="+", choices=SECTIONS + ("startup", "augment"),
-                        default=list(SECTIONS),
-                        help="what to measure (see the module docstring)")
-    parser.add_argument("--json", metavar="OUT", default=os.path.join("results", "bench.json"),
-                        help="the results file: every row, the settings and the device, kept "
-                             "as one more run of this command (the tables give the range over "
-                             "the runs)")
-    parser.add_argument("--replace", action="store_true",
-                        help="drop the runs of another command recorded in the --json file")
-    grid = parser.add_argument_group(
-        "grid (defaults per device: CPU resnet18, 32 px, amp off, gpu-aug off; CUDA resnet18 and "
-        "resnet50, 32 and 224 px, amp off bf16 fp16, gpu-aug off on; both channels-last on off, "
-        "compile off)")
-    grid.add_argument("--archs", nargs="+", choices=tuple(FEATURE_DIMS), default=None,
-                      help="encoders of the compute, end-to-end and baseline sections")
-    grid.add_argument("--sizes", nargs="+", type=int, default=None,
-                      help="training resolutions in px (the augmentation's --image-size)")
-    grid.add_argument("--amp", nargs="+", choices=tuple(MATMUL_DTYPES), default=None,
-                      help="precisions: off = fp32, bf16 / fp16 = autocast of the forward pass "
-                           "(fp16 with a GradScaler); CPU bf16 is slow without native support")
-    grid.add_argument("--channels-last", nargs="+", choices=("on", "off"), default=None,
-                      help="memory formats to measure (main.py's default is on)")
-    grid.add_argument("--compile", nargs="+", choices=("off", "on"), default=None,
-                      help="torch.compile of the model (inductor); every configuration compiles "
-                           "anew in its warm-up, which can take minutes, so measure it on a "
-                           "narrowed grid")
-    grid.add_argument("--gpu-aug", nargs="+", choices=("off", "on"), default=None,
-                      help="input pipelines of the loader and end-to-end sections: off = "
-                           "DataLoader workers, on = main.py --gpu-aug (decoded uint8 images, "
-                           "augmentation on the device, utils/gpu_augment.py)")
-    grid.add_argument("--gpu-decode", nargs="+", choices=("off", "on"), default=None,
-                      help="also time main.py --gpu-decode (workers read JPEG bytes, the device "
-                           "decodes and augments) on JPEG data (default on CUDA: off on)")
-    grid.add_argument("-bs", "--batch-size", dest="batch_size", type=int, default=None,
-                      help="images per step (two views each); default 128 (8 with --quick)")
-    grid.add_argument("--steps", type=int, default=None,
-                      help="timed steps (batches, matmuls, loss evaluations) per measurement; "
-                           "default 4 on CPU, 30 on CUDA")
-    grid.add_argument("--warmup", type=int, default=None,
-                      help="untimed steps before each measurement; default 1 on CPU, 5 on CUDA")
-    grid.add_argument("--workers", nargs="+", type=int, default=None,
-                      help="DataLoader worker counts of the loader section; default 0 1 2 on "
-                           "CPU, 2 4 8 16 (at most the CPU count) on CUDA")
-    grid.add_argument("--e2e-workers", type=int, default=None,
-                      help="workers of the end-to-end and baseline loops (default: the largest "
-                           "of --workers)")
-    data = parser.add_argument_group("data and sizes")
-    data.add_argument("--data", metavar="FOLDER", default=None,
-                      help="image folder (with train/ or plain images) of the loader, end-to-end "
-                           "and baseline sections; default demo_data when present, else "
-                           "synthetic images written to a temporary folder")
-    data.add_argument("--jpeg-above", metavar="PX", type=int, default=None,
-                      help="image sizes above PX read RGB JPEGs of 8/7 x the size (synthetic, "
-                           "as ImageNet's 256 px files for 224 px crops) unless --data is given "
-                           "(default on CUDA: 64; elsewhere none); with --gpu-targets the sizes "
-                           "at or below PX read RGB JPEGs of their own size")
-    data.add_argument("--ntxent-n", nargs="+", type=int, default=None,
-                      help="batch sizes N of the NT-Xent section (2N embeddings)")
-    data.add_argument("--startup-sizes", nargs="+", type=int, default=None,
-                      help="--sections startup: numbers of entries (default 10^4 10^5 10^6; "
-                           "quick: 200 1000)")
-    data.add_argument("--startup-repo", metavar="DIR", default=None,
-                      help="--sections startup: time this checkout's main.py (e.g. a worktree of "
-                           "an older commit, for a before/after table); default this one")
-    data.add_argument("--ntxent-dim", type=int, default=128, help="embedding size D of NT-Xent")
-    data.add_argument("--matmul-size", type=int, default=None,
-                      help="side of the square matmul; default 2048 on CPU, 8192 on CUDA")
-    data.add_argument("--broadcast-limit-gb", type=float, default=None,
-                      help="skip the broadcast NT-Xent where its estimated peak memory "
-                           "(6.2 x (2N)^2 x D x 4 bytes) exceeds this; default 4 on CPU, half "
-                           "the GPU memory on CUDA")
+    parser.add_argument("--arch", choices=tuple(FEATURE_DIMS), default="resnet18",
+                        help="encoder, as main.py --arch")
+    parser.add_argument("--image-size", type=int, default=None,
+                        help="training resolution in px (default: DATAPATH's native size, as "
+                             "main.py; 32 for synthetic images)")
+    parser.add_argument("-bs", "--batch-size", dest="batch_size", type=int, default=None,
+                        help="images per step (two views each); default 128 on CPU, 256 on CUDA")
+    parser.add_argument("--amp", choices=("auto", "off", "bf16", "fp16"), default="auto",
+                        help="precision of the forward pass, as main.py --amp (auto: bf16 on "
+                             "GPUs with native bf16, else off)")
+    parser.add_argument("--compile", action="store_true",
+                        help="torch.compile the model (inductor), as main.py --compile")
+    parser.add_argument("--workers", nargs="+", type=non_negative_int, default=None,
+                        help="DataLoader worker counts of the loader (end to end takes the "
+                             "largest); default 0 1 2 on CPU, 2 4 8 16 (at most the CPUs) on CUDA")
+    parser.add_argument("--steps", type=int, default=None,
+                        help="timed steps per measurement; default 4 on CPU, 30 on CUDA")
+    parser.add_argument("--warmup", type=non_negative_int, default=None,
+                        help="untimed steps before each; default 1 on CPU, 5 on CUDA")
+    parser.add_argument("--quick", action="store_true",
+                        help="batch 8, 1 step, no warm-up: seconds, for the tests; the "
+                             "figures mean nothing")
+    parser.add_argument("--json", metavar="OUT", default=None,
+                        help="also write every figure, the device, versions and flags to OUT")
     return parser
 
 
 def resolve_settings(args):
-    """Fill the flags left at None with the defaults of the device (or of --quick), check the
-    values; returns the torch.device."""
+    """Fill the flags left at None with the defaults of the device (or --quick), check them,
+    resolve --amp as main.py does; returns the torch.device."""
     device = select_bench_device(args.device)
     defaults = dict(DEFAULTS["quick" if args.quick else device.type])
-    args.pairs = None
-    if args.gpu_targets:
-        args.pairs = sorted({(arch, size) for arch, size, _ in GPU_CLASS_TARGETS})
-        defaults.update(archs=sorted({a for a, _ in args.pairs}),
-                        sizes=sorted({s for _, s in args.pairs}), amp=["bf16"],
-                        channels_last=["on"], compile=["off"], gpu_aug=["off", "on"],
-                        gpu_decode=["off", "on"], batch_size=None,
-                        batch_by_size={size: b for _, size, b in GPU_CLASS_TARGETS},
-                        jpeg_above=64)
     if device.type == "cuda" and not args.quick:
         defaults["workers"] = sorted({min(w, os.cpu_count() or 1) for w in defaults["workers"]})
-        defaults["broadcast_limit_gb"] = torch.cuda.get_device_properties(
-            device).total_memory / 2 ** 31
     for name, value in defaults.items():
         if getattr(args, name, None) is None:
             setattr(args, name, value)
-    if args.e2e_workers is None:
-        args.e2e_workers = max(args.workers)
-    checks = [(min(batch_for(args, size) for size in args.sizes) >= 2,
-               f"-bs {args.batch_size}: SimCLR needs at least 2 images per batch, e.g. -bs 128"),
-              (args.steps >= 1, f"--steps {args.steps} must be at least 1"),
-              (args.warmup >= 0, f"--warmup {args.warmup} must be 0 or more"),
-              (min(args.workers + [args.e2e_workers]) >= 0, "worker counts must be 0 or more"),
-              (min(args.sizes) >= 8, f"--sizes {args.sizes}: images of at least 8 px, e.g. 32"),
-              (min(args.ntxent_n) >= 2, f"--ntxent-n {args.ntxent_n}: at least 2 images"),
-              (args.ntxent_dim >= 1, f"--ntxent-dim {args.ntxent_dim} must be at least 1"),
-              (args.matmul_size >= 16, f"--matmul-size {args.matmul_size}: at least 16")]
-    for ok, message in checks:
-        if not ok:
+    for bad, message in [(args.batch_size < 2, "-bs: SimCLR needs 2 images or more, e.g. 128"),
+                         (args.steps < 1, f"--steps {args.steps} must be at least 1"),
+                         ((args.image_size or 8) < 8, "--image-size: 8 px or more, e.g. 32")]:
+        if bad:
             raise UserError(message)
-    for amp in args.amp:
-        resolve_amp(amp, device)  # UserError for bf16 on a GPU without it
+    args.amp = resolve_amp(args.amp, device)
     return device
-
-
-def batch_for(args, size):
-    """The batch size at image size `size`: -bs when given, else the device's default for that
-    size (CUDA: 512 at 32 px, 256 at 224 px, the sizes of the GPU targets), else 128."""
-    if args.batch_size is not None:
-        return args.batch_size
-    return (getattr(args, "batch_by_size", None) or {}).get(size, 128)
-
-
-def sized_args(args, size):
-    """A copy of `args` for the sections at one image size: sizes [size], its batch size."""
-    archs = [a for a in args.archs if args.pairs is None or (a, size) in args.pairs]
-    return argparse.Namespace(**{**vars(args), "sizes": [size], "archs": archs,
-                                 "batch_size": batch_for(args, size)})
 
 
 def select_bench_device(name):
@@ -273,10 +118,6 @@ def select_bench_device(name):
     return torch.device(name)
 
 
-# ---------------------------------------------------------------------------------------------
-# Timing, memory, FLOPs
-
-
 def synchronize(device):
     """Wait for the device's queued work (CUDA runs asynchronously; the CPU needs nothing)."""
     if device.type == "cuda":
@@ -284,8 +125,7 @@ def synchronize(device):
 
 
 def seconds_per_call(fn, warmup, steps, device):
-    """Mean wall time of fn() over `steps` calls after `warmup` untimed ones, with the device
-    synchronised before and after the timed calls."""
+    """Mean wall time of fn() over `steps` calls after `warmup` untimed ones (device synced)."""
     for _ in range(warmup):
         fn()
     synchronize(device)
@@ -296,83 +136,24 @@ def seconds_per_call(fn, warmup, steps, device):
     return (time.perf_counter() - tic) / steps
 
 
-def _proc_status_mb(field):
-    """A memory figure of this process from /proc/self/status (e.g. VmRSS) in MB."""
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith(field + ":"):
-                return int(line.split()[1]) / 1024  # kB
-    raise OSError(f"no {field} in /proc/self/status")
-
-
-class PeakMemory:
-    """Peak memory of a `with` block above what was in use at its start, in MB (`.mb`).
-
-    CUDA: torch.cuda.max_memory_allocated minus memory_allocated at the start (tensor bytes).
-    CPU: the peak resident set size (Linux VmHWM, reset to the current size at the start by
-    writing 5 to /proc/self/clear_refs) minus the resident size at the start, after returning
-    the allocator's free memory to the system (glibc malloc_trim), so that memory reused from
-    earlier measurements counts again. Small figures (below a page or two of allocator slack)
-    can still read 0; DataLoader worker processes are not included. `.mb` is None where
-    /proc/self/clear_refs is not available (not Linux).
-    """
-
-    METHOD = {"cuda": "torch.cuda.max_memory_allocated above the start",
-              "cpu": "peak resident set size above the start (Linux VmHWM after a reset "
-                     "through /proc/self/clear_refs, free heap returned by malloc_trim first)"}
-
-    def __init__(self, device):
-        self.device, self.mb, self.start = device, None, None
-
-    def __enter__(self):
-        if self.device.type == "cuda":
-            torch.cuda.reset_peak_memory_stats(self.device)
-            self.start = torch.cuda.memory_allocated(self.device)
-        else:
-            gc.collect()
-            release_free_heap()
-            try:
-                with open("/proc/self/clear_refs", "w") as f:
-                    f.write("5")
-                self.start = _proc_status_mb("VmRSS")
-            except OSError:
-                self.start = None
-        return self
-
-    def __exit__(self, *exc):
-        if self.device.type == "cuda":
-            self.mb = (torch.cuda.max_memory_allocated(self.device) - self.start) / 2 ** 20
-        elif self.start is not None:
-            self.mb = max(0.0, _proc_status_mb("VmHWM") - self.start)
-        return False
-
-
-def release_free_heap():
-    """Give the C heap's free pages back to the system (glibc malloc_trim(0)); a no-op where
-    the C library has no malloc_trim."""
-    try:
-        ctypes.CDLL(None).malloc_trim(0)
-    except (OSError, AttributeError):
-        pass
-
-
 def count_flops(fn):
-    """Floating-point operations of one call of fn() (its forward and backward ops), counted by
-    torch.utils.flop_counter.FlopCounterMode: 2*m*n*k per matmul, the analogous count per
-    convolution and its gradients; elementwise ops count 0."""
+    """FLOPs of one call of fn() as FlopCounterMode counts them (matmuls, convolutions)."""
     with FlopCounterMode(display=False) as counter:
         fn()
     return counter.get_total_flops()
 
 
-# ---------------------------------------------------------------------------------------------
-# The training step (what main.py runs) and the reference implementations
+def release_memory(device):
+    """Free what the last measurement left: garbage, and on CUDA the allocator's cached blocks."""
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
 
 
-def build_trainer(arch, channels, image_size, config, pipeline, device):
-    """The engine's Trainer for main.py's SimCLR task with its defaults (SGD, NT-Xent, a
-    constant learning rate here, no checkpoints): the model on `device`, channels-last and/or
-    torch.compile'd as `config` asks. pipeline = (loader, sampler, make_views)."""
+def build_trainer(arch, channels, image_size, config, pipeline, device, steps=1):
+    """The engine's Trainer for main.py's SimCLR task with its defaults (SGD, NT-Xent, constant
+    learning rate here, no checkpoints), channels-last and compiled as `config` says, for
+    epochs of `steps` batches of pipeline = (loader, sampler, make_views)."""
     loader, sampler, make_views = pipeline
     if config["compile"]:
         torch._dynamo.reset()  # else each configuration adds graphs, up to the recompile limit
@@ -380,7 +161,7 @@ def build_trainer(arch, channels, image_size, config, pipeline, device):
     model = build_model(arch, channels, resolve_stem("auto", image_size),
                         default_proj_dims(arch)).to(device)
     lr = scaled_learning_rate(LR_PER_256, sampler.global_batch_size, "linear")
-    settings = LoopSettings(epochs=1, steps_per_epoch=max(1, len(loader)), log_every=LOG_EVERY,
+    settings = LoopSettings(epochs=1, steps_per_epoch=steps, log_every=LOG_EVERY,
                             checkpoint_minutes=0, channels_last=config["channels_last"],
                             compile="inductor" if config["compile"] else None)
     trainer = Trainer(Run(
@@ -392,884 +173,266 @@ def build_trainer(arch, channels, image_size, config, pipeline, device):
     return trainer
 
 
-def plain_step(trainer, x):
-    """trainer.train_step on the plain module (not compiled), e.g. under FlopCounterMode."""
-    compiled, trainer.model = trainer.model, trainer.plain
-    try:
-        trainer.train_step(x, 0)
-    finally:
-        trainer.model = compiled
-
-
-def partner_targets(n, device):
-    """Index of each of the 2N views' partner: i <-> i + N."""
-    return torch.cat([torch.arange(n, 2 * n), torch.arange(0, n)]).to(device)
-
-
-def matmul_cross_entropy(z1, z2):
-    """The lower bound of any NT-Xent: logits = z z^T (2N, 2N) for z = cat(z1, z2), then
-    cross_entropy against the partners; no normalisation, no temperature, no mask."""
-    z = torch.cat([z1, z2])
-    return F.cross_entropy(z @ z.T, partner_targets(z1.shape[0], z.device))
-
-
-def broadcast_ntxent(z1, z2, temperature):
-    """NT-Xent as common SimCLR repositories write it (the reference): the cosine similarity of
-    every pair by broadcasting (2N, 1, D) against (1, 2N, D), which materialises (2N, 2N, D)
-    tensors, the diagonal masked, cross_entropy against the partners. The same loss value as
-    utils.ntxent.NTXentLoss, at far more time and memory."""
-    z = torch.cat([z1, z2])
-    sim = F.cosine_similarity(z.unsqueeze(1), z.unsqueeze(0), dim=2) / temperature
-    self_mask = torch.eye(z.shape[0], dtype=torch.bool, device=z.device)
-    return F.cross_entropy(sim.masked_fill(self_mask, float("-inf")),
-                           partner_targets(z1.shape[0], z.device))
-
-
-class PlainTwoViewDataset(torch.utils.data.Dataset):
-    """The reference's dataset: open file `index` with PIL, convert it to `mode`, apply the
-    per-image `transform` twice; no seeding, no substitute for unreadable files."""
-
-    def __init__(self, paths, mode, transform):
-        self.paths, self.mode, self.transform = paths, mode, transform
-
-    def __len__(self):
-        return len(self.paths)
-
-    def __getitem__(self, index):
-        img = Image.open(self.paths[index]).convert(self.mode)
-        return self.transform(img), self.transform(img)
-
-
-def baseline_step(model, optimizer, view1, view2):
-    """The reference step: one forward pass per view (so each view has its own BatchNorm
-    statistics), the broadcast NT-Xent in fp32, backward, step, and loss.item() (a host sync
-    every step)."""
-    _, z1 = model(view1)
-    _, z2 = model(view2)
-    loss = broadcast_ntxent(z1, z2, TEMPERATURE)
-    optimizer.zero_grad()
-    loss.backward()
-    optimizer.step()
-    return loss.item()
-
-
-# ---------------------------------------------------------------------------------------------
-# Data
-
-
-def write_synthetic_images(folder, n, size=28, seed=0):
-    """Write `n` grayscale PNGs of `size` px (smooth random blobs: upscaled 7x7 noise) into
-    folder/train/ and return `folder`; the stand-in for the demo data when it is absent."""
+def write_synthetic_images(folder, n, size, seed=0, rgb_jpeg=True):
+    """Write `n` RGB JPEGs (or gray PNGs) of random blobs of `size` px into folder/train/."""
     rng = np.random.default_rng(seed)
-    train = os.path.join(folder, "train")
-    os.makedirs(train, exist_ok=True)
+    os.makedirs(os.path.join(folder, "train"), exist_ok=True)
     for i in range(n):
-        coarse = rng.integers(0, 256, (7, 7), dtype=np.uint8)
-        Image.fromarray(coarse).resize((size, size), Image.BILINEAR).save(
-            os.path.join(train, f"{i:05d}.png"))
+        coarse = rng.integers(0, 256, (8, 8, 3) if rgb_jpeg else (7, 7), dtype=np.uint8)
+        Image.fromarray(coarse).resize((size, size), Image.BICUBIC).save(os.path.join(
+            folder, "train", f"{i:05d}.{'jpg' if rgb_jpeg else 'png'}"), quality=90)
     return folder
-
-
-def write_synthetic_jpegs(folder, n, size, seed=0):
-    """Write `n` RGB JPEGs of `size` px (smooth random colour blobs, quality 90) into
-    folder/train/ and return `folder`: files of a natural-image size for the 224 px rows."""
-    rng = np.random.default_rng(seed)
-    train = os.path.join(folder, "train")
-    os.makedirs(train, exist_ok=True)
-    for i in range(n):
-        coarse = rng.integers(0, 256, (8, 8, 3), dtype=np.uint8)
-        Image.fromarray(coarse).resize((size, size), Image.BICUBIC).save(
-            os.path.join(train, f"{i:05d}.jpg"), quality=90)
-    return folder
-
-
-class BenchData:
-    """The images of the data sections per image size, loaded once per kind: --data, else
-    synthetic RGB JPEGs where jpeg_side() gives them a side, else demo_data/ when present, else
-    synthetic gray PNGs. `for_size(args, size)` -> (ImageList, statistics, description)."""
-
-    def __init__(self, workdir):
-        self.workdir, self.loaded = workdir, {}
-
-    def for_size(self, args, size):
-        side = jpeg_side(args, size)
-        key = ("jpeg", size) if side else "default"
-        if key not in self.loaded:
-            self.loaded[key] = (load_jpeg_images(args, self.workdir, size, side) if side
-                                else load_bench_images(args, self.workdir))
-        images = self.loaded[key][0]
-        if len(images) < args.batch_size:
-            raise UserError(f"{self.loaded[key][2]}: fewer than one batch of {args.batch_size}; "
-                            f"use -bs {len(images)} or less")
-        return self.loaded[key]
-
-
-def jpeg_side(args, size):
-    """The side in px of the synthetic RGB JPEGs that the rows at `size` read, or None where
-    they read --data or demo_data: 8/7 x the size above --jpeg-above (as ImageNet's 256 px
-    files for 224 px crops); with --gpu-targets the size itself at or below it (3-channel
-    images as CIFAR's for the 32 px target: RGB augmentation costs about twice gray's)."""
-    if args.data is not None:
-        return None
-    if args.jpeg_above is not None and size > args.jpeg_above:
-        return round(size * 8 / 7)
-    return size if getattr(args, "gpu_targets", False) else None
-
-
-def load_jpeg_images(args, workdir, size, side):
-    """(ImageList, statistics, description) of synthetic RGB JPEGs of `side` px for the rows
-    at `size`."""
-    n = max(8 * batch_for(args, size), 256)
-    folder = write_synthetic_jpegs(os.path.join(workdir, f"jpeg{size}"), n, side)
-    images = find_split(folder, "train", require_labels=False)
-    stats = dataset_statistics(images, os.path.join(folder, "data_stats.json"), seed=0)
-    return images, stats, f"synthetic: {n} RGB JPEGs of {side} px"
-
-
-def is_jpeg_data(images):
-    """Whether every file of `images` is named as a JPEG (what --gpu-decode is for)."""
-    return images.pixels is None and all(
-        p.lower().endswith((".jpg", ".jpeg")) for p in images.paths)
-
-
-def load_bench_images(args, workdir):
-    """(ImageList, statistics dict, description) of the images the data sections read:
-    --data, else demo_data/ when present, else synthetic images written under `workdir`."""
-    demo = os.path.join(REPO, "demo_data")
-    if args.data is not None:
-        if not os.path.isdir(args.data):
-            raise UserError(f"--data {args.data} is not a folder; give a folder of images (or "
-                            f"one with train/), or leave --data out to use demo_data")
-        folder, source = args.data, args.data
-    elif os.path.isdir(os.path.join(demo, "train")):
-        folder, source = demo, "demo_data (Fashion-MNIST, 28 px gray)"
-    else:
-        n = max(8 * max(batch_for(args, size) for size in args.sizes or [0]), 256)
-        folder = write_synthetic_images(os.path.join(workdir, "synthetic"), n)
-        source = f"synthetic: {n} random 28 px gray PNGs (no demo_data)"
-    images = find_split(folder, "train", require_labels=False)
-    if args.quick:
-        images = select_subset(images, min(len(images), QUICK_MAX_IMAGES))
-    stats = dataset_statistics(images, os.path.join(workdir, "data_stats.json"), seed=0)
-    return images, stats, f"{source}, {len(images)} images"
 
 
 def main_augmentation_args(image_size, stats):
-    """The arguments of main.py's default augmentation (simclr preset, jitter 0.5, blur above
-    32 px, crops down to 8 %) at `image_size`, for SimCLRAugmentation (one PIL image ->
-    normalised (C, S, S)) or BatchSimCLRAugmentation (a uint8 batch on the device)."""
+    """main.py's default augmentation (simclr preset, jitter 0.5, blur above 32 px, crops down
+    to 8 %) at `image_size`, for SimCLRAugmentation or BatchSimCLRAugmentation."""
     return (image_size, stats["channels"], stats["mean"], stats["std"], 0.5, image_size > 32,
             0.08, "simclr", 0.0, 0.0, 0.0)
 
 
-def pretraining_loader(images, stats, image_size, batch_size, workers, device):
-    """(loader, sampler) exactly as main.py builds them: TwoViewDataset, EpochBatchSampler and
-    make_loader; each batch is (view1, view2), both (B, C, S, S)."""
-    augmentation = SimCLRAugmentation(*main_augmentation_args(image_size, stats))
-    dataset = TwoViewDataset(images, stats["channels"], TwoViews(augmentation), seed=0)
+def pipeline_for(mode, images, stats, size, batch_size, workers, device):
+    """(loader, sampler, make_views) of main.py's input `mode`: 'workers' (views made per image
+    in workers), 'gpu-aug' or 'gpu-decode' (views made on the device; see main.py -h)."""
     sampler = EpochBatchSampler(len(images), batch_size, seed=0)
-    loader = make_loader(dataset, batch_sampler=sampler, num_workers=workers,
-                         pin_memory=device.type == "cuda")
-    return loader, sampler
-
-
-def device_pipeline(images, stats, image_size, batch_size, device):
-    """(loader, sampler, make_views) of main.py --gpu-aug: the images decoded once into uint8
-    (N, C, S, S) on `device`, batches as slices of it, both views augmented there per batch."""
-    augmentation = BatchSimCLRAugmentation(*main_augmentation_args(image_size, stats))
-    sampler = EpochBatchSampler(len(images), batch_size, seed=0)
-    pixels = decode_images(images, stats["channels"], image_size).to(device)
-    return InMemoryBatches(pixels, sampler), sampler, DeviceTwoViews(augmentation, 0, batch_size)
-
-
-def decode_pipeline(images, stats, image_size, batch_size, workers, device):
-    """(loader, sampler, make_views) of main.py --gpu-decode: `workers` read the JPEG bytes,
-    the device decodes each batch (utils.gpu_decode) and augments both views there."""
-    augmentation = BatchSimCLRAugmentation(*main_augmentation_args(image_size, stats))
-    channels = stats["channels"]
-    sampler = EpochBatchSampler(len(images), batch_size, seed=0)
-    loader = make_loader(EncodedImageDataset(images, channels, image_size),
-                         batch_sampler=sampler, num_workers=workers,
-                         pin_memory=device.type == "cuda", collate_fn=collate_encoded)
-    views = DecodedTwoViews(BatchDecoder(images, channels, image_size, device),
-                            DeviceTwoViews(augmentation, 0, batch_size))
-    return loader, sampler, views
-
-
-def pipeline_for(mode, images, stats, size, args, device, workers=None):
-    """(loader, sampler, make_views) of main.py's input `mode`: 'workers' (per-image PIL
-    augmentation in DataLoader workers), 'gpu-aug' or 'gpu-decode'."""
-    workers = args.e2e_workers if workers is None else workers
+    channels, pin = stats["channels"], device.type == "cuda"
+    if mode == "workers":
+        dataset = TwoViewDataset(images, channels, TwoViews(SimCLRAugmentation(
+            *main_augmentation_args(size, stats))), seed=0)
+        loader = make_loader(dataset, batch_sampler=sampler, num_workers=workers, pin_memory=pin)
+        return loader, sampler, functools.partial(transfer_views, device=device)
+    views = DeviceTwoViews(BatchSimCLRAugmentation(*main_augmentation_args(size, stats)), 0,
+                           batch_size)
     if mode == "gpu-aug":
-        return device_pipeline(images, stats, size, args.batch_size, device)
-    if mode == "gpu-decode":
-        return decode_pipeline(images, stats, size, args.batch_size, workers, device)
-    loader, sampler = pretraining_loader(images, stats, size, args.batch_size, workers, device)
-    return loader, sampler, functools.partial(transfer_views, device=device)
+        pixels = decode_images(images, channels, size).to(device)
+        return InMemoryBatches(pixels, sampler), sampler, views
+    loader = make_loader(EncodedImageDataset(images, channels, size), batch_sampler=sampler,
+                         num_workers=workers, pin_memory=pin, collate_fn=collate_encoded)
+    return loader, sampler, DecodedTwoViews(BatchDecoder(images, channels, size, device), views)
 
 
-def input_modes(args, images):
-    """The input pipelines to time on `images`: workers, then gpu-aug and gpu-decode (JPEG
-    data only) when asked for."""
-    modes = ["workers"] + (["gpu-aug"] if "on" in args.gpu_aug else [])
-    return modes + (["gpu-decode"] if "on" in args.gpu_decode and is_jpeg_data(images) else [])
+def device_input(n_images, channels, size):
+    """The input main.py takes on CUDA by default: 'gpu-aug' where the decoded images fit its
+    --max-memory-gb, else 'gpu-decode' (which decodes JPEG files on the device)."""
+    fits = decoded_size_bytes(n_images, channels, size) <= MAX_MEMORY_GB * 2 ** 30
+    return "gpu-aug" if fits else "gpu-decode"
+
+
+def is_jpeg_data(images):
+    """Whether every file of `images` is named as a JPEG (what --gpu-decode is for)."""
+    return images.pixels is None and all(p.lower().endswith((".jpg", ".jpeg"))
+                                         for p in images.paths)
 
 
 def endless_batches(loader, sampler=None):
     """The batches of `loader`, epoch after epoch (sampler.set_epoch when given)."""
-    epoch = 0
-    while True:
+    for epoch in itertools.count():
         if sampler is not None:
             sampler.set_epoch(epoch)
         yield from loader
-        epoch += 1
 
 
-class TimedBatches:
-    """The first warmup + steps batches of `batches` (an iterator), for a training loop;
-    `.started` is the time the first timed batch was asked for, after synchronising `device`,
-    so that (end - started) covers loading and training of the `steps` timed batches."""
-
-    def __init__(self, batches, warmup, steps, device):
-        self.batches, self.warmup, self.steps, self.device = batches, warmup, steps, device
-        self.started = None
-
-    def __len__(self):
-        return self.warmup + self.steps
-
-    def __iter__(self):
-        for k in range(len(self)):
-            if k == self.warmup:
-                synchronize(self.device)
-                self.started = time.perf_counter()
-            yield next(self.batches)
+def timed_batches(batches, warmup, steps, device, started):
+    """warmup + steps batches of `batches`; `started` gets the time of the first timed one."""
+    for k in range(warmup + steps):
+        if k == warmup:
+            synchronize(device)
+            started.append(time.perf_counter())
+        yield next(batches)
 
 
-# ---------------------------------------------------------------------------------------------
-# Sections
-
-
-def bench_matmul(args, device):
-    """Rows {dtype, size, ms, tflops} of a square (n x n) @ (n x n) matmul, 2 n^3 FLOPs, in each
-    --amp dtype, and always bf16 (the rate MFU is held against); on CUDA also fp32 with TF32
-    allowed ('tf32', what cuDNN uses for fp32 convolutions by default)."""
-    n = args.matmul_size
-    dtypes = [MATMUL_DTYPES[a] for a in args.amp]
-    dtypes += [] if "bfloat16" in dtypes else ["bfloat16"]
-    if device.type == "cuda" and "off" in args.amp:
-        dtypes.append("tf32")
-    rows = []
-    for name in dtypes:
-        dtype = torch.float32 if name == "tf32" else getattr(torch, name)
-        a, b = (torch.randn(n, n, device=device).to(dtype) for _ in range(2))
-        previous = torch.backends.cuda.matmul.allow_tf32
-        if name in ("float32", "tf32"):  # plain fp32 without TF32 (torch's default), then with
-            torch.backends.cuda.matmul.allow_tf32 = name == "tf32"
-        try:
-            seconds = seconds_per_call(lambda: a @ b, args.warmup, args.steps, device)
-        finally:
-            torch.backends.cuda.matmul.allow_tf32 = previous
-        rows.append({"dtype": name, "size": n, "ms": 1e3 * seconds,
-                     "tflops": 2 * n ** 3 / seconds / 1e12})
-    return rows
+def matmul_row(dtype_name, n, warmup, steps, device):
+    """{dtype, size, ms, tflops} of an (n x n) @ (n x n) matmul, 2 n^3 FLOPs; 'tf32' is float32
+    with TF32 allowed (what cuDNN uses for fp32 convolutions by default), 'float32' without."""
+    dtype = torch.float32 if dtype_name == "tf32" else getattr(torch, dtype_name)
+    a, b = (torch.randn(n, n, device=device).to(dtype) for _ in range(2))
+    previous = torch.backends.cuda.matmul.allow_tf32
+    if dtype_name in ("float32", "tf32"):
+        torch.backends.cuda.matmul.allow_tf32 = dtype_name == "tf32"
+    try:
+        seconds = seconds_per_call(lambda: a @ b, warmup, steps, device)
+    finally:
+        torch.backends.cuda.matmul.allow_tf32 = previous
+    return {"dtype": dtype_name, "size": n, "ms": 1e3 * seconds,
+            "tflops": 2 * n ** 3 / seconds / 1e12}
 
 
 def matmul_reference(matmul_rows, amp):
-    """The matmul rate (TFLOP/s) the compute path of precision `amp` is held against: its dtype,
-    and for fp32 on CUDA the TF32 rate when cuDNN may use TF32 (its default)."""
+    """The matmul rate (TFLOP/s) a step of precision `amp` is held against: its dtype's, for
+    fp32 on CUDA TF32's when cuDNN may use TF32 (its default)."""
     by_dtype = {row["dtype"]: row["tflops"] for row in matmul_rows}
-    name = MATMUL_DTYPES[amp]
-    if amp == "off" and "tf32" in by_dtype and torch.backends.cudnn.allow_tf32:
-        name = "tf32"
-    return by_dtype.get(name)
+    tf32 = amp == "off" and "tf32" in by_dtype and torch.backends.cudnn.allow_tf32
+    return by_dtype.get("tf32" if tf32 else MATMUL_DTYPES[amp])
 
 
-def compute_configs(args):
-    """Every arch x size x compile x amp x channels-last combination, as dicts."""
-    return [{"arch": arch, "image_size": size, "amp": amp, "channels_last": cl == "on",
-             "compile": comp == "on"}
-            for arch in args.archs for size in args.sizes for comp in args.compile
-            for amp in args.amp for cl in args.channels_last]
-
-
-def bench_compute(args, device, channels, matmul_rows):
-    """Rows of forward + backward + step on a random batch (2B views) already on the device,
-    one per compute_configs entry, with the step's FLOPs (counted once per arch and size) as
-    TFLOP/s and as a fraction of the matmul rate of the same precision."""
-    rows, flops = [], {}
-    for config in compute_configs(args):
-        key = (config["arch"], config["image_size"])
-        with PeakMemory(device) as memory:
-            try:
-                seconds, first_step, counted = time_compute_step(config, args, device, channels,
-                                                     count=key not in flops)
-            except Exception as err:  # a backend that cannot compile: report it and go on
-                if not config["compile"]:
-                    raise
-                error = f"{type(err).__name__}: {(str(err).splitlines() or [''])[0][:200]}"
-                warn(f"torch.compile failed for {config_label(config)}: {error}")
-                rows.append({**config, "batch_size": args.batch_size, "error": error})
-                continue
-            finally:
-                release_memory(device)
-        flops.setdefault(key, counted)
-        tflops = flops[key] / seconds / 1e12
-        reference = matmul_reference(matmul_rows, config["amp"])
-        bf16 = matmul_reference(matmul_rows, "bf16")
-        rows.append({**config, "batch_size": args.batch_size, "step_ms": 1e3 * seconds,
-                     "first_step_s": first_step, "images_per_s": args.batch_size / seconds,
-                     "gflop_per_step": flops[key] / 1e9, "tflops": tflops,
-                     "matmul_tflops": reference,
-                     "fraction_of_matmul": tflops / reference if reference else None,
-                     "mfu": tflops / bf16 if bf16 else None, "peak_memory_mb": memory.mb})
-    return rows
-
-
-def time_compute_step(config, args, device, channels, count):
-    """(seconds per Trainer.train_step, seconds of its first call, its FLOPs or None) for one
-    compute configuration on a random batch of 2B views. With `count`, the first warm-up step
-    runs on the plain module (also when compiled) under FlopCounterMode; a compiled model gets
-    at least one warm-up step, and its first call is the one that compiles."""
-    b, size = args.batch_size, config["image_size"]
-    memory_format = torch.channels_last if config["channels_last"] else torch.contiguous_format
-    x = torch.randn(2 * b, channels, size, size, device=device).contiguous(
-        memory_format=memory_format)
-    pipeline = ([x], types.SimpleNamespace(global_batch_size=b), lambda views, step: views)
-    trainer = build_trainer(config["arch"], channels, size, config, pipeline, device)
-    warmup, flops = args.warmup, None
-    if count:
-        flops = count_flops(lambda: plain_step(trainer, x))
-        warmup -= 1
-    warmup = max(warmup, 1 if config["compile"] else 0)
-    first = None
-    if warmup:
-        first = seconds_per_call(lambda: trainer.train_step(x, 0), 0, 1, device)
-        warmup -= 1
-    seconds = seconds_per_call(lambda: trainer.train_step(x, 0), warmup, args.steps, device)
-    return seconds, seconds if first is None else first, flops
-
-
-def release_memory(device):
-    """Free what the last measurement left: garbage, and on CUDA the allocator's cached blocks."""
-    gc.collect()
-    if device.type == "cuda":
-        torch.cuda.empty_cache()
-
-
-def fastest_compute(compute_rows, arch, size):
-    """The compute row of `arch` at `size` with the most img/s, or None."""
-    rows = [r for r in compute_rows if r["arch"] == arch and r["image_size"] == size
-            and "images_per_s" in r]
-    return max(rows, key=lambda r: r["images_per_s"], default=None)
-
-
-def bench_loader(args, device, images, stats, compute_rows):
-    """Rows {image_size, pipeline, workers, images_per_s} of main.py's input pipeline alone,
-    per input mode (input_modes): the DataLoader (decode + two augmented views per image in
-    `workers` processes) and --gpu-decode (workers read bytes, the device decodes and augments)
-    for each --workers count, and --gpu-aug (slices of the images decoded once, both views
-    augmented on the device; the one-time decoding in decode_s). Each row has its ratio to the
-    fastest compute-only img/s of every arch at that size (what the trainer consumes)."""
-    rows = []
-    for size in args.sizes:
-        for mode in input_modes(args, images):
-            for workers in ([0] if mode == "gpu-aug" else args.workers):
-                tic = time.perf_counter()
-                loader, sampler, make_views = pipeline_for(mode, images, stats, size, args,
-                                                           device, workers)
-                setup_s = time.perf_counter() - tic
-                batches, steps = endless_batches(loader, sampler), itertools.count()
-                fetch = ((lambda: next(batches)) if mode == "workers" else
-                         (lambda: make_views(next(batches), next(steps))))
-                seconds = seconds_per_call(fetch, args.warmup, args.steps, device)
-                batches.close()
-                row = {"image_size": size, "pipeline": mode, "workers": workers,
-                       "images_per_s": args.batch_size / seconds}
-                if mode == "gpu-aug":
-                    row["decode_s"] = setup_s
-                rows.append(row)
-                del loader, make_views, batches  # decoded images, worker processes
-                release_memory(device)
-    for row in rows:
-        row["batch_size"] = args.batch_size
-        for arch in args.archs:
-            consumer = fastest_compute(compute_rows, arch, row["image_size"])
-            if consumer is not None:
-                row[f"over_{arch}_compute"] = row["images_per_s"] / consumer["images_per_s"]
-    return rows
-
-
-def bench_ntxent(args, device):
-    """Rows {n, dim, method, ms, peak_memory_mb, over_bound} of forward + backward of
-    utils.ntxent.NTXentLoss ('ntxent'), the bare matmul + cross_entropy ('bound') and the
-    broadcast reference ('broadcast', skipped above --broadcast-limit-gb)."""
-    criterion = NTXentLoss(TEMPERATURE)
-    methods = {"bound": matmul_cross_entropy, "ntxent": criterion,
-               "broadcast": lambda z1, z2: broadcast_ntxent(z1, z2, TEMPERATURE)}
-    rows = []
-    for n in args.ntxent_n:
-        generator = torch.Generator().manual_seed(n)
-        z1, z2 = (torch.randn(n, args.ntxent_dim, generator=generator).to(device)
-                  .requires_grad_() for _ in range(2))
-        bound_ms = None
-        for method, loss_fn in methods.items():
-            row = {"n": n, "dim": args.ntxent_dim, "method": method}
-            estimate_gb = BROADCAST_PEAK_TENSORS * (2 * n) ** 2 * args.ntxent_dim * 4 / 2 ** 30
-            if method == "broadcast" and estimate_gb > args.broadcast_limit_gb:
-                row["skipped"] = (f"estimated {estimate_gb:.1f} GB > --broadcast-limit-gb "
-                                  f"{args.broadcast_limit_gb:g}")
-                rows.append(row)
-                continue
-
-            def forward_backward_once():
-                loss_fn(z1, z2).backward()
-                z1.grad = z2.grad = None
-
-            with PeakMemory(device) as memory:
-                seconds = seconds_per_call(forward_backward_once, args.warmup, args.steps, device)
-            bound_ms = 1e3 * seconds if method == "bound" else bound_ms
-            rows.append({**row, "ms": 1e3 * seconds, "peak_memory_mb": memory.mb,
-                         "over_bound": 1e3 * seconds / bound_ms})
-        release_memory(device)
-    return rows
-
-
-def e2e_config(args, compute_rows, arch, size):
-    """(config, its compute-only row or None) of the end-to-end run of `arch` at `size`: amp,
-    channels-last and compile of the fastest compute-only row (the trainer to feed), else the
-    first --amp with channels-last on if listed and no compile."""
-    best = fastest_compute(compute_rows, arch, size)
-    if best is not None:
-        return {k: best[k] for k in ("amp", "channels_last", "compile")}, best
-    return {"amp": args.amp[0], "channels_last": "on" in args.channels_last,
-            "compile": args.compile == ["on"]}, None
-
-
-def bench_end2end(args, device, images, stats, compute_rows, baseline_rows):
-    """Rows of main.py's loop fed as main.py feeds it, per input mode (input_modes: DataLoader
-    workers, --gpu-aug, --gpu-decode): img/s over `steps` batches after `warmup`, its fraction
-    of the compute-only img/s of the same configuration and its ratio to the baseline loop of
-    the same arch and size."""
-    rows = []
-    for arch in args.archs:
-        for size in args.sizes:
-            config, compute = e2e_config(args, compute_rows, arch, size)
-            baseline = next((r for r in baseline_rows
-                             if (r["arch"], r["image_size"]) == (arch, size)), None)
-            for mode in input_modes(args, images):
-                seconds = time_trainer(arch, size, config, mode, args, device, images, stats)
-                release_memory(device)
-                row = {"arch": arch, "image_size": size, **config, "pipeline": mode,
-                       "main_default": mode == main_default_input(images, stats, size),
-                       "gpu_aug": mode == "gpu-aug",
-                       "workers": 0 if mode == "gpu-aug" else args.e2e_workers,
-                       "batch_size": args.batch_size, "step_ms": 1e3 * seconds / args.steps,
-                       "images_per_s": args.steps * args.batch_size / seconds}
-                if compute is not None:
-                    row["compute_images_per_s"] = compute["images_per_s"]
-                    row["fraction_of_compute"] = row["images_per_s"] / compute["images_per_s"]
-                    if compute.get("mfu"):
-                        row["mfu"] = compute["mfu"] * row["fraction_of_compute"]
-                if baseline is not None:
-                    row["over_baseline"] = row["images_per_s"] / baseline["images_per_s"]
-                    ceiling = ceiling_images_per_s(compute)
-                    if ceiling:
-                        row["ceiling_over_baseline"] = ceiling / baseline["images_per_s"]
-                rows.append(row)
-    return rows
-
-
-def main_default_input(images, stats, size):
-    """The input pipeline main.py takes on CUDA by default (--aug simclr, no input flag) for
-    `images` at `size`: gpu-aug when they fit its --max-memory-gb decoded, else gpu-decode."""
-    from main import get_args_parser as main_args_parser
-    limit = main_args_parser().get_default("max_memory_gb") * 2 ** 30
-    fits = decoded_size_bytes(len(images), stats["channels"], size) <= limit
-    return "gpu-aug" if fits else "gpu-decode"
-
-
-def ceiling_images_per_s(compute):
-    """The img/s of a step with the FLOPs of compute row `compute` run entirely at the
-    measured dense matmul rate of its precision: B * rate / FLOP per step (None when the row,
-    its FLOPs or the rate is missing). No loop doing
-    the same arithmetic is faster, so ceiling / baseline img/s bounds any speed-up over the
-    baseline that does not remove work."""
+def images_per_s_at_matmul_rate(compute):
+    """B x rate / FLOP per step: the img/s of compute row `compute`'s step at the measured matmul
+    rate of its precision, which no loop doing that work exceeds (None without them)."""
     if not compute or not compute.get("matmul_tflops") or not compute.get("gflop_per_step"):
         return None
     return compute["batch_size"] * compute["matmul_tflops"] * 1e3 / compute["gflop_per_step"]
 
 
-def time_trainer(arch, size, config, mode, args, device, images, stats):
-    """Seconds for `steps` batches of the engine's loop (Trainer.train_one_epoch) after
-    `warmup` batches, loading included, input `mode` (pipeline_for), with main.py's loop
-    settings (log every 10 steps, constant learning rate here, no checkpoints)."""
-    loader, sampler, make_views = pipeline_for(mode, images, stats, size, args, device)
-    batches = TimedBatches(endless_batches(loader, sampler), args.warmup, args.steps, device)
-    trainer = build_trainer(arch, stats["channels"], size, config,
-                            (batches, sampler, make_views), device)
+def compute_row(config, batch_size, channels, warmup, steps, device, matmul_rows, flops=None):
+    """Trainer.train_step on random 2B views on the device, `config` {arch, image_size, amp,
+    channels_last, compile}: ms/step, img/s, first step s, FLOP per step (counted unless given),
+    TFLOP/s, its fraction of the matmul rate of its precision, and MFU (of the bf16 rate)."""
+    size = config["image_size"]
+    memory_format = torch.channels_last if config["channels_last"] else torch.contiguous_format
+    x = torch.randn(2 * batch_size, channels, size, size, device=device).contiguous(
+        memory_format=memory_format)
+    pipeline = ([x], types.SimpleNamespace(global_batch_size=batch_size), lambda v, s: v)
+    trainer = build_trainer(config["arch"], channels, size, config, pipeline, device)
+    if flops is None:  # on the plain module: FlopCounterMode does not see into compiled code
+        compiled, trainer.model, warmup = trainer.model, trainer.plain, warmup - 1
+        flops, trainer.model = count_flops(lambda: trainer.train_step(x, 0)), compiled
+    warmup = max(warmup, 1 if config["compile"] else 0)  # compiling is the first call's work
+    first = seconds_per_call(lambda: trainer.train_step(x, 0), 0, 1, device) if warmup else None
+    seconds = seconds_per_call(lambda: trainer.train_step(x, 0), max(warmup - 1, 0), steps,
+                               device)
+    del trainer, x
+    release_memory(device)
+    tflops = flops / seconds / 1e12
+    rate, bf16 = (matmul_reference(matmul_rows, amp) for amp in (config["amp"], "bf16"))
+    return {**config, "batch_size": batch_size, "step_ms": 1e3 * seconds,
+            "first_step_s": first or seconds, "images_per_s": batch_size / seconds,
+            "gflop_per_step": flops / 1e9, "tflops": tflops, "matmul_tflops": rate,
+            "fraction_of_matmul": tflops / rate if rate else None,
+            "mfu": tflops / bf16 if bf16 else None}
+
+
+def loader_row(mode, workers, images, stats, size, batch_size, warmup, steps, device):
+    """{image_size, pipeline, workers, batch_size, images_per_s} of main.py's input `mode`
+    alone, views made; for gpu-aug also decode_s, the seconds of its one-time decoding."""
+    tic = time.perf_counter()
+    loader, sampler, make_views = pipeline_for(mode, images, stats, size, batch_size, workers,
+                                               device)
+    setup_s = time.perf_counter() - tic
+    batches, step = endless_batches(loader, sampler), itertools.count()
+    fetch = ((lambda: next(batches)) if mode == "workers" else
+             (lambda: make_views(next(batches), next(step))))
+    seconds = seconds_per_call(fetch, warmup, steps, device)
+    batches.close()
+    del loader, make_views, batches  # decoded images, worker processes
+    release_memory(device)
+    row = {"image_size": size, "pipeline": mode, "workers": workers, "batch_size": batch_size,
+           "images_per_s": batch_size / seconds}
+    return {**row, "workers": 0, "decode_s": setup_s} if mode == "gpu-aug" else row
+
+
+def end2end_row(config, mode, workers, images, stats, batch_size, warmup, steps, device):
+    """{**config, pipeline, workers, batch_size, step_ms, images_per_s} of the engine's loop
+    (Trainer.train_one_epoch, main.py's settings) fed by input `mode`, loading included."""
+    size = config["image_size"]
+    loader, sampler, make_views = pipeline_for(mode, images, stats, size, batch_size, workers,
+                                               device)
+    batches, started = endless_batches(loader, sampler), []
+    trainer = build_trainer(config["arch"], stats["channels"], size, config, (timed_batches(
+        batches, warmup, steps, device, started), sampler, make_views), device, warmup + steps)
     try:
         trainer.train_one_epoch(0)
         synchronize(device)
-        return time.perf_counter() - batches.started
-    finally:
-        batches.batches.close()
-
-
-def bench_baseline(args, device, images, stats):
-    """Rows of the reference loop (see baseline_step) over a plain Dataset of the same images
-    with the same per-image augmentation, shuffled by a plain DataLoader, per arch and size."""
-    rows = []
-    for arch in args.archs:
-        for size in args.sizes:
-            seconds = time_baseline_step(arch, size, args, device, images, stats)
-            release_memory(device)
-            rows.append({"arch": arch, "image_size": size, "workers": args.e2e_workers,
-                         "batch_size": args.batch_size, "step_ms": 1e3 * seconds,
-                         "images_per_s": args.batch_size / seconds})
-    return rows
-
-
-def time_baseline_step(arch, size, args, device, images, stats):
-    """Seconds per step of the reference loop, loading included: the model main.py would build
-    (contiguous memory format), plain SGD over all parameters, a shuffling DataLoader."""
-    torch.manual_seed(0)
-    model = build_model(arch, stats["channels"], resolve_stem("auto", size),
-                        default_proj_dims(arch)).to(device)
-    lr = scaled_learning_rate(LR_PER_256, args.batch_size, "linear")
-    optimizer = torch.optim.SGD(model.parameters(), lr=lr, momentum=0.9,
-                                weight_decay=WEIGHT_DECAY)
-    mode = "L" if stats["channels"] == 1 else "RGB"
-    augmentation = SimCLRAugmentation(*main_augmentation_args(size, stats))
-    loader = torch.utils.data.DataLoader(
-        PlainTwoViewDataset(images.paths, mode, augmentation),
-        batch_size=args.batch_size, shuffle=True, drop_last=True,
-        num_workers=args.e2e_workers, pin_memory=device.type == "cuda")
-    batches = endless_batches(loader)
-
-    def step():
-        view1, view2 = next(batches)
-        baseline_step(model, optimizer, view1.to(device), view2.to(device))
-
-    try:
-        return seconds_per_call(step, args.warmup, args.steps, device)
+        seconds = time.perf_counter() - started[0]
     finally:
         batches.close()
+    del trainer, loader, make_views
+    release_memory(device)
+    return {**config, "pipeline": mode, "workers": 0 if mode == "gpu-aug" else workers,
+            "batch_size": batch_size, "step_ms": 1e3 * seconds / steps,
+            "images_per_s": steps * batch_size / seconds}
 
 
-# ---------------------------------------------------------------------------------------------
-# Targets and output
-
-
-def target(name, measured, threshold, config, at_most=False, ceiling=None):
-    """One target row {name, measured, threshold, at_most, met, config, ceiling}: met when
-    measured >= threshold (<= with at_most); `ceiling` the best value the device allows, when
-    known (see ceiling_images_per_s)."""
-    met = measured <= threshold if at_most else measured >= threshold
-    return {"name": name, "measured": measured, "threshold": threshold, "at_most": at_most,
-            "met": bool(met), "config": config, "ceiling": ceiling}
-
-
-def evaluate_targets(results, device, device_name=""):
-    """The performance targets that the measured rows allow. CPU: end to end >= 1.3x the
-    baseline loop, and the loader (best worker count) >= 3x the trainer's compute-only img/s.
-    CUDA, for the fastest input pipeline of each arch and size (the one to choose) and for
-    main.py's default one (main_default_input) where that is another: end to end
-    >= 90 % of the compute-only img/s of the same configuration, >= 3x the baseline loop, and
-    on an H100/H200 the img/s of GPU_CLASS_TARGETS. Any device: NT-Xent forward + backward
-    <= 1.5x the matmul + cross_entropy bound at N = 1024."""
-    targets = []
-    if device.type == "cpu":
-        for row in results.get("end2end", []):
-            if "over_baseline" in row:
-                targets.append(target(f"end to end >= {E2E_OVER_BASELINE}x the baseline loop",
-                                      row["over_baseline"], E2E_OVER_BASELINE, config_label(row),
-                                      ceiling=row.get("ceiling_over_baseline")))
-        targets += loader_targets(results.get("loader", []))
+def load_images(args, workdir):
+    """(8 batches of images, statistics, description, how many main.py would hold): DATAPATH as
+    main.py reads it, else RGB JPEGs under `workdir` (8/7 x the size above 64 px, as ImageNet's)."""
+    if args.datapath is None:
+        args.image_size = args.image_size or 32
+        side = round(args.image_size * 8 / 7) if args.image_size > 64 else args.image_size
+        n = max(8 * args.batch_size, 256)
+        images = find_split(write_synthetic_images(os.path.join(workdir, "synthetic"), n, side),
+                            "train", False)
+        source = f"synthetic: {n} RGB JPEGs of {side} px"
     else:
-        targets += cuda_end2end_targets(results.get("end2end", []), device_name)
-    for row in results.get("ntxent", []):
-        if row["n"] == NTXENT_TARGET_N and row["method"] == "ntxent":
-            targets.append(target(
-                f"NT-Xent forward+backward <= {NTXENT_OVER_BOUND}x the matmul + cross_entropy "
-                f"bound", row["over_bound"], NTXENT_OVER_BOUND,
-                f"N = {row['n']}, D = {row['dim']}", at_most=True))
-    return targets
+        options = types.SimpleNamespace(data_root=os.path.expanduser("~/.medmnist"), size=28)
+        images, source = load_split(args.datapath, "train", False, options), args.datapath
+    if len(images) < args.batch_size:
+        raise UserError(f"{source}: {len(images)} images, fewer than one batch; use "
+                        f"-bs {len(images)} or less")
+    stats = dataset_statistics(images, os.path.join(workdir, "data_stats.json"), seed=0)
+    args.image_size = args.image_size or stats["native_size"]
+    subset = select_subset(images, min(len(images), 8 * args.batch_size))
+    return subset, stats, f"{source}, {stats['channels']} channel(s)", len(images)
 
 
-def loader_targets(loader_rows):
-    """CPU: the best loader row of each size >= LOADER_OVER_TRAINER x each arch's compute."""
-    targets = []
-    for size in sorted({r["image_size"] for r in loader_rows}):
-        best = max((r for r in loader_rows if r["image_size"] == size),
-                   key=lambda r: r["images_per_s"])
-        for key in (k for k in best if k.startswith("over_")):
-            arch = key[len("over_"):-len("_compute")]
-            targets.append(target(
-                f"loader >= {LOADER_OVER_TRAINER}x what the trainer consumes",
-                best[key], LOADER_OVER_TRAINER,
-                f"{arch}, {size} px, bs {best['batch_size']}, {best['pipeline']}, "
-                f"{best['workers']} workers"))
-    return targets
+def measure(args, device, images, stats, n_total):
+    """{section: rows} of matmul, compute, loader and end2end; all but matmul's rows carry
+    of_compute and of_matmul (img/s over that of the step at the matmul rate)."""
+    size, bs, timing = args.image_size, args.batch_size, (args.warmup, args.steps, device)
+    config = {"arch": args.arch, "image_size": size, "amp": args.amp, "channels_last": True,
+              "compile": args.compile}
+    dtypes = list(dict.fromkeys([MATMUL_DTYPES[args.amp], "bfloat16"]))
+    dtypes += ["tf32"] if device.type == "cuda" and args.amp == "off" else []
+    matmul = [matmul_row(d, args.matmul_size, *timing) for d in dtypes]
+    compute = compute_row(config, bs, stats["channels"], *timing, matmul)
+    path, workers = device_input(n_total, stats["channels"], size), max(args.workers)
+    path = path if path == "gpu-aug" or is_jpeg_data(images) else None
+    loader = [loader_row("workers", w, images, stats, size, bs, *timing) for w in args.workers]
+    loader += [loader_row(path, workers, images, stats, size, bs, *timing)] if path else []
+    end2end = [end2end_row(config, mode, workers, images, stats, bs, *timing)
+               for mode in ["workers"] + ([path] if path else [])]
+    bound = images_per_s_at_matmul_rate(compute)
+    for row in [compute] + loader + end2end:
+        row["of_matmul"] = row["images_per_s"] / bound if bound else None
+        row["of_compute"] = row["images_per_s"] / compute["images_per_s"]
+    return {"matmul": matmul, "compute": [compute], "loader": loader, "end2end": end2end}
 
 
-def cuda_end2end_targets(end2end_rows, device_name):
-    """The GPU targets on the fastest end-to-end row of each (arch, size) and, when that is
-    another row, on the row of the input main.py takes by default (`main_default`)."""
-    targets = []
-    for key in sorted({(r["arch"], r["image_size"]) for r in end2end_rows}):
-        rows = [r for r in end2end_rows if (r["arch"], r["image_size"]) == key]
-        best = max(rows, key=lambda r: r["images_per_s"])
-        default = next((r for r in rows if r.get("main_default")), best)
-        targets += row_targets(key, best, "fastest input", device_name)
-        if default is not best:
-            targets += row_targets(key, default, "main.py's default path", device_name)
-    return targets
+def input_name(row):
+    """'2 workers', 'gpu-aug (decoded once in 0.4 s)' or 'gpu-decode, 2 workers'."""
+    if row["pipeline"] == "gpu-aug":
+        decode = f" (decoded once in {row['decode_s']:.1f} s)" if "decode_s" in row else ""
+        return "gpu-aug" + decode
+    workers = f"{row['workers']} worker{'' if row['workers'] == 1 else 's'}"
+    return workers if row["pipeline"] == "workers" else f"gpu-decode, {workers}"
 
 
-def row_targets(key, row, which, device_name):
-    """The GPU targets of one end-to-end `row` of (arch, size) `key`, labelled `which`."""
-    targets = []
-    label = f"{config_label(row)} ({which})"
-    if "fraction_of_compute" in row:
-        targets.append(target(f"end to end >= {E2E_OVER_COMPUTE:.0%} of compute-only img/s",
-                              row["fraction_of_compute"], E2E_OVER_COMPUTE, label))
-    if "over_baseline" in row:
-        targets.append(target(f"end to end >= {CUDA_E2E_OVER_BASELINE}x the baseline loop",
-                              row["over_baseline"], CUDA_E2E_OVER_BASELINE, label,
-                              ceiling=row.get("ceiling_over_baseline")))
-    wanted = GPU_CLASS_TARGETS.get((*key, row["batch_size"]))
-    if wanted and any(name in device_name for name in TARGET_GPU_NAMES):
-        targets.append(target(f"end to end >= {wanted} img/s on an H100/H200",
-                              row["images_per_s"], wanted, label))
-    return targets
-
-
-def config_label(row):
-    """'resnet18, 32 px, bs 128, amp off, channels-last, 2 workers' for a row or config."""
-    parts = [row["arch"], f"{row['image_size']} px"]
-    parts += [f"bs {row['batch_size']}"] if "batch_size" in row else []
-    if "amp" in row:
-        parts += [f"amp {row['amp']}", "channels-last" if row["channels_last"] else "contiguous"]
-        parts += ["compiled"] if row["compile"] else []
-        pipeline = row.get("pipeline", "gpu-aug" if row.get("gpu_aug") else "workers")
-        parts += [] if pipeline == "workers" else [pipeline]
-    parts += [f"{row['workers']} workers"] if "workers" in row else []
-    return ", ".join(parts)
-
-
-def format_value(value, kind):
-    """A table cell: kind int, ms, x (ratio), pct, mb, tf (3 significant digits) or str."""
-    if value is None:
-        return "n/a"
-    if isinstance(value, bool):
-        return "yes" if value else "no"
-    return {"int": "{:.0f}", "ms": "{:.2f}", "x": "{:.2f}x", "pct": "{:.1%}", "mb": "{:.0f}",
-            "tf": "{:.3g}", "str": "{}"}[kind].format(value)
-
-
-def print_table(title, columns, rows, key_columns=0):
-    """Print `rows` (dicts) under `title` as right-aligned columns, columns = [(key, header,
-    kind)]. A row with "skipped" or "error" shows its first `key_columns` cells and the reason."""
-    lines = [[header for _, header, _ in columns]]
-    for row in rows:
-        reason = row.get("skipped") or row.get("error")
-        lines.append([format_value(row.get(key), kind) for key, _, kind in
-                      columns[:key_columns if reason else len(columns)]] + [reason] * bool(reason))
-    widths = [max(len(line[i]) for line in lines if i < len(line) - (len(line) < len(columns)))
-              for i in range(len(columns))]
-    print(f"\n{title}")
-    for line in lines:
-        if len(line) < len(columns):  # a skipped row: the reason takes the rest of the line
-            print("  " + "  ".join(c.rjust(w) for c, w in zip(line[:-1], widths)) + "  " + line[-1])
-        else:
-            print("  " + "  ".join(c.rjust(w) for c, w in zip(line, widths)))
-
-
-def print_section(name, rows, archs):
-    """The table of one section (`archs` names the loader's ratio columns)."""
-    config = [("arch", "arch", "str"), ("image_size", "px", "int"), ("amp", "amp", "str"),
-              ("channels_last", "ch-last", "str"), ("compile", "compile", "str")]
-    tables = {
-        "matmul": ("dense matmul (the device's measured rate)", [
-            ("dtype", "dtype", "str"), ("size", "n", "int"), ("ms", "ms", "ms"),
-            ("tflops", "TFLOP/s", "tf")], 1),
-        "compute": ("compute only: forward + backward + step on a batch already on the device",
-                    config + [("step_ms", "ms/step", "ms"), ("images_per_s", "img/s", "int"),
-                              ("gflop_per_step", "GFLOP/step", "tf"),
-                              ("tflops", "TFLOP/s", "tf"),
-                              ("fraction_of_matmul", "of matmul", "pct"),
-                              ("mfu", "MFU", "pct"), ("peak_memory_mb", "peak MB", "mb")], 5),
-        "loader": ("loader only: main.py's input pipeline (workers: DataLoader decoding and "
-                   "augmenting per image; gpu-aug: decoded uint8 batches augmented on the device; "
-                   "gpu-decode: JPEG bytes decoded and augmented on the device)",
-                   [("image_size", "px", "int"), ("pipeline", "input", "str"),
-                    ("workers", "workers", "int"), ("images_per_s", "img/s", "int")] +
-                   [(f"over_{a}_compute", f"/ {a} compute", "x") for a in archs], 3),
-        "ntxent": ("NT-Xent forward + backward (bound: z @ z.T + cross_entropy)", [
-            ("n", "N", "int"), ("dim", "D", "int"), ("method", "method", "str"),
-            ("ms", "ms", "ms"), ("over_bound", "/ bound", "x"),
-            ("peak_memory_mb", "peak MB", "mb")], 3),
-        "baseline": ("baseline (reference): plain Dataset, per-image PIL transforms, two forward "
-                     "passes, fp32, broadcast NT-Xent", [
-                         ("arch", "arch", "str"), ("image_size", "px", "int"),
-                         ("workers", "workers", "int"), ("step_ms", "ms/step", "ms"),
-                         ("images_per_s", "img/s", "int")], 2),
-        "end2end": ("end to end: main.py's loop (the engine's loop (Trainer.train_one_epoch)) fed by its loader",
-                    config + [("pipeline", "input", "str"), ("workers", "workers", "int"),
-                              ("images_per_s", "img/s", "int"),
-                              ("fraction_of_compute", "of compute", "pct"), ("mfu", "MFU", "pct"),
-                              ("over_baseline", "/ baseline", "x"),
-                              ("ceiling_over_baseline", "ceiling / baseline", "x")], 5),
-    }
-    title, columns, key_columns = tables[name]
-    print_table(title, columns, rows, key_columns)
-
-
-def device_description(device):
-    """Device name, library versions and numeric settings, for telling runs apart."""
-    info = environment_info(device)
-    info.update(interop_threads=torch.get_num_interop_threads(),
-                cudnn_benchmark=torch.backends.cudnn.benchmark)
-    if device.type == "cuda":
-        props = torch.cuda.get_device_properties(device)
-        info.update(device_name=props.name, gpu_memory_gb=round(props.total_memory / 2 ** 30, 1),
-                    cuda=torch.version.cuda, cudnn=torch.backends.cudnn.version(),
-                    matmul_allow_tf32=torch.backends.cuda.matmul.allow_tf32,
-                    cudnn_allow_tf32=torch.backends.cudnn.allow_tf32,
-                    bf16_supported=torch.cuda.is_bf16_supported())
-    else:
-        info["device_name"] = info["cpu_model"]
-    return info
-
-
-def finite_or_none(value):
-    """JSON has no NaN/inf: such values become None."""
-    return value if not isinstance(value, float) or math.isfinite(value) else None
-
-
-def run_sections(args, device, data):
-    """{section: rows} for --sections, in an order where each section finds the rows it is
-    held against: matmul before compute, compute before loader and end2end, baseline before
-    end2end. The size-dependent sections run one image size at a time, with that size's batch
-    (batch_for) and images (`data`, a BenchData). Prints each section's table as it completes."""
-    results = {name: [] for name in SECTIONS if name in args.sections}
-    for name in ("matmul", "ntxent"):
-        if name in results:
-            tic = time.perf_counter()
-            bench = bench_matmul if name == "matmul" else bench_ntxent
-            results[name] = bench(args, device)
-            print_section(name, results[name], args.archs)
-            print(f"  ({name}: {time.perf_counter() - tic:.0f} s)", flush=True)
-    needs_data = {"loader", "end2end", "baseline"} & set(results)
-    for size in args.sizes:
-        at_size = sized_args(args, size)
-        images = stats = None
-        if needs_data:
-            images, stats, source = data.for_size(at_size, size)
-            print(f"\n{size} px, batch {at_size.batch_size}: {source}, {stats['channels']} "
-                  f"channel(s)", flush=True)
-        channels = stats["channels"] if stats else 1
-        compute = []
-        for name in ("compute", "loader", "baseline", "end2end"):
-            if name not in results:
-                continue
-            tic = time.perf_counter()
-            if name == "compute":
-                rows = compute = bench_compute(at_size, device, channels,
-                                               results.get("matmul", []))
-            elif name == "loader":
-                rows = bench_loader(at_size, device, images, stats, compute)
-            elif name == "baseline":
-                rows = bench_baseline(at_size, device, images, stats)
-            else:
-                rows = bench_end2end(at_size, device, images, stats, compute,
-                                     results.get("baseline", []))
-            results[name] += rows
-            print_section(name, rows, args.archs)
-            print(f"  ({name}, {size} px: {time.perf_counter() - tic:.0f} s)", flush=True)
-    return results
-
-
-def run_startup(args, workdir):
-    """The startup, startup_scan and startup_memory tables (tools/startup_bench.py)."""
-    from tools.startup_bench import bench_startup
-    sizes = args.startup_sizes or ([200, 1000] if args.quick else [10 ** 4, 10 ** 5, 10 ** 6])
-    repo = os.path.abspath(args.startup_repo or os.path.dirname(os.path.abspath(__file__)))
-    tic = time.perf_counter()
-    found = bench_startup(sizes, workdir, repo)
-    tables = {
-        "startup": (f"start-up of main.py on a path list (seconds after the imports; checkout "
-                    f"{repo})", [
-                        ("entries", "entries", "int"), ("start", "start", "str"),
-                        ("commit", "commit", "str"), ("import_s", "imports s", "ms"),
-                        ("to_first_step_s", "to first step s", "ms"),
-                        ("one_step_run_s", "one-step run s", "ms")], 2),
-        "scan": ("first scan of a folder of hard links", [
-            ("entries", "entries", "int"), ("method", "method", "str"),
-            ("seconds", "s", "ms"), ("files_per_s", "files/s", "int")], 2),
-        "memory": ("memory after one pass over every entry by 2 DataLoader workers", [
-            ("entries", "entries", "int"), ("layout", "layout", "str"),
-            ("index_mb", "index MB", "mb"), ("main_rss_mb", "main RSS MB", "mb"),
-            ("worker_rss_mb", "worker RSS MB", "mb"), ("worker_pss_mb", "worker PSS MB", "mb"),
-            ("worker_private_mb", "worker private MB", "mb")], 2)}
-    for name, (title, columns, key_columns) in tables.items():
-        print_table(title, columns, found[name], key_columns)
-    print(f"  (startup: {time.perf_counter() - tic:.0f} s)", flush=True)
-    return {"startup" if name == "startup" else f"startup_{name}": rows
-            for name, rows in found.items()}
-
-
-def run_augment(args):
-    """The augment table (tools/augment_bench.py), on the CPU: the PIL pipeline and workers
-    run there; --gpu-aug's own speed on a GPU is the loader section's."""
-    from tools.augment_bench import bench_augment
-    tic = time.perf_counter()
-    rows = bench_augment(repeats=2 if args.quick else 8, quick=args.quick)
-    print_table("views of the simclr preset (RGB), ms per batch of views: least of the timed "
-                "calls, and their median", [
-                    ("views", "views", "int"), ("image_size", "px", "int"),
-                    ("blur", "blur", "str"), ("method", "method", "str"),
-                    ("ms", "ms", "ms"), ("median_ms", "median ms", "ms")], rows, 4)
-    print(f"  (augment: {time.perf_counter() - tic:.0f} s)", flush=True)
-    return rows
+def report(results):
+    """The figures as lines: each part's img/s and what it is held against."""
+    c, pct = results["compute"][0], lambda x: "n/a" if x is None else f"{x:.0%}"
+    lines = [f"matmul   {r['dtype']}, n = {r['size']}: {r['tflops']:.3g} TFLOP/s"
+             for r in results["matmul"]]
+    lines.append(f"compute  {c['images_per_s']:,.1f} img/s ({c['step_ms']:,.1f} ms/step, first "
+                 f"step {c['first_step_s']:.1f} s), {c['gflop_per_step']:,.1f} GFLOP/step, "
+                 f"{c['tflops']:.3g} TFLOP/s = {pct(c['of_matmul'])} of matmul, "
+                 f"MFU {pct(c['mfu'])}")
+    lines += [f"loader   {r['images_per_s']:,.1f} img/s = {r['of_compute']:,.2f}x compute, "
+              f"{r['of_matmul'] or 0:,.2f}x the step at the matmul rate; {input_name(r)}"
+              for r in results["loader"]]
+    lines += [f"end2end  {r['images_per_s']:,.1f} img/s = {pct(r['of_compute'])} of compute, "
+              f"{pct(r['of_matmul'])} of matmul; {input_name(r)}" for r in results["end2end"]]
+    return lines
 
 
 def main(args):
     device = resolve_settings(args)
-    ensure_writable_dir(os.path.dirname(os.path.abspath(args.json)), "the --json folder")
-    # the command without --replace, so that the runs after a replacing one append to it
-    command = " ".join(["python", *(a for a in sys.argv if a != "--replace")])
-    kept = open_runs(args.json, command, args.replace)  # before measuring: a wrong file fails now
-    info = device_description(device)
-    batches = ", ".join(f"{batch_for(args, size)} at {size} px" for size in args.sizes)
-    print(f"device: {info['device_name']} ({device.type}), torch {info['torch']}, "
-          f"torchvision {info['torchvision']}, {info['cpu_threads']} threads; batch "
-          f"{batches}, {args.warmup} warm-up + {args.steps} timed steps"
-          f"{' (quick mode)' if args.quick else ''}", flush=True)
+    if args.json:
+        ensure_writable_dir(os.path.dirname(os.path.abspath(args.json)), "the --json folder")
+    info = environment_info(device)
+    info["device_name"] = (torch.cuda.get_device_name(device) if device.type == "cuda" else
+                           info["cpu_model"])
     with tempfile.TemporaryDirectory(prefix="bench_") as workdir:
-        data = BenchData(workdir)
-        results = run_sections(args, device, data)
-        source = "; ".join(description for _, _, description in data.loaded.values()) or None
-        if "startup" in args.sections:
-            results.update(run_startup(args, os.path.join(workdir, "startup")))
-    if "augment" in args.sections:
-        results["augment"] = run_augment(args)
-    targets = evaluate_targets(results, device, info["device_name"])
-    print()
-    for t in targets:
-        ceiling = ("" if t["ceiling"] is None else
-                   f", {t['ceiling']:.3g} at 100 % of the measured matmul rate")
-        print(f"target {t['name']} ({t['config']}): measured {t['measured']:.3g}{ceiling} "
-              f"({'met' if t['met'] else 'not met'})")
-    kept["runs"].append({
-        "date": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "machine": platform.node(),
-        "device": info, "settings": vars(args), "data": source,
-        "memory_method": PeakMemory.METHOD[device.type],
-        "sections": {name: [{k: finite_or_none(v) for k, v in row.items()} for row in rows]
-                     for name, rows in results.items()},
-        "targets": targets})
-    json_dump(kept, args.json)
-    print(f"\nwrote {args.json} (run {len(kept['runs'])} of this command kept there)")
+        images, stats, source, n_total = load_images(args, workdir)
+        print(f"{info['device_name']} ({device.type}), torch {info['torch']}, "
+              f"{info['cpu_threads']} threads; {args.arch}, {args.image_size} px, batch "
+              f"{args.batch_size}, amp {args.amp}{', compiled' if args.compile else ''}; "
+              f"{source}; {args.warmup} warm-up + {args.steps} timed steps", flush=True)
+        results = measure(args, device, images, stats, n_total)
+    print("\n".join(report(results)))
+    if args.json:
+        json_dump({"command": " ".join(["python", *sys.argv]), "device": info, "data": source,
+                   "date": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "settings": vars(args),
+                   "sections": results}, args.json)
+        print(f"wrote {args.json}")
     return 0
 
 

@@ -51,7 +51,8 @@ def rows_by(rows, *keys):
 
 
 def bench(name):
-    """A bench.py results file: (its data, its runs, oldest first)."""
+    """A results file of tools/bench_grid.py (bench.py's grids before): (its data, its runs,
+    oldest first)."""
     data = load(name)
     return data, data["runs"]
 
@@ -66,7 +67,7 @@ def short_cpu(model):
 def machine_of(run):
     """The machine a run measured, as a table names it: CPU model, GPU name on CUDA."""
     device = run.get("device")
-    if isinstance(device, dict):  # bench.py
+    if isinstance(device, dict):  # tools/bench_grid.py
         return device["device_name"] if device["device"] == "cuda" else short_cpu(
             device["cpu_model"])
     machine = run["machine"]  # tools/record.py, demo_summary.py
@@ -99,8 +100,9 @@ def machines_cell(machine, rows):
 
 
 def runs_provenance(data, name):
-    """The source line of a bench.py results file: its command and each run's commit, machine
-    and date; a figure 'a to b' is the least and greatest over one machine's runs."""
+    """The source line of a tools/bench_grid.py results file: its command and each run's
+    commit, machine and date; a figure 'a to b' is the least and greatest over one machine's
+    runs."""
     where = [f"commit {run['device']['git_commit'][:7]} on {machine_of(run)}, "
              f"{run['device']['cpu_count']} cores ({run['date'][:10]})" for run in data["runs"]]
     count = len(where)
@@ -315,7 +317,7 @@ def bench_cpu_table():
 
 
 def bench_targets_table():
-    """docs/performance.md: the CPU targets, as bench.py evaluated them in its runs."""
+    """docs/performance.md: the CPU targets, as the grids evaluated them in their runs."""
     lines = ["| target | configuration | CPU | measured | |", "|---|---|---|---|---|"]
     sources = []
     for name in ("bench_cpu.json", "bench_cpu_gpuaug.json"):
@@ -421,11 +423,11 @@ def bench_amp_table():
 
 
 def bench_constants():
-    """bench.py's module-level constants (literal assignments), read without importing it (and
-    torch): an object with one attribute per name."""
+    """tools/bench_grid.py's module-level constants (literal assignments), read without
+    importing it (and torch): an object with one attribute per name."""
     import ast
     import types
-    with open(os.path.join(REPO, "bench.py")) as f:
+    with open(os.path.join(REPO, "tools", "bench_grid.py")) as f:
         tree = ast.parse(f.read())
     found = {}
     for node in tree.body:
@@ -444,7 +446,7 @@ def bench_constants():
 
 
 def target_settings_table():
-    """docs/performance.md: the targets bench.py evaluates, from its own constants (so the
+    """docs/performance.md: the targets tools/bench_grid.py evaluates, from its constants (so the
     page cannot drift from the code)."""
     bench = bench_constants()
     gpu = "; ".join(f"{arch}, {size} px, batch {batch}: ≥ {wanted:,} img/s"
@@ -462,7 +464,7 @@ def target_settings_table():
             f"{pct(bench.E2E_OVER_COMPUTE)} of the compute-only img/s of the same configuration "
             f"and ≥ {bench.CUDA_E2E_OVER_BASELINE:g}× the baseline loop |",
             f"| CUDA, on an {' or '.join(bench.TARGET_GPU_NAMES)} | {gpu} |",
-            "", "(From bench.py's constants.)"]
+            "", "(From tools/bench_grid.py's constants.)"]
 
 
 AUGMENT_METHODS = (("batched", "own torch ops, batched (`--gpu-aug`)"),

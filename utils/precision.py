@@ -25,8 +25,8 @@ def resolve_amp(mode, device, main_process=True):
     if device.type == "cpu" and mode != "off" and not cpu_has_fast(mode) and main_process:
         dtype = str(AMP_DTYPES[mode]).removeprefix("torch.")
         warn(f"--amp {mode}: this CPU has no fast {dtype} kernels, so the step runs "
-             f"many times slower than float32 (python bench.py --sections compute --amp off "
-             f"{mode} measures it); use --amp off here")
+             f"many times slower than float32 (python bench.py --amp {mode}, and --amp off, "
+             f"measure it); use --amp off here")
     return mode
 
 
