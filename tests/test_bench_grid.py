@@ -266,7 +266,8 @@ def test_a_file_of_bench_py_grids_takes_the_runs_of_the_same_arguments(tmp_path)
 
 def test_open_runs_appends_to_one_command(tmp_path):
     """utils.fileio.open_runs: a new file has no runs; the same command keeps its runs; the
-    earlier one-run layout is its first run; another command is refused unless replace."""
+    earlier one-run layout is its first run; another command is refused unless replace, or
+    unless it is one of the command's earlier names (then the file keeps it)."""
     path = str(tmp_path / "r.json")
     kept = open_runs(path, "cmd a")
     assert kept == {"command": "cmd a", "runs": []}
@@ -278,3 +279,8 @@ def test_open_runs_appends_to_one_command(tmp_path):
     assert open_runs(path, "cmd b", replace=True) == {"command": "cmd b", "runs": []}
     json_dump({"command": "cmd c", "date": "d"}, path)
     assert open_runs(path, "cmd c")["runs"] == [{"command": "cmd c", "date": "d"}]
+    json_dump({"command": "old cmd", "runs": [{"x": 2}]}, path)
+    assert open_runs(path, "cmd", earlier=["old cmd"]) == {"command": "old cmd",
+                                                           "runs": [{"x": 2}]}
+    assert open_runs(path, "cmd", replace=True, earlier=["old cmd"]) == {"command": "cmd",
+                                                                         "runs": []}

@@ -89,6 +89,20 @@ def test_record_keeps_a_command_its_outputs_and_provenance(tmp_path):
     assert failed.returncode == 3 and not (tmp_path / "f.json").exists()
 
 
+def test_record_adds_to_a_file_of_the_tool_before_it_moved_to_tools(tmp_path):
+    """A results file recorded when the tool was scripts/NAME.py (results/docs/recipe_*_val.json
+    by scripts/val_eval.py) takes the run of tools/NAME.py and keeps its recorded command."""
+    kept = tmp_path / "kept.json"
+    legacy = f"{sys.executable} scripts/val_eval.py --help"
+    kept.write_text(json.dumps({"command": legacy, "runs": [{"date": "earlier"}]}))
+    result = subprocess.run([sys.executable, "tools/record.py", str(kept), "--", sys.executable,
+                             "tools/val_eval.py", "--help"], cwd=REPO, capture_output=True,
+                            text=True)
+    assert result.returncode == 0, result.stderr
+    data = json.loads(kept.read_text())
+    assert data["command"] == legacy and len(data["runs"]) == 2
+
+
 def test_demo_summary_prints_its_table_and_keeps_the_figures(tmp_path):
     """scripts/demo_summary.py (the end of demo.sh) on a finished demo's files: the table of
     the three probes, the loss per epoch, where the outputs are, what varies, and the JSON

@@ -51,7 +51,6 @@ A results file keeps the runs of one command; one first written by `python bench
 import argparse
 import ctypes
 import gc
-import json
 import math
 import os
 import platform
@@ -924,26 +923,16 @@ def run_augment(args):
     return rows
 
 
-def recorded_command(path, command):
-    """`command`, or the `python bench.py ARGS` that the results file `path` records for the
-    same arguments: these grids were bench.py's before they moved here, and a file of theirs
-    takes the runs of the same measurement under the command it was first written by."""
-    legacy = command.replace("tools/bench_grid.py", "bench.py", 1)
-    try:
-        with open(path) as f:
-            kept = json.load(f)
-    except (OSError, ValueError):
-        return command
-    return legacy if kept.get("command") == legacy and "runs" in kept else command
-
-
 def main(args):
     device = resolve_settings(args)
     ensure_writable_dir(os.path.dirname(os.path.abspath(args.json)), "the --json folder")
     # the command without --replace, so that the runs after a replacing one append to it
-    command = " ".join(["python", *(a for a in sys.argv if a != "--replace")])
-    # before measuring: a wrong file fails now
-    kept = open_runs(args.json, recorded_command(args.json, command), args.replace)
+    argv = [a for a in sys.argv if a != "--replace"]
+    # before measuring: a wrong file fails now; a file of these grids from before they moved
+    # here (`python bench.py ARGS`) takes the run
+    before = os.path.join(os.path.dirname(os.path.dirname(argv[0])), "bench.py")
+    kept = open_runs(args.json, " ".join(["python", *argv]), args.replace,
+                     earlier=[" ".join(["python", before, *argv[1:]])])
     info = device_description(device)
     batches = ", ".join(f"{batch_for(args, size)} at {size} px" for size in args.sizes)
     print(f"device: {info['device_name']} ({device.type}), torch {info['torch']}, "

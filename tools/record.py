@@ -126,8 +126,11 @@ def main(argv=None):
     if not command:
         raise SystemExit("record: no command after --")
     line = shlex.join(command)
+    # a file of the same tool from before it moved here from scripts/ takes the run
+    before = shlex.join("scripts/" + w[len("tools/"):] if w.startswith("tools/") else w
+                        for w in command)
     try:
-        kept = open_runs(args.out, line, args.replace)
+        kept = open_runs(args.out, line, args.replace, earlier=[before])
     except UserError as err:
         raise SystemExit(f"record: {err}") from None
     run = run_record(command, args.collect, args.file_sizes)

@@ -89,11 +89,13 @@ def json_dump(obj, path):
     atomic_write_bytes(path, (json.dumps(obj, indent=2, sort_keys=True) + "\n").encode())
 
 
-def open_runs(path, command, replace=False):
+def open_runs(path, command, replace=False, earlier=()):
     """The results file at `path` as {"command": command, "runs": [run, ...]}, ready for one
     more run of `command` (json_dump it after appending). Absent: no runs yet. A file of one
-    run without "runs" (the earlier layout) is its own first run. A file that records another
-    command raises UserError, unless `replace`: its runs are then dropped."""
+    run without "runs" (the earlier layout) is its own first run. A file of runs recorded under
+    one of the `earlier` commands (the same command before its script moved) keeps that command
+    and takes the run. A file that records another command raises UserError, unless `replace`:
+    its runs are then dropped."""
     if not os.path.exists(path):
         return {"command": command, "runs": []}
     try:
@@ -102,6 +104,8 @@ def open_runs(path, command, replace=False):
     except (OSError, ValueError) as err:
         raise UserError(f"{path} is not a readable results file ({err}): move it away or "
                         f"pick another file") from None
+    if kept.get("command") in earlier and "runs" in kept and not replace:
+        return {"command": kept["command"], "runs": kept["runs"]}
     if kept.get("command") != command:
         if not replace:
             raise UserError(f"{path} records another command ({kept.get('command')!r}): pick "
