@@ -39,22 +39,21 @@ def entries(n):
     return POWERS.get(n, f"{n:,}")
 
 
-def demo_provenance(run):
-    """One line naming results/demo.json and one demo run's commit, machine and date."""
-    return (f"- source: `results/demo.json`, written by `{run['command']}` at commit "
-            f"{run['git_commit'][:7]} on {machine_of(run)}, {run['machine']['cpu_count']} cores "
-            f"({run['date'][:10]})")
+def demo_source(runs):
+    """The source line of the demo table: results/demo.json and the demo runs it shows."""
+    return source_line(["results/demo.json"], "`bash scripts/demo.sh` (the maintainers' runs "
+                       "kept by `bash tools/measure_docs.sh demo`)", runs,
+                       "the figures are the newest run's" if len(runs) > 1 else "")
 
 
 def rows_by(rows, *keys):
     return {tuple(r[k] for k in keys): r for r in rows}
 
 
-def bench(name):
-    """A results file of tools/bench_grid.py (bench.py's grids before): (its data, its runs,
-    oldest first)."""
-    data = load(name)
-    return data, data["runs"]
+def bench_runs(name):
+    """The runs of a results file of tools/bench_grid.py (bench.py's grids before), oldest
+    first."""
+    return load(name)["runs"]
 
 
 def short_cpu(model):
@@ -99,22 +98,77 @@ def machines_cell(machine, rows):
     return machine if len(rows) == 1 else f"{machine} ({len(rows)} runs)"
 
 
-def runs_provenance(data, name):
-    """The source line of a tools/bench_grid.py results file: its command and each run's
-    commit, machine and date; a figure 'a to b' is the least and greatest over one machine's
-    runs."""
-    where = [f"commit {run['device']['git_commit'][:7]} on {machine_of(run)}, "
-             f"{run['device']['cpu_count']} cores ({run['date'][:10]})" for run in data["runs"]]
-    count = len(where)
-    runs = ("one run (figures of time and speed vary from run to run)" if count == 1 else
-            f"{count} runs, a range per machine")
-    return (f"- source: `results/{name}`, written by `{data['command']}`: {runs}: "
-            + "; ".join(where))
+def run_facts(run):
+    """(commit, CPU, cores, date, load averages) of a run of any results file."""
+    device = run.get("device")
+    if isinstance(device, dict):  # tools/bench_grid.py
+        return (device["git_commit"][:7], machine_of(run), device["cpu_count"],
+                run["date"][:10], [])
+    commit = run["git_commit"][:7] + ("+changes" if run.get("uncommitted_changes") else "")
+    return (commit, machine_of(run), run["machine"]["cpu_count"], run["date"][:10],
+            list(run.get("load_average", {}).values()))
+
+
+def files_cell(paths):
+    """The results files (relative to the checkout), quoted; files of one folder and first
+    word as one pattern (`results/docs/segment_*.json`, 12 files) where it matches just them."""
+    groups = {}
+    for path in paths:
+        groups.setdefault((os.path.dirname(path), os.path.basename(path).split("_")[0]),
+                          []).append(path)
+    cells = []
+    for members in groups.values():
+        prefix = os.path.commonprefix(members)
+        suffix = os.path.commonprefix([m[::-1] for m in members])[::-1]
+        pattern = prefix + "*" + suffix[max(0, len(prefix) + len(suffix) - min(map(len, members))):]
+        found = sorted(os.path.relpath(p, REPO) for p in glob.glob(os.path.join(REPO, pattern)))
+        if len(members) > 3 and found == sorted(members):
+            cells.append(f"`{pattern}` ({len(members)} files)")
+        else:
+            cells += [f"`{m}`" for m in members]
+    return and_list(cells)
+
+
+def and_list(items):
+    """'a', 'a and b', 'a, b and c'."""
+    items = list(items)
+    return items[0] if len(items) == 1 else ", ".join(items[:-1]) + " and " + items[-1]
+
+
+def source_line(paths, written_by, runs, note=""):
+    """The one source line under a generated table: its results files, what wrote them, and the
+    runs its figures come from (how many, commits, machines, dates, load), then `note`."""
+    facts = [run_facts(run) for run in runs]
+    commits = list(dict.fromkeys(f[0] for f in facts))
+    cores = {}  # {cores: {CPU: None}}, in the order first seen
+    for _, cpu, count, _, _ in facts:
+        cores.setdefault(count, {})[cpu] = None
+    machines = and_list(f"{and_list(cpus)} ({count} cores)" for count, cpus in cores.items())
+    dates = sorted({f[3] for f in facts})
+    loads = [v for f in facts for v in f[4]]
+    line = (f"- source: {files_cell(paths)}, written by {written_by}: "
+            f"{'one run' if len(runs) == 1 else f'{len(runs)} runs'}, commit"
+            f"{'s' if len(commits) > 1 else ''} {and_list(commits)} on {machines}, "
+            f"{' to '.join(dict.fromkeys([dates[0], dates[-1]]))}")
+    if loads:
+        line += f", load average {min(loads):.1f} to {max(loads):.1f}"
+    return line + (f"; {note}" if note else "")
+
+
+def bench_source(names, note=None):
+    """The source line of a table of tools/bench_grid.py files (bench.py's grids before):
+    their commands as recorded and every run; a figure 'a to b' spans one machine's runs."""
+    files = [load(name) for name in names]
+    runs = [run for data in files for run in data["runs"]]
+    commands = " and ".join(f"`{data['command']}`" for data in files)
+    note = note or ("a figure 'a to b' spans one machine's runs" if len(runs) > len(names)
+                    else "figures of time and speed vary from run to run")
+    return source_line([f"results/{name}" for name in names], commands, runs, note)
 
 
 def startup_table():
-    (after, new_runs), (before, old_runs) = (bench("bench_startup_cpu.json"),
-                                             bench("bench_startup_cpu_before.json"))
+    new_runs, old_runs = (bench_runs("bench_startup_cpu.json"),
+                          bench_runs("bench_startup_cpu_before.json"))
     new = across(new_runs, "startup", "entries", "start")
     old = across(old_runs, "startup", "entries", "start")
     first, kept = "first", "index kept (resume)"
@@ -138,24 +192,24 @@ def startup_table():
     commits = {r["commit"] for run in old_runs for r in run["sections"]["startup"]}
     lines += ["", f"Seconds after main.py's imports ({min(imports):.1f} to {max(imports):.1f} s, "
               f"not counted).", "",
-              runs_provenance(after, "bench_startup_cpu.json"),
-              runs_provenance(before, "bench_startup_cpu_before.json") +
-              f" (`--startup-repo` at commit {', '.join(sorted(commits))})"]
+              bench_source(["bench_startup_cpu.json", "bench_startup_cpu_before.json"],
+                           f"a figure 'a to b' spans one machine's runs; `--startup-repo` at "
+                           f"commit {', '.join(sorted(commits))}")]
     return lines
 
 
 def startup_scan_table():
-    data, runs = bench("bench_startup_cpu.json")
+    runs = bench_runs("bench_startup_cpu.json")
     lines = ["| entries | method | CPU | seconds | files/s |", "|---|---|---|---|---|"]
     for (n, method, machine), rows in across(runs, "startup_scan", "entries", "method").items():
         lines.append(f"| {entries(n)} | {method} | {machines_cell(machine, rows)} | "
                      f"{span_of(rows, 'seconds', '{:.2f}')} | "
                      f"{span_of(rows, 'files_per_s', '{:,}')} |")
-    return lines + ["", runs_provenance(data, "bench_startup_cpu.json")]
+    return lines + ["", bench_source(["bench_startup_cpu.json"])]
 
 
 def startup_memory_table():
-    data, runs = bench("bench_startup_cpu.json")
+    runs = bench_runs("bench_startup_cpu.json")
     lines = ["| entries | layout | CPU | index | main RSS | worker RSS | worker PSS | "
              "worker private |", "|---|---|---|---|---|---|---|---|"]
     for (n, layout, machine), rows in across(runs, "startup_memory", "entries",
@@ -166,7 +220,7 @@ def startup_memory_table():
                      f"{span_of(rows, 'worker_rss_mb', '{:.0f}', ' MB')} | "
                      f"{span_of(rows, 'worker_pss_mb', '{:.0f}', ' MB')} | "
                      f"{span_of(rows, 'worker_private_mb', '{:.1f}', ' MB')} |")
-    return lines + ["", runs_provenance(data, "bench_startup_cpu.json")]
+    return lines + ["", bench_source(["bench_startup_cpu.json"])]
 
 
 def demo_runs():
@@ -243,7 +297,7 @@ def demo_table():
                                for machine, group in by_machine(runs).items()) + ".")
     lines += ["Losses and accuracy vary by about a point between machines, wall time and img/s "
               "with the CPU and its load.", ""]
-    return lines + [demo_provenance(r) for r in reversed(runs)]
+    return lines + [demo_source(runs)]
 
 
 def compute_label(row):
@@ -268,7 +322,7 @@ def times(x):
 
 def bench_cpu_table():
     """docs/performance.md: the default CPU grid, one line per configuration and machine."""
-    data, runs = bench("bench_cpu.json")
+    runs = bench_runs("bench_cpu.json")
     lines = ["| section | configuration | CPU | figure |", "|---|---|---|---|"]
 
     def add(section, config, machine, rows, figure):
@@ -313,16 +367,15 @@ def bench_cpu_table():
             f"{span_of(rows, 'fraction_of_compute', pct)} of compute only, "
             f"{span_of(rows, 'over_baseline', times)} the baseline; ceiling "
             f"{span_of(rows, 'ceiling_over_baseline', times)}")
-    return lines + ["", runs_provenance(data, "bench_cpu.json")]
+    return lines + ["", bench_source(["bench_cpu.json"])]
 
 
 def bench_targets_table():
     """docs/performance.md: the CPU targets, as the grids evaluated them in their runs."""
     lines = ["| target | configuration | CPU | measured | |", "|---|---|---|---|---|"]
-    sources = []
-    for name in ("bench_cpu.json", "bench_cpu_gpuaug.json"):
-        data, runs = bench(name)
-        sources.append(runs_provenance(data, name))
+    names = ("bench_cpu.json", "bench_cpu_gpuaug.json")
+    for name in names:
+        runs = bench_runs(name)
         found = {}  # a command evaluates the same targets in the same order in every run
         for run in runs:
             for i, t in enumerate(run["targets"]):
@@ -338,12 +391,12 @@ def bench_targets_table():
                 lines.append(f"| {rows[0]['name']} | {configs} | {machines_cell(machine, rows)} | "
                              f"{span([t['measured'] for t in rows], times)}{ceiling} | "
                              f"{verdict} |")
-    return lines + [""] + sources
+    return lines + ["", bench_source(names)]
 
 
 def bench_gpuaug_table():
     """docs/performance.md: CPU workers against --gpu-aug (batched augmentation on the device)."""
-    data, runs = bench("bench_cpu_gpuaug.json")
+    runs = bench_runs("bench_cpu_gpuaug.json")
     lines = ["| section | input | CPU | img/s | |", "|---|---|---|---|---|"]
     for (pipeline, n, machine), rows in across(runs, "loader", "pipeline", "workers").items():
         what = (f"`--gpu-aug` (decoded once in {span_of(rows, 'decode_s', '{:.1f}')} s)"
@@ -359,12 +412,12 @@ def bench_gpuaug_table():
                      f"{machines_cell(key[-1], rows)} | "
                      f"{span_of(rows, 'images_per_s', '{:.1f}')} | "
                      f"{span_of(rows, 'fraction_of_compute', pct)} of compute only |")
-    return lines + ["", runs_provenance(data, "bench_cpu_gpuaug.json")]
+    return lines + ["", bench_source(["bench_cpu_gpuaug.json"])]
 
 
 def bench_grid_table():
     """docs/performance.md: compute only over archs and sizes, channels-last and contiguous."""
-    data, runs = bench("bench_cpu_grid_fp32.json")
+    runs = bench_runs("bench_cpu_grid_fp32.json")
     lines = ["| arch | px | CPU | GFLOP/step | channels-last | contiguous | float32 matmul | "
              "peak MB (channels-last) |", "|---|---|---|---|---|---|---|---|"]
     rows = across(runs, "compute", "arch", "image_size", "channels_last")
@@ -382,7 +435,7 @@ def bench_grid_table():
                      f"{span_of(matmul['float32', machine], 'tflops', '{:.3f}')} TFLOP/s | "
                      f"{span_of(last, 'peak_memory_mb', '{:,.0f}')} |")
     return lines + ["", f"Batch {runs[0]['settings']['batch_size']}; the matmul rate is the "
-                    f"same runs' own.", "", runs_provenance(data, "bench_cpu_grid_fp32.json")]
+                    f"same runs' own.", "", bench_source(["bench_cpu_grid_fp32.json"])]
 
 
 def per_run_ratios(runs, section, keys, field, base):
@@ -400,8 +453,8 @@ def per_run_ratios(runs, section, keys, field, base):
 
 def bench_amp_table():
     """docs/performance.md: --amp precisions on the CPU, a training step and a matmul."""
-    step_data, step_runs = bench("bench_cpu_amp.json")
-    mm_data, mm_runs = bench("bench_cpu_matmul_amp.json")
+    step_runs = bench_runs("bench_cpu_amp.json")
+    mm_runs = bench_runs("bench_cpu_matmul_amp.json")
     names = {"off": "float32", "bf16": "bfloat16", "fp16": "float16"}
     step = across(step_runs, "compute", "amp")
     step_ratio = per_run_ratios(step_runs, "compute", ("amp",), "images_per_s", {"amp": "off"})
@@ -418,8 +471,7 @@ def bench_amp_table():
         lines.append(f"| {names[amp]} | {machines_cell(machine, rows)} | "
                      f"{span_of(rows, 'images_per_s', '{:.1f}')} img/s | "
                      f"{span(step_ratio[amp, machine], times)} | {mm_cells} |")
-    return lines + ["", runs_provenance(step_data, "bench_cpu_amp.json"),
-                    runs_provenance(mm_data, "bench_cpu_matmul_amp.json")]
+    return lines + ["", bench_source(["bench_cpu_amp.json", "bench_cpu_matmul_amp.json"])]
 
 
 def bench_constants():
@@ -474,7 +526,7 @@ AUGMENT_METHODS = (("batched", "own torch ops, batched (`--gpu-aug`)"),
 
 def bench_augment_table():
     """docs/performance.md: ways of producing the views of the simclr preset."""
-    data, runs = bench("bench_cpu_augment.json")
+    runs = bench_runs("bench_cpu_augment.json")
     lines = ["| simclr preset, RGB | CPU | " +
              " | ".join(label for _, label in AUGMENT_METHODS) + " |",
              "|---|---|" + "---|" * len(AUGMENT_METHODS)]
@@ -495,7 +547,7 @@ def bench_augment_table():
                     "results file also has their medians)" +
                     (f"; kornia {', '.join(kornia)}, installed for these measurements only."
                      if kornia else "."), "",
-                    runs_provenance(data, "bench_cpu_augment.json")]
+                    bench_source(["bench_cpu_augment.json"])]
 
 
 def recorded(name):
@@ -519,30 +571,22 @@ def wall_range(data):
     return "; ".join(parts)
 
 
-def recorded_provenance(names, newest_only=True):
-    """Source lines of tools/record.py files, one per (commit, machine, date) their runs
-    share; newest_only: the table takes its figures but the wall times from each file's newest
-    run (said in a first line where a file has several)."""
-    groups = {}
-    for name in names:
-        for run in recorded(name)[0]["runs"]:
-            key = (run["git_commit"][:7] + ("+changes" if run["uncommitted_changes"] else ""),
-                   f"{machine_of(run)}, {run['machine']['cpu_count']} cores", run["date"][:10])
-            members = groups.setdefault(key, {})
-            members.setdefault(name, []).append(list(run["load_average"].values()))
-    lines = []
-    for (commit, machine, date), members in groups.items():
-        loads = [v for runs in members.values() for values in runs for v in values]
-        files = ", ".join(f"`results/docs/{name}.json`" for name in members)
-        lines.append(f"- source: {files}, written by `tools/record.py` "
-                     f"(`bash tools/measure_docs.sh`) at commit {commit} on {machine} "
-                     f"({date}; load average {min(loads):.1f} to {max(loads):.1f})")
-    if newest_only and any(len(recorded(name)[0]["runs"]) > 1 for name in names):
+def recorded_source(names, section, newest_only=True, demo=None):
+    """The source line of a table of tools/record.py files (results/docs/NAME.json), written by
+    `bash tools/measure_docs.sh SECTION`; newest_only: the figures but the wall times come from
+    each file's newest run; `demo`: a demo run (results/demo.json) the table also shows."""
+    runs = [run for name in names for run in recorded(name)[0]["runs"]]
+    paths = [f"results/docs/{name}.json" for name in names]
+    by = f"`bash tools/measure_docs.sh {section}` (each file keeps its command)"
+    note = "" if len(runs) == len(names) else "a figure 'a to b' spans one machine's runs"
+    if newest_only and len(runs) > len(names):
         newest = recorded(names[0])[1]
-        lines.insert(0, f"- runs: every figure but the wall times comes from the newest run "
-                        f"(commit {newest['git_commit'][:7]} on {machine_of(newest)}); wall "
-                        f"times are given per CPU over all its runs.")
-    return lines
+        note = (f"the figures are the newest run's (commit {newest['git_commit'][:7]} on "
+                f"{machine_of(newest)}), the wall times per CPU over all its runs")
+    if demo is not None:
+        paths, runs = paths + ["results/demo.json"], runs + [demo]
+        by += ", and `bash scripts/demo.sh` for the demo's row"
+    return source_line(paths, by, runs, note)
 
 
 def short_command(command):
@@ -571,7 +615,7 @@ def data_sources_table():
               f"{compare(k10, k10_random)}" +
               (": three CPU epochs learn features that a probe with thousands of labels can "
                "use, not yet ones that 10 labels suffice for." if k10 < k10_random else ".")]
-    return lines + [""] + recorded_provenance(DATA_SOURCES)
+    return lines + ["", recorded_source(DATA_SOURCES, "data")]
 
 
 def feature_analysis_table():
@@ -589,7 +633,7 @@ def feature_analysis_table():
     return lines + ["", f"The linear probe on h of the same model: {100 * probe:.1f} % "
                     f"(`results/demo.json`). On {a['n_train']:,} train and {a['n_test']:,} test "
                     f"images the whole command took {wall_range(data)}.", ""] + \
-        recorded_provenance(["feature_analysis"])
+        [recorded_source(["feature_analysis"], "features")]
 
 
 def megabytes(n):
@@ -604,7 +648,7 @@ def embed_export_table():
         files = ", ".join(f"`{os.path.basename(path)}` ({megabytes(size)})"
                           for path, size in run["file_sizes"].items())
         lines.append(f"| `{short_command(data['command'])}` | {files} | {wall_range(data)} |")
-    return lines + [""] + recorded_provenance(["features_embed", "features_export"])
+    return lines + ["", recorded_source(["features_embed", "features_export"], "features")]
 
 
 CHUNKS = ("none", "64", "32", "16")
@@ -622,7 +666,8 @@ def chunk_table():
                          f"{span_of(rows, 'images_per_s', '{:.1f}')} | "
                          f"{span_of(rows, 'peak_memory_mb', '{:,.0f}', ' MB')} | "
                          f"{span([r['epoch_losses'][-1] for r in rows], '{:.4f}')} |")
-    return lines + [""] + recorded_provenance([f"chunk_{c}" for c in CHUNKS], newest_only=False)
+    return lines + ["", recorded_source([f"chunk_{c}" for c in CHUNKS], "chunk",
+                                        newest_only=False)]
 
 
 SEGMENT_RUNS = (
@@ -694,7 +739,7 @@ def segmentation_table():
                     f"{100 * ignored:.1f} % of the test pixels are ignored (255). The wall "
                     f"time is the whole command's (data check, training, validation after "
                     f"every epoch, final evaluation).", ""] + \
-        recorded_provenance([f"segment_{n}" for n, _ in SEGMENT_RUNS])
+        [recorded_source([f"segment_{n}" for n, _ in SEGMENT_RUNS], "segmentation")]
 
 
 METHOD_NAMES = {"linear": "SimCLR, linear probe on h", "finetune": "SimCLR, fine-tuned",
@@ -738,7 +783,7 @@ def label_efficiency_table():
     lines += ["", *reading]
     return lines + ["", f"AUROC (one-vs-rest, mean over the seeds) for {methods}: {auroc}. "
                     f"The whole sweep took {wall_range(data)}.", ""] + \
-        recorded_provenance(["label_efficiency"])
+        [recorded_source(["label_efficiency"], "label-efficiency")]
 
 
 DEFAULT_RUNS = (("imagenet_e15", "ResNet-18, `imagenet` stem, 15 epochs"),
@@ -795,8 +840,7 @@ def defaults_table():
                     f"initialised {100 * random:.1f} %, the `cifar`-stem one "
                     f"{100 * acc['reference_random']:.1f} %, raw pixels "
                     f"{100 * acc['reference_pixels']:.1f} % (`results/demo.json`).", ""] + \
-        recorded_provenance(names + ["defaults_imagenet_e15_random"]) + \
-        [demo_provenance(demo)]
+        [recorded_source(names + ["defaults_imagenet_e15_random"], "defaults", demo=demo)]
 
 
 RECIPE_RUNS = (("cifar_bs250_e3", "`cifar` stem, 3 epochs, batch 250 (the earlier demo)"),
@@ -838,7 +882,7 @@ def recipes_table():
                     f"14-epoch runs); its time is its own run.json's; the `half`-stem runs shared "
                     f"the 2 cores with other work, the `cifar` one had them to itself. The validation figures were recorded by "
                     f"`tools/val_eval.py` through `tools/record.py`.", ""] + \
-        recorded_provenance([f"recipe_{n}_val" for n in names])
+        [recorded_source([f"recipe_{n}_val" for n in names], "recipes")]
 
 
 TABLES = {"startup": startup_table, "startup-scan": startup_scan_table,
