@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
-# Every measurement the documentation quotes outside bench.py and the demo, as the commands that
-# make it: each runs through tools/record.py, which keeps what it measured with its provenance
-# in results/docs/NAME.json; tools/results_tables.py turns those files into the docs' tables.
+# Every measurement the documentation quotes outside the grids (tools/bench_grid.py), as the
+# commands that make it: each runs through tools/record.py, which keeps what it measured with its
+# provenance in results/docs/NAME.json; tools/results_tables.py turns those files into tables.
 #
 #   [ONLY="RECIPE ..."] bash tools/measure_docs.sh SECTION ...   # sections: recipes demo data features chunk
 #                                              #  segmentation label-efficiency finetune-defaults
