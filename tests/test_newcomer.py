@@ -39,6 +39,6 @@ def test_demo_then_tests_in_a_fresh_clone(tmp_path):
     assert (clone / "results" / "demo" / "demo.json").is_file()
     assert git(clone, "status", "--porcelain") == ""
     tables = subprocess.run([os.path.join(clone, ".venv", "bin", "python"),
-                             "scripts/results_tables.py", "--check"], cwd=clone,
+                             "tools/results_tables.py", "--check"], cwd=clone,
                             capture_output=True, text=True, timeout=300)
     assert tables.returncode == 0, tables.stderr
