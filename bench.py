@@ -57,8 +57,7 @@ DEFAULTS = {  # per device, and --quick; a flag given on the command line wins
 def get_args_parser():
     parser = argparse.ArgumentParser(
         description="How fast SimCLR pretraining runs here: matmul rate, compute, loader and end "
-                    "to end on your data (or synthetic images) and device.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                    "to end on your data (or synthetic images) and device.")
     parser.add_argument("datapath", metavar="DATAPATH", nargs="?", default=None,
                         help="training images, as main.py takes them; default synthetic JPEGs")
     parser.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto",

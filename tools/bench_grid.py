@@ -118,8 +118,8 @@ QUICK_MAX_IMAGES = 128
 
 def get_args_parser():
     parser = argparse.ArgumentParser(
-        description="Benchmark of the pretraining path: loader, compute, end to end, NT-Xent, "
-                    "matmul rate, and a straightforward reference loop.",
+        description="The maintainers' benchmark grids (bench.py's measurements over archs, "
+                    "sizes, precisions, inputs), a reference loop, NT-Xent and the targets.",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     parser.add_argument("--quick", action="store_true",
                         help="tiny sizes (8 px, batch 8, 1 step without warm-up, 128 images): "
