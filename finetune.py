@@ -61,8 +61,9 @@ from utils.transfer import (ProbeHead, add_transfer_args, batchnorm_mode,
                             resolve_encoder_lr_ratio)
 from utils.transforms import EvalTransform, SupervisedAugmentation
 
-# Settings that define the run: resuming with another value is an error, not a silent mix.
-RUN_DEFINING_ARGS = ("modelpath", "baseline", "freeze", "head", "arch", "stem", "image_size",
+# Settings that define the run: resuming with another value is an error, not a silent mix
+# (positionals in upper case, as the usage line names them).
+RUN_DEFINING_ARGS = ("MODELPATH", "baseline", "freeze", "head", "arch", "stem", "image_size",
                      "batch_size", "optimizer", "lr", "weight_decay", "warmup_epochs",
                      "min_scale", "val_fraction", "test_fraction", "samples",
                      "samples_per_class", "label_fraction", "seed", "head_init",

@@ -60,8 +60,9 @@ from utils.transfer import (add_transfer_args, batchnorm_mode, freeze_batchnorm_
                             resolve_encoder_lr_ratio)
 from utils.transforms import denormalize
 
-# Settings that define the run: resuming with a different value is an error, not a silent mix.
-RUN_DEFINING_ARGS = ("train_list", "modelpath", "baseline", "arch", "stem", "decoder", "freeze",
+# Settings that define the run: resuming with a different value is an error, not a silent mix
+# (positionals in upper case, as the usage line names them).
+RUN_DEFINING_ARGS = ("TRAIN_LIST", "MODELPATH", "baseline", "arch", "stem", "decoder", "freeze",
                      "num_classes", "classes", "ignore_index", "image_size", "min_scale",
                      "batch_size", "optimizer", "lr", "weight_decay", "warmup_epochs", "seed",
                      "decoder_epochs", "encoder_lr_ratio", "encoder_bn")

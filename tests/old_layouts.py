@@ -30,7 +30,7 @@ def to_format_1(ckpt):
            "optimizer": ckpt["optimizer"], "epoch": ckpt["epoch"], "step": ckpt["step"],
            "args": args, "model_meta": ckpt["model_meta"], "rng": ckpt["rng"]}
     if script == "main":
-        old.update(scheduler=ckpt["schedule"], scaler=ckpt["scaler"], data=ckpt["extra"]["data"],
+        old.update(scheduler={}, scaler=ckpt["scaler"], data=ckpt["extra"]["data"],
                    losses={"step_losses": _f64(series["loss"]),
                            "step_top1": _f64(series["positive_pair_top1"]),
                            "knn": torch.tensor(
@@ -40,7 +40,7 @@ def to_format_1(ckpt):
     elif script == "finetune":
         by_epoch = {e["epoch"]: e["val_accuracy"] for e in evaluations}
         best = ckpt["best"] or {"epoch": 0, "val_accuracy": -1.0}
-        old.update(script="finetune", scheduler=ckpt["schedule"], scaler=None,
+        old.update(script="finetune", scheduler={}, scaler=None,
                    classes=ckpt["extra"]["classes"], best=dict(best),
                    losses={"step_losses": _f64(series["loss"]),
                            "val_accuracy": _f64(by_epoch.get(e, float("nan"))

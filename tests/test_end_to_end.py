@@ -58,7 +58,7 @@ def test_pretraining_writes_every_output(pretrained):
     opt = torch.load(os.path.join(respath, "model", "optimizer.pth"), weights_only=True)
     assert "state" in opt and "param_groups" in opt
     ckpt = torch.load(os.path.join(respath, "model", "checkpoint.pth"), weights_only=True)
-    for key in ("model", "optimizer", "schedule", "epoch", "step", "history", "args",
+    for key in ("model", "optimizer", "epoch", "step", "history", "args",
                 "model_meta", "rng", "extra"):
         assert key in ckpt
     assert ckpt["kind"] == "simclr-toolkit-checkpoint" and ckpt["format_version"] == 2

@@ -11,7 +11,6 @@ numbers, strings, lists and dicts, so it loads with `torch.load(weights_only=Tru
     history                           {"series": {name: (step,) float64}, "evaluations":
                                       [{"epoch": e, metric: value, ...}]}
     best                              {"epoch": e, metric: value} of best.pth, or None
-    schedule                          the learning-rate schedule's parameters
     model_meta                        what rebuilding the model needs (arch, stem, ...)
     args                              the command's arguments
     extra                             script-specific entries (data description, classes)
@@ -230,8 +229,7 @@ def upgrade_format_1(ckpt):
     script = ckpt.get("script", "main")
     new = {k: ckpt[k] for k in ("kind", "model", "model_meta", "args", "optimizer", "scaler",
                                 "rng", "epoch", "step") if k in ckpt}
-    new.update(format_version=FORMAT_VERSION, script=script, best=None, extra={},
-               schedule=ckpt.get("scheduler"))
+    new.update(format_version=FORMAT_VERSION, script=script, best=None, extra={})
     series, evaluations = {}, []
     if script == "main":
         losses = ckpt["losses"]

@@ -55,7 +55,6 @@ from utils.writer import BackgroundWriter, host_copy
 # fp16: a non-finite loss is a step GradScaler skips; this many in a row is an overflow that
 # skipping does not cure (the forward pass itself overflows), so the run stops.
 MAX_SKIPPED_STEPS_IN_A_ROW = 20
-POSITIONALS = ("datapath", "modelpath", "train_list")  # run-defining arguments without a flag
 PLOT_SECONDS = 30.0  # epoch-end saves draw the loss plot at most this often (and at the end)
 
 
@@ -458,7 +457,7 @@ class Trainer:
                 "step": step, "epoch": step // self.settings.steps_per_epoch,
                 "steps_per_epoch": self.settings.steps_per_epoch,
                 "history": self.history.state(), "best": self.history.best,
-                "schedule": self.run.schedule.state(), **self.run.record,
+                **self.run.record,
                 "extra": {**self.run.record.get("extra", {}), **self.task.extra_state()},
                 "rng": rng_state(self.device)}
 
@@ -670,12 +669,14 @@ def check_resume_compatible(ckpt, args, checkpoint_path, run_defining, legacy=No
     """UserError naming the first run-defining flag whose value differs from the stored run.
 
     `ckpt["args"]` holds the stored run's arguments; `legacy` gives the value a checkpoint
-    written before a flag existed meant by it.
+    written before a flag existed meant by it. `run_defining` names the arguments by their
+    dest, a positional one in upper case as its usage line shows it (e.g. "MODELPATH").
     """
     stored = {**(legacy or {}), **ckpt["args"]}
-    for name in run_defining:
+    for label in run_defining:
+        name = label.lower()
         if stored.get(name) != getattr(args, name):
-            flag = name.upper() if name in POSITIONALS else "--" + name.replace("_", "-")
+            flag = label if label.isupper() else "--" + name.replace("_", "-")
             raise UserError(
                 f"{checkpoint_path} is a run with {flag} {stored.get(name)}, this command asks for "
                 f"{getattr(args, name)}; pass the same value to resume it, --fresh to start over "

@@ -155,7 +155,7 @@ def learning_rate_at(step, base_lr, warmup_steps, total_steps):
 
 class WarmupCosine:
     """The schedule of a run: `schedule(step)` is learning_rate_at(step, ...) of its peak rate,
-    warm-up and total steps; `state()` is what the checkpoint records of it."""
+    warm-up and total steps (nothing to checkpoint: the step is the state)."""
 
     def __init__(self, base_lr, warmup_steps, total_steps):
         self.base_lr, self.warmup_steps, self.total_steps = base_lr, warmup_steps, total_steps
@@ -163,6 +163,3 @@ class WarmupCosine:
     def __call__(self, step):
         return learning_rate_at(step, self.base_lr, self.warmup_steps, self.total_steps)
 
-    def state(self):
-        return {"name": "linear_warmup_cosine", "base_lr": self.base_lr,
-                "warmup_steps": self.warmup_steps, "total_steps": self.total_steps}
