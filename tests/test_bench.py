@@ -11,7 +11,7 @@ import pytest
 import torch
 from torch import nn
 
-import bench
+from utils import speed
 from conftest import run_in_process, run_script
 from main import get_args_parser as main_args_parser
 from simclr import SimCLRTask
@@ -109,17 +109,17 @@ def test_bad_input_is_one_line(tiny_folder, monkeypatch):
         assert len(result.stderr.strip().splitlines()) == 1
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     with pytest.raises(UserError, match="--device cpu"):
-        bench.select_bench_device("cuda")
-    assert bench.select_bench_device("auto").type == "cpu"
+        speed.select_bench_device("cuda")
+    assert speed.select_bench_device("auto").type == "cpu"
 
 
 def test_the_device_input_is_main_pys_default():
     """main.py's CUDA default, as bench judges it: --gpu-aug while N x C x S x S bytes fit
     main.py's --max-memory-gb (4 GB), else --gpu-decode."""
-    assert bench.MAX_MEMORY_GB == main_args_parser().get_default("max_memory_gb")
-    assert bench.device_input(4096, 3, 32) == "gpu-aug"
-    assert bench.device_input(2048, 3, 224) == "gpu-aug"
-    assert bench.device_input(1_281_167, 3, 224) == "gpu-decode"
+    assert speed.MAX_MEMORY_GB == main_args_parser().get_default("max_memory_gb")
+    assert speed.device_input(4096, 3, 32) == "gpu-aug"
+    assert speed.device_input(2048, 3, 224) == "gpu-aug"
+    assert speed.device_input(1_281_167, 3, 224) == "gpu-decode"
 
 
 def tiny_conv_model():
@@ -146,7 +146,7 @@ def test_step_flops_match_an_analytic_count():
         precision=FLOAT32, settings=LoopSettings(epochs=1, steps_per_epoch=1,
                                                  channels_last=False),
         files=RunFiles(os.devnull), device=torch.device("cpu")))
-    counted = bench.count_flops(lambda: trainer.train_step(x, 0))
+    counted = speed.count_flops(lambda: trainer.train_step(x, 0))
 
     conv1 = 2 * 1 * 4 * 9 * side * side * views
     conv2 = 2 * 4 * 8 * 9 * side * side * views
@@ -165,5 +165,5 @@ def test_compiled_configurations_start_from_a_reset_dynamo(monkeypatch):
     pipeline = ([x], types.SimpleNamespace(global_batch_size=1), lambda v, s: v)
     for compiled in (True, False, True):
         config = {"arch": "resnet18", "amp": "off", "channels_last": False, "compile": compiled}
-        bench.build_trainer("resnet18", 1, 8, config, pipeline, torch.device("cpu"))
+        speed.build_trainer("resnet18", 1, 8, config, pipeline, torch.device("cpu"))
     assert len(resets) == 2

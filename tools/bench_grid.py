@@ -64,11 +64,6 @@ from PIL import Image
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
-from bench import (LR_PER_256, MATMUL_DTYPES, TEMPERATURE, WEIGHT_DECAY,  # noqa: E402
-                   compute_row, device_input, end2end_row, endless_batches,
-                   images_per_s_at_matmul_rate, is_jpeg_data, loader_row,
-                   main_augmentation_args, matmul_row, release_memory, seconds_per_call,
-                   select_bench_device, write_synthetic_images)
 from utils.cli import ensure_writable_dir, environment_info, run_main  # noqa: E402
 from utils.data import dataset_statistics  # noqa: E402
 from utils.errors import UserError, warn  # noqa: E402
@@ -79,6 +74,11 @@ from utils.ntxent import NTXentLoss  # noqa: E402
 from utils.optim import scaled_learning_rate  # noqa: E402
 from utils.precision import resolve_amp  # noqa: E402
 from utils.sources import select_subset  # noqa: E402
+from utils.speed import (LR_PER_256, MATMUL_DTYPES, TEMPERATURE, WEIGHT_DECAY,  # noqa: E402
+                         compute_row, device_input, end2end_row, endless_batches,
+                         images_per_s_at_matmul_rate, is_jpeg_data, loader_row,
+                         main_augmentation_args, matmul_row, release_memory, seconds_per_call,
+                         select_bench_device, write_synthetic_images)
 from utils.transforms import SimCLRAugmentation  # noqa: E402
 
 SECTIONS = ("matmul", "compute", "loader", "ntxent", "end2end", "baseline")
