@@ -34,7 +34,7 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
-from utils.checkpoint import DATA_STATS, load_best, load_pretrained, unwrap_model
+from utils.checkpoint import RunPaths, load_best, load_pretrained, unwrap_model
 from utils.cli import (add_data_loading_args, add_data_source_args, add_training_args,
                        add_unreadable_arg, add_weight_description_args, check_training_args,
                        ensure_writable_dir, environment_info, print_args, run_main)
@@ -42,7 +42,7 @@ from utils.data import (EpochBatchSampler, ImageDataset, LabelledViewDataset, Un
                         dataset_statistics, make_loader, warn_if_colour_dropped)
 from utils.distributed import (barrier, decide_on_main, get_rank, get_world_size,
                                is_main_process, print0, run_in_process_group)
-from utils.engine import (LoopSettings, Run, RunFiles, Task, Trainer, launcher_name,
+from utils.engine import (LoopSettings, Run, Task, Trainer, launcher_name,
                           load_resumable, report_outcome)
 from utils.errors import UserError
 from utils.fileio import json_dump
@@ -219,7 +219,7 @@ def model_description(args, train_images):
     if args.modelpath is not None:
         state, meta = load_pretrained(args.modelpath, WeightSettings.from_args(args))
         return meta, None if args.baseline else state
-    stats = dataset_statistics(train_images, os.path.join(args.respath, DATA_STATS),
+    stats = dataset_statistics(train_images, RunPaths(args.respath).data_stats,
                                args.seed)
     image_size = args.image_size or stats["native_size"]
     return {"arch": args.arch, "stem": resolve_stem(args.stem, image_size), "proj_dims": None,
@@ -315,12 +315,12 @@ def main(args):
 def finetune(args, device):
     """Train on this process's `device` (one of `get_world_size()`), then report on rank 0."""
     precision = MixedPrecision(resolve_amp(args.amp, device, is_main_process()), device)
-    checkpoint_path = os.path.join(args.respath, "checkpoint.pth")
+    paths = RunPaths(args.respath)
 
     def prepare():
         ensure_writable_dir(args.respath)
         print_args(args)
-        return load_resumable(checkpoint_path, "finetune", args, RUN_DEFINING_ARGS,
+        return load_resumable(paths.checkpoint, "finetune", args, RUN_DEFINING_ARGS,
                               LEGACY_VALUES)
     ckpt = decide_on_main(prepare)
     train_images, val_images, test_images = finetune_splits(args)
@@ -381,7 +381,7 @@ def finetune(args, device):
         settings=LoopSettings.from_args(args, steps_per_epoch, eval_every=args.val_every,
                                         tensorboard_dir=tensorboard_dir(args.respath),
                                         eval_at_start=args.head_init == "probe"),
-        files=RunFiles(checkpoint_path, os.path.join(args.respath, "best.pth")),
+        paths=paths,
         device=device, resume=ckpt, unreadable=unreadable,
         record={"args": vars(args), "model_meta": meta, "extra": {"classes": classes}}))
     del ckpt
@@ -405,7 +405,7 @@ def report(args, trainer, meta, splits, test_loader):
                          os.path.join(args.respath, "training_curves.png"),
                          title=f"{run_kind(args)}, {len(train_images)} labelled images",
                          start_score=validated.get(0))
-    best = load_best(trainer.run.files.best, "finetune")
+    best = load_best(trainer.run.paths.best, "finetune")
     trainer.plain.load_state_dict(best["model"])
     probs, labels = predict(trainer.plain, test_loader, trainer.device)
     kept = best["best"]["epoch"]
@@ -431,7 +431,7 @@ def report(args, trainer, meta, splits, test_loader):
                "launcher": launcher_name(), "processes": get_world_size(),
                "images_per_s": trainer.images_per_second(),
                "unreadable_images": trainer.run.unreadable.summary()},
-              os.path.join(args.respath, "run.json"))
+              trainer.run.paths.run_json)
     print(f"test accuracy {100 * metrics['accuracy']:.2f} %; report in {args.respath}")
 
 

@@ -9,7 +9,7 @@
 
 DATAPATH holds ImageFolder `train/` (class subfolders; SimCLR does not use the labels) or is a
 plain folder of images. RESPATH receives model/model.pth, model/optimizer.pth,
-model/lossesfile.npz, model/checkpoint.pth, plots/training_losses.png and run.json. With
+model/lossesfile.npz, plots/training_losses.png, checkpoint.pth and run.json. With
 labelled images an online linear probe on the detached h (utils/online_probe.py) reports the
 validation accuracy of h after every epoch without changing the encoder (--no-online-probe:
 off). Running the same command again resumes (--epochs is the total); --fresh starts over.
@@ -41,7 +41,7 @@ from utils.data import (EpochBatchSampler, ImageDataset, InMemoryBatches, TwoVie
 from utils.distributed import (check_same_on_all_ranks, decide_on_main,
                                gather_with_grad, get_rank, get_world_size, is_main_process,
                                print0, run_in_process_group)
-from utils.engine import (LoopSettings, Run, RunFiles, Trainer, epoch_means, launcher_name,
+from utils.engine import (LoopSettings, Run, Trainer, epoch_means, launcher_name,
                           load_resumable, peak_memory_mb, report_outcome)
 from utils.errors import UserError
 from utils.fileio import atomic_savez, atomic_torch_save, json_dump
@@ -543,7 +543,7 @@ class PretrainingOutputs:
         epoch, mid_epoch = divmod(step, state["steps_per_epoch"])
         if not every or mid_epoch or epoch % every or not epoch:
             return
-        path = snapshot_path(self.paths, epoch)
+        path = self.paths.snapshot(epoch)
         if not os.path.exists(path):
             save_checkpoint({"script": "main", "model": state["model"],
                              "model_meta": self.run_info["model_meta"], "epoch": epoch,
@@ -575,10 +575,6 @@ class PretrainingOutputs:
                    "epoch_positive_pair_top1": epoch_top1.tolist(),
                    "knn_accuracy": knn.tolist(), "online_probe_accuracy": probe.tolist(),
                    **now}, paths.run_json)
-
-
-def snapshot_path(paths, epoch):
-    return os.path.join(paths.model_dir, f"epoch_{epoch:04d}.pth")
 
 
 def build_pretraining_model(args, meta, initial_state, device):
@@ -666,7 +662,7 @@ def pretrain(args, device):
         settings=LoopSettings.from_args(args, steps_per_epoch,
                                         eval_every=1 if probe is not None else args.knn_every,
                                         tensorboard_dir=tensorboard_dir(paths.root)),
-        files=RunFiles(paths.checkpoint), device=device, resume=ckpt,
+        paths=paths, device=device, resume=ckpt,
         unreadable=pipeline.unreadable,
         record={"args": vars(args), "model_meta": meta,
                 "extra": {"data": data_info, "aug_presets": AUG_PRESETS_VERSION}},

@@ -33,14 +33,14 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from utils.checkpoint import DATA_STATS, load_best, load_pretrained, unwrap_model
+from utils.checkpoint import RunPaths, load_best, load_pretrained, unwrap_model
 from utils.cli import (add_data_loading_args, add_training_args, add_weight_description_args,
                        check_training_args, ensure_writable_dir, print_args, run_main)
 from utils.data import (EpochBatchSampler, ImageList, dataset_statistics, make_loader,
                         warn_if_colour_dropped)
 from utils.distributed import (all_reduce_sum, barrier, decide_on_main, get_rank,
                                get_world_size, is_main_process, run_in_process_group)
-from utils.engine import (LoopSettings, Run, RunFiles, Task, Trainer, launcher_name,
+from utils.engine import (LoopSettings, Run, Task, Trainer, launcher_name,
                           load_resumable, report_outcome)
 from utils.errors import UserError
 from utils.fileio import atomic_write_bytes, json_dump
@@ -72,7 +72,7 @@ LEGACY_VALUES = {"decoder_epochs": 0, "encoder_lr_ratio": 1.0, "encoder_bn": "tr
 # the statistics of pretraining lost val mIoU with FCN and were level with U-Net, so by default
 # everything trains together; the flags keep the LP-FT schedule at hand.
 DEFAULT_DECODER_EPOCHS, DEFAULT_ENCODER_LR_RATIO, DEFAULT_ENCODER_BN = 0, 1.0, "train"
-OUTPUTS = ("checkpoint.pth", "best.pth", "metrics.json", "metrics.csv", "predictions.png")
+OUTPUTS = ("metrics.json", "metrics.csv", "predictions.png")  # beside RunPaths' files
 
 
 def get_args_parser():
@@ -231,7 +231,7 @@ def model_setup(args, train_pairs):
                                f"TRAIN_LIST {args.train_list}")
         return meta, None if args.baseline else encoder_state(state)
     stats = dataset_statistics(ImageList(train_pairs.images),
-                               os.path.join(args.respath, DATA_STATS), args.seed)
+                               RunPaths(args.respath).data_stats, args.seed)
     size = args.image_size or stats["native_size"]
     return {"arch": args.arch, "stem": resolve_stem(args.stem, size),
             "in_channels": stats["channels"], "mean": stats["mean"], "std": stats["std"],
@@ -337,12 +337,13 @@ def main(args):
 def segment(args, device):
     """Train on this process's `device` (one of `get_world_size()`), then report on rank 0."""
     precision = MixedPrecision(resolve_amp(args.amp, device, is_main_process()), device)
+    run_paths = RunPaths(args.respath)
     paths = {name: os.path.join(args.respath, name) for name in OUTPUTS}
 
     def prepare():
         ensure_writable_dir(args.respath)
         print_args(args)
-        return load_resumable(paths["checkpoint.pth"], "segment", args, RUN_DEFINING_ARGS,
+        return load_resumable(run_paths.checkpoint, "segment", args, RUN_DEFINING_ARGS,
                               LEGACY_VALUES)
     ckpt = decide_on_main(prepare)
     splits = read_splits(args)
@@ -351,7 +352,7 @@ def segment(args, device):
     k, n_train = len(classes), len(splits["train"])
     started_with = ckpt and (ckpt["extra"]["num_classes"], ckpt["extra"]["n_train"])
     if ckpt is not None and started_with != (k, n_train):
-        raise UserError(f"{paths['checkpoint.pth']} was started with {ckpt['extra']['n_train']} "
+        raise UserError(f"{run_paths.checkpoint} was started with {ckpt['extra']['n_train']} "
                         f"training pairs and {ckpt['extra']['num_classes']} classes, the lists "
                         f"now give {n_train} and {k}; use --fresh or another RESPATH")
     if is_main_process():
@@ -382,7 +383,7 @@ def segment(args, device):
         schedule=schedule, sampler=sampler, loader=train_loader, precision=precision,
         settings=LoopSettings.from_args(args, steps_per_epoch, eval_every=1,
                                         tensorboard_dir=tensorboard_dir(args.respath)),
-        files=RunFiles(paths["checkpoint.pth"], paths["best.pth"]), device=device, resume=ckpt,
+        paths=run_paths, device=device, resume=ckpt,
         record={"args": vars(args), "model_meta": meta,
                 "extra": {"classes": classes, "num_classes": k, "n_train": n_train,
                           "decoder": args.decoder}}))
@@ -394,7 +395,7 @@ def segment(args, device):
             print(f"{args.respath} already holds a finished run of {args.epochs} epochs (pass a "
                   f"larger --epochs to continue it, --fresh to start over); evaluating best.pth",
                   flush=True)
-        net.load_state_dict(load_best(paths["best.pth"], "segment")["model"])
+        net.load_state_dict(load_best(run_paths.best, "segment")["model"])
         data = SegmentationData(splits, classes, counts, meta, eval_loaders)
         report = evaluate_and_write(net, data, args, device, paths, trainer.history)
         report.update(train_seconds=round(time.perf_counter() - trainer.started, 1),
@@ -402,7 +403,7 @@ def segment(args, device):
                       processes=get_world_size(), launcher=launcher_name())
         json_dump(report, paths["metrics.json"])
         print(f"done: metrics in {paths['metrics.json']} and metrics.csv, figure "
-              f"{paths['predictions.png']}, best weights {paths['best.pth']} "
+              f"{paths['predictions.png']}, best weights {run_paths.best} "
               f"(epoch {trainer.history.best['epoch']})")
     barrier()
     return status

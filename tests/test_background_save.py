@@ -18,7 +18,8 @@ from torch import nn
 import utils.engine as engine
 from simclr import SimCLRTask, transfer_views
 from test_speed_path import TinySimCLR, view_batches
-from utils.engine import LoopSettings, Run, RunFiles, Trainer
+from utils.checkpoint import RunPaths
+from utils.engine import LoopSettings, Run, Trainer
 from utils.errors import UserError
 from utils.ntxent import NTXentLoss
 from utils.optim import WarmupCosine, build_optimizer
@@ -159,7 +160,7 @@ def tiny_trainer(folder, epochs, batches, write_outputs=None):
         schedule=WarmupCosine(0.1, 0, 100), sampler=loader, loader=loader, precision=FLOAT32,
         settings=LoopSettings(epochs=epochs, steps_per_epoch=len(batches), log_every=1,
                               checkpoint_minutes=0),
-        files=RunFiles(str(folder / "checkpoint.pth")), device=cpu,
+        paths=RunPaths(str(folder)), device=cpu,
         write_outputs=write_outputs))
 
 

@@ -88,7 +88,7 @@ def test_resume_with_different_arch(pretrained, tmp_path):
     respath, _ = pretrained
     copy = tmp_path / "copy"
     shutil.copytree(respath, copy)
-    ckpt = torch.load(copy / "model" / "checkpoint.pth", weights_only=True)
+    ckpt = torch.load(copy / "checkpoint.pth", weights_only=True)
     datapath = ckpt["extra"]["data"]["datapath"]
     result = run_in_process("main.py", datapath, copy, "--epochs", "3", *FAST_PRETRAIN,
                             "--arch", "resnet34")
@@ -116,7 +116,7 @@ def test_modelpath_of_another_architecture(pretrained, tiny_folder, tmp_path):
     respath, _ = pretrained
     folder = tmp_path / "model"
     folder.mkdir()
-    shutil.copy(os.path.join(respath, "model", "checkpoint.pth"), folder / "checkpoint.pth")
+    shutil.copy(os.path.join(respath, "checkpoint.pth"), folder / "checkpoint.pth")
     torch.save(build_model("resnet34", 1, "cifar", [32, 16]).state_dict(), folder / "model.pth")
     result = run_in_process("linear_evaluation.py", tiny_folder, folder / "model.pth",
                             tmp_path / "o")

@@ -15,7 +15,8 @@ from utils import speed
 from conftest import run_in_process, run_script
 from main import get_args_parser as main_args_parser
 from simclr import SimCLRTask
-from utils.engine import LoopSettings, Run, RunFiles, Trainer
+from utils.checkpoint import RunPaths
+from utils.engine import LoopSettings, Run, Trainer
 from utils.errors import UserError
 from utils.model import SimCLRModel
 from utils.ntxent import NTXentLoss
@@ -145,7 +146,7 @@ def test_step_flops_match_an_analytic_count():
         sampler=types.SimpleNamespace(global_batch_size=views // 2), loader=[x],
         precision=FLOAT32, settings=LoopSettings(epochs=1, steps_per_epoch=1,
                                                  channels_last=False),
-        files=RunFiles(os.devnull), device=torch.device("cpu")))
+        paths=RunPaths(os.devnull), device=torch.device("cpu")))
     counted = speed.count_flops(lambda: trainer.train_step(x, 0))
 
     conv1 = 2 * 1 * 4 * 9 * side * side * views

@@ -25,7 +25,7 @@ def test_headline_commands_on_cuda(tiny_folder, tmp_path):
     assert result.returncode == 0, result.stderr
     run = json.load(open(respath / "run.json"))
     assert run["speed"]["amp"] == resolve_amp("auto", torch.device("cuda"), False)
-    ckpt = torch.load(respath / "model" / "checkpoint.pth", weights_only=True)
+    ckpt = torch.load(respath / "checkpoint.pth", weights_only=True)
     assert isinstance(ckpt["rng"]["cuda"], torch.Tensor)
     assert not any(k.startswith("module.") for k in ckpt["model"])
     evaluation = run_script("linear_evaluation.py", tiny_folder, respath / "model" / "model.pth",
@@ -70,6 +70,6 @@ def test_fp16_run_resumes_with_its_loss_scale(tiny_folder, tmp_path):
         result = run_script("main.py", tiny_folder, respath, "--epochs", epochs, *FAST_PRETRAIN,
                             "-c", "--amp", "fp16")
         assert result.returncode == 0, result.stderr
-    ckpt = torch.load(respath / "model" / "checkpoint.pth", weights_only=True)
+    ckpt = torch.load(respath / "checkpoint.pth", weights_only=True)
     assert ckpt["scaler"] is not None and ckpt["step"] == 6
     assert "resuming" in result.stdout and os.path.exists(respath / "model" / "model.pth")

@@ -39,10 +39,11 @@ def test_torchrun_writes_one_plain_checkpoint_that_evaluation_loads(torchrun_run
     assert "global batch 12 = 2 process(es) x 6" in result.stdout
     assert result.stdout.count("data index: scanned") == 1  # rank 0 lists, rank 1 receives
     assert os.path.exists(os.path.join(respath, "data_index", "train.npz"))
-    ckpt = torch.load(os.path.join(respath, "model", "checkpoint.pth"))
+    ckpt = torch.load(os.path.join(respath, "checkpoint.pth"))
     assert ckpt["step"] == 12 and ckpt["epoch"] == 4
     assert not any(k.startswith("module.") for k in ckpt["model"])
-    leftovers = [f for f in os.listdir(os.path.join(respath, "model")) if f.endswith(".tmp")]
+    leftovers = [f for f in os.listdir(respath) + os.listdir(os.path.join(respath, "model"))
+                 if f.endswith(".tmp")]
     assert leftovers == []
     run = json.load(open(os.path.join(respath, "run.json")))
     assert run["processes"] == 2 and run["global_batch_size"] == 12
@@ -64,7 +65,7 @@ def test_torchrun_interrupted_and_resumed_equals_uninterrupted(torchrun_run, tin
                                "--epochs", "4", *FAST_PRETRAIN, "--checkpoint-minutes", "0")
     proc = subprocess.Popen(command, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                             text=True, env=torchrun_env(), start_new_session=True)
-    ckpt_path = os.path.join(resumed, "model", "checkpoint.pth")
+    ckpt_path = os.path.join(resumed, "checkpoint.pth")
     deadline = time.monotonic() + 300
     while not os.path.exists(ckpt_path) and time.monotonic() < deadline:
         time.sleep(0.2)
@@ -149,7 +150,7 @@ def test_a_killed_rank_stops_the_job_and_leaves_the_last_checkpoint(tiny_folder,
                                "--epochs", "50", *FAST_PRETRAIN)
     proc = subprocess.Popen(command, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                             text=True, env=torchrun_env())
-    ckpt_path = os.path.join(respath, "model", "checkpoint.pth")
+    ckpt_path = os.path.join(respath, "checkpoint.pth")
     deadline = time.monotonic() + 300
     while not os.path.exists(ckpt_path) and time.monotonic() < deadline:
         time.sleep(0.2)

@@ -26,7 +26,7 @@ def epoch_losses(respath):
 
 def online_probe(respath):
     """(probe weights and optimizer state from checkpoint.pth, its (epoch, accuracy) rows)."""
-    ckpt = torch.load(os.path.join(respath, "model", "checkpoint.pth"), weights_only=True)
+    ckpt = torch.load(os.path.join(respath, "checkpoint.pth"), weights_only=True)
     with np.load(os.path.join(respath, "model", "lossesfile.npz")) as f:
         return ckpt["extra"]["online_probe"], f["online_probe"]
 
@@ -57,7 +57,7 @@ def test_pretraining_writes_every_output(pretrained):
     model.load_state_dict(state, strict=True)
     opt = torch.load(os.path.join(respath, "model", "optimizer.pth"), weights_only=True)
     assert "state" in opt and "param_groups" in opt
-    ckpt = torch.load(os.path.join(respath, "model", "checkpoint.pth"), weights_only=True)
+    ckpt = torch.load(os.path.join(respath, "checkpoint.pth"), weights_only=True)
     for key in ("model", "optimizer", "epoch", "step", "history", "args",
                 "model_meta", "rng", "extra"):
         assert key in ckpt
@@ -104,7 +104,7 @@ def test_linear_evaluation_reports(pretrained, tiny_folder, tmp_path):
     # a checkpoint.pth works as MODELPATH too, and gives the same h features and accuracy
     out2 = str(tmp_path / "le2")
     result2 = run_script("linear_evaluation.py", tiny_folder,
-                         os.path.join(respath, "model", "checkpoint.pth"), out2, "-nw", "0",
+                         os.path.join(respath, "checkpoint.pth"), out2, "-nw", "0",
                          "--remove_top_layers", "1")
     assert result2.returncode == 0, result2.stderr
     assert json.load(open(os.path.join(out2, "report.json")))["accuracy"] == report["accuracy"]
@@ -183,7 +183,7 @@ def start_main(datapath, respath, *extra, env=None):
 
 
 def wait_for_main_step(respath, min_steps, proc):
-    wait_for_step(os.path.join(respath, "model", "checkpoint.pth"), min_steps, proc)
+    wait_for_step(os.path.join(respath, "checkpoint.pth"), min_steps, proc)
 
 
 # --log-every 1: decisions (and so mid-epoch checkpoints) at every step
@@ -214,10 +214,12 @@ def test_sigkill_mid_epoch_then_resume_equals_uninterrupted(tiny_folder, tmp_pat
         time.sleep(0.1)
         proc.send_signal(signal.SIGKILL)
         proc.wait()
-    old = str(tmp_path / "old")
+    old = str(tmp_path / "old")  # as the code before the engine left it: format 1, model/
     shutil.copytree(respath, old)
     checkpoint = os.path.join(old, "model", "checkpoint.pth")
-    torch.save(to_format_1(torch.load(checkpoint, weights_only=True)), checkpoint)
+    torch.save(to_format_1(torch.load(os.path.join(old, "checkpoint.pth"), weights_only=True)),
+               checkpoint)
+    os.remove(os.path.join(old, "checkpoint.pth"))
     for resumed in (respath, old):
         final = run_script("main.py", tiny_folder, resumed, *RESUME_ARGS)
         assert final.returncode == 0, final.stderr
@@ -229,9 +231,11 @@ def test_sigkill_mid_epoch_then_resume_equals_uninterrupted(tiny_folder, tmp_pat
             assert_same_probe(resumed, uninterrupted[2])
         else:
             assert "online probe: none in the run resumed, a fresh probe starts" in final.stdout
-        leftovers = [f for f in os.listdir(os.path.join(resumed, "model")) if ".tmp" in f]
+        leftovers = [f for f in os.listdir(resumed) + os.listdir(os.path.join(resumed, "model"))
+                     if ".tmp" in f]
         assert not leftovers
-    assert torch.load(checkpoint, weights_only=True)["format_version"] == 2
+    assert torch.load(checkpoint, weights_only=True)["format_version"] == 2  # kept in model/
+    assert not os.path.exists(os.path.join(old, "checkpoint.pth"))
 
 
 def test_ctrl_c_saves_resumable_checkpoint(tiny_folder, tmp_path, uninterrupted):
@@ -245,7 +249,7 @@ def test_ctrl_c_saves_resumable_checkpoint(tiny_folder, tmp_path, uninterrupted)
     stdout, stderr = proc.communicate(timeout=120)
     assert proc.returncode == 130, stderr
     assert "Traceback" not in stderr and "run the same command to resume" in stderr
-    ckpt = torch.load(os.path.join(respath, "model", "checkpoint.pth"), weights_only=True)
+    ckpt = torch.load(os.path.join(respath, "checkpoint.pth"), weights_only=True)
     assert 3 <= ckpt["step"] < 9
     final = run_script("main.py", tiny_folder, respath, *args)
     assert final.returncode == 0, final.stderr
@@ -326,9 +330,8 @@ def test_sigkill_during_a_background_write_then_resume(tiny_folder, tmp_path, un
     finally:
         proc.send_signal(signal.SIGKILL)
         proc.wait()
-    model = respath / "model"
-    assert 0 < (model / ".checkpoint.pth.tmp").stat().st_size
-    assert torch.load(model / "checkpoint.pth", weights_only=True)["step"] == 3
+    assert 0 < (respath / ".checkpoint.pth.tmp").stat().st_size
+    assert torch.load(respath / "checkpoint.pth", weights_only=True)["step"] == 3
     final = run_script("main.py", tiny_folder, respath, *args)
     assert final.returncode == 0, final.stderr
     assert "resuming" in final.stdout and "step 3 of 9" in final.stdout
@@ -336,7 +339,7 @@ def test_sigkill_during_a_background_write_then_resume(tiny_folder, tmp_path, un
     np.testing.assert_allclose(steps, uninterrupted[1], rtol=0, atol=1e-5)
     np.testing.assert_allclose(epochs, uninterrupted[0], rtol=0, atol=1e-5)
     assert_same_probe(respath, uninterrupted[2])
-    assert not [f for f in os.listdir(model) if ".tmp" in f]
+    assert not [f for f in os.listdir(respath) + os.listdir(respath / "model") if ".tmp" in f]
 
 
 def test_outputs_written_in_the_background_equal_the_checkpoint(pretrained):

@@ -51,7 +51,7 @@ def test_fin_on_rgb_data_adapts_the_gray_model_and_fout_names_the_folder(pretrai
     assert result.returncode == 0, result.stderr
     assert "takes 1 channel(s), this data has 3" in result.stdout
     out = tmp_path / "further"
-    ckpt = torch.load(out / "model" / "checkpoint.pth")
+    ckpt = torch.load(out / "checkpoint.pth")
     assert ckpt["model_meta"]["in_channels"] == 3 and ckpt["args"]["fin"] == fin
     start = torch.load(fin)
     expected = adapt_input_channels(start, 3)

@@ -104,6 +104,6 @@ def test_data_sized_from_what_the_folder_holds_and_the_budget_left(listed, tiny_
     assert f"data: 36 training images of the 36 in {tiny_folder}" in result.stdout
     report = json.loads(out.read_text())
     assert [row["status"] for row in report["checks"]] == ["pass", "skipped (budget)"]
-    ckpt = torch.load(tmp_path / "w" / "main" / "default" / "model" / "checkpoint.pth",
+    ckpt = torch.load(tmp_path / "w" / "main" / "default" / "checkpoint.pth",
                       map_location="cpu", weights_only=True)
     assert ckpt["extra"]["data"]["n_images"] == 36

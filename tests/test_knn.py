@@ -54,7 +54,7 @@ def test_knn_every_records_the_accuracy_of_the_saved_model(tiny_folder, tmp_path
     assert [epoch for epoch, _ in run["knn_accuracy"]] == [1, 2]
     saved = np.load(respath / "model" / "lossesfile.npz")["knn"]
     np.testing.assert_allclose(saved, run["knn_accuracy"])
-    ckpt = torch.load(respath / "model" / "checkpoint.pth")
+    ckpt = torch.load(respath / "checkpoint.pth")
     knn = [(e["epoch"], e["knn_accuracy"]) for e in ckpt["history"]["evaluations"]]
     np.testing.assert_allclose(knn, saved)
     # the last value is the final model's: recompute it with scikit-learn

@@ -98,7 +98,7 @@ def test_probe_accuracy_printed_recorded_and_plotted_every_epoch(probe_run):
     assert np.all((0 <= rows[:, 1]) & (rows[:, 1] <= 1))
     np.testing.assert_allclose(json.load(open(respath / "run.json"))["online_probe_accuracy"],
                                rows)
-    ckpt = torch.load(respath / "model" / "checkpoint.pth", weights_only=True)
+    ckpt = torch.load(respath / "checkpoint.pth", weights_only=True)
     assert set(ckpt["extra"]) == {"data", "aug_presets", "online_probe"}  # merged, not replaced
     assert ckpt["extra"]["online_probe"]["linear"]["weight"].shape == (3, 512)
     state = torch.load(respath / "model" / "model.pth", weights_only=True)
@@ -126,7 +126,7 @@ def test_last_accuracy_is_the_saved_probe_on_the_saved_encoder(probe_run, tiny_f
     transform = EvalTransform(meta["image_size"], meta["mean"], meta["std"])
     h, y = extract_features(model.encoder, make_loader(ImageDataset(queries, 1, transform),
                                                        batch_size=12), "cpu")
-    ckpt = torch.load(respath / "model" / "checkpoint.pth", weights_only=True)
+    ckpt = torch.load(respath / "checkpoint.pth", weights_only=True)
     probe = OnlineProbe(512, 3, torch.device("cpu"))
     probe.load_state_dict(ckpt["extra"]["online_probe"])
     accuracy = json.load(open(respath / "run.json"))["online_probe_accuracy"][-1][1]
@@ -150,7 +150,7 @@ def test_no_online_probe_turns_it_off(tiny_folder, tmp_path):
                         *FAST_PRETRAIN, "--no-online-probe")
     assert result.returncode == 0, result.stderr
     assert "online probe" not in result.stdout
-    ckpt = torch.load(tmp_path / "r" / "model" / "checkpoint.pth", weights_only=True)
+    ckpt = torch.load(tmp_path / "r" / "checkpoint.pth", weights_only=True)
     assert "online_probe" not in ckpt["extra"] and ckpt["history"]["evaluations"] == []
     assert json.load(open(tmp_path / "r" / "run.json"))["online_probe_accuracy"] == []
 

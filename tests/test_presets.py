@@ -529,7 +529,7 @@ def test_pretraining_stores_the_preset_and_refuses_to_resume_with_another(tiny_f
     steps = [s["step"] for s in run["augmentation"]["steps"]]
     assert steps[:3] == ["RandomHorizontalFlip", "RandomResizedCrop", "RandomRotation"]
     assert {"RandomLumaEqualize", "RandomSharpness", "RandomErasing"} <= set(steps)
-    ckpt = torch.load(respath / "model" / "checkpoint.pth")
+    ckpt = torch.load(respath / "checkpoint.pth")
     assert (ckpt["args"]["aug"], ckpt["args"]["rotate"], ckpt["args"]["cutout"]) == \
         ("novel", 10.0, 0.5)
     again = run_in_process("main.py", tiny_folder, respath, "--epochs", "2", *FAST_PRETRAIN,
@@ -546,7 +546,7 @@ def test_checkpoints_of_the_earlier_presets_resume_as_they_were_trained(pretrain
     for stored, command, resumes in (("natural", [], True), ("novel", ["--aug", "novel"], False)):
         copy = tmp_path / stored
         shutil.copytree(pretrained[0], copy)
-        path = copy / "model" / "checkpoint.pth"
+        path = copy / "checkpoint.pth"
         ckpt = torch.load(path, weights_only=True)
         assert ckpt["args"]["aug"] == "simclr" and ckpt["extra"]["aug_presets"] == 2
         ckpt["args"]["aug"] = stored

@@ -17,9 +17,11 @@ def digest(path):
 
 def without_checkpoint(pretrained, tmp_path, keep=("model.pth", "optimizer.pth",
                                                    "lossesfile.npz")):
-    """A copy of the 2-epoch run holding only `keep` of its model/ files (and run.json)."""
+    """A copy of the 2-epoch run without checkpoint.pth, holding only `keep` of its model/
+    files (and run.json)."""
     copy = tmp_path / "copy"
     shutil.copytree(pretrained[0], copy)
+    os.remove(copy / "checkpoint.pth")
     for name in os.listdir(copy / "model"):
         if name not in keep:
             os.remove(copy / "model" / name)
@@ -50,7 +52,7 @@ def test_resume_from_model_optimizer_and_losses(pretrained, tiny_folder, tmp_pat
     assert probe_after[:, 0].tolist() == [1, 2, 3]
     np.testing.assert_array_equal(probe_after[:2], probe_before)
     assert len(after) == 9 and np.all(np.isfinite(after))
-    assert torch.load(copy / "model" / "checkpoint.pth", weights_only=True)["step"] == 9
+    assert torch.load(copy / "checkpoint.pth", weights_only=True)["step"] == 9
 
 
 def test_original_projects_files_resume(pretrained, tiny_folder, tmp_path):

@@ -21,7 +21,7 @@ def test_second_run_on_a_busy_respath_refuses_and_a_killed_runs_lock_is_taken_ov
     respath = tmp_path / "run"
     args = ["--epochs", "30", *FAST_PRETRAIN, "--checkpoint-minutes", "0.0001", "--log-every", "1"]
     first = start_script("main.py", tiny_folder, respath, *args)
-    wait_for_step(respath / "model" / "checkpoint.pth", 1, first)
+    wait_for_step(respath / "checkpoint.pth", 1, first)
     owner = json.loads((respath / ".lock").read_text())
     assert owner["pid"] == first.pid and owner["script"] == "main"
     second = run_script("main.py", tiny_folder, respath, *args)
@@ -129,7 +129,7 @@ def test_full_disk_through_the_command_line_then_resume(tiny_folder, tmp_path):
     error = assert_one_line_error(full, "no space left", "optimizer.pth", "MB are free",
                                   "run the same command again")
     assert full.returncode == 2 and "nothing was replaced" in error
-    assert torch.load(respath / "model" / "checkpoint.pth", weights_only=True)["step"] == 3
+    assert torch.load(respath / "checkpoint.pth", weights_only=True)["step"] == 3
     assert not (respath / ".lock").exists()
     again = run_script("main.py", tiny_folder, respath, *args)
     assert again.returncode == 0, again.stderr

@@ -24,7 +24,8 @@ from conftest import FAST_PRETRAIN, assert_one_line_error, run_in_process, run_s
 from main import decode_for_device, get_args_parser
 from utils.errors import UserError
 from simclr import SimCLRTask, forward_backward, transfer_views
-from utils.engine import LoopSettings, Run, RunFiles, Trainer, check_compile_backend
+from utils.checkpoint import RunPaths
+from utils.engine import LoopSettings, Run, Trainer, check_compile_backend
 from utils.optim import build_optimizer
 from utils.precision import FLOAT32, MixedPrecision
 from test_end_to_end import start_main, wait_for_main_step
@@ -304,7 +305,7 @@ def run_epoch(batches, precision=FLOAT32, log_every=10, logger=None):
         loader=batches, precision=precision,
         settings=LoopSettings(epochs=1, steps_per_epoch=len(batches), log_every=log_every,
                               checkpoint_minutes=0, channels_last=False),
-        files=RunFiles(os.devnull), device=cpu))
+        paths=RunPaths(os.devnull), device=cpu))
     trainer.stop, trainer.logger = types.SimpleNamespace(requested=False), logger
     trainer.train_one_epoch(0)
     return model, trainer.history
@@ -425,7 +426,7 @@ SPEED_RUN = ["--samples", "8", "--epochs", "2", "--image-size", "8", "--proj-dim
 
 
 def read_run(respath):
-    ckpt = torch.load(os.path.join(respath, "model", "checkpoint.pth"), weights_only=True)
+    ckpt = torch.load(os.path.join(respath, "checkpoint.pth"), weights_only=True)
     with np.load(os.path.join(respath, "model", "lossesfile.npz")) as f:
         return ckpt, f["step_losses"], f["epoch_losses"]
 

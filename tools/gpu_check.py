@@ -196,7 +196,7 @@ def read_run(respath):
     """(run.json, checkpoint) of the main.py run in `respath`."""
     with open(os.path.join(respath, "run.json")) as f:
         info = json.load(f)
-    ckpt = torch.load(os.path.join(respath, "model", "checkpoint.pth"), map_location="cpu",
+    ckpt = torch.load(os.path.join(respath, "checkpoint.pth"), map_location="cpu",
                       weights_only=True)
     return info, ckpt
 
@@ -260,7 +260,7 @@ def check_speed(setup):
 def check_kill(setup):
     """SIGKILL of main.py and its workers after the first epoch's checkpoint, then resume."""
     respath = os.path.join(setup.work, "kill")
-    checkpoint = os.path.join(respath, "model", "checkpoint.pth")
+    checkpoint = os.path.join(respath, "checkpoint.pth")
     command = [sys.executable, os.path.join(REPO, "main.py"), setup.data, respath, "--epochs",
                str(KILL_EPOCHS), *setup.sizing, *setup.device_flags]
     log = os.path.join(setup.work, "kill_stderr.txt")

@@ -38,10 +38,34 @@ DATA_INDEX, DATA_STATS = "data_index", "data_stats.json"
 SETUP_CACHES = (DATA_INDEX, DATA_STATS)
 
 
+CHECKPOINT, BEST, RUN_JSON = "checkpoint.pth", "best.pth", "run.json"
+
+
 @dataclass(frozen=True)
 class RunPaths:
-    """Where a pretraining run under RESPATH keeps its files."""
+    """Where a training run (every script) keeps its files under RESPATH `root`: checkpoint.pth
+    (what a resume reads), best.pth (the validation-selected weights), run.json and
+    data_stats.json at the top; pretraining's original files under model/ and plots/."""
     root: str
+
+    @property
+    def checkpoint(self):
+        """RESPATH/checkpoint.pth; a pretraining run started before it moved there keeps
+        model/checkpoint.pth (resumed and written there, so one run never holds two)."""
+        top, earlier = os.path.join(self.root, CHECKPOINT), os.path.join(self.model_dir, CHECKPOINT)
+        return earlier if os.path.exists(earlier) and not os.path.exists(top) else top
+
+    @property
+    def best(self):
+        return os.path.join(self.root, BEST)
+
+    @property
+    def run_json(self):
+        return os.path.join(self.root, RUN_JSON)
+
+    @property
+    def data_stats(self):
+        return os.path.join(self.root, DATA_STATS)
 
     @property
     def model_dir(self):
@@ -64,20 +88,12 @@ class RunPaths:
         return os.path.join(self.model_dir, "lossesfile.npz")
 
     @property
-    def checkpoint(self):
-        return os.path.join(self.model_dir, "checkpoint.pth")
-
-    @property
     def loss_plot(self):
         return os.path.join(self.plots_dir, "training_losses.png")
 
-    @property
-    def run_json(self):
-        return os.path.join(self.root, "run.json")
-
-    @property
-    def data_stats(self):
-        return os.path.join(self.root, DATA_STATS)
+    def snapshot(self, epoch):
+        """--save-every's weights of `epoch`: model/epoch_NNNN.pth."""
+        return os.path.join(self.model_dir, f"epoch_{epoch:04d}.pth")
 
 
 def unwrap_model(model):
@@ -324,13 +340,13 @@ def load_pretrained(path, settings=None):
                         f"torchvision's layout (conv1, bn1, layer1..layer4, optionally fc); "
                         f"its first keys are {list(state_dict)[:3]}")
     folder = os.path.dirname(os.path.abspath(path))
-    sibling = os.path.join(folder, "checkpoint.pth")
-    run_json = os.path.join(os.path.dirname(folder), "run.json")
-    if os.path.exists(sibling):
-        return state_dict, model_metadata(load_checkpoint(sibling))
-    if os.path.exists(run_json):
-        with open(run_json) as f:
+    run = os.path.dirname(folder)  # model.pth is RESPATH/model/model.pth
+    for checkpoint in (os.path.join(folder, CHECKPOINT), os.path.join(run, CHECKPOINT)):
+        if os.path.exists(checkpoint):
+            return state_dict, model_metadata(load_checkpoint(checkpoint))
+    if os.path.exists(os.path.join(run, RUN_JSON)):
+        with open(os.path.join(run, RUN_JSON)) as f:
             return state_dict, model_metadata(json.load(f))
-    raise UserError(f"{path} holds weights but no description of the model; keep it beside its "
-                    f"checkpoint.pth (or its run's run.json one folder up), or pass the "
-                    f"checkpoint.pth instead")
+    raise UserError(f"{path} holds weights but no description of the model; keep it in its "
+                    f"run's folder (beside checkpoint.pth or run.json, one folder up), or "
+                    f"pass the checkpoint.pth instead")

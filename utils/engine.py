@@ -41,8 +41,8 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from utils.checkpoint import (load_checkpoint, rng_state, save_best, save_checkpoint,
-                              set_rng_state, unwrap_model)
+from utils.checkpoint import (RunPaths, load_checkpoint, rng_state, save_best, save_checkpoint,
+                              set_rng_state)
 from utils.distributed import (all_reduce_mean, decide_on_main, get_world_size,
                                is_main_process, print0, wrap_model)
 from utils.errors import UserError
@@ -129,14 +129,6 @@ class Task:
 
 
 @dataclass
-class RunFiles:
-    """The checkpoint the engine resumes from and writes, and best.pth when the task has a
-    best_metric."""
-    checkpoint: str
-    best: str | None = None
-
-
-@dataclass
 class Run:
     """Everything one training run needs, built once by the script and passed whole."""
     task: Task
@@ -147,7 +139,7 @@ class Run:
     loader: Any  # batches of `sampler`'s current epoch
     precision: Any  # utils.precision.MixedPrecision
     settings: LoopSettings
-    files: RunFiles
+    paths: RunPaths  # RESPATH's files: the checkpoint it resumes and writes, best.pth
     device: torch.device
     record: dict = field(default_factory=dict)  # args, model_meta: stored in the checkpoint
     resume: dict | None = None  # the checkpoint to continue (load_checkpoint), or None
@@ -239,7 +231,7 @@ class Trainer:
                                                tuple(self.task.series))
         if ckpt["rng"] is not None:
             set_rng_state(ckpt["rng"], self.device)
-        print0(f"resuming {ckpt.get('resumed_from', self.run.files.checkpoint)}: epoch "
+        print0(f"resuming {ckpt.get('resumed_from', self.run.paths.checkpoint)}: epoch "
                f"{ckpt['epoch']}, step {ckpt['step']} of {self.settings.total_steps}", flush=True)
         self.task.load_extra_state(ckpt.get("extra") or {})
 
@@ -445,7 +437,7 @@ class Trainer:
         if best is None or metric not in best or entry[metric] > best[metric]:
             self.history.best = {"epoch": epoch, metric: entry[metric]}
             print0(f"epoch {epoch}: best {metric.replace('_', ' ')} so far "
-                   f"({entry[metric]:.4f}), kept in {self.run.files.best}", flush=True)
+                   f"({entry[metric]:.4f}), kept in {self.run.paths.best}", flush=True)
             return True
         return False
 
@@ -475,7 +467,8 @@ class Trainer:
             if self.run.write_outputs is not None:
                 outputs = self.run.write_outputs(self, state, draw_plot)
             self.writer.submit(functools.partial(write_checkpoint_files, state,
-                                                 self.run.files, best, outputs))
+                                                 self.run.paths.checkpoint,
+                                                 self.run.paths.best if best else None, outputs))
             if draw_plot:
                 self._last_plot, self._plotted_step = time.monotonic(), self.history.step
         self._last_save = time.monotonic()
@@ -505,13 +498,13 @@ class Trainer:
         return round(steps * self.run.sampler.global_batch_size / seconds, 1) if steps else None
 
 
-def write_checkpoint_files(state, files, best, outputs):
-    """One save's writes, on the background writer, in order: checkpoint.pth (what resume
-    reads) from the host snapshot `state`, best.pth when `best`, then `outputs()` (the script's
-    files, or None)."""
-    save_checkpoint(state, files.checkpoint)
-    if best and files.best:
-        save_best(state, files.best)
+def write_checkpoint_files(state, checkpoint, best, outputs):
+    """One save's writes, on the background writer, in order: the checkpoint (what resume
+    reads) from the host snapshot `state`, best.pth at `best` (None: not this time), then
+    `outputs()` (the script's files, or None)."""
+    save_checkpoint(state, checkpoint)
+    if best:
+        save_best(state, best)
     if outputs is not None:
         outputs()
 
@@ -617,7 +610,7 @@ def report_outcome(outcome, trainer):
     if outcome == "stopped":
         if is_main_process():
             print(f"interrupted at step {trainer.history.step}: checkpoint saved in "
-                  f"{trainer.run.files.checkpoint}; run the same command to resume",
+                  f"{trainer.run.paths.checkpoint}; run the same command to resume",
                   file=sys.stderr, flush=True)
         return 130
     return 0

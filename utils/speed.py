@@ -17,7 +17,8 @@ from torch.utils.flop_counter import FlopCounterMode
 from simclr import SimCLRTask, transfer_views
 from utils.data import (EpochBatchSampler, InMemoryBatches, TwoViewDataset, decode_images,
                         decoded_size_bytes, make_loader)
-from utils.engine import LoopSettings, Run, RunFiles, Trainer
+from utils.checkpoint import RunPaths
+from utils.engine import LoopSettings, Run, Trainer
 from utils.errors import UserError
 from utils.gpu_augment import BatchSimCLRAugmentation, DeviceTwoViews
 from utils.gpu_decode import BatchDecoder, DecodedTwoViews, EncodedImageDataset, collate_encoded
@@ -92,7 +93,7 @@ def build_trainer(arch, channels, image_size, config, pipeline, device, steps=1)
         task=SimCLRTask(NTXentLoss(TEMPERATURE), make_views), model=model,
         optimizer=build_optimizer(model, "sgd", lr, WEIGHT_DECAY), schedule=lambda step: lr,
         sampler=sampler, loader=loader, precision=MixedPrecision(config["amp"], device),
-        settings=settings, files=RunFiles(os.devnull), device=device))
+        settings=settings, paths=RunPaths(os.devnull), device=device))
     trainer.stop = types.SimpleNamespace(requested=False)
     return trainer
 
