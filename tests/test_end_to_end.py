@@ -349,7 +349,7 @@ def test_outputs_written_in_the_background_equal_the_checkpoint(pretrained):
     records the seconds the training thread spent in its saves, per epoch."""
     respath, _ = pretrained
     folder = os.path.join(respath, "model")
-    ckpt = torch.load(os.path.join(folder, "checkpoint.pth"), weights_only=True)
+    ckpt = torch.load(os.path.join(respath, "checkpoint.pth"), weights_only=True)
     for name in ("model", "optimizer"):
         saved = torch.load(os.path.join(folder, f"{name}.pth"), weights_only=True)
         flat, expected = torch.utils._pytree.tree_flatten(saved), \
