@@ -429,10 +429,10 @@ def check_not_constant(images, std, unreadable=()):
         return
     skipped = set(unreadable)
     example = next((p for p in images.paths if str(p) not in skipped), images.paths[0])
-    raise UserError(f"the {len(images)} images sampled for the statistics are constant (std "
-                    f"{max(std):.3g} of the [0, 1] range, e.g. {example}), so there is nothing "
-                    f"to learn from; check that the files hold the images, and for 16-bit or "
-                    f"float images their range (--intensity-range LOW HIGH)")
+    raise UserError(f"the {len(images)} images sampled for the statistics are constant (std at "
+                    f"its floor, {STD_FLOOR:g} of the [0, 1] range; e.g. {example}), so there is "
+                    f"nothing to learn from; check that the files hold the images, and for "
+                    f"16-bit or float images their range (--intensity-range LOW HIGH)")
 
 
 def native_image_size(images):
@@ -450,6 +450,20 @@ def native_image_size(images):
         raise UserError(f"none of the first {min(len(images), 1000)} image files can be read "
                         f"(e.g. {images.paths[0]}); check DATAPATH")
     return int(min(224, np.median(sides)))
+
+
+def sample_statistics(sample, intensity_range=None):
+    """{channels, intensity_range, intensity, mean, std, n_images_used, unreadable} of the
+    ImageList `sample`: detect_channels, intensity_info (`intensity_range`: --intensity-range
+    or None), compute_mean_std of the images so scaled, and check_not_constant."""
+    channels, unreadable = detect_channels(sample), []
+    intensity = intensity_info(sample, intensity_range)
+    sample = sample.with_intensity_range(intensity["range"])
+    mean, std = compute_mean_std(sample, channels, unreadable)
+    check_not_constant(sample, std, unreadable)
+    return {"channels": channels, "intensity_range": intensity["range"], "intensity": intensity,
+            "mean": mean, "std": std, "n_images_used": len(sample) - len(unreadable),
+            "unreadable": unreadable}
 
 
 def dataset_statistics(images, cache_path, seed, intensity_range=None):
@@ -476,15 +490,8 @@ def dataset_statistics(images, cache_path, seed, intensity_range=None):
             pass
     if stats is None:
         sample = stats_sample(images, seed)
-        channels, unreadable = detect_channels(sample), []
-        intensity = intensity_info(sample, intensity_range)
-        sample = sample.with_intensity_range(intensity["range"])
-        mean, std = compute_mean_std(sample, channels, unreadable)
-        check_not_constant(sample, std, unreadable)
-        stats = {"channels": channels, "native_size": native_image_size(sample),
-                 "mean": mean, "std": std, "n_images_used": len(sample) - len(unreadable),
-                 "unreadable": unreadable, "intensity_range": intensity["range"],
-                 "intensity": intensity}
+        stats = sample_statistics(sample, intensity_range)
+        stats["native_size"] = native_image_size(sample)
         from utils.fileio import json_dump
         json_dump({"key": key, "stats": stats}, cache_path)
     warn_unreadable_in_statistics(stats.get("unreadable", []))
