@@ -174,6 +174,21 @@ def test_embed_scales_images_as_pretraining_did(folders, twelve_bit_run, tmp_pat
     np.testing.assert_allclose(rows[picks], expected, rtol=1e-4, atol=1e-4)
 
 
+def test_finetune_baseline_finds_the_range_and_keeps_it(folders, tmp_path):
+    """finetune.py --baseline without MODELPATH computes the statistics as main.py does."""
+    result = run_script("finetune.py", folders["tif12"][0], tmp_path / "ft", "--baseline",
+                        "--arch", "resnet18", "--image-size", "16", "--epochs", "1", "-bs", "8",
+                        "-nw", "0", "--test-fraction", "0.25")
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "16-bit images with values up to 4095: 12-bit, scaled by 4095" in result.stdout
+    ckpt = torch.load(tmp_path / "ft" / "checkpoint.pth", weights_only=True)
+    assert ckpt["model_meta"]["intensity_range"] == [0, TWELVE_BIT]
+    # the training images are a subset (test and validation held out): their mean is near the
+    # folder's, 0.50 (scaled by 257 it would be 0.03)
+    assert ckpt["model_meta"]["mean"][0] == pytest.approx(
+        reference_mean_std(folders["tif12"][1], 0, TWELVE_BIT)[0], abs=0.05)
+
+
 def test_float_tiffs_train_on_their_own_range(folders, tmp_path):
     datapath, paths = folders["float"]
     result = run_script("main.py", datapath, tmp_path / "run", "--epochs", "1", *FAST_PRETRAIN)
