@@ -9,7 +9,10 @@ the same subset as main.py with the same --seed). --n of those training images a
 --seed; each becomes one row of a PNG grid: the image resized to the training
 size, then --views augmented views. The views of image i are drawn exactly as pretraining with the
 same --seed draws them in epoch 0 (views 1 and 2 are that epoch's pair). The channel count,
-size, mean and std come from a small sample of the images; nothing is written into DATAPATH.
+size, intensity range, mean and std come from a small sample of the images, as main.py finds
+them (16-bit and float images are scaled to [0, 1] by that range, or --intensity-range LOW
+HIGH, and shown so: the grid is what the model sees; the range is printed and in the title);
+nothing is written into DATAPATH.
 The grid goes to --out (default preview_<preset>.png in the current folder); a window opens
 too when a display is available.
 """
@@ -19,8 +22,8 @@ import os
 import numpy as np
 
 from utils.errors import UserError, warn
-from utils.cli import (add_augmentation_args, add_data_source_args, check_augmentation_args,
-                       run_main)
+from utils.cli import (add_augmentation_args, add_data_source_args, add_intensity_range_arg,
+                       check_augmentation_args, check_intensity_range, run_main)
 
 STATS_SAMPLE = 500  # images used for channels, size, mean and std
 CELL_INCHES = 2.0   # each image cell is CELL_INCHES x CELL_INCHES
@@ -48,7 +51,7 @@ def get_args_parser():
                         help="PNG to write (default: preview_<preset>.png in the current folder)")
     parser.add_argument("--seed", type=int, default=0,
                         help="chooses the images and seeds their views as main.py --seed does")
-    add_data_source_args(parser)
+    add_intensity_range_arg(add_data_source_args(parser))
     add_augmentation_args(parser)
     return parser
 
@@ -60,6 +63,7 @@ def check_args(args):
     if args.views < 1:
         raise UserError(f"--views {args.views}: show at least 1 view per image, e.g. --views 6")
     check_augmentation_args(args)
+    check_intensity_range(args)
 
 
 def extras_text(args):
@@ -102,7 +106,7 @@ def main(args):
     import matplotlib.pyplot as plt
     from torchvision import transforms as T
 
-    from utils.data import compute_mean_std, detect_channels, native_image_size
+    from utils.data import describe_intensity, native_image_size, sample_statistics
     from utils.sources import load_split, select_subset
     from utils.transforms import SimCLRAugmentation, denormalize
 
@@ -111,8 +115,12 @@ def main(args):
     rng = np.random.default_rng(args.seed)
     sample = images.subset(
         sorted(rng.choice(len(images), min(STATS_SAMPLE, len(images)), replace=False).tolist()))
-    channels = detect_channels(sample)
-    mean, std = compute_mean_std(sample, channels)
+    stats = sample_statistics(sample, args.intensity_range)
+    channels, mean, std, scaling = (stats[k] for k in ("channels", "mean", "std",
+                                                       "intensity_range"))
+    images = images.with_intensity_range(scaling)  # shown as the model will see them
+    print(describe_intensity(stats["intensity"], channels) or "data: 8-bit images, divided by "
+          "255", flush=True)
     size = args.image_size or native_image_size(sample)
     blur = args.blur if args.blur is not None else size > 32
     augmentation = SimCLRAugmentation(size, channels, mean, std, args.jitter_strength, blur,
@@ -149,8 +157,10 @@ def main(args):
                 ax.set_title("original" if col == 0 else f"view {col}", fontsize=10)
     settings = (f"{'blur' if blur else 'no blur'}, jitter strength {args.jitter_strength:g}"
                 if args.aug == "simclr" else "j-freddy's published sequence")
-    fig.suptitle(f"augmentation preset '{args.aug}' ({extras_text(args)})\n{size} px, {settings}",
-                 fontsize=9, y=1 - 0.1 * TITLE_INCHES * DPI / height)
+    values = (f"values [{scaling[0]:g}, {scaling[1]:g}] -> [0, 1]" if scaling else
+              "8-bit / 255")
+    fig.suptitle(f"augmentation preset '{args.aug}' ({extras_text(args)})\n{size} px, {values}, "
+                 f"{settings}", fontsize=9, y=1 - 0.1 * TITLE_INCHES * DPI / height)
     out = args.out or f"preview_{args.aug}.png"
     folder = os.path.dirname(os.path.abspath(out))
     if not os.path.isdir(folder):

@@ -227,7 +227,8 @@ def main(args):
     ensure_writable_dir(folder, "the folder of OUT")
     print_args(args)
     model, meta = load_trained_model(args.modelpath, settings=WeightSettings.from_args(args))
-    sets = image_sets(args)
+    sets = [(split, images.with_intensity_range(meta.get("intensity_range")))
+            for split, images in image_sets(args)]
     warn_if_colour_dropped(sets[0][1], meta["in_channels"], f"DATAPATH {args.datapath}")
     n_images, dim = sum(len(images) for _, images in sets), feature_dim(meta, args.layer)
     table = csv_table(sets)

@@ -6,11 +6,13 @@ MODELPATH is the model.pth or checkpoint.pth main.py wrote. Writes
 
     OUT.pth  {"state_dict": the encoder's weights under torchvision's own names (no projection
              head, no `module.` or `encoder.` prefix), "meta": {arch, stem, conv1, in_channels,
-             image_size, mean, std, feature_dim, source_checkpoint, torch, torchvision,
-             how_to_load}}. It loads with strict=True into torchvision.models.<arch>(weights=None)
-             whose conv1 is rebuilt from meta["conv1"] for meta["in_channels"], whose maxpool is
-             nn.Identity() for the 'cifar' and 'half' stems and whose fc is nn.Identity(): the 7
-             lines in meta["how_to_load"] and the README; utils.model.build_torchvision_backbone(meta)
+             image_size, mean, std, intensity_range, feature_dim, source_checkpoint, torch,
+             torchvision, how_to_load}}; intensity_range [low, high] is how 16-bit and float
+             images were scaled to [0, 1] before mean and std (None: 8-bit data, / 255). It
+             loads with strict=True into torchvision.models.<arch>(weights=None) whose conv1 is
+             rebuilt from meta["conv1"] for meta["in_channels"], whose maxpool is nn.Identity()
+             for the 'cifar' and 'half' stems and whose fc is nn.Identity(): the 7 lines in
+             meta["how_to_load"] and the README; utils.model.build_torchvision_backbone(meta)
              builds the same module.
     OUT.pt2  the same encoder as a torch.export program, meta.json inside:
              torch.export.load("OUT.pt2").module()(x) gives h (B, feature_dim) for a batch x
@@ -81,6 +83,7 @@ def backbone_meta(meta, encoder, modelpath, state_path):
                       "padding": conv1.padding[0]},
             "in_channels": meta["in_channels"], "image_size": meta["image_size"],
             "mean": list(meta["mean"]), "std": list(meta["std"]),
+            "intensity_range": meta.get("intensity_range"),
             "feature_dim": FEATURE_DIMS[meta["arch"]],
             "source_checkpoint": os.path.abspath(modelpath),
             "torch": str(torch.__version__), "torchvision": str(torchvision.__version__),

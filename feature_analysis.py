@@ -249,7 +249,8 @@ def main(args):
     ensure_writable_dir(args.outdir, "OUTDIR")
     print_args(args)
     model, meta = load_trained_model(args.modelpath, settings=WeightSettings.from_args(args))
-    train_images, test_images = labelled_train_test(args)
+    train_images, test_images = (images.with_intensity_range(meta.get("intensity_range"))
+                                 for images in labelled_train_test(args))
     warn_if_colour_dropped(train_images, meta["in_channels"], f"DATAPATH {args.datapath}")
     check_split_sizes(len(train_images), len(test_images), args)
     classes = train_images.classes

@@ -35,9 +35,10 @@ from torch import nn
 from tqdm import tqdm
 
 from utils.checkpoint import RunPaths, load_best, load_pretrained, unwrap_model
-from utils.cli import (add_data_loading_args, add_data_source_args, add_training_args,
-                       add_unreadable_arg, add_weight_description_args, check_training_args,
-                       ensure_writable_dir, environment_info, print_args, run_main)
+from utils.cli import (add_data_loading_args, add_data_source_args, add_intensity_range_arg,
+                       add_training_args, add_unreadable_arg, add_weight_description_args,
+                       check_intensity_range, check_training_args, ensure_writable_dir,
+                       environment_info, print_args, run_main)
 from utils.data import (EpochBatchSampler, ImageDataset, LabelledViewDataset, UnreadableFiles,
                         dataset_statistics, make_loader, warn_if_colour_dropped)
 from utils.distributed import (barrier, decide_on_main, get_rank, get_world_size,
@@ -67,10 +68,10 @@ RUN_DEFINING_ARGS = ("MODELPATH", "baseline", "freeze", "head", "arch", "stem", 
                      "batch_size", "optimizer", "lr", "weight_decay", "warmup_epochs",
                      "min_scale", "val_fraction", "test_fraction", "samples",
                      "samples_per_class", "label_fraction", "seed", "head_init",
-                     "encoder_lr_ratio", "encoder_bn", "from_head_layer")
+                     "encoder_lr_ratio", "encoder_bn", "from_head_layer", "intensity_range")
 # What a run written before a flag existed did (so it still resumes).
 LEGACY_VALUES = {"head_init": "random", "encoder_lr_ratio": 1.0, "encoder_bn": "train",
-                 "from_head_layer": 0}
+                 "from_head_layer": 0, "intensity_range": None}
 
 
 def get_args_parser():
@@ -86,7 +87,7 @@ def get_args_parser():
                              "--baseline (then --arch and --stem define the network)")
     parser.add_argument("respath", metavar="RESPATH", help="folder for the run and its report")
     add_data_loading_args(parser, batch_size=64)
-    add_data_source_args(parser)
+    add_intensity_range_arg(add_data_source_args(parser))
     model = parser.add_argument_group("model")
     model.add_argument("--baseline", action="store_true",
                        help="supervised baseline: the same network randomly initialised "
@@ -167,6 +168,7 @@ def check_args(args):
                         "mlp use --head-init random (or auto)")
     if args.from_head_layer < 0:
         raise UserError(f"--from-head-layer {args.from_head_layer} must be >= 0 (0 = from h)")
+    check_intensity_range(args, model_given=args.modelpath is not None)
     resolve_encoder_lr_ratio(args)
     if args.head_init == "auto":
         args.head_init = "probe" if not args.baseline and args.head == "linear" else "random"
@@ -220,11 +222,12 @@ def model_description(args, train_images):
         state, meta = load_pretrained(args.modelpath, WeightSettings.from_args(args))
         return meta, None if args.baseline else state
     stats = dataset_statistics(train_images, RunPaths(args.respath).data_stats,
-                               args.seed)
+                               args.seed, args.intensity_range)
     image_size = args.image_size or stats["native_size"]
     return {"arch": args.arch, "stem": resolve_stem(args.stem, image_size), "proj_dims": None,
             "in_channels": stats["channels"], "image_size": image_size,
-            "mean": stats["mean"], "std": stats["std"]}, None
+            "mean": stats["mean"], "std": stats["std"],
+            "intensity_range": stats["intensity_range"]}, None
 
 
 def build_classifier(meta, pretrained_state, args, n_classes):
@@ -327,6 +330,9 @@ def finetune(args, device):
     classes = train_images.classes
     counts = np.bincount(train_images.labels, minlength=len(classes))
     meta, pretrained = decide_on_main(lambda: model_description(args, train_images))
+    train_images, val_images, test_images = (  # scaled as the model's statistics were
+        images.with_intensity_range(meta.get("intensity_range"))
+        for images in (train_images, val_images, test_images))
     if is_main_process():
         warn_if_colour_dropped(train_images, meta["in_channels"], f"DATAPATH {args.datapath}")
     model = build_classifier(meta, pretrained, args, len(classes))

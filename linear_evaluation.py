@@ -80,9 +80,11 @@ def probe_accuracy(train_x, train_y, test_x, test_y, n_classes, args):
 
 def split_features(encoder, meta, images_pair, args, device, channels_last=True):
     """((train features (N, F), labels (N,)), (test ...)) of `encoder` on the two image lists,
-    without augmentation (resize, centre crop, the stored normalisation)."""
+    without augmentation (resize, centre crop, the model's intensity range and normalisation)."""
     transform = EvalTransform(meta["image_size"], meta["mean"], meta["std"])
-    loaders = [make_loader(ImageDataset(images, meta["in_channels"], transform),
+    scaling = meta.get("intensity_range")
+    loaders = [make_loader(ImageDataset(images.with_intensity_range(scaling), meta["in_channels"],
+                                        transform),
                            batch_size=args.batch_size, num_workers=args.num_workers,
                            pin_memory=device.type == "cuda")
                for images in images_pair]

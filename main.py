@@ -32,9 +32,9 @@ from simclr import SimCLRTask, transfer_views
 from utils.checkpoint import (AUG_PRESETS_VERSION, RunPaths, load_pretrained, model_metadata,
                               read_losses_file, save_checkpoint, strip_prefixes)
 from utils.cli import (add_augmentation_args, add_data_loading_args, add_data_source_args,
-                       add_training_args, add_unreadable_arg, check_augmentation_args,
-                       check_training_args, ensure_writable_dir, environment_info, print_args,
-                       run_main)
+                       add_intensity_range_arg, add_training_args, add_unreadable_arg,
+                       check_augmentation_args, check_intensity_range, check_training_args,
+                       ensure_writable_dir, environment_info, print_args, run_main)
 from utils.data import (EpochBatchSampler, ImageDataset, InMemoryBatches, TwoViewDataset,
                         UnreadableFiles,
                         dataset_statistics, decode_images, decoded_size_bytes, make_loader)
@@ -67,10 +67,10 @@ from utils.transforms import EvalTransform, SimCLRAugmentation, TwoViews
 RUN_DEFINING_ARGS = ("arch", "stem", "proj_dims", "image_size", "batch_size", "optimizer", "lr",
                      "lr_scaling", "weight_decay", "temperature", "warmup_epochs",
                      "jitter_strength", "blur", "min_scale", "aug", "noise", "rotate", "cutout",
-                     "seed", "fin")
+                     "seed", "fin", "intensity_range")
 # What a checkpoint written before a flag existed meant by it (so older runs still resume).
 LEGACY_VALUES = {"lr_scaling": "none", "aug": "simclr", "noise": 0.0, "rotate": 0.0,
-                 "cutout": 0.0, "fin": None}
+                 "cutout": 0.0, "fin": None, "intensity_range": None}
 KNN_MEMORY = 10_000  # training images kept as the kNN memory of --knn-every
 PROBE_QUERIES = 10_000  # validation images the online probe is evaluated on, at most
 
@@ -85,7 +85,7 @@ def get_args_parser():
                              "path list (see README 'Data sources')")
     parser.add_argument("respath", metavar="RESPATH", help="output folder of this run")
     add_data_loading_args(parser, batch_size=250)
-    add_data_source_args(parser)
+    add_intensity_range_arg(add_data_source_args(parser))
 
     opt = parser.add_argument_group("optimisation")
     opt.add_argument("--epochs", type=int, default=100, help="total epochs of the run")
@@ -169,6 +169,7 @@ def fill_defaults(args):
         args.proj_dims = default_proj_dims(args.arch)
     check_training_args(args)
     check_augmentation_args(args)
+    check_intensity_range(args)
     if args.temperature <= 0:
         raise UserError("--temperature must be positive, e.g. 0.2")
     if args.max_memory_gb <= 0:
@@ -253,11 +254,12 @@ def prepare_run(args, images, paths):
             print(f"note: --epochs changed from {ckpt['args']['epochs']} to {args.epochs}; "
                   f"the cosine schedule is recomputed for the new total", flush=True)
         return ckpt, ckpt["model_meta"], None
-    stats = dataset_statistics(images, paths.data_stats, args.seed)
+    stats = dataset_statistics(images, paths.data_stats, args.seed, args.intensity_range)
     image_size = args.image_size or stats["native_size"]
     meta = {"arch": args.arch, "stem": resolve_stem(args.stem, image_size),
             "proj_dims": list(args.proj_dims), "in_channels": stats["channels"],
-            "image_size": image_size, "mean": stats["mean"], "std": stats["std"]}
+            "image_size": image_size, "mean": stats["mean"], "std": stats["std"],
+            "intensity_range": stats["intensity_range"]}
     if not args.fresh and os.path.exists(paths.model):
         ckpt = resume_from_outputs(args, paths, meta, len(images) // args.batch_size)
         return ckpt, ckpt["model_meta"], None
@@ -368,10 +370,13 @@ def knn_memory_and_queries(args, images):
     the memory; `held_out` their indices in `images`, else empty); the test split only with
     --knn-on-test, so choosing a model on the kNN curve never looks at the test set."""
     none = np.zeros(0, dtype=int)
+    scaling = images.intensity_range  # the training images' (prepare_run)
     if args.knn_on_test:
-        return images, load_split(args.datapath, "test", True, args), "test split", none
+        return (images, load_split(args.datapath, "test", True, args).with_intensity_range(
+            scaling), "test split", none)
     if has_split(args.datapath, "val", args):
-        return images, load_split(args.datapath, "val", True, args), "validation split", none
+        return (images, load_split(args.datapath, "val", True, args).with_intensity_range(
+            scaling), "validation split", none)
     kept, held_out = validation_indices(images, args.val_fraction, args.seed)
     return (images.subset(kept.tolist()), images.subset(held_out.tolist()),
             f"validation images ({args.val_fraction:g} of each class of train, seed "
@@ -605,9 +610,12 @@ def pretrain(args, device):
     check_same_on_all_ranks(len(images), "the number of training images")
     paths = RunPaths(args.respath)
     ckpt, meta, initial_state = decide_on_main(lambda: prepare_run(args, images, paths))
+    images = images.with_intensity_range(meta.get("intensity_range"))
     blur = args.blur if args.blur is not None else meta["image_size"] > 32
+    scaled = (", 16-bit/float values scaled from [{:g}, {:g}]".format(*meta["intensity_range"])
+              if meta.get("intensity_range") else "")
     print0(f"data: {len(images)} training images, {meta['in_channels']} channel(s), "
-           f"{meta['image_size']} px, mean {np.round(meta['mean'], 4).tolist()}, "
+           f"{meta['image_size']} px{scaled}, mean {np.round(meta['mean'], 4).tolist()}, "
            f"std {np.round(meta['std'], 4).tolist()}; model {meta['arch']} ({meta['stem']} stem)",
            flush=True)
 

@@ -34,8 +34,9 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from utils.checkpoint import RunPaths, load_best, load_pretrained, unwrap_model
-from utils.cli import (add_data_loading_args, add_training_args, add_weight_description_args,
-                       check_training_args, ensure_writable_dir, print_args, run_main)
+from utils.cli import (add_data_loading_args, add_intensity_range_arg, add_training_args,
+                       add_weight_description_args, check_intensity_range, check_training_args,
+                       ensure_writable_dir, print_args, run_main)
 from utils.data import (EpochBatchSampler, ImageList, dataset_statistics, make_loader,
                         warn_if_colour_dropped)
 from utils.distributed import (all_reduce_sum, barrier, decide_on_main, get_rank,
@@ -65,9 +66,10 @@ from utils.transforms import denormalize
 RUN_DEFINING_ARGS = ("TRAIN_LIST", "MODELPATH", "baseline", "arch", "stem", "decoder", "freeze",
                      "num_classes", "classes", "ignore_index", "image_size", "min_scale",
                      "batch_size", "optimizer", "lr", "weight_decay", "warmup_epochs", "seed",
-                     "decoder_epochs", "encoder_lr_ratio", "encoder_bn")
+                     "decoder_epochs", "encoder_lr_ratio", "encoder_bn", "intensity_range")
 # What a run written before a flag existed did (so it still resumes).
-LEGACY_VALUES = {"decoder_epochs": 0, "encoder_lr_ratio": 1.0, "encoder_bn": "train"}
+LEGACY_VALUES = {"decoder_epochs": 0, "encoder_lr_ratio": 1.0, "encoder_bn": "train",
+                 "intensity_range": None}
 # Measured on the demo data (docs/defaults.md): a decoder-first epoch, a 0.1 encoder rate and
 # the statistics of pretraining lost val mIoU with FCN and were level with U-Net, so by default
 # everything trains together; the flags keep the LP-FT schedule at hand.
@@ -110,6 +112,7 @@ def get_args_parser():
                            "image size; with --baseline alone the images' median shorter side)")
     data.add_argument("--min-scale", type=float, default=0.5,
                       help="smallest RandomResizedCrop area fraction of the training crops")
+    add_intensity_range_arg(data)
 
     mod = parser.add_argument_group("model")
     mod.add_argument("--decoder", choices=DECODERS, default="fcn",
@@ -159,6 +162,7 @@ def resolve_args(args):
                         "with MODELPATH the network is MODELPATH's, so drop them")
     if args.modelpath is None:
         args.arch, args.stem = args.arch or "resnet18", args.stem or "auto"
+    check_intensity_range(args, model_given=args.modelpath is not None)
     for name in ("train_list", "val_list", "test_list", "modelpath", "classes"):
         if getattr(args, name) is not None:
             setattr(args, name, os.path.abspath(getattr(args, name)))
@@ -226,31 +230,35 @@ def model_setup(args, train_pairs):
     if args.modelpath is not None:
         state, meta = load_pretrained(args.modelpath, WeightSettings.from_args(args))
         meta = {k: meta[k] for k in ("arch", "stem", "in_channels", "mean", "std")} | {
-            "image_size": args.image_size or meta["image_size"]}
+            "image_size": args.image_size or meta["image_size"],
+            "intensity_range": meta.get("intensity_range")}
         warn_if_colour_dropped(ImageList(train_pairs.images), meta["in_channels"],
                                f"TRAIN_LIST {args.train_list}")
         return meta, None if args.baseline else encoder_state(state)
     stats = dataset_statistics(ImageList(train_pairs.images),
-                               RunPaths(args.respath).data_stats, args.seed)
+                               RunPaths(args.respath).data_stats, args.seed,
+                               args.intensity_range)
     size = args.image_size or stats["native_size"]
     return {"arch": args.arch, "stem": resolve_stem(args.stem, size),
             "in_channels": stats["channels"], "mean": stats["mean"], "std": stats["std"],
-            "image_size": size}, None
+            "image_size": size, "intensity_range": stats["intensity_range"]}, None
 
 
 def loaders(args, splits, meta, device):
     """(train sampler, train loader, {split: eval loader}) with the joint transforms."""
     size, mean, std = meta["image_size"], meta["mean"], meta["std"]
+    scaling = meta.get("intensity_range")
     train_set = SegmentationDataset(splits["train"], meta["in_channels"],
                                     JointTransform(size, mean, std, True, args.min_scale),
-                                    args.seed)
+                                    args.seed, scaling)
     sampler = EpochBatchSampler(len(train_set), args.batch_size, args.seed, get_rank(),
                                 get_world_size())
     pin = device.type == "cuda"
     train_loader = make_loader(train_set, batch_sampler=sampler, num_workers=args.num_workers,
                                pin_memory=pin)
     evaluation = JointTransform(size, mean, std, False)
-    eval_loaders = {split: make_loader(SegmentationDataset(pairs, meta["in_channels"], evaluation),
+    eval_loaders = {split: make_loader(SegmentationDataset(pairs, meta["in_channels"], evaluation,
+                                                           intensity_range=scaling),
                                        batch_size=args.batch_size,
                                        num_workers=args.num_workers, pin_memory=pin)
                     for split, pairs in splits.items() if pairs is not None}

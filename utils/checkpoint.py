@@ -309,6 +309,8 @@ def model_metadata(ckpt):
     meta = {k: ckpt["model_meta"][k] for k in keys}
     if ckpt["model_meta"].get("head_norm", True) is False:  # a head from foreign weights
         meta["head_norm"] = False
+    if ckpt["model_meta"].get("intensity_range") is not None:  # high-depth data's scaling
+        meta["intensity_range"] = list(ckpt["model_meta"]["intensity_range"])
     return meta
 
 

@@ -181,6 +181,37 @@ def add_data_source_args(parser):
     return group
 
 
+def add_intensity_range_arg(group):
+    """--intensity-range LOW HIGH, for the scripts that compute the data statistics (main.py,
+    finetune.py and segment.py without MODELPATH, data_preview.py): the values of 16-bit,
+    32-bit integer and float images that map to 0 and 1 (utils/data.py intensity_info)."""
+    group.add_argument("--intensity-range", type=float, nargs=2, metavar=("LOW", "HIGH"),
+                       default=None,
+                       help="16-bit, 32-bit integer and float images: the values that become 0 "
+                            "and 1 (values outside are clipped), instead of the range found in "
+                            "the data (integers: 2^bits - 1 of the largest value, e.g. 4095 "
+                            "for 12-bit data; floats: their smallest and largest value); "
+                            "8-bit images are always divided by 255")
+
+
+def check_intensity_range(args, model_given=False):
+    """UserError for an --intensity-range that cannot scale anything: LOW >= HIGH, a value
+    that is not finite, or (`model_given`) a MODELPATH, whose own range applies."""
+    import math
+
+    given = getattr(args, "intensity_range", None)
+    if given is None:
+        return
+    low, high = given
+    if model_given:
+        raise UserError(f"--intensity-range {low:g} {high:g}: MODELPATH scales images by the "
+                        f"range it was pretrained with; drop --intensity-range (it is for "
+                        f"statistics computed from the data: --baseline without MODELPATH)")
+    if not (math.isfinite(low) and math.isfinite(high) and low < high):
+        raise UserError(f"--intensity-range {low:g} {high:g}: give two finite values LOW < "
+                        f"HIGH, the values that become 0 and 1, e.g. --intensity-range 0 4095")
+
+
 def add_augmentation_args(parser):
     """The "augmentation" argument group: --aug PRESET, the extras --noise/--rotate/--cutout and
     --image-size, --jitter-strength, --blur/--no-blur, --min-scale. Defines, validates nothing.

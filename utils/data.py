@@ -10,7 +10,7 @@ the number of workers and whether it was resumed mid-epoch.
 import json
 import os
 import sys
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import numpy as np
 import torch
@@ -21,7 +21,14 @@ from utils.errors import UserError, warn
 IMG_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp", ".gif", ".ppm",
                   ".pgm", ".pbm")
 GRAY_MODES = {"1", "L", "LA", "I", "I;16", "I;16B", "I;16L", "I;16N", "F"}
+# PIL modes of one channel with more than 8 bits: 16-bit and 32-bit integers, 32-bit floats.
+# Their values are scaled to [0, 1] by the data set's intensity range (utils/data.py
+# intensity_info); every other mode is 8-bit and is divided by 255.
+HIGH_DEPTH_MODES = {"I;16": "16-bit", "I;16B": "16-bit", "I;16L": "16-bit", "I;16N": "16-bit",
+                    "I": "32-bit integer", "F": "32-bit float"}
 STATS_MAX_IMAGES = 10_000
+# The smallest std compute_mean_std reports; data whose every channel is at it is constant.
+STD_FLOOR = 1e-3
 
 
 class PathTable:
@@ -96,12 +103,16 @@ class ImageList:
     Images are files (`paths`, a PathTable; a list of str is converted) or, for array sources
     such as MedMNIST, rows of `pixels`, a uint8 array (N, H, W) or (N, H, W, 3) held in memory
     once; `paths` then holds display names ("FILE.npz:train[17]") used in messages. `labels`
-    is an int64 array (N,) or None for unlabeled data.
+    is an int64 array (N,) or None for unlabeled data. `intensity_range` (low, high) scales
+    the values of 16-bit, 32-bit integer and float files to [0, 1] (load_image); it is the
+    data set's (intensity_info), carried here so that DataLoader workers get it from the
+    object they hold. None: the scaling of models pretrained before it existed (16-bit / 257).
     """
     paths: PathTable
     labels: np.ndarray = None
     classes: list = field(default_factory=list)
     pixels: np.ndarray = None
+    intensity_range: tuple = None
 
     def __post_init__(self):
         if not isinstance(self.paths, PathTable):
@@ -117,19 +128,27 @@ class ImageList:
         return -1 if self.labels is None else int(self.labels[index])
 
     def load(self, index, channels):
-        """Image `index` as a PIL image with `channels` (1 -> 'L', 3 -> 'RGB')."""
+        """Image `index` as a PIL image with `channels` (load_image): 'L' or 'RGB' (8 bits), or
+        for a 1-channel high-depth file with an intensity_range 'F' (float32 in [0, 1])."""
         if self.pixels is None:
-            return load_image(self.paths[index], channels)
+            return load_image(self.paths[index], channels, self.intensity_range)
         img = Image.fromarray(self.pixels[index])
         return img.convert("L" if channels == 1 else "RGB")
 
     def subset(self, indices):
-        """The images at `indices` (ints), in that order, with the same classes."""
+        """The images at `indices` (ints), in that order, with the same classes and range."""
         indices = np.asarray(indices, dtype=np.int64)
         return ImageList(self.paths.take(indices),
                          None if self.labels is None else self.labels[indices],
                          self.classes,
-                         None if self.pixels is None else self.pixels[indices])
+                         None if self.pixels is None else self.pixels[indices],
+                         self.intensity_range)
+
+    def with_intensity_range(self, intensity_range):
+        """The same images scaled by `intensity_range` ((low, high), e.g. a model's
+        model_meta["intensity_range"]; None: the scaling of older models, 16-bit / 257)."""
+        return replace(self, intensity_range=None if intensity_range is None
+                       else tuple(float(v) for v in intensity_range))
 
 
 # The random streams of derive_seed: data order, per-image augmentation (CPU workers) and
@@ -159,17 +178,59 @@ def is_image_file(name):
     return name.lower().endswith(IMG_EXTENSIONS) and not name.startswith(".")
 
 
-def load_image(path, channels):
-    """Open `path` as a PIL image with `channels` (1 -> 'L', 3 -> 'RGB').
+def load_image(path, channels, intensity_range=None):
+    """Open `path` as a PIL image with `channels` (1 -> 'L' or 'F', 3 -> 'RGB').
 
-    16-bit grayscale is scaled to 8 bit; alpha is dropped; palette images are expanded.
+    8-bit images come back as stored (alpha dropped, palettes expanded): 'L' or 'RGB', which
+    ToTensor divides by 255. A high-depth image (HIGH_DEPTH_MODES: 16-bit, 32-bit integer,
+    float) with `intensity_range` (low, high) is scaled to x = clip((v - low) / (high - low),
+    0, 1) (NaN -> 0): with 1 channel a float32 'F' image (every level kept; ToTensor keeps its
+    values), with 3 an 8-bit 'RGB' one, round(255 x). Without a range (models pretrained
+    before ranges existed) as then: 16-bit / 257, 32-bit integers / 257 when above 255, float
+    images converted by PIL (which clips them to 0-255).
     """
     with Image.open(path) as img:
-        if img.mode in ("I;16", "I;16B", "I;16L", "I;16N", "I"):
+        if img.mode in HIGH_DEPTH_MODES and intensity_range is not None:
+            scaled = scale_intensity(np.asarray(img), *intensity_range)
+            if channels == 1:
+                return Image.fromarray(scaled)
+            img = Image.fromarray(eight_bit(scaled))
+        elif img.mode in ("I;16", "I;16B", "I;16L", "I;16N", "I"):
             arr = np.asarray(img, dtype=np.float64)
             arr = np.clip(arr / 257.0 if img.mode != "I" or arr.max() > 255 else arr, 0, 255)
-            img = Image.fromarray(arr.astype(np.uint8), mode="L")
+            img = Image.fromarray(arr.astype(np.uint8))
         return img.convert("L" if channels == 1 else "RGB")
+
+
+def scale_intensity(values, low, high):
+    """float32 array of `values` (any shape) mapped to [0, 1]: clip((v - low) / (high - low),
+    0, 1), NaN to 0 (computed in float64, so 32-bit integers keep their precision)."""
+    scaled = (np.asarray(values, dtype=np.float64) - low) / (high - low)
+    return np.clip(np.nan_to_num(scaled, nan=0.0), 0.0, 1.0).astype(np.float32)
+
+
+def eight_bit(unit):
+    """uint8 array of values in [0, 1]: round(255 x), the 8-bit form ToTensor divides back."""
+    return np.rint(np.asarray(unit, dtype=np.float32) * 255.0).astype(np.uint8)
+
+
+def unit_pixels(img):
+    """The pixels of PIL image `img` as float64 (H * W, C) in [0, 1] as ToTensor gives them:
+    an 'F' image's values as they are, any other mode / 255."""
+    arr = np.asarray(img, dtype=np.float64)
+    arr = arr.reshape(arr.shape[0] * arr.shape[1], -1)
+    return arr if img.mode == "F" else arr / 255.0
+
+
+def uint8_pixels(img, channels, size):
+    """PIL image `img` as the uint8 tensor (channels, size, size) of --gpu-aug and
+    --gpu-decode: stretched to size x size (PIL bilinear, antialiased when shrinking; an 'F'
+    image is resized in float), then an 'F' image's [0, 1] values rounded to 8 bits (round(255
+    x): the one place the device paths reduce high-depth data to 8 bits of its range)."""
+    if img.size != (size, size):
+        img = img.resize((size, size), Image.BILINEAR)
+    arr = eight_bit(np.asarray(img)) if img.mode == "F" else np.array(img)
+    return torch.from_numpy(arr.reshape(size, size, channels)).permute(2, 0, 1)
 
 
 def detect_channels(images):
@@ -232,10 +293,13 @@ def stats_sample(images, seed):
 
 
 def compute_mean_std(images, channels, unreadable=None):
-    """Per-channel mean and std of pixel values in [0, 1] over all pixels of `images`.
+    """Per-channel mean and std of pixel values in [0, 1] over all pixels of `images`, as the
+    model sees them: each image as images.load gives it, through unit_pixels (8-bit / 255,
+    high-depth scaled by images.intensity_range).
 
-    Returns two lists of length `channels`. Uses float64 sums, one pass. Images that cannot be
-    decoded are left out and their paths appended to the list `unreadable` when given.
+    Returns two lists of length `channels`; std is at least STD_FLOOR. Uses float64 sums, one
+    pass. Images that cannot be decoded are left out and their paths appended to the list
+    `unreadable` when given.
     """
     total = np.zeros(channels)
     total_sq = np.zeros(channels)
@@ -247,8 +311,7 @@ def compute_mean_std(images, channels, unreadable=None):
             if unreadable is not None:
                 unreadable.append(str(images.paths[index]))
             continue
-        arr = np.asarray(img, dtype=np.float64).reshape(-1, channels)
-        arr /= 255.0
+        arr = unit_pixels(img)
         total += arr.sum(0)
         total_sq += (arr ** 2).sum(0)
         count += arr.shape[0]
@@ -257,7 +320,119 @@ def compute_mean_std(images, channels, unreadable=None):
                         f"decoded (e.g. {images.paths[0]}); check DATAPATH")
     mean = total / count
     std = np.sqrt(np.maximum(total_sq / count - mean ** 2, 0.0))
-    return mean.tolist(), np.maximum(std, 1e-3).tolist()
+    return mean.tolist(), np.maximum(std, STD_FLOOR).tolist()
+
+
+def scan_high_depth(images):
+    """What the high-depth files (HIGH_DEPTH_MODES) among `images` hold: {"files": how many,
+    "stored": their storage names ("16-bit", "32-bit float" ...), "float": whether any is
+    float, "min"/"max": over their finite values (None without any), "non_finite": NaN/inf
+    pixels, "example": the first such file}. Files that cannot be read are skipped (the
+    statistics pass names them); arrays (MedMNIST) are uint8 and have none."""
+    found = {"files": 0, "stored": [], "float": False, "min": None, "max": None,
+             "non_finite": 0, "example": None}
+    if images.pixels is not None:
+        return found
+    for path in images.paths:
+        try:
+            with Image.open(path) as img:
+                if img.mode not in HIGH_DEPTH_MODES:
+                    continue
+                stored, arr = HIGH_DEPTH_MODES[img.mode], np.asarray(img)
+        except (OSError, ValueError):
+            continue
+        found["files"] += 1
+        found["example"] = found["example"] or path
+        found["stored"] = sorted(set(found["stored"]) | {stored})
+        found["float"] |= arr.dtype.kind == "f"
+        finite = arr[np.isfinite(arr)] if arr.dtype.kind == "f" else arr
+        found["non_finite"] += int(arr.size - finite.size)
+        if finite.size:
+            low, high = finite.min().item(), finite.max().item()
+            found["min"] = low if found["min"] is None else min(found["min"], low)
+            found["max"] = high if found["max"] is None else max(found["max"], high)
+    return found
+
+
+def intensity_info(images, given=None):
+    """The intensity range of a data set from its statistics sample `images`, JSON-ready:
+    the scan_high_depth fields plus "range" [low, high] (None: 8-bit data, divided by 255),
+    "bits" (integers) and "source".
+
+    given (--intensity-range LOW HIGH): [LOW, HIGH]. Integer files: bits = max(8, number of
+    bits of the largest value) and [0, 2^bits - 1] (values up to 4095: 12 bits, [0, 4095]);
+    with negative values [min, max]. Float files: [min, max] of their finite values.
+    UserError when a range is given for 8-bit data, or none can be taken from float data.
+    """
+    info = scan_high_depth(images)
+    info.update(range=None, bits=None, source=None)
+    if not info["files"]:
+        if given is not None:
+            raise UserError(f"--intensity-range applies to 16-bit, 32-bit integer and float "
+                            f"images; the {len(images)} images sampled (e.g. {images.paths[0]}) "
+                            f"are 8-bit, always divided by 255: drop --intensity-range")
+        return info
+    if given is not None:
+        info.update(range=[float(v) for v in given], source="--intensity-range")
+        return info
+    example = info["example"]
+    if info["min"] is None:
+        raise UserError(f"{example}: the float images sampled hold no finite values (NaN or "
+                        f"inf only); fix the files, or give the range with --intensity-range "
+                        f"LOW HIGH")
+    info["source"] = f"the {info['files']} high-depth images of the statistics sample"
+    if info["float"] or info["min"] < 0:
+        if info["min"] == info["max"]:
+            raise UserError(f"{example}: the {'float' if info['float'] else 'integer'} images "
+                            f"sampled all hold one value, {info['min']:g}, so no intensity "
+                            f"range can be taken from them; check the files, or give the range "
+                            f"with --intensity-range LOW HIGH")
+        info["range"] = [float(info["min"]), float(info["max"])]
+    else:
+        info["bits"] = max(8, int(info["max"]).bit_length())
+        info["range"] = [0.0, float(2 ** info["bits"] - 1)]
+    return info
+
+
+def describe_intensity(info, channels):
+    """The log line of an intensity_info (None for 8-bit data), e.g. 'data: 16-bit images with
+    values up to 4095: 12-bit, scaled by 4095 to [0, 1]; ...', with where the precision goes."""
+    if info.get("range") is None:
+        return None
+    low, high = info["range"]
+    stored = " and ".join(info["stored"])
+    seen = (f"values up to {info['max']:g}" if info["min"] is not None and info["min"] >= 0
+            and not info["float"] else
+            f"values from {info['min']:g} to {info['max']:g}" if info["min"] is not None else
+            "no finite values")
+    if info["source"] == "--intensity-range":
+        how = f"scaled from --intensity-range [{low:g}, {high:g}] to [0, 1], values outside clipped"
+    elif info["bits"]:
+        how = f"{info['bits']}-bit, scaled by {high:g} to [0, 1]"
+    else:
+        how = (f"scaled from [{low:g}, {high:g}] (their range) to [0, 1]; --intensity-range "
+               f"LOW HIGH sets another")
+    nan = f"; {info['non_finite']} NaN/inf pixels (NaN -> 0)" if info["non_finite"] else ""
+    if channels == 1:
+        kept = ("kept as float32 through loading, resizing and the CPU augmentations; 8 bits of "
+                "this range only in --gpu-aug/--gpu-decode (uint8) and in the luma "
+                "equalisation of --aug novel/greyscale")
+    else:
+        kept = "made 8-bit RGB, round(255 x), as the data has colour images"
+    return f"data: {stored} images with {seen}: {how}{nan}; {kept}"
+
+
+def check_not_constant(images, std, unreadable=()):
+    """UserError naming a file of `images` when every channel's std (compute_mean_std's, in
+    [0, 1] units) is at STD_FLOOR: the images are all one value, nothing to train on."""
+    if max(std) > STD_FLOOR:
+        return
+    skipped = set(unreadable)
+    example = next((p for p in images.paths if str(p) not in skipped), images.paths[0])
+    raise UserError(f"the {len(images)} images sampled for the statistics are constant (std at "
+                    f"its floor, {STD_FLOOR:g} of the [0, 1] range; e.g. {example}), so there is "
+                    f"nothing to learn from; check that the files hold the images, and for "
+                    f"16-bit or float images their range (--intensity-range LOW HIGH)")
 
 
 def native_image_size(images):
@@ -277,31 +452,52 @@ def native_image_size(images):
     return int(min(224, np.median(sides)))
 
 
-def dataset_statistics(images, cache_path, seed):
-    """Channels, native size, mean and std of the training images, cached in `cache_path`.
+def sample_statistics(sample, intensity_range=None):
+    """{channels, intensity_range, intensity, mean, std, n_images_used, unreadable} of the
+    ImageList `sample`: detect_channels, intensity_info (`intensity_range`: --intensity-range
+    or None), compute_mean_std of the images so scaled, and check_not_constant."""
+    channels, unreadable = detect_channels(sample), []
+    intensity = intensity_info(sample, intensity_range)
+    sample = sample.with_intensity_range(intensity["range"])
+    mean, std = compute_mean_std(sample, channels, unreadable)
+    check_not_constant(sample, std, unreadable)
+    return {"channels": channels, "intensity_range": intensity["range"], "intensity": intensity,
+            "mean": mean, "std": std, "n_images_used": len(sample) - len(unreadable),
+            "unreadable": unreadable}
 
-    The cache is reused only when it was computed for the same list of files.
+
+def dataset_statistics(images, cache_path, seed, intensity_range=None):
+    """Channels, native size, intensity range, mean and std of the training images, cached in
+    `cache_path`, with the intensity line (describe_intensity) printed.
+
+    `intensity_range` is --intensity-range (low, high) or None (found from the data,
+    intensity_info); stats["intensity_range"] is the range used (None: 8-bit data), which the
+    caller keeps in model_meta and gives its ImageLists (with_intensity_range). The cache is
+    reused only when it was computed for the same list of files and flag. UserError when the
+    images are constant (check_not_constant).
     """
     key = {"n_images": len(images), "first": images.paths[0], "last": images.paths[-1]}
+    if intensity_range is not None:
+        key["intensity_range"] = [float(v) for v in intensity_range]
     stats = None
     if os.path.exists(cache_path):
         try:
             with open(cache_path) as f:
                 cached = json.load(f)
-            if cached.get("key") == key:
+            if cached.get("key") == key and "intensity" in cached["stats"]:
                 stats = cached["stats"]
         except (OSError, ValueError, KeyError):
             pass
     if stats is None:
         sample = stats_sample(images, seed)
-        channels, unreadable = detect_channels(sample), []
-        mean, std = compute_mean_std(sample, channels, unreadable)
-        stats = {"channels": channels, "native_size": native_image_size(sample),
-                 "mean": mean, "std": std, "n_images_used": len(sample) - len(unreadable),
-                 "unreadable": unreadable}
+        stats = sample_statistics(sample, intensity_range)
+        stats["native_size"] = native_image_size(sample)
         from utils.fileio import json_dump
         json_dump({"key": key, "stats": stats}, cache_path)
     warn_unreadable_in_statistics(stats.get("unreadable", []))
+    line = describe_intensity(stats["intensity"], stats["channels"])
+    if line:
+        print(line, flush=True)
     return stats
 
 
@@ -554,8 +750,10 @@ def decode_images(images, channels, size):
 
     An image that is not size x size already is resized to size x size as a whole (PIL
     bilinear, antialiased when shrinking): a non-square image is stretched, its aspect ratio is
-    not kept, so crops are drawn from all of it. Array sources (MedMNIST) of that size are
-    copied without decoding. A file that fails to decode is replaced as in training (warning).
+    not kept, so crops are drawn from all of it. High-depth images (scaled by
+    images.intensity_range) are resized in float, then rounded to 8 bits (uint8_pixels). Array
+    sources (MedMNIST) of that size are copied without decoding. A file that fails to decode is
+    replaced as in training (warning).
     """
     px = images.pixels
     if px is not None and px.shape[1:3] == (size, size) and (channels == 1 or px.ndim == 4):
@@ -564,10 +762,7 @@ def decode_images(images, channels, size):
     out = torch.empty((len(images), channels, size, size), dtype=torch.uint8)
     for index in range(len(images)):
         img, _ = load_with_substitute(images, index, channels)
-        if img.size != (size, size):
-            img = img.resize((size, size), Image.BILINEAR)
-        out[index] = torch.from_numpy(np.array(img).reshape(size, size, channels)).permute(
-            2, 0, 1)
+        out[index] = uint8_pixels(img, channels, size)
     return out
 
 

@@ -8,15 +8,15 @@ does. The pixels match decode_images (the data of --gpu-aug): the whole image is
 like PIL's convert("L"/"RGB") and stretched to S x S, bilinear and antialiased.
 
 Files that are not JPEG (PNG, TIFF ...) and array sources (MedMNIST) are decoded by the
-workers with PIL, as decode_images would, and travel as uint8 pixels; a JPEG the device cannot
+workers with PIL, as decode_images would, and travel as uint8 pixels (16-bit and float images
+scaled by the ImageList's intensity range, then rounded to 8 bits); a JPEG the device cannot
 decode is decoded on the host with PIL, or replaced as in training (warning naming it).
 """
 import numpy as np
 import torch
 import torch.nn.functional as F
-from PIL import Image
 
-from utils.data import load_with_substitute
+from utils.data import load_with_substitute, uint8_pixels
 
 JPEG_MAGIC = b"\xff\xd8\xff"
 # PIL's convert("L"): L = (19595 R + 38470 G + 7471 B + 2^15) >> 16 (ITU-R 601-2 in 16-bit
@@ -40,9 +40,7 @@ def pil_pixels(images, index, channels, size, key=(0, 0), unreadable=None):
     """Image `index` decoded on the host as decode_images does: uint8 (channels, size, size);
     an unreadable file is replaced as in load_with_substitute (key (seed, epoch))."""
     img, _ = load_with_substitute(images, index, channels, key, unreadable)
-    if img.size != (size, size):
-        img = img.resize((size, size), Image.BILINEAR)
-    return torch.from_numpy(np.array(img).reshape(size, size, channels)).permute(2, 0, 1)
+    return uint8_pixels(img, channels, size)
 
 
 class EncodedImageDataset(torch.utils.data.Dataset):

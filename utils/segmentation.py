@@ -149,7 +149,8 @@ class JointTransform:
 
     train: RandomResizedCrop(S, scale=(min_scale, 1), ratio 3/4-4/3) -> RandomHorizontalFlip
     eval:  Resize((S, S)) of the whole image (the aspect ratio is not kept), no randomness
-    then (image only) uint8 -> [0, 1] float -> Normalize(mean, std).
+    then (image only) uint8 -> [0, 1] float (a float 'F' image, a 16-bit or float file
+    already scaled to [0, 1], keeps its values) -> Normalize(mean, std).
     """
 
     def __init__(self, image_size, mean, std, train, min_scale=0.5):
@@ -174,18 +175,20 @@ class SegmentationDataset(torch.utils.data.Dataset):
     With `seed` None the keys are indices (evaluation); otherwise keys are (index, epoch) from
     utils.data.EpochBatchSampler and the augmentation of that pair is seeded with
     derive_seed(SEGMENT_AUGMENT_STREAM, seed, epoch, index) in a forked RNG, so a run resumed
-    mid-epoch sees the same crops.
+    mid-epoch sees the same crops. `intensity_range` (low, high): how 16-bit and float images
+    are scaled to [0, 1] (utils.data.load_image; the model's model_meta["intensity_range"]).
     """
 
-    def __init__(self, pairs, channels, transform, seed=None):
+    def __init__(self, pairs, channels, transform, seed=None, intensity_range=None):
         self.pairs, self.channels, self.transform, self.seed = pairs, channels, transform, seed
+        self.intensity_range = intensity_range
 
     def __len__(self):
         return len(self.pairs)
 
     def __getitem__(self, key):
         index, epoch = key if self.seed is not None else (key, None)
-        img = load_image(self.pairs.images[index], self.channels)
+        img = load_image(self.pairs.images[index], self.channels, self.intensity_range)
         mask = torch.from_numpy(read_labelmap(self.pairs.masks[index]))
         if self.seed is None:
             return self.transform(img, mask)

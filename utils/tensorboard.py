@@ -112,8 +112,10 @@ class TensorBoardLogger:
 
     def log_projector(self, encoder, images, meta, device, batch_size, step):
         """h of the first PROJECTOR_IMAGES of `images` (ImageList, labels optional) with their
-        thumbnails and class names, for the embedding projector."""
-        images = images.subset(list(range(min(PROJECTOR_IMAGES, len(images)))))
+        thumbnails and class names, for the embedding projector; scaled by meta's intensity
+        range, as the model saw its images."""
+        images = images.subset(list(range(min(PROJECTOR_IMAGES, len(images))))
+                               ).with_intensity_range(meta.get("intensity_range"))
         loader = make_loader(ImageDataset(images, meta["in_channels"], EvalTransform(
             meta["image_size"], meta["mean"], meta["std"])), batch_size=batch_size)
         features, thumbnails = [], []

@@ -29,7 +29,9 @@ def published_blur_kernel(image_size):
 class RandomLumaEqualize:
     """With probability p, histogram-equalise the luma of a PIL image: RGB through YCbCr with
     Y equalised and Cb, Cr kept (as j-freddy's RandomEqualize); a 1-channel image is its own
-    luma. The draw is torch.rand (torch's global RNG)."""
+    luma. A float tensor (1, H, W) in [0, 1] (a high-depth image, SimCLRAugmentation) is
+    equalised on 256 levels: round(255 x) equalised, / 255 (8 bits of the data's range). The
+    draw is torch.rand (torch's global RNG)."""
 
     def __init__(self, p=0.5):
         self.p = float(p)
@@ -37,6 +39,9 @@ class RandomLumaEqualize:
     def __call__(self, img):
         if torch.rand(1).item() >= self.p:
             return img
+        if isinstance(img, torch.Tensor):
+            levels = (img * 255.0).round_().clamp_(0, 255).to(torch.uint8)
+            return TF.equalize(levels).to(img.dtype) / 255.0
         if img.mode == "L":
             return ImageOps.equalize(img)
         y, cb, cr = img.convert("YCbCr").split()
@@ -97,6 +102,10 @@ class SimCLRAugmentation:
     """Augmentation of one PIL image into a normalised tensor (C, S, S), by preset.
 
     S = image_size, s = jitter_strength. Every preset ends with ToTensor -> Normalize(mean, std).
+    A float image (PIL mode 'F', values in [0, 1]: a 16-bit or float file scaled by its data
+    set's intensity range, utils/data.py load_image) goes through the same steps as a float
+    tensor instead, ToTensor first, so every level is kept; the random draws are the same.
+    The one step that works on 256 levels there is the luma equalisation of novel/greyscale.
 
     simclr (default; the SimCLR paper's sequence):
         RandomResizedCrop(S, scale=(min_scale, 1)) -> RandomHorizontalFlip(p=0.5) ->
@@ -149,16 +158,18 @@ class SimCLRAugmentation:
                 t, (T.RandomResizedCrop, T.RandomHorizontalFlip)))
             steps.insert(geometric_end, T.RandomRotation(
                 rotate, interpolation=T.InterpolationMode.BILINEAR, fill=0))
-        steps.append(T.ToTensor())
-        if noise > 0:
-            steps.append(AddGaussianNoise(noise))
-        steps.append(T.Normalize(mean, std))
+        tensor_steps = [AddGaussianNoise(noise)] if noise > 0 else []
+        tensor_steps.append(T.Normalize(mean, std))
         if cutout > 0:
-            steps.append(T.RandomErasing(p=cutout, scale=(0.02, 0.33), ratio=(0.3, 3.3),
-                                         value=0))
-        self.transform = T.Compose(steps)
+            tensor_steps.append(T.RandomErasing(p=cutout, scale=(0.02, 0.33), ratio=(0.3, 3.3),
+                                                value=0))
+        self.transform = T.Compose(steps + [T.ToTensor()] + tensor_steps)
+        self.float_transform = T.Compose([T.ToTensor()] + steps + tensor_steps)
 
     def __call__(self, img):
+        """PIL image -> normalised tensor (C, S, S); an 'F' image through float_transform."""
+        if getattr(img, "mode", None) == "F":
+            return self.float_transform(img)
         return self.transform(img)
 
     def describe(self):
