@@ -110,6 +110,7 @@ def load_images(args, workdir):
         raise UserError(f"{source}: {len(images)} images, fewer than one batch; use "
                         f"-bs {len(images)} or less")
     stats = dataset_statistics(images, os.path.join(workdir, "data_stats.json"), seed=0)
+    images = images.with_intensity_range(stats["intensity_range"])  # as main.py scales them
     args.image_size = args.image_size or stats["native_size"]
     subset = select_subset(images, min(len(images), 8 * args.batch_size))
     return subset, stats, f"{source}, {stats['channels']} channel(s)", len(images)

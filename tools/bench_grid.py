@@ -421,7 +421,7 @@ def load_jpeg_images(args, workdir, size, side):
     folder = write_synthetic_images(os.path.join(workdir, f"jpeg{size}"), n, side)
     images = find_split(folder, "train", require_labels=False)
     stats = dataset_statistics(images, os.path.join(folder, "data_stats.json"), seed=0)
-    return images, stats, f"synthetic: {n} RGB JPEGs of {side} px"
+    return images.with_intensity_range(stats["intensity_range"]), stats, f"synthetic: {n} RGB JPEGs of {side} px"
 
 
 def load_bench_images(args, workdir):
@@ -444,7 +444,7 @@ def load_bench_images(args, workdir):
     if args.quick:
         images = select_subset(images, min(len(images), QUICK_MAX_IMAGES))
     stats = dataset_statistics(images, os.path.join(workdir, "data_stats.json"), seed=0)
-    return images, stats, f"{source}, {len(images)} images"
+    return images.with_intensity_range(stats["intensity_range"]), stats, f"{source}, {len(images)} images"
 
 
 def input_modes(args, images):

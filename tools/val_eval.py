@@ -58,9 +58,10 @@ def main(argv=None):
     args = parser.parse_args(argv)
     options = types.SimpleNamespace(data_root=None, size=None, download=False, train_list=None,
                                     val_list=None, test_list=None)
-    images = load_split(args.datapath, "train", True, options)
-    splits = split_off_validation(images, args.val_fraction, args.seed)
     model, meta = load_trained_model(args.modelpath)
+    images = load_split(args.datapath, "train", True, options).with_intensity_range(
+        meta.get("intensity_range"))  # scaled as the model was trained
+    splits = split_off_validation(images, args.val_fraction, args.seed)
     n = len(images.classes)
     result = {"modelpath": os.path.abspath(args.modelpath),
               "split": {"train": len(splits[0]), "val": len(splits[1]),
