@@ -18,19 +18,17 @@ images of every batch, and the run's result does not depend on W (see utils/dist
 The loop is utils/engine.py's; the SimCLR step is simclr.py's.
 """
 import argparse
-import copy
 import functools
 import json
 import os
 import pickle
-import time
 
 import numpy as np
 import torch
 
-from simclr import SimCLRTask, transfer_views
+from simclr import PretrainingOutputs, PretrainingTensorBoard, SimCLRTask, transfer_views
 from utils.checkpoint import (AUG_PRESETS_VERSION, RunPaths, load_pretrained, model_metadata,
-                              read_losses_file, save_checkpoint, strip_prefixes)
+                              read_losses_file, strip_prefixes)
 from utils.cli import (add_augmentation_args, add_data_loading_args, add_data_source_args,
                        add_intensity_range_arg, add_training_args, add_unreadable_arg,
                        check_augmentation_args, check_intensity_range, check_training_args,
@@ -41,10 +39,9 @@ from utils.data import (EpochBatchSampler, ImageDataset, InMemoryBatches, TwoVie
 from utils.distributed import (check_same_on_all_ranks, decide_on_main,
                                gather_with_grad, get_rank, get_world_size, is_main_process,
                                print0, run_in_process_group)
-from utils.engine import (LoopSettings, Run, Trainer, epoch_means, launcher_name,
-                          load_resumable, peak_memory_mb, report_outcome)
+from utils.engine import (LoopSettings, Run, Trainer, launcher_name, load_resumable,
+                          report_outcome)
 from utils.errors import UserError
-from utils.fileio import atomic_savez, atomic_torch_save, json_dump
 from utils.gpu_augment import BatchSimCLRAugmentation, DeviceTwoViews
 from utils.gpu_decode import BatchDecoder, DecodedTwoViews, EncodedImageDataset, collate_encoded
 from utils.knn import knn_accuracy
@@ -57,7 +54,6 @@ from utils.ntxent import NTXentLoss
 from utils.online_probe import OnlineProbe, probe_labels
 from utils.optim import (WarmupCosine, add_optimisation_args, build_optimizer,
                          fill_optimisation_defaults, scaled_learning_rate)
-from utils.plotfuncs import plot_training_losses
 from utils.precision import MixedPrecision, resolve_amp
 from utils.sources import has_split, load_split, select_subset, validation_indices
 from utils.tensorboard import tensorboard_dir
@@ -499,89 +495,6 @@ class Pipeline:
             self.make_views = functools.partial(transfer_views, device=device)
 
 
-class PretrainingViews:
-    """main.py's TensorBoard extras: the spread of z (collapse check) and the view pairs of the
-    current epoch at the start, the embedding projector of h at the end."""
-
-    def __init__(self, args, images, meta, augmentation):
-        self.args, self.images, self.meta, self.augmentation = args, images, meta, augmentation
-
-    def start(self, logger, trainer):
-        step = trainer.history.step
-        logger.watch_collapse(trainer.plain.head)
-        logger.log_augmented_pairs(self.images, self.meta["in_channels"], self.augmentation,
-                                   self.meta["mean"], self.meta["std"], self.args.seed,
-                                   step // trainer.settings.steps_per_epoch, step)
-
-    def finish(self, logger, trainer):
-        args = self.args
-        shown = (load_split(args.datapath, "test", False, args)
-                 if has_split(args.datapath, "test", args) else self.images)
-        logger.log_projector(trainer.plain.encoder, shown, self.meta, trainer.device,
-                             args.batch_size, trainer.history.step)
-
-
-class PretrainingOutputs:
-    """What main.py writes beside checkpoint.pth at every save (rank 0): model.pth,
-    optimizer.pth, lossesfile.npz (the original project's files), the loss plot and run.json.
-    Called on the training thread with the save's host snapshot; the engine's background
-    writer then writes the files from that snapshot and the values captured with it."""
-
-    def __init__(self, paths, run_info, unreadable):
-        self.paths, self.run_info, self.unreadable = paths, run_info, unreadable
-
-    def __call__(self, trainer, state, draw_plot):
-        """The writes of this save (a function of no arguments, for the background writer):
-        from `state`, the checkpoint's host snapshot, and what only the live trainer knows
-        (time, speed, memory, unreadable files, save waits), taken now."""
-        now = {"unreadable_images": copy.deepcopy(self.unreadable.summary()),
-               "wall_time_s": round(time.perf_counter() - trainer.started, 1),
-               "images_per_s": trainer.images_per_second(),
-               "peak_memory_mb": round(peak_memory_mb(trainer.device), 1),
-               "save_wait_s": trainer.save_wait_summary()}
-        return functools.partial(self.write, state, now, draw_plot)
-
-    def keep_snapshot(self, state):
-        """--save-every E: at the end of every E-th epoch, model/epoch_NNNN.pth with the weights
-        and what rebuilding them needs (a checkpoint dict load_pretrained reads)."""
-        every, step = self.run_info["args"]["save_every"], state["step"]
-        epoch, mid_epoch = divmod(step, state["steps_per_epoch"])
-        if not every or mid_epoch or epoch % every or not epoch:
-            return
-        path = self.paths.snapshot(epoch)
-        if not os.path.exists(path):
-            save_checkpoint({"script": "main", "model": state["model"],
-                             "model_meta": self.run_info["model_meta"], "epoch": epoch,
-                             "step": step, "snapshot": True}, path)
-
-    def write(self, state, now, draw_plot):
-        """model.pth, optimizer.pth, the --save-every snapshot, lossesfile.npz, the loss plot
-        (when `draw_plot`) and run.json, from the snapshot `state` and the values `now`."""
-        paths, steps_per_epoch = self.paths, state["steps_per_epoch"]
-        atomic_torch_save(state["model"], paths.model)
-        atomic_torch_save(state["optimizer"], paths.optimizer)
-        self.keep_snapshot(state)
-        series = {name: values.numpy() for name, values in state["history"]["series"].items()}
-        losses, top1 = series["loss"], series["positive_pair_top1"]
-        epoch_losses, epoch_top1 = (epoch_means(values, steps_per_epoch)
-                                    for values in (losses, top1))
-        knn, probe = [np.asarray([(e["epoch"], e[key]) for e in state["history"]["evaluations"]
-                                  if key in e], dtype=float).reshape(-1, 2)
-                      for key in ("knn_accuracy", "online_probe_accuracy")]
-        atomic_savez(paths.losses, step_losses=losses, epoch_losses=epoch_losses,
-                     step_top1=top1, epoch_top1=epoch_top1, knn=knn, online_probe=probe,
-                     steps_per_epoch=steps_per_epoch)
-        if draw_plot and len(losses):
-            plot_training_losses(losses, steps_per_epoch, paths.loss_plot,
-                                 knn=[tuple(row) for row in knn.tolist()],
-                                 online_probe=[tuple(row) for row in probe.tolist()])
-        json_dump({**self.run_info, "epochs_done": len(epoch_losses),
-                   "steps_done": len(losses), "epoch_losses": epoch_losses.tolist(),
-                   "epoch_positive_pair_top1": epoch_top1.tolist(),
-                   "knn_accuracy": knn.tolist(), "online_probe_accuracy": probe.tolist(),
-                   **now}, paths.run_json)
-
-
 def build_pretraining_model(args, meta, initial_state, device):
     """The SimCLR model of `meta` on `device`, initialised from `args.seed`, or with the --fin
     weights."""
@@ -649,7 +562,7 @@ def pretrain(args, device):
     task = SimCLRTask(
         NTXentLoss(args.temperature, gather=gather_with_grad if get_world_size() > 1 else None),
         pipeline.make_views, args.chunk_size, knn,
-        PretrainingViews(args, images, meta, pipeline.cpu_augmentation), probe, probe_eval)
+        PretrainingTensorBoard(args, images, meta, pipeline.cpu_augmentation), probe, probe_eval)
     source = os.path.abspath(args.datapath) if os.path.exists(args.datapath) else args.datapath
     data_info = {"datapath": source, "n_images": len(images), "classes": images.classes,
                  "blur": blur}

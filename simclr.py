@@ -1,30 +1,34 @@
-"""The SimCLR step: both views of B images in one batch -> model -> (h, z) -> NT-Xent(z1, z2)
--> backward, and `SimCLRTask`, which gives that step (and the kNN monitor and the online probe
-as its evaluation) to the training engine. main.py builds the run; utils/engine.py runs the loop.
+"""The SimCLR step and what pretraining gives the training engine (utils/engine.py runs the
+loop: schedule, zero_grad, the task's step, optimizer step, logging, saves, resume).
 
-The loop, as the engine runs it for this task (utils/engine.py, Trainer.train_one_epoch):
-    for batch in loader:                          # (view1, view2) or uint8 images (--gpu-aug),
-                                                  # with the images' labels y for the probe
-        lr = schedule(step)                       # linear warm-up, then cosine, per step
-        optimizer.zero_grad()
-        x = make_views(batch, step)               # cat(view1, view2) (2B, C, S, S) on the device
-        loss, top1 = forward_backward(model, criterion, x, chunk_size, precision)
-        probe.step(h1, y)                         # online probe (labelled data): h1 = view 1's
-                                                  # h of that forward pass, detached; own AdamW
-        precision.step(optimizer)                 # GradScaler under fp16
-        every log_every steps: one all-reduce + transfer of the window's losses and top-1s
-Under torchrun (or --multiple_gpus) every rank runs the same loop on its slice of each global
-batch; `criterion` then gathers every rank's z as negatives (utils/distributed.py).
+One step, SimCLRTask.step:
+    x = make_views(batch, step)      # cat(view1, view2) (2B, C, S, S) on the device:
+                                     # transfer_views (CPU workers) or gpu_augment (--gpu-aug)
+    h, z = model(x)                  # utils/model.py: encoder, projection head
+    loss = NT-Xent(z1, z2)           # utils/ntxent.py (negatives from every rank under torchrun)
+    loss.backward()                  # forward_backward, also chunk by chunk (--chunk-size)
+    probe.step(h1.detach(), y)       # the online probe on labelled data (utils/online_probe.py)
 Mixed precision: autocast around the model's forward pass only, the loss in float32.
+
+Beside the step: PretrainingOutputs (model.pth, optimizer.pth, lossesfile.npz, the plot,
+run.json at every save) and PretrainingTensorBoard (its extra views); main.py builds the run.
 """
 import contextlib
+import copy
 import functools
+import os
+import time
 
+import numpy as np
 import torch
 
+from utils.checkpoint import save_checkpoint
 from utils.distributed import print0
-from utils.engine import Task
+from utils.engine import Task, epoch_means, peak_memory_mb
+from utils.fileio import atomic_savez, atomic_torch_save, json_dump
+from utils.plotfuncs import plot_training_losses
 from utils.precision import FLOAT32
+from utils.sources import has_split, load_split
 
 
 def forward_backward(model, criterion, x, chunk_size=None, precision=FLOAT32, return_h=False):
@@ -163,3 +167,87 @@ class SimCLRTask(Task):
     def finish_tensorboard(self, logger, trainer):
         if self.tensorboard is not None:
             self.tensorboard.finish(logger, trainer)
+
+
+class PretrainingTensorBoard:
+    """Pretraining's TensorBoard extras (SimCLRTask's `tensorboard`): the spread of z (collapse
+    check) and the view pairs of the current epoch at the start, the embedding projector of h
+    at the end."""
+
+    def __init__(self, args, images, meta, augmentation):
+        self.args, self.images, self.meta, self.augmentation = args, images, meta, augmentation
+
+    def start(self, logger, trainer):
+        step = trainer.history.step
+        logger.watch_collapse(trainer.plain.head)
+        logger.log_augmented_pairs(self.images, self.meta["in_channels"], self.augmentation,
+                                   self.meta["mean"], self.meta["std"], self.args.seed,
+                                   step // trainer.settings.steps_per_epoch, step)
+
+    def finish(self, logger, trainer):
+        args = self.args
+        shown = (load_split(args.datapath, "test", False, args)
+                 if has_split(args.datapath, "test", args) else self.images)
+        logger.log_projector(trainer.plain.encoder, shown, self.meta, trainer.device,
+                             args.batch_size, trainer.history.step)
+
+
+class PretrainingOutputs:
+    """What pretraining writes beside checkpoint.pth at every save (rank 0): model.pth,
+    optimizer.pth, lossesfile.npz (the original project's files), the loss plot and run.json.
+    Called on the training thread with the save's host snapshot; the engine's background
+    writer then writes the files from that snapshot and the values captured with it."""
+
+    def __init__(self, paths, run_info, unreadable):
+        self.paths, self.run_info, self.unreadable = paths, run_info, unreadable
+
+    def __call__(self, trainer, state, draw_plot):
+        """The writes of this save (a function of no arguments, for the background writer):
+        from `state`, the checkpoint's host snapshot, and what only the live trainer knows
+        (time, speed, memory, unreadable files, save waits), taken now."""
+        now = {"unreadable_images": copy.deepcopy(self.unreadable.summary()),
+               "wall_time_s": round(time.perf_counter() - trainer.started, 1),
+               "images_per_s": trainer.images_per_second(),
+               "peak_memory_mb": round(peak_memory_mb(trainer.device), 1),
+               "save_wait_s": trainer.save_wait_summary()}
+        return functools.partial(self.write, state, now, draw_plot)
+
+    def keep_snapshot(self, state):
+        """--save-every E: at the end of every E-th epoch, model/epoch_NNNN.pth with the weights
+        and what rebuilding them needs (a checkpoint dict load_pretrained reads)."""
+        every, step = self.run_info["args"]["save_every"], state["step"]
+        epoch, mid_epoch = divmod(step, state["steps_per_epoch"])
+        if not every or mid_epoch or epoch % every or not epoch:
+            return
+        path = self.paths.snapshot(epoch)
+        if not os.path.exists(path):
+            save_checkpoint({"script": "main", "model": state["model"],
+                             "model_meta": self.run_info["model_meta"], "epoch": epoch,
+                             "step": step, "snapshot": True}, path)
+
+    def write(self, state, now, draw_plot):
+        """model.pth, optimizer.pth, the --save-every snapshot, lossesfile.npz, the loss plot
+        (when `draw_plot`) and run.json, from the snapshot `state` and the values `now`."""
+        paths, steps_per_epoch = self.paths, state["steps_per_epoch"]
+        atomic_torch_save(state["model"], paths.model)
+        atomic_torch_save(state["optimizer"], paths.optimizer)
+        self.keep_snapshot(state)
+        series = {name: values.numpy() for name, values in state["history"]["series"].items()}
+        losses, top1 = series["loss"], series["positive_pair_top1"]
+        epoch_losses, epoch_top1 = (epoch_means(values, steps_per_epoch)
+                                    for values in (losses, top1))
+        knn, probe = [np.asarray([(e["epoch"], e[key]) for e in state["history"]["evaluations"]
+                                  if key in e], dtype=float).reshape(-1, 2)
+                      for key in ("knn_accuracy", "online_probe_accuracy")]
+        atomic_savez(paths.losses, step_losses=losses, epoch_losses=epoch_losses,
+                     step_top1=top1, epoch_top1=epoch_top1, knn=knn, online_probe=probe,
+                     steps_per_epoch=steps_per_epoch)
+        if draw_plot and len(losses):
+            plot_training_losses(losses, steps_per_epoch, paths.loss_plot,
+                                 knn=[tuple(row) for row in knn.tolist()],
+                                 online_probe=[tuple(row) for row in probe.tolist()])
+        json_dump({**self.run_info, "epochs_done": len(epoch_losses),
+                   "steps_done": len(losses), "epoch_losses": epoch_losses.tolist(),
+                   "epoch_positive_pair_top1": epoch_top1.tolist(),
+                   "knn_accuracy": knn.tolist(), "online_probe_accuracy": probe.tolist(),
+                   **now}, paths.run_json)

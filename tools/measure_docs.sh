@@ -3,9 +3,10 @@
 # commands that make it: each runs through tools/record.py, which keeps what it measured with its
 # provenance in results/docs/NAME.json; tools/results_tables.py turns those files into tables.
 #
-#   [ONLY="RECIPE ..."] bash tools/measure_docs.sh SECTION ...   # sections: recipes demo data features chunk
-#                                              #  segmentation label-efficiency finetune-defaults
-#                                              #  defaults (or all)
+#   bash tools/measure_docs.sh SECTION ...   # sections: recipes demo data features chunk
+#                                            #  segmentation label-efficiency finetune-defaults
+#                                            #  defaults (or all)
+#   ONLY="half_e16 ..." bash tools/measure_docs.sh recipes   # only these recipes
 #
 # A section's commands re-run from scratch (--fresh where a script resumes) and add one run
 # to their results file, so repeated measurements give the ranges the docs quote. The demo
@@ -126,7 +127,6 @@ section_recipes() {  # docs/defaults.md: the demo recipe, chosen on validation i
     # the batched augmentation (--gpu-aug, on the CPU here): the same distributions, 12 % faster
     recipe_run half_lr1_e14 --stem half --epochs 14 -bs 250 --gpu-aug -nw 0 --lr 1.0
     recipe_run half_ms02_e14 --stem half --epochs 14 -bs 250 --gpu-aug -nw 0 --min-scale 0.2
-    recipe_run half_t05_e14 --stem half --epochs 14 -bs 250 --gpu-aug -nw 0 --temperature 0.5
     recipe_run half_e16 --stem half --epochs 16 -bs 250 --gpu-aug -nw 0
 }
 

@@ -847,7 +847,11 @@ RECIPE_RUNS = (("cifar_bs250_e3", "`cifar` stem, 3 epochs, batch 250 (the earlie
                ("half_bs250_e8", "`half` stem, 8 epochs, batch 250"),
                ("half_bs128_e8", "`half` stem, 8 epochs, batch 128"),
                ("half_bs250_e14", "`half` stem, 14 epochs, batch 250"),
-               ("half_bs250_t01_e14", "`half` stem, 14 epochs, batch 250, τ = 0.1"))
+               ("half_bs250_t01_e14", "`half` stem, 14 epochs, batch 250, τ = 0.1"),
+               ("half_lr1_e14", "`half` stem, 14 epochs, batch 250, `--lr 1.0`, batched views"),
+               ("half_ms02_e14", "`half` stem, 14 epochs, batch 250, `--min-scale 0.2`, "
+                                 "batched views"),
+               ("half_e16", "`half` stem, 16 epochs, batch 250, batched views"))
 
 
 def recipes_table():
@@ -879,8 +883,11 @@ def recipes_table():
                     f"{split.get('seed', '?')}); the probe and the kNN memory use the other "
                     f"{split.get('train', '?')}. Pretraining: `main.py demo_data OUT -nw 2` with the "
                     f"row's flags (`measure_docs.sh recipes` lists them; `--knn-every 2` on the "
-                    f"14-epoch runs); its time is its own run.json's; the `half`-stem runs shared "
-                    f"the 2 cores with other work, the `cifar` one had them to itself. The validation figures were recorded by "
+                    f"first 14-epoch runs; \"batched views\": `--gpu-aug -nw 0`, the same "
+                    f"augmentation distributions made on the CPU a batch at a time); its time is "
+                    f"its own run.json's; the `half`-stem runs shared the 2 cores with other "
+                    f"work (so their times are not comparable), the `cifar` one had them to "
+                    f"itself. The validation figures were recorded by "
                     f"`tools/val_eval.py` through `tools/record.py`.", ""] + \
         [recorded_source([f"recipe_{n}_val" for n in names], "recipes")]
 
