@@ -464,12 +464,13 @@ class Pipeline:
 
     def __init__(self, args, images, meta, blur, sampler, device, labels=None):
         self.unreadable = UnreadableFiles(len(images), args.max_unreadable)
-        aug_args = (meta["image_size"], meta["in_channels"], meta["mean"], meta["std"],
-                    args.jitter_strength, blur, args.min_scale, args.aug, args.noise,
-                    args.rotate, args.cutout)
-        self.cpu_augmentation = SimCLRAugmentation(*aug_args)
+        settings = dict(image_size=meta["image_size"], channels=meta["in_channels"],
+                        mean=meta["mean"], std=meta["std"], jitter_strength=args.jitter_strength,
+                        blur=blur, min_scale=args.min_scale, preset=args.aug, noise=args.noise,
+                        rotate=args.rotate, cutout=args.cutout)
+        self.cpu_augmentation = SimCLRAugmentation(**settings)
         if args.gpu_aug or args.gpu_decode:
-            self.augmentation = BatchSimCLRAugmentation(*aug_args)
+            self.augmentation = BatchSimCLRAugmentation(**settings)
             self.make_views = DeviceTwoViews(self.augmentation, args.seed, args.batch_size,
                                              sampler.rank)
         if args.gpu_aug:

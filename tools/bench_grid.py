@@ -627,7 +627,7 @@ def time_baseline_step(arch, size, args, device, images, stats):
     optimizer = torch.optim.SGD(model.parameters(), lr=lr, momentum=0.9,
                                 weight_decay=WEIGHT_DECAY)
     mode = "L" if stats["channels"] == 1 else "RGB"
-    augmentation = SimCLRAugmentation(*main_augmentation_args(size, stats))
+    augmentation = SimCLRAugmentation(**main_augmentation_args(size, stats))
     loader = torch.utils.data.DataLoader(
         PlainTwoViewDataset(images.paths, mode, augmentation),
         batch_size=args.batch_size, shuffle=True, drop_last=True,

@@ -111,9 +111,11 @@ def write_synthetic_images(folder, n, size, seed=0, rgb_jpeg=True):
 
 def main_augmentation_args(image_size, stats):
     """main.py's default augmentation (simclr preset, jitter 0.5, blur above 32 px, crops down
-    to 8 %) at `image_size`, for SimCLRAugmentation or BatchSimCLRAugmentation."""
-    return (image_size, stats["channels"], stats["mean"], stats["std"], 0.5, image_size > 32,
-            0.08, "simclr", 0.0, 0.0, 0.0)
+    to 8 %) at `image_size`: the keyword arguments of SimCLRAugmentation and
+    BatchSimCLRAugmentation."""
+    return dict(image_size=image_size, channels=stats["channels"], mean=stats["mean"],
+                std=stats["std"], jitter_strength=0.5, blur=image_size > 32, min_scale=0.08,
+                preset="simclr")
 
 
 def pipeline_for(mode, images, stats, size, batch_size, workers, device):
@@ -123,10 +125,10 @@ def pipeline_for(mode, images, stats, size, batch_size, workers, device):
     channels, pin = stats["channels"], device.type == "cuda"
     if mode == "workers":
         dataset = TwoViewDataset(images, channels, TwoViews(SimCLRAugmentation(
-            *main_augmentation_args(size, stats))), seed=0)
+            **main_augmentation_args(size, stats))), seed=0)
         loader = make_loader(dataset, batch_sampler=sampler, num_workers=workers, pin_memory=pin)
         return loader, sampler, functools.partial(transfer_views, device=device)
-    views = DeviceTwoViews(BatchSimCLRAugmentation(*main_augmentation_args(size, stats)), 0,
+    views = DeviceTwoViews(BatchSimCLRAugmentation(**main_augmentation_args(size, stats)), 0,
                            batch_size)
     if mode == "gpu-aug":
         pixels = decode_images(images, channels, size).to(device)
