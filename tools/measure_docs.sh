@@ -124,7 +124,7 @@ section_recipes() {  # docs/defaults.md: the demo recipe, chosen on validation i
     recipe_run half_bs128_e8 --stem half --epochs 8 -bs 128
     recipe_run half_bs250_e14 --stem half --epochs 14 -bs 250
     recipe_run half_bs250_t01_e14 --stem half --epochs 14 -bs 250 --temperature 0.1
-    # the batched augmentation (--gpu-aug, on the CPU here): the same distributions, 12 % faster
+    # the batched augmentation (--gpu-aug, on the CPU here): the same distributions
     recipe_run half_lr1_e14 --stem half --epochs 14 -bs 250 --gpu-aug -nw 0 --lr 1.0
     recipe_run half_ms02_e14 --stem half --epochs 14 -bs 250 --gpu-aug -nw 0 --min-scale 0.2
     recipe_run half_e16 --stem half --epochs 16 -bs 250 --gpu-aug -nw 0
