@@ -4,8 +4,8 @@
 # provenance in results/docs/NAME.json; tools/results_tables.py turns those files into tables.
 #
 #   bash tools/measure_docs.sh SECTION ...   # sections: recipes demo data features chunk
-#                                            #  segmentation label-efficiency finetune-defaults
-#                                            #  defaults (or all)
+#                                            #  segmentation segmentation-seeds label-efficiency
+#                                            #  finetune-defaults defaults (or all)
 #   ONLY="half_e16 ..." bash tools/measure_docs.sh recipes   # only these recipes
 #
 # A section's commands re-run from scratch (--fresh where a script resumes) and add one run
@@ -97,6 +97,17 @@ section_segmentation() {  # docs/evaluation.md: the segmentation table
     segment_run unet_e5_lpft --epochs 5 --decoder unet --decoder-epochs 1 --encoder-lr-ratio 0.1 \
         --encoder-bn frozen
     cp $WORK/segment/fcn_e10/predictions.png docs/segmentation_demo.png
+}
+
+section_segmentation_seeds() {  # issue notes: FCN fine-tuned against scratch over 3 seeds
+    need_model
+    [ -f $DATA/segmentation/train.txt ] || $PY make_demo_data.py $DATA --segmentation
+    for epochs in 5 10; do
+        for seed in 0 1 2; do
+            segment_run fcn_e${epochs}_seed$seed --epochs $epochs --seed $seed
+            segment_run fcn_e${epochs}_baseline_seed$seed --epochs $epochs --seed $seed --baseline
+        done
+    done
 }
 
 section_label_efficiency() {  # docs/evaluation.md: the label-efficiency table
