@@ -19,6 +19,7 @@ import glob
 import json
 import os
 import re
+import subprocess
 import sys
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -30,9 +31,26 @@ FIGURE = re.compile(r"(?<![\w.])\d[\d,]*(?:\.\d+)?\s?(?:%|img/s|images/s|ms\b|s\
 POWERS = {10 ** 4: "10^4", 10 ** 5: "10^5", 10 ** 6: "10^6"}
 
 
+READ = set()  # the results files the tables read, for untracked_results()
+
+
 def load(name):
-    with open(os.path.join(REPO, "results", name)) as f:
+    path = os.path.join("results", name)
+    READ.add(os.path.normpath(path))
+    with open(os.path.join(REPO, path)) as f:
         return json.load(f)
+
+
+def untracked_results():
+    """The results files the tables read that git does not track (results/ is ignored: each
+    must be added with git add -f, or a clean checkout renders other tables); [] outside a
+    git checkout."""
+    try:
+        listed = subprocess.run(["git", "ls-files", "results"], cwd=REPO, capture_output=True,
+                                text=True, check=True).stdout.split()
+    except (OSError, subprocess.CalledProcessError):
+        return []
+    return sorted(READ - {os.path.normpath(p) for p in listed})
 
 
 def entries(n):
@@ -965,6 +983,13 @@ def main(argv=None):
         print(f"stale results tables in {', '.join(stale)}: run python tools/results_tables.py",
               file=sys.stderr)
         return 1
+    untracked = untracked_results()
+    if untracked:
+        print(f"{', '.join(untracked)}: read by the tables but not tracked by git (results/ is "
+              f"ignored); git add -f them, or a clean checkout renders other tables",
+              file=sys.stderr)
+        if args.check:
+            return 1
     print(f"{count} results tables {'checked' if args.check else 'written'}"
           f"{'' if args.check else f' ({len(stale)} file(s) changed)'}")
     return 0
