@@ -306,7 +306,8 @@ def uninterrupted_and_killed(pretrained, seg_data, tmp_path_factory):
                         env=ONE_THREAD)
     assert result.returncode == 0, result.stderr[-3000:]
     killed = tmp_path_factory.mktemp("killed")
-    proc = start_script("segment.py", *killed_run_args(pretrained, seg_data, killed))
+    proc = start_script("segment.py", *killed_run_args(pretrained, seg_data, killed),
+                        env=ONE_THREAD)
     wait_for_step(killed / "checkpoint.pth", 6, proc)
     proc.send_signal(signal.SIGKILL)
     proc.wait()
