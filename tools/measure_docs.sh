@@ -99,13 +99,19 @@ section_segmentation() {  # docs/evaluation.md: the segmentation table
     cp $WORK/segment/fcn_e10/predictions.png docs/segmentation_demo.png
 }
 
-section_segmentation_seeds() {  # issue notes: FCN fine-tuned against scratch over 3 seeds
+section_segmentation_seeds() {  # FCN fine-tuned against scratch over 3 seeds (seeds_*.json)
     need_model
     [ -f $DATA/segmentation/train.txt ] || $PY make_demo_data.py $DATA --segmentation
+    local S=$DATA/segmentation name
     for epochs in 5 10; do
         for seed in 0 1 2; do
-            segment_run fcn_e${epochs}_seed$seed --epochs $epochs --seed $seed
-            segment_run fcn_e${epochs}_baseline_seed$seed --epochs $epochs --seed $seed --baseline
+            for baseline in "" --baseline; do
+                name=fcn_e${epochs}${baseline:+_baseline}_seed$seed
+                record seeds_segment_$name --collect $WORK/segment/$name/metrics.json -- \
+                    $PY segment.py $S/train.txt $MODEL $WORK/segment/$name --val-list $S/val.txt \
+                    --test-list $S/test.txt --classes $S/classes.txt --fresh --epochs $epochs \
+                    --seed $seed $baseline
+            done
         done
     done
 }
