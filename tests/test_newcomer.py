@@ -22,7 +22,7 @@ def fresh_clone(target):
             os.makedirs(os.path.join(target, os.path.dirname(path)), exist_ok=True)
             shutil.copy2(os.path.join(REPO, path), os.path.join(target, path))
     git(target, "init", "-q")
-    git(target, "add", "-A")
+    git(target, "add", "-f", ".")  # -f: the results files the docs quote are force-added
     git(target, "-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qm", "clone")
     os.symlink(os.path.join(REPO, ".venv"), os.path.join(target, ".venv"))
 
