@@ -35,7 +35,8 @@ from utils.cli import (add_augmentation_args, add_data_loading_args, add_data_so
                        ensure_writable_dir, environment_info, print_args, run_main)
 from utils.data import (EpochBatchSampler, ImageDataset, InMemoryBatches, TwoViewDataset,
                         UnreadableFiles,
-                        dataset_statistics, decode_images, decoded_size_bytes, make_loader)
+                        dataset_statistics, decode_images, decoded_size_bytes, fits_in_memory,
+                        make_loader)
 from utils.distributed import (check_same_on_all_ranks, decide_on_main,
                                gather_with_grad, get_rank, get_world_size, is_main_process,
                                print0, run_in_process_group)
@@ -204,8 +205,9 @@ def choose_input_path(args, n_images, meta, device):
         return f"{input_path_name(args, device)} (a CPU run)"
     if args.aug != "simclr":
         return f"{input_path_name(args, device)} (--aug {args.aug} runs there only)"
-    size_gb = decoded_size_bytes(n_images, meta["in_channels"], meta["image_size"]) / 2 ** 30
-    fits = size_gb <= args.max_memory_gb
+    channels, size = meta["in_channels"], meta["image_size"]
+    fits = fits_in_memory(n_images, channels, size, args.max_memory_gb)
+    size_gb = decoded_size_bytes(n_images, channels, size) / 2 ** 30
     args.gpu_aug, args.gpu_decode = fits, not fits
     why = (f"{size_gb:.2g} GB decoded {'fit' if fits else 'exceed'} --max-memory-gb "
            f"{args.max_memory_gb:g}; --cpu-aug for the workers")
@@ -224,7 +226,7 @@ def decode_for_device(args, images, meta, device):
     would take more than --max-memory-gb."""
     channels, size = meta["in_channels"], meta["image_size"]
     size_mb = decoded_size_bytes(len(images), channels, size) / 2 ** 20
-    if size_mb > args.max_memory_gb * 1024:
+    if not fits_in_memory(len(images), channels, size, args.max_memory_gb):
         raise UserError(f"--gpu-aug: the {len(images)} decoded images ({channels} x {size} x "
                         f"{size}) would take {size_mb:.0f} MB, more than --max-memory-gb "
                         f"{args.max_memory_gb:g}; drop --gpu-aug (workers decode on the fly) or "

@@ -744,6 +744,12 @@ def decoded_size_bytes(n_images, channels, size):
     return n_images * channels * size * size
 
 
+def fits_in_memory(n_images, channels, size, max_memory_gb):
+    """Whether `n_images` decoded as uint8 (channels, size, size) take at most max_memory_gb
+    GiB: the test of --max-memory-gb (--gpu-aug, and main.py's CUDA default path)."""
+    return decoded_size_bytes(n_images, channels, size) <= max_memory_gb * 2 ** 30
+
+
 def decode_images(images, channels, size):
     """Every image of the ImageList `images` decoded once: a uint8 tensor (N, channels, size,
     size) in memory (the data of --gpu-aug).

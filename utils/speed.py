@@ -16,7 +16,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from simclr import SimCLRTask, transfer_views
 from utils.data import (EpochBatchSampler, InMemoryBatches, TwoViewDataset, decode_images,
-                        decoded_size_bytes, make_loader)
+                        fits_in_memory, make_loader)
 from utils.checkpoint import RunPaths
 from utils.engine import LoopSettings, Run, Trainer
 from utils.errors import UserError
@@ -141,8 +141,7 @@ def pipeline_for(mode, images, stats, size, batch_size, workers, device):
 def device_input(n_images, channels, size):
     """The input main.py takes on CUDA by default: 'gpu-aug' where the decoded images fit its
     --max-memory-gb, else 'gpu-decode' (which decodes JPEG files on the device)."""
-    fits = decoded_size_bytes(n_images, channels, size) <= MAX_MEMORY_GB * 2 ** 30
-    return "gpu-aug" if fits else "gpu-decode"
+    return "gpu-aug" if fits_in_memory(n_images, channels, size, MAX_MEMORY_GB) else "gpu-decode"
 
 
 def is_jpeg_data(images):
