@@ -145,6 +145,9 @@ section_recipes() {  # docs/defaults.md: the demo recipe, chosen on validation i
     recipe_run half_lr1_e14 --stem half --epochs 14 -bs 250 --gpu-aug -nw 0 --lr 1.0
     recipe_run half_ms02_e14 --stem half --epochs 14 -bs 250 --gpu-aug -nw 0 --min-scale 0.2
     recipe_run half_e16 --stem half --epochs 16 -bs 250 --gpu-aug -nw 0
+    recipe_run half_t05_e14 --stem half --epochs 14 -bs 250 --temperature 0.5
+    # beyond the demo's budget: what more pretraining buys
+    recipe_run half_e40 --stem half --epochs 40 -bs 250
 }
 
 finetune_run() {  # finetune_run NAME FINETUNE_FLAGS: LP-FT settings at 20 labels per class
