@@ -249,7 +249,8 @@ def start_head_from_probe(model, images, meta, args, device):
                          batch_size=args.batch_size, num_workers=args.num_workers)
 
     def fit():
-        head, accuracy = fit_probe_head(model.encoder, loader, device, model.head.out_features)
+        head, accuracy = fit_probe_head(model.encoder, loader, device, model.head.out_features,
+                                        seed=args.seed)
         return head.state_dict(), accuracy
     state, accuracy = decide_on_main(fit)
     model.head.load_state_dict(state)

@@ -223,12 +223,12 @@ def test_frozen_statistics_train_the_weights_and_keep_the_running_averages():
 
 
 def test_lpft_starts_at_the_probes_validation_accuracy(runs, tiny_folder, pretrained):
-    """Epoch 0 of LP-FT (validated before any step) scores what a LinearProbe fitted
-    independently on the frozen features of the same labelled images scores on the same
-    validation images."""
+    """Epoch 0 of LP-FT (validated before any step) scores what the probe fitted independently
+    on the frozen features of the same labelled images (its penalty chosen on them, as
+    linear_evaluation.py does) scores on the same validation images."""
     import finetune
     from utils.data import ImageDataset, make_loader
-    from utils.linear_probe import LinearProbe, extract_features
+    from utils.linear_probe import extract_features, fit_probe
     from utils.model import load_trained_model
     from utils.transforms import EvalTransform
     respath, result = runs["lpft"]
@@ -241,7 +241,7 @@ def test_lpft_starts_at_the_probes_validation_accuracy(runs, tiny_folder, pretra
         extract_features(model.encoder, make_loader(ImageDataset(images, 1, transform),
                                                     batch_size=8), torch.device("cpu"))
         for images in (train, val)]
-    probe = LinearProbe(3).fit(train_x, train_y)
+    probe = fit_probe(train_x, train_y, 3, seed=0)
     expected = (probe.predict(val_x) == val_y).double().mean().item()
     ckpt = torch.load(os.path.join(respath, "checkpoint.pth"), weights_only=True)
     first = ckpt["history"]["evaluations"][0]

@@ -9,7 +9,8 @@ from sklearn.model_selection import train_test_split
 from threadpoolctl import threadpool_limits
 from torch import nn
 
-from utils.linear_probe import LinearProbe, extract_features
+from utils.linear_probe import (LinearProbe, extract_features, fit_probe, held_out_folds,
+                                 select_weight_decay)
 
 
 @pytest.fixture
@@ -53,6 +54,62 @@ def test_probe_matches_sklearn_logistic_regression(digits_split, one_thread, wd)
     rel = np.linalg.norm(weight - reference.coef_) / np.linalg.norm(reference.coef_)
     assert rel < 5e-2
     np.testing.assert_allclose(probe.mu.numpy(), mu, rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize("n_per_class, folds", [(30, 5), (250, 1)])
+def test_held_out_folds_are_stratified_and_disjoint(n_per_class, folds):
+    """Each split partitions the images; the held-out parts of 5 folds cover every image of
+    the classes with 2+ images once, and one split holds out 20 % of each class; a class of
+    one image stays in training."""
+    labels = torch.cat([torch.full((n_per_class,), c) for c in range(3)] + [torch.tensor([3])])
+    splits = held_out_folds(labels, seed=1, folds=folds)
+    assert len(splits) == folds
+    for train, out in splits:
+        assert sorted(torch.cat([train, out]).tolist()) == list(range(len(labels)))
+        assert 3 * n_per_class in train.tolist()  # the single image of class 3
+        counts = torch.bincount(labels[out], minlength=4).tolist()
+        assert counts == [n_per_class // 5] * 3 + [0]
+    if folds > 1:
+        held = torch.cat([out for _, out in splits]).sort().values
+        assert held.tolist() == list(range(3 * n_per_class))
+
+
+def test_selection_scores_equal_scikit_learn_on_the_same_folds(digits_split, one_thread):
+    """select_weight_decay's held-out accuracy for every penalty equals scikit-learn's
+    LogisticRegression(C = 1/(wd N_fold)) fitted on the same folds (standardised by the fold's
+    training mean and std) to within one image in a hundred; the chosen penalty is the largest
+    of the best, and fit_probe refits with it on all the training features."""
+    X_train, _, y_train, _ = digits_split
+    x, y = torch.tensor(X_train[:400], dtype=torch.float32), torch.tensor(y_train[:400])
+    grid = (1e-3, 1e-2, 1e-1, 1.0)
+    chosen, scores = select_weight_decay(x, y, 10, grid=grid, seed=0)
+    folds = held_out_folds(y, 0, 5)
+    for wd in grid:
+        correct = 0
+        for train, out in folds:
+            xt, xo = X_train[:400][train.numpy()], X_train[:400][out.numpy()]
+            mu, sd = xt.mean(0), np.maximum(xt.std(0, ddof=1), 1e-6)
+            reference = LogisticRegression(C=1.0 / (wd * len(train)), max_iter=5000, tol=1e-8)
+            reference.fit((xt - mu) / sd, y_train[:400][train.numpy()])
+            correct += (reference.predict((xo - mu) / sd) == y_train[:400][out.numpy()]).sum()
+        assert scores[wd] == pytest.approx(correct / 400, abs=0.01), wd
+    assert chosen == max(wd for wd in grid if scores[wd] == max(scores.values()))
+    probe = fit_probe(x, y, 10, seed=0)
+    assert probe.weight_decay in probe.selection and probe.selection[probe.weight_decay] == \
+        max(probe.selection.values())
+    direct = LinearProbe(10, probe.weight_decay).fit(x, y)
+    torch.testing.assert_close(probe.weight, direct.weight)
+
+
+def test_selection_prefers_strong_penalties_on_noise(one_thread):
+    """On 60 images whose one informative feature is buried among 199 noise features, a
+    strong penalty scores better on held-out images than the weakest and is chosen."""
+    g = torch.Generator().manual_seed(0)
+    y = torch.arange(60) % 2
+    x = torch.randn(60, 200, generator=g)
+    x[:, 0] += 1.5 * (2 * y - 1)
+    chosen, scores = select_weight_decay(x, y, 2, seed=0)
+    assert chosen >= 0.1 and scores[chosen] > scores[1e-5]
 
 
 def test_extract_features_in_loader_order(one_thread):

@@ -5,11 +5,12 @@ evaluations of the references (the same network randomly initialised, the raw pi
     python tools/val_eval.py DATAPATH MODELPATH OUT.json [--val-fraction 0.2] [--references]
 
 The validation images are --val-fraction of every class of DATAPATH's train split, chosen by
---seed (utils.sources.split_off_validation); the probe (linear_evaluation.py's) is fitted and
-the kNN memory (k 20, cosine, majority vote) built on the rest. Pretraining may have seen the
+--seed (utils.sources.split_off_validation); the probe (linear_evaluation.py's, at weight decay
+1e-4 and with its weight decay chosen on held-out training images) is fitted and the kNN
+memory (k 20, cosine, majority vote) built on the rest. Pretraining may have seen the
 validation images (unlabelled, as it sees every training image); their labels are used here
-only. Writes {"simclr": {"probe", "knn"}, ["random": ..., "pixels": ...], "split": ...} to
-OUT.json (accuracies in %).
+only. Writes {"simclr": {"probe", "probe_chosen", "weight_decay", "knn"}, ["random": ...,
+"pixels": ...], "split": ...} to OUT.json (accuracies in %).
 """
 import argparse
 import os
@@ -22,7 +23,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from utils.data import ImageDataset, make_loader  # noqa: E402
 from utils.fileio import json_dump  # noqa: E402
 from utils.knn import knn_accuracy  # noqa: E402
-from utils.linear_probe import LinearProbe, extract_features  # noqa: E402
+from utils.linear_probe import extract_features, fit_probe  # noqa: E402
 from utils.model import build_encoder, load_trained_model  # noqa: E402
 from utils.sources import load_split, split_off_validation  # noqa: E402
 from utils.transforms import EvalTransform  # noqa: E402
@@ -38,10 +39,17 @@ def features(encoder, meta, splits):
 
 
 def scores(pair, n_classes, k):
-    """{"probe", "knn"} validation accuracies (%) of features fitted / remembered on train."""
+    """{"probe", "probe_chosen", "weight_decay", "knn"}: validation accuracies (%) of features
+    fitted / remembered on train: the probe at weight decay 1e-4 (linear_evaluation.py's
+    earlier default), the probe whose weight decay was chosen on held-out train features (its
+    default now) and that weight decay, the kNN vote."""
     (train_x, train_y), (val_x, val_y) = pair
-    probe = LinearProbe(n_classes).fit(train_x, train_y)
-    return {"probe": round(100 * (probe.predict(val_x) == val_y).double().mean().item(), 2),
+
+    def accuracy(probe):
+        return round(100 * (probe.predict(val_x) == val_y).double().mean().item(), 2)
+    chosen = fit_probe(train_x, train_y, n_classes)
+    return {"probe": accuracy(fit_probe(train_x, train_y, n_classes, weight_decay=1e-4)),
+            "probe_chosen": accuracy(chosen), "weight_decay": chosen.weight_decay,
             "knn": round(100 * knn_accuracy(train_x, train_y, val_x, val_y, n_classes, k), 2)}
 
 

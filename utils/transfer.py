@@ -7,7 +7,7 @@ import torch
 from torch import nn
 
 from utils.errors import UserError
-from utils.linear_probe import LinearProbe, extract_features
+from utils.linear_probe import extract_features, fit_probe
 from utils.model import (build_encoder, build_model_from_meta, encoder_state, load_state_strict,
                          truncate_head)
 
@@ -101,13 +101,14 @@ class ProbeHead(nn.Module):
         return head
 
 
-def fit_probe_head(encoder, loader, device, n_classes, weight_decay=1e-4, max_iter=500):
+def fit_probe_head(encoder, loader, device, n_classes, weight_decay=None, seed=0):
     """(ProbeHead, training accuracy): linear_evaluation.py's probe (L-BFGS logistic
-    regression, L2 `weight_decay` on standardised features) fitted on the frozen features of
+    regression, L2 `weight_decay` on standardised features; None: chosen on held-out training
+    features, as linear_evaluation.py does by default) fitted on the frozen features of
     `loader`'s images (no augmentation), as a head: head(encoder(x)) gives the probe's logits.
     `encoder` is put in eval mode."""
     features, labels = extract_features(encoder.to(device), loader, device, desc="probe features")
-    probe = LinearProbe(n_classes, weight_decay, max_iter).fit(features, labels)
+    probe = fit_probe(features, labels, n_classes, weight_decay, seed=seed)
     accuracy = (probe.predict(features) == labels).double().mean().item()
     return ProbeHead.from_probe(probe), accuracy
 
