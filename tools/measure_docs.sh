@@ -5,6 +5,7 @@
 #
 #   bash tools/measure_docs.sh SECTION ...   # sections: recipes demo data features chunk
 #                                            #  segmentation segmentation-seeds label-efficiency
+#                                            #  recipes-val (the kept recipe models judged again)
 #                                            #  finetune-defaults defaults (or all)
 #   ONLY="half_e16 ..." bash tools/measure_docs.sh recipes   # only these recipes
 #
@@ -131,8 +132,25 @@ recipe_run() {  # recipe_run NAME MAIN_FLAG ...: pretrain on the demo data, judg
     local out=$WORK/recipes/$name
     record recipe_${name}_pretrain --collect $out/run.json -- \
         $PY main.py $DATA $out -nw 2 --fresh "$@"
-    record recipe_${name}_val --collect $out/val_eval.json -- \
-        $PY tools/val_eval.py $DATA $out/model/model.pth $out/val_eval.json --references
+    recipe_val $name $out
+}
+
+recipe_val() {  # recipe_val NAME RUN: judge the model of RUN (a main.py RESPATH) on validation
+    local name=$1 run=$2 out=$WORK/recipes/$1
+    mkdir -p $out
+    record recipe_${name}_val --collect $run/run.json --collect $out/val_eval.json -- \
+        $PY tools/val_eval.py $DATA $run/model/model.pth $out/val_eval.json --references
+}
+
+section_recipes_val() {  # the recipes' models kept in results/measure judged again (new probe)
+    local run name
+    for run in $WORK/recipes/*/; do
+        name=$(basename $run)
+        [ -z "${ONLY:-}" ] || [[ " $ONLY " == *" $name "* ]] || continue
+        [ -f $run/model/model.pth ] && recipe_val $name ${run%/}
+    done
+    # the 14-epoch recipe's own run is gone; the demo's model is the same command's
+    [ -f $WORK/recipes/half_bs250_e14/model/model.pth ] || recipe_val half_bs250_e14 results/demo
 }
 
 section_recipes() {  # docs/defaults.md: the demo recipe, chosen on validation images only
