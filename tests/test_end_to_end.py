@@ -142,6 +142,40 @@ def test_linear_evaluation_knn_equals_scikit_learn(pretrained, tiny_folder, tmp_
                                         test_y, 5)
 
 
+def test_linear_evaluation_chooses_the_penalty_on_training_images_only(pretrained, tiny_folder,
+                                                                      tmp_path):
+    """--weight-decay auto (the default) chooses the probe's penalty from the training features
+    alone: with half the test images removed the choice and every candidate's held-out score
+    are the same; --wd 1e-4 fixes it, and a penalty that is not a number is a one-line error."""
+    model_file = os.path.join(pretrained[0], "model", "model.pth")
+    fewer = tmp_path / "fewer_test"
+    shutil.copytree(tiny_folder, fewer)
+    for class_dir in sorted((fewer / "test").iterdir()):
+        for image in sorted(class_dir.iterdir())[::2]:
+            image.unlink()
+    reports = []
+    for data in (tiny_folder, fewer):
+        out = tmp_path / f"le_{len(reports)}"
+        result = run_script("linear_evaluation.py", data, model_file, out, "-nw", "0")
+        assert result.returncode == 0, result.stderr
+        reports.append(json.load(open(out / "report.json")))
+        assert f"weight decay {reports[-1]['weight_decay']:.0e} (chosen:" in result.stdout
+    assert reports[0]["n_test"] == 18 and reports[1]["n_test"] == 9
+    assert reports[0]["weight_decay"] == reports[1]["weight_decay"]
+    assert reports[0]["weight_decay_selection"] == reports[1]["weight_decay_selection"]
+    assert len(reports[0]["weight_decay_selection"]) == 11
+    out = tmp_path / "fixed"
+    result = run_script("linear_evaluation.py", tiny_folder, model_file, out, "-nw", "0",
+                        "--wd", "1e-4")
+    report = json.load(open(out / "report.json"))
+    assert report["weight_decay"] == 1e-4 and report["weight_decay_selection"] == {}
+    bad = run_script("linear_evaluation.py", tiny_folder, model_file, tmp_path / "bad",
+                     "--wd", "strong")
+    assert bad.returncode == 2 and "Traceback" not in bad.stderr
+    assert "error: argument --weight-decay/--wd: 'strong' is neither 'auto' nor a number" \
+        in bad.stderr
+
+
 def test_colour_images_for_a_grayscale_model_warn_once(pretrained, tiny_folder, tmp_path):
     """The grayscale model on a colour copy of its data (R = x, G = 255 - x, B = x / 2): one
     warning line naming the data, and the evaluation runs on the images converted to grey."""
