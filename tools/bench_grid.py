@@ -77,7 +77,7 @@ from utils.sources import select_subset  # noqa: E402
 from utils.speed import (LR_PER_256, MATMUL_DTYPES, TEMPERATURE, WEIGHT_DECAY,  # noqa: E402
                          compute_row, device_input, end2end_row, endless_batches,
                          images_per_s_at_matmul_rate, is_jpeg_data, loader_row,
-                         main_augmentation_args, matmul_row, release_memory, seconds_per_call,
+                         main_augmentation_settings, matmul_row, release_memory, seconds_per_call,
                          select_bench_device, write_synthetic_images)
 from utils.transforms import SimCLRAugmentation  # noqa: E402
 
@@ -627,7 +627,7 @@ def time_baseline_step(arch, size, args, device, images, stats):
     optimizer = torch.optim.SGD(model.parameters(), lr=lr, momentum=0.9,
                                 weight_decay=WEIGHT_DECAY)
     mode = "L" if stats["channels"] == 1 else "RGB"
-    augmentation = SimCLRAugmentation(**main_augmentation_args(size, stats))
+    augmentation = SimCLRAugmentation(main_augmentation_settings(size, stats))
     loader = torch.utils.data.DataLoader(
         PlainTwoViewDataset(images.paths, mode, augmentation),
         batch_size=args.batch_size, shuffle=True, drop_last=True,

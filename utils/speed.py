@@ -26,7 +26,7 @@ from utils.model import build_model, default_proj_dims, resolve_stem
 from utils.ntxent import NTXentLoss
 from utils.optim import build_optimizer, scaled_learning_rate
 from utils.precision import MixedPrecision
-from utils.transforms import SimCLRAugmentation, TwoViews
+from utils.transforms import AugmentationSettings, SimCLRAugmentation, TwoViews
 
 MATMUL_DTYPES = {"off": "float32", "bf16": "bfloat16", "fp16": "float16"}  # per --amp
 # main.py's defaults: temperature, SGD learning rate per 256 images and weight decay, logging
@@ -109,13 +109,13 @@ def write_synthetic_images(folder, n, size, seed=0, rgb_jpeg=True):
     return folder
 
 
-def main_augmentation_args(image_size, stats):
+def main_augmentation_settings(image_size, stats):
     """main.py's default augmentation (simclr preset, jitter 0.5, blur above 32 px, crops down
-    to 8 %) at `image_size`: the keyword arguments of SimCLRAugmentation and
-    BatchSimCLRAugmentation."""
-    return dict(image_size=image_size, channels=stats["channels"], mean=stats["mean"],
-                std=stats["std"], jitter_strength=0.5, blur=image_size > 32, min_scale=0.08,
-                preset="simclr")
+    to 8 %) at `image_size`, for data of `stats` (channels, mean, std): the AugmentationSettings
+    of SimCLRAugmentation and BatchSimCLRAugmentation."""
+    return AugmentationSettings(image_size=image_size, channels=stats["channels"],
+                                mean=stats["mean"], std=stats["std"], jitter_strength=0.5,
+                                blur=image_size > 32, min_scale=0.08, preset="simclr")
 
 
 def pipeline_for(mode, images, stats, size, batch_size, workers, device):
@@ -125,10 +125,10 @@ def pipeline_for(mode, images, stats, size, batch_size, workers, device):
     channels, pin = stats["channels"], device.type == "cuda"
     if mode == "workers":
         dataset = TwoViewDataset(images, channels, TwoViews(SimCLRAugmentation(
-            **main_augmentation_args(size, stats))), seed=0)
+            main_augmentation_settings(size, stats))), seed=0)
         loader = make_loader(dataset, batch_sampler=sampler, num_workers=workers, pin_memory=pin)
         return loader, sampler, functools.partial(transfer_views, device=device)
-    views = DeviceTwoViews(BatchSimCLRAugmentation(**main_augmentation_args(size, stats)), 0,
+    views = DeviceTwoViews(BatchSimCLRAugmentation(main_augmentation_settings(size, stats)), 0,
                            batch_size)
     if mode == "gpu-aug":
         pixels = decode_images(images, channels, size).to(device)
