@@ -40,7 +40,7 @@ from utils.data import (EpochBatchSampler, ImageDataset, InMemoryBatches, TwoVie
 from utils.distributed import (check_same_on_all_ranks, decide_on_main,
                                gather_with_grad, get_rank, get_world_size, is_main_process,
                                print0, run_in_process_group)
-from utils.engine import (LoopSettings, Run, Trainer, launcher_name, load_resumable,
+from utils.engine import (LoopSettings, RunSetup, Trainer, launcher_name, load_resumable,
                           report_outcome)
 from utils.errors import UserError
 from utils.gpu_augment import BatchSimCLRAugmentation, DeviceTwoViews
@@ -580,7 +580,7 @@ def pretrain(args, device):
                           "channels_last": args.channels_last, "gpu_aug": args.gpu_aug,
                           "gpu_decode": args.gpu_decode,
                           "log_every": args.log_every}, **scaling}
-    trainer = Trainer(Run(
+    trainer = Trainer(RunSetup(
         task=task, model=model,
         optimizer=build_optimizer(model, args.optimizer, peak_lr, args.weight_decay),
         schedule=schedule, sampler=sampler, loader=pipeline.loader, precision=precision,

@@ -25,7 +25,7 @@ from main import decode_for_device, get_args_parser
 from utils.errors import UserError
 from simclr import SimCLRTask, forward_backward, transfer_views
 from utils.checkpoint import RunPaths
-from utils.engine import LoopSettings, Run, Trainer, check_compile_backend
+from utils.engine import LoopSettings, RunSetup, Trainer, check_compile_backend
 from utils.optim import build_optimizer
 from utils.precision import FLOAT32, MixedPrecision
 from test_end_to_end import start_main, wait_for_main_step
@@ -302,7 +302,7 @@ def run_epoch(batches, precision=FLOAT32, log_every=10, logger=None):
     torch.manual_seed(0)
     model = TinySimCLR()
     cpu = torch.device("cpu")
-    trainer = Trainer(Run(
+    trainer = Trainer(RunSetup(
         task=SimCLRTask(NTXentLoss(0.2), functools.partial(transfer_views, device=cpu)),
         model=model, optimizer=build_optimizer(model, "sgd", 0.1, 0.0),
         schedule=lambda step: 0.1, sampler=types.SimpleNamespace(global_batch_size=4),

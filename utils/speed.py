@@ -20,7 +20,7 @@ from simclr import SimCLRTask, transfer_views
 from utils.data import (EpochBatchSampler, InMemoryBatches, TwoViewDataset, decode_images,
                         fits_in_memory, make_loader)
 from utils.checkpoint import RunPaths
-from utils.engine import LoopSettings, Run, Trainer
+from utils.engine import LoopSettings, RunSetup, Trainer
 from utils.errors import UserError
 from utils.gpu_augment import BatchSimCLRAugmentation, DeviceTwoViews
 from utils.gpu_decode import BatchDecoder, DecodedTwoViews, EncodedImageDataset, collate_encoded
@@ -109,7 +109,7 @@ def build_trainer(arch, channels, image_size, config, pipeline, device, steps=1)
     settings = LoopSettings(epochs=1, steps_per_epoch=steps, log_every=LOG_EVERY,
                             checkpoint_minutes=0, channels_last=config["channels_last"],
                             compile="inductor" if config["compile"] else None)
-    trainer = Trainer(Run(
+    trainer = Trainer(RunSetup(
         task=SimCLRTask(NTXentLoss(TEMPERATURE), make_views), model=model,
         optimizer=build_optimizer(model, "sgd", lr, WEIGHT_DECAY), schedule=lambda step: lr,
         sampler=sampler, loader=loader, precision=MixedPrecision(config["amp"], device),
