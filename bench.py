@@ -28,9 +28,9 @@ from utils.fileio import json_dump
 from utils.model import FEATURE_DIMS
 from utils.precision import resolve_amp
 from utils.sources import load_split, select_subset
-from utils.speed import (MATMUL_DTYPES, compute_row, device_input, end2end_row,
-                         images_per_s_at_matmul_rate, is_jpeg_data, loader_row, matmul_row,
-                         select_bench_device, write_synthetic_images)
+from utils.speed import (MATMUL_DTYPES, MeasuredImages, Timing, compute_row, device_input,
+                         end2end_row, images_per_s_at_matmul_rate, is_jpeg_data, loader_row,
+                         matmul_row, select_bench_device, write_synthetic_images)
 
 DEFAULTS = {  # per device, and --quick; a flag given on the command line wins
     "cpu": dict(batch_size=128, steps=4, warmup=1, workers=[0, 1, 2], matmul_size=2048),
@@ -119,18 +119,19 @@ def load_images(args, workdir):
 def measure(args, device, images, stats, n_total):
     """{section: rows} of matmul, compute, loader and end2end; all but matmul's rows carry
     of_compute and of_matmul (img/s over that of the step at the matmul rate)."""
-    size, bs, timing = args.image_size, args.batch_size, (args.warmup, args.steps, device)
+    size, bs, timing = args.image_size, args.batch_size, Timing(args.warmup, args.steps, device)
     config = {"arch": args.arch, "image_size": size, "amp": args.amp, "channels_last": True,
               "compile": args.compile}
     dtypes = list(dict.fromkeys([MATMUL_DTYPES[args.amp], "bfloat16"]))
     dtypes += ["tf32"] if device.type == "cuda" and args.amp == "off" else []
-    matmul = [matmul_row(d, args.matmul_size, *timing) for d in dtypes]
-    compute = compute_row(config, bs, stats["channels"], *timing, matmul)
+    matmul = [matmul_row(d, args.matmul_size, timing) for d in dtypes]
+    compute = compute_row(config, bs, stats["channels"], timing, matmul)
     path, workers = device_input(n_total, stats["channels"], size), max(args.workers)
     path = path if path == "gpu-aug" or is_jpeg_data(images) else None
-    loader = [loader_row("workers", w, images, stats, size, bs, *timing) for w in args.workers]
-    loader += [loader_row(path, workers, images, stats, size, bs, *timing)] if path else []
-    end2end = [end2end_row(config, mode, workers, images, stats, bs, *timing)
+    data = MeasuredImages(images, stats)
+    loader = [loader_row("workers", w, data, size, bs, timing) for w in args.workers]
+    loader += [loader_row(path, workers, data, size, bs, timing)] if path else []
+    end2end = [end2end_row(config, mode, workers, data, bs, timing)
                for mode in ["workers"] + ([path] if path else [])]
     bound = images_per_s_at_matmul_rate(compute)
     for row in [compute] + loader + end2end:

@@ -108,7 +108,7 @@ def main(args):
 
     from utils.data import describe_intensity, native_image_size, sample_statistics
     from utils.sources import load_split, select_subset
-    from utils.transforms import SimCLRAugmentation, denormalize
+    from utils.transforms import AugmentationSettings, SimCLRAugmentation, denormalize
 
     images = select_subset(load_split(args.datapath, "train", False, args), args.samples,
                            args.samples_per_class, args.seed)
@@ -123,9 +123,10 @@ def main(args):
           "255", flush=True)
     size = args.image_size or native_image_size(sample)
     blur = args.blur if args.blur is not None else size > 32
-    augmentation = SimCLRAugmentation(size, channels, mean, std, args.jitter_strength, blur,
-                                      args.min_scale, args.aug, args.noise, args.rotate,
-                                      args.cutout)
+    augmentation = SimCLRAugmentation(AugmentationSettings(
+        image_size=size, channels=channels, mean=mean, std=std,
+        jitter_strength=args.jitter_strength, blur=blur, min_scale=args.min_scale,
+        preset=args.aug, noise=args.noise, rotate=args.rotate, cutout=args.cutout))
     n = args.n
     if n > len(images):
         warn(f"--n {n}: DATAPATH has only {len(images)} training images; showing all of them")

@@ -43,7 +43,7 @@ from utils.data import (EpochBatchSampler, ImageDataset, LabelledViewDataset, Un
                         dataset_statistics, make_loader, warn_if_colour_dropped)
 from utils.distributed import (barrier, decide_on_main, get_rank, get_world_size,
                                is_main_process, print0, run_in_process_group)
-from utils.engine import (LoopSettings, Run, Task, Trainer, launcher_name,
+from utils.engine import (LoopSettings, RunSetup, Task, Trainer, launcher_name,
                           load_resumable, report_outcome)
 from utils.errors import UserError
 from utils.fileio import json_dump
@@ -381,7 +381,7 @@ def finetune(args, device):
            f"process(es) x {sampler.batch_size}), {args.epochs} epochs, {args.optimizer} peak lr "
            f"{peak_lr:.4g}{encoder_rate}, amp {precision.mode}", flush=True)
     parts = [PartRate(model.encoder, args.encoder_lr_ratio)] if args.encoder_lr_ratio != 1 else []
-    trainer = Trainer(Run(
+    trainer = Trainer(RunSetup(
         task=FinetuneTask(args, bn_mode, val_loader, device), model=model,
         optimizer=build_optimizer(model, args.optimizer, peak_lr, args.weight_decay, parts),
         schedule=schedule, sampler=sampler, loader=train_loader, precision=precision,

@@ -40,7 +40,7 @@ from utils.data import (EpochBatchSampler, ImageDataset, InMemoryBatches, TwoVie
 from utils.distributed import (check_same_on_all_ranks, decide_on_main,
                                gather_with_grad, get_rank, get_world_size, is_main_process,
                                print0, run_in_process_group)
-from utils.engine import (LoopSettings, Run, Trainer, launcher_name, load_resumable,
+from utils.engine import (LoopSettings, RunSetup, Trainer, launcher_name, load_resumable,
                           report_outcome)
 from utils.errors import UserError
 from utils.gpu_augment import BatchSimCLRAugmentation, DeviceTwoViews
@@ -58,7 +58,7 @@ from utils.optim import (WarmupCosine, add_optimisation_args, build_optimizer,
 from utils.precision import MixedPrecision, resolve_amp
 from utils.sources import has_split, load_split, select_subset, validation_indices
 from utils.tensorboard import tensorboard_dir
-from utils.transforms import EvalTransform, SimCLRAugmentation, TwoViews
+from utils.transforms import AugmentationSettings, EvalTransform, SimCLRAugmentation, TwoViews
 
 # Settings that define the run: resuming with a different value is an error, not a silent mix.
 RUN_DEFINING_ARGS = ("arch", "stem", "proj_dims", "image_size", "batch_size", "optimizer", "lr",
@@ -466,13 +466,14 @@ class Pipeline:
 
     def __init__(self, args, images, meta, blur, sampler, device, labels=None):
         self.unreadable = UnreadableFiles(len(images), args.max_unreadable)
-        settings = dict(image_size=meta["image_size"], channels=meta["in_channels"],
-                        mean=meta["mean"], std=meta["std"], jitter_strength=args.jitter_strength,
-                        blur=blur, min_scale=args.min_scale, preset=args.aug, noise=args.noise,
-                        rotate=args.rotate, cutout=args.cutout)
-        self.cpu_augmentation = SimCLRAugmentation(**settings)
+        settings = AugmentationSettings(
+            image_size=meta["image_size"], channels=meta["in_channels"], mean=meta["mean"],
+            std=meta["std"], jitter_strength=args.jitter_strength, blur=blur,
+            min_scale=args.min_scale, preset=args.aug, noise=args.noise, rotate=args.rotate,
+            cutout=args.cutout)
+        self.cpu_augmentation = SimCLRAugmentation(settings)
         if args.gpu_aug or args.gpu_decode:
-            self.augmentation = BatchSimCLRAugmentation(**settings)
+            self.augmentation = BatchSimCLRAugmentation(settings)
             self.make_views = DeviceTwoViews(self.augmentation, args.seed, args.batch_size,
                                              sampler.rank)
         if args.gpu_aug:
@@ -579,7 +580,7 @@ def pretrain(args, device):
                           "channels_last": args.channels_last, "gpu_aug": args.gpu_aug,
                           "gpu_decode": args.gpu_decode,
                           "log_every": args.log_every}, **scaling}
-    trainer = Trainer(Run(
+    trainer = Trainer(RunSetup(
         task=task, model=model,
         optimizer=build_optimizer(model, args.optimizer, peak_lr, args.weight_decay),
         schedule=schedule, sampler=sampler, loader=pipeline.loader, precision=precision,

@@ -41,7 +41,7 @@ from utils.data import (EpochBatchSampler, ImageList, dataset_statistics, make_l
                         warn_if_colour_dropped)
 from utils.distributed import (all_reduce_sum, barrier, decide_on_main, get_rank,
                                get_world_size, is_main_process, run_in_process_group)
-from utils.engine import (LoopSettings, Run, Task, Trainer, launcher_name,
+from utils.engine import (LoopSettings, RunSetup, Task, Trainer, launcher_name,
                           load_resumable, report_outcome)
 from utils.errors import UserError
 from utils.fileio import atomic_write_bytes, json_dump
@@ -385,7 +385,7 @@ def segment(args, device):
                  if args.decoder_epochs else "")
         print(f"encoder: lr x{args.encoder_lr_ratio:g}{alone}, BatchNorm statistics {bn_mode} "
               f"({why})", flush=True)
-    trainer = Trainer(Run(
+    trainer = Trainer(RunSetup(
         task=SegmentationTask(args, bn_mode, k, eval_loaders.get("val"), device), model=net,
         optimizer=build_optimizer(net, args.optimizer, args.lr, args.weight_decay, parts),
         schedule=schedule, sampler=sampler, loader=train_loader, precision=precision,

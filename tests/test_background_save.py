@@ -19,7 +19,7 @@ import utils.engine as engine
 from simclr import SimCLRTask, transfer_views
 from test_speed_path import TinySimCLR, view_batches
 from utils.checkpoint import RunPaths
-from utils.engine import LoopSettings, Run, Trainer
+from utils.engine import LoopSettings, RunSetup, Trainer
 from utils.errors import UserError
 from utils.ntxent import NTXentLoss
 from utils.optim import WarmupCosine, build_optimizer
@@ -154,7 +154,7 @@ def tiny_trainer(folder, epochs, batches, write_outputs=None):
     torch.manual_seed(0)
     model, cpu = TinySimCLR(), torch.device("cpu")
     loader = SameBatchesEveryEpoch(batches)
-    return Trainer(Run(
+    return Trainer(RunSetup(
         task=SimCLRTask(NTXentLoss(0.2), functools.partial(transfer_views, device=cpu)),
         model=model, optimizer=build_optimizer(model, "sgd", 0.1, 1e-4),
         schedule=WarmupCosine(0.1, 0, 100), sampler=loader, loader=loader, precision=FLOAT32,

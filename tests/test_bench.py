@@ -16,7 +16,7 @@ from conftest import run_in_process, run_script
 from main import get_args_parser as main_args_parser
 from simclr import SimCLRTask
 from utils.checkpoint import RunPaths
-from utils.engine import LoopSettings, Run, Trainer
+from utils.engine import LoopSettings, RunSetup, Trainer
 from utils.errors import UserError
 from utils.model import SimCLRModel
 from utils.ntxent import NTXentLoss
@@ -140,7 +140,7 @@ def test_step_flops_match_an_analytic_count():
     views, side, dim = 8, 10, 6  # 2B views of 10 x 10 px
     model = tiny_conv_model()
     x = torch.randn(views, 1, side, side)
-    trainer = Trainer(Run(
+    trainer = Trainer(RunSetup(
         task=SimCLRTask(NTXentLoss(0.2), lambda views, step: views), model=model,
         optimizer=build_optimizer(model, "sgd", 0.1, 0.0), schedule=lambda step: 0.1,
         sampler=types.SimpleNamespace(global_batch_size=views // 2), loader=[x],

@@ -18,7 +18,8 @@ from utils.data import (ImageDataset, ImageList, TwoViewDataset, dataset_statist
 from utils.gpu_decode import pil_pixels
 from utils.model import build_model_from_meta
 from utils.segmentation import JointTransform, SegmentationDataset
-from utils.transforms import EvalTransform, RandomLumaEqualize, SimCLRAugmentation, TwoViews
+from utils.transforms import (AugmentationSettings, EvalTransform, RandomLumaEqualize,
+                              SimCLRAugmentation, TwoViews)
 
 TWELVE_BIT = 4095
 
@@ -128,7 +129,7 @@ def test_twelve_bit_pretraining_scales_by_4095_and_keeps_the_levels(folders, twe
         np.testing.assert_allclose(x[0].numpy(), values / TWELVE_BIT, rtol=0, atol=1e-6)
         assert len(np.unique(x.numpy())) == len(np.unique(values)) > 256
     # an augmented view (crop, flip, jitter, blur as float tensors) keeps far more than 8 bits
-    augmentation = SimCLRAugmentation(40, 1, [0.5], [0.25], blur=True)
+    augmentation = SimCLRAugmentation(AugmentationSettings(40, 1, [0.5], [0.25], blur=True))
     view1, view2 = TwoViewDataset(images, 1, TwoViews(augmentation), seed=0)[(18, 0)]
     assert min(len(np.unique(view1.numpy())), len(np.unique(view2.numpy()))) > 256
     # a model without a range (pretrained before it existed) still sees what it saw: /257
@@ -294,7 +295,8 @@ def test_float_augmentation_draws_as_the_8_bit_one_and_stays_close():
     float_img = Image.fromarray(unit.astype(np.float32))
     byte_img = Image.fromarray(np.rint(unit * 255).astype(np.uint8))
     for preset, rotate in (("simclr", 10), ("novel", 0)):  # novel's sharpness (up to 10x)
-        aug = SimCLRAugmentation(32, 1, [0.5], [0.25], blur=True, preset=preset, rotate=rotate)
+        aug = SimCLRAugmentation(AugmentationSettings(32, 1, [0.5], [0.25], blur=True,
+                                                      preset=preset, rotate=rotate))
         torch.manual_seed(3)
         from_float, after_float = aug(float_img), torch.rand(1)
         torch.manual_seed(3)

@@ -13,6 +13,7 @@ from utils.gpu_augment import BatchSimCLRAugmentation, DeviceTwoViews
 from utils.model import build_model
 from utils.ntxent import NTXentLoss
 from utils.precision import MixedPrecision, resolve_amp
+from utils.transforms import AugmentationSettings
 
 pytestmark = requires_cuda
 
@@ -55,8 +56,9 @@ def test_amp_dtypes_on_cuda(amp):
 
 
 def test_gpu_aug_is_a_pure_function_of_seed_and_step_on_the_device():
-    aug = BatchSimCLRAugmentation(16, 3, [0.5] * 3, [0.25] * 3, 0.5, True, 0.08, "simclr",
-                                  0.05, 10.0, 0.5)
+    aug = BatchSimCLRAugmentation(AugmentationSettings(
+        16, 3, [0.5] * 3, [0.25] * 3, jitter_strength=0.5, blur=True, min_scale=0.08,
+        preset="simclr", noise=0.05, rotate=10.0, cutout=0.5))
     views = DeviceTwoViews(aug, seed=3, global_batch_size=8)
     images = torch.randint(0, 256, (8, 3, 20, 20), dtype=torch.uint8, device="cuda")
     first, again, other = views(images, 5), views(images, 5), views(images, 6)

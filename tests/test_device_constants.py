@@ -14,6 +14,7 @@ from torchvision.transforms.v2 import functional as v2F
 from utils import gpu_augment
 from utils.gpu_augment import BatchSimCLRAugmentation, DeviceTwoViews
 from utils.ntxent import NTXentLoss, ntxent_logits
+from utils.transforms import AugmentationSettings
 
 TAU = 0.3
 
@@ -176,8 +177,9 @@ def test_second_batch_makes_no_tensor_from_python_data(preset, monkeypatch):
             return _original(*args, **kwargs)
         monkeypatch.setattr(torch, name, counting)
     for channels in (3, 1):
-        aug = BatchSimCLRAugmentation(12, channels, [0.4] * channels, [0.3] * channels, 0.5, True,
-                                      0.08, preset, 0.05, 10.0, 0.5)
+        aug = BatchSimCLRAugmentation(AugmentationSettings(
+            12, channels, [0.4] * channels, [0.3] * channels, jitter_strength=0.5, blur=True,
+            min_scale=0.08, preset=preset, noise=0.05, rotate=10.0, cutout=0.5))
         two_views = DeviceTwoViews(aug, seed=1, global_batch_size=8, rank=1)
         images = torch.randint(0, 256, (4, channels, 12, 12), dtype=torch.uint8)
         aug(images, torch.Generator().manual_seed(0))

@@ -15,6 +15,7 @@ from utils.file_index import find_split
 from utils.gpu_augment import BatchSimCLRAugmentation, DeviceTwoViews
 from utils.gpu_decode import (BatchDecoder, DecodedTwoViews, EncodedImageDataset,
                               collate_encoded, to_channels)
+from utils.transforms import AugmentationSettings
 
 CPU = torch.device("cpu")
 # (height, width, PIL mode, format) of the files written: JPEGs of three sizes, colour and
@@ -92,7 +93,8 @@ def test_views_equal_gpu_augs(jpeg_folder):
     images = find_split(jpeg_folder, "train", require_labels=False)
     keep = [k for k, path in enumerate(images.paths) if Image.open(path).size == (28, 28)]
     images = images.subset(keep)
-    augmentation = BatchSimCLRAugmentation(28, 3, [0.5] * 3, [0.25] * 3, 0.5)
+    augmentation = BatchSimCLRAugmentation(AugmentationSettings(28, 3, [0.5] * 3, [0.25] * 3,
+                                                                jitter_strength=0.5))
     two_views = DeviceTwoViews(augmentation, seed=3, global_batch_size=len(images))
     dataset = EncodedImageDataset(images, 3, 28)
     batch = collate_encoded([dataset[(i, 0)] for i in range(len(images))])

@@ -24,8 +24,8 @@ from utils.data import TwoViewDataset
 from utils.file_index import scan_image_folder
 from torchvision.transforms import functional as TF
 
-from utils.transforms import (AUGMENTATION_PRESETS, AddGaussianNoise, RandomLumaEqualize,
-                              RandomSharpness, SimCLRAugmentation, TwoViews)
+from utils.transforms import (AUGMENTATION_PRESETS, AddGaussianNoise, AugmentationSettings,
+                              RandomLumaEqualize, RandomSharpness, SimCLRAugmentation, TwoViews)
 
 PRESETS = ("simclr", "natural", "novel", "simple", "greyscale")
 MEAN = {1: [0.3], 3: [0.4, 0.5, 0.2]}
@@ -36,9 +36,14 @@ def image_for(channels, gray_image, rgb_image):
     return gray_image if channels == 1 else rgb_image
 
 
+def augmentation(image_size, channels, mean, std, **settings):
+    """SimCLRAugmentation of AugmentationSettings(image_size, channels, mean, std, **settings)."""
+    return SimCLRAugmentation(AugmentationSettings(image_size, channels, mean, std, **settings))
+
+
 def make(preset, channels, size=32, s=0.5, blur=True, min_scale=0.2, **extras):
-    return SimCLRAugmentation(size, channels, MEAN[channels], STD[channels], jitter_strength=s,
-                              blur=blur, min_scale=min_scale, preset=preset, **extras)
+    return augmentation(size, channels, MEAN[channels], STD[channels], jitter_strength=s,
+                        blur=blur, min_scale=min_scale, preset=preset, **extras)
 
 
 def step_summary(t):
@@ -204,10 +209,11 @@ def previous_pipeline(image_size, channels, mean, std, s, blur, min_scale):
 @pytest.mark.parametrize("s,blur,min_scale", [(1.0, False, 0.08), (0.5, True, 0.3),
                                               (3.0, True, 0.08), (0.0, False, 0.5)])
 def test_simclr_is_the_previous_pipeline(channels, s, blur, min_scale, gray_image, rgb_image):
-    """preset simclr (and the old positional call, which defaults to it) is the pre-existing
+    """preset simclr (and settings without a preset, which default to it) is the pre-existing
     pipeline step for step (same reprs) and gives the same tensors under the same seed."""
     old = previous_pipeline(24, channels, MEAN[channels], STD[channels], s, blur, min_scale)
-    default = SimCLRAugmentation(24, channels, MEAN[channels], STD[channels], s, blur, min_scale)
+    default = augmentation(24, channels, MEAN[channels], STD[channels], jitter_strength=s,
+                           blur=blur, min_scale=min_scale)
     named = make("simclr", channels, size=24, s=s, blur=blur, min_scale=min_scale)
     for aug in (default, named):
         assert [repr(t) for t in aug.transform.transforms] == [repr(t) for t in old.transforms]
@@ -221,9 +227,9 @@ def test_simclr_is_the_previous_pipeline(channels, s, blur, min_scale, gray_imag
 
 
 def test_constructor_defaults():
-    """The defaults of the documented signature: s=1, no blur, min_scale 0.08, simclr, no
+    """The defaults of AugmentationSettings: s=1, no blur, min_scale 0.08, simclr, no
     extras."""
-    aug = SimCLRAugmentation(16, 3, MEAN[3], STD[3])
+    aug = augmentation(16, 3, MEAN[3], STD[3])
     assert (aug.preset, aug.noise, aug.rotate, aug.cutout) == ("simclr", 0.0, 0.0, 0.0)
     assert summary(aug) == [("RandomResizedCrop", (16, 16), (0.08, 1.0)), FLIP,
                             ("RandomApply", 0.8, ("ColorJitter", (0.2, 1.8), (0.2, 1.8),
@@ -251,7 +257,8 @@ def test_extras_add_exactly_their_steps(preset, channels):
 
 
 def test_unknown_preset_and_bad_extras():
-    """An unknown preset is a ValueError listing the four names; so are negative extras."""
+    """An unknown preset is a ValueError listing the four names; so are negative extras. The
+    settings check themselves, before any augmentation is built from them."""
     with pytest.raises(ValueError) as err:
         make("medical", 1)
     for name in PRESETS:
@@ -259,6 +266,8 @@ def test_unknown_preset_and_bad_extras():
     for bad in ({"noise": -0.1}, {"rotate": -5}, {"cutout": 1.5}, {"cutout": -0.1}):
         with pytest.raises(ValueError):
             make("natural", 1, **bad)
+        with pytest.raises(ValueError, match="noise and rotate must be >= 0"):
+            AugmentationSettings(16, 1, MEAN[1], STD[1], **bad)
 
 
 @pytest.mark.parametrize("preset", PRESETS)
@@ -288,8 +297,8 @@ def test_noise_changes_pixels_by_sigma(value, sigma):
     """On a constant image (crop and flip cannot change it, identity Normalize) the difference
     to the clean value has the std and mean of clamp(v + N(0, sigma^2), 0, 1) - v, computed
     independently with numpy (the clamp matters near black)."""
-    aug = SimCLRAugmentation(64, 1, [0.0], [1.0], jitter_strength=0, blur=False, min_scale=1.0,
-                             preset="simclr", noise=sigma)
+    aug = augmentation(64, 1, [0.0], [1.0], jitter_strength=0, blur=False, min_scale=1.0,
+                       preset="simclr", noise=sigma)
     clean = value / 255
     torch.manual_seed(0)
     diff = torch.stack([aug(Image.new("L", (64, 64), value)) for _ in range(8)]) - clean
@@ -302,8 +311,8 @@ def test_noise_changes_pixels_by_sigma(value, sigma):
 
 def test_noise_is_independent_per_channel_and_pixel():
     """On RGB the noise of the three channels is uncorrelated, and so is that of neighbours."""
-    aug = SimCLRAugmentation(64, 3, [0.0] * 3, [1.0] * 3, jitter_strength=0, blur=False,
-                             min_scale=1.0, preset="simclr", noise=0.1)
+    aug = augmentation(64, 3, [0.0] * 3, [1.0] * 3, jitter_strength=0, blur=False,
+                       min_scale=1.0, preset="simclr", noise=0.1)
     torch.manual_seed(1)
     d = aug(Image.new("RGB", (64, 64), (128, 128, 128))) - 128 / 255
     assert abs(np.corrcoef(d[0].flatten(), d[1].flatten())[0, 1]) < 0.1
@@ -312,8 +321,8 @@ def test_noise_is_independent_per_channel_and_pixel():
 
 def _white_views(rotate, n=20):
     """n views of a white 32x32 image with only crop (whole image), flip and rotation."""
-    aug = SimCLRAugmentation(32, 1, [0.0], [1.0], jitter_strength=0, blur=False, min_scale=1.0,
-                             preset="simclr", rotate=rotate)
+    aug = augmentation(32, 1, [0.0], [1.0], jitter_strength=0, blur=False, min_scale=1.0,
+                       preset="simclr", rotate=rotate)
     views = []
     for seed in range(n):
         torch.manual_seed(seed)
@@ -341,8 +350,8 @@ def test_cutout_p1_erases_one_rectangle(gray_image):
     mean after Normalize) in every view; without cutout no pixel is exactly 0."""
     mean, std = [0.123456], [0.3]
     for cutout, seeds in ((0.0, range(3)), (1.0, range(10))):
-        aug = SimCLRAugmentation(28, 1, mean, std, jitter_strength=0, blur=False,
-                                 preset="simclr", cutout=cutout)
+        aug = augmentation(28, 1, mean, std, jitter_strength=0, blur=False, preset="simclr",
+                           cutout=cutout)
         for seed in seeds:
             torch.manual_seed(seed)
             zero = (aug(gray_image)[0] == 0).numpy()
@@ -357,8 +366,8 @@ def test_cutout_p1_erases_one_rectangle(gray_image):
 
 def test_cutout_probability(gray_image):
     """cutout=P erases in about a fraction P of the views (binomial, 200 views)."""
-    aug = SimCLRAugmentation(16, 1, [0.123456], [0.3], jitter_strength=0, preset="simclr",
-                             cutout=0.3)
+    aug = augmentation(16, 1, [0.123456], [0.3], jitter_strength=0, preset="simclr",
+                       cutout=0.3)
     torch.manual_seed(0)
     erased = sum(bool((aug(gray_image) == 0).any()) for _ in range(200))
     assert 40 <= erased <= 80  # mean 60, std 6.5

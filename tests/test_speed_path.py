@@ -25,7 +25,7 @@ from main import decode_for_device, get_args_parser
 from utils.errors import UserError
 from simclr import SimCLRTask, forward_backward, transfer_views
 from utils.checkpoint import RunPaths
-from utils.engine import LoopSettings, Run, Trainer, check_compile_backend
+from utils.engine import LoopSettings, RunSetup, Trainer, check_compile_backend
 from utils.optim import build_optimizer
 from utils.precision import FLOAT32, MixedPrecision
 from test_end_to_end import start_main, wait_for_main_step
@@ -33,7 +33,7 @@ from utils.data import ImageList, decode_images
 from utils.gpu_augment import BatchSimCLRAugmentation
 from utils.model import build_model
 from utils.ntxent import NTXentLoss
-from utils.transforms import AUGMENTATION_PRESETS
+from utils.transforms import AUGMENTATION_PRESETS, AugmentationSettings
 
 N_VIEWS = 4000  # parameter draws per distribution test
 P_MIN = 0.01
@@ -104,8 +104,9 @@ def batched_parameters(aug, hw, n, seed=0):
 @pytest.fixture(scope="module")
 def simclr_rgb():
     """The simclr preset on 3 channels at 16 px with blur, rotation and cutout."""
-    return BatchSimCLRAugmentation(16, 3, [0.4, 0.5, 0.3], [0.2, 0.25, 0.3], 0.5, True, 0.08,
-                                   "simclr", 0.0, 20.0, 0.5)
+    return BatchSimCLRAugmentation(AugmentationSettings(
+        16, 3, [0.4, 0.5, 0.3], [0.2, 0.25, 0.3], jitter_strength=0.5, blur=True, min_scale=0.08,
+        preset="simclr", noise=0.0, rotate=20.0, cutout=0.5))
 
 
 def test_gpu_aug_parameters_follow_the_cpu_distributions(simclr_rgb):
@@ -187,7 +188,8 @@ def test_gpu_aug_views_look_like_cpu_views(gray_image):
     """1000 views of one real image by the per-image PIL pipeline and by the batched one:
     the distributions of a view's mean and standard deviation agree (KS p > 0.01)."""
     image = gray_image.resize((16, 16))
-    batched = BatchSimCLRAugmentation(16, 1, [0.3], [0.3], 0.5, True, 0.08, "simclr")
+    batched = BatchSimCLRAugmentation(AugmentationSettings(
+        16, 1, [0.3], [0.3], jitter_strength=0.5, blur=True, min_scale=0.08, preset="simclr"))
     torch.manual_seed(0)
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # as in a DataLoader worker: PIL-sized blurs, no thread handoffs
@@ -213,16 +215,18 @@ def test_gpu_aug_has_the_steps_of_the_simclr_preset_and_refuses_the_others(prese
     line by main.py before anything runs."""
     if preset != "simclr":
         with pytest.raises(UserError, match="--aug simclr only"):
-            BatchSimCLRAugmentation(16, 1, [0.5], [0.25], 0.5, True, 0.08, preset)
+            BatchSimCLRAugmentation(AugmentationSettings(
+                16, 1, [0.5], [0.25], jitter_strength=0.5, blur=True, preset=preset))
         if preset == "novel":
             result = run_in_process("main.py", tiny_folder, tmp_path / "r", "--gpu-aug", "--aug",
                                     preset, *FAST_PRETRAIN)
             assert_one_line_error(result, "--gpu-aug", "--aug novel", "drop --gpu-aug")
         return
     for channels in (1, 3):
-        for extras in ((0.0, 0.0, 0.0), (0.05, 10.0, 0.5)):
-            aug = BatchSimCLRAugmentation(16, channels, [0.5] * channels, [0.25] * channels,
-                                          0.5, True, 0.08, preset, *extras)
+        for extras in ({}, {"noise": 0.05, "rotate": 10.0, "cutout": 0.5}):
+            aug = BatchSimCLRAugmentation(AugmentationSettings(
+                16, channels, [0.5] * channels, [0.25] * channels, jitter_strength=0.5,
+                blur=True, preset=preset, **extras))
             names = [type(inner(t)).__name__ for t in aug.reference.transform.transforms]
             assert [s.name for s in aug.steps] == [n for n in names if n != "ToTensor"]
             images = torch.randint(0, 256, (6, channels, 20, 20), dtype=torch.uint8)
@@ -298,7 +302,7 @@ def run_epoch(batches, precision=FLOAT32, log_every=10, logger=None):
     torch.manual_seed(0)
     model = TinySimCLR()
     cpu = torch.device("cpu")
-    trainer = Trainer(Run(
+    trainer = Trainer(RunSetup(
         task=SimCLRTask(NTXentLoss(0.2), functools.partial(transfer_views, device=cpu)),
         model=model, optimizer=build_optimizer(model, "sgd", 0.1, 0.0),
         schedule=lambda step: 0.1, sampler=types.SimpleNamespace(global_batch_size=4),

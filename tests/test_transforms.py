@@ -11,13 +11,14 @@ from PIL import Image
 
 from utils.data import EpochBatchSampler, TwoViewDataset, ignore_sigint_in_worker, make_loader
 from utils.file_index import scan_image_folder
-from utils.transforms import EvalTransform, SimCLRAugmentation, TwoViews, blur_kernel_size
+from utils.transforms import (AugmentationSettings, EvalTransform, SimCLRAugmentation, TwoViews,
+                              blur_kernel_size)
 
 
 def test_two_views_grayscale(gray_image):
     """channels=1: two float32 views (1, S, S) that differ from each other."""
     torch.manual_seed(0)
-    aug = TwoViews(SimCLRAugmentation(20, 1, [0.3], [0.3], blur=True))
+    aug = TwoViews(SimCLRAugmentation(AugmentationSettings(20, 1, [0.3], [0.3], blur=True)))
     v1, v2 = aug(gray_image)
     for v in (v1, v2):
         assert v.dtype == torch.float32 and v.shape == (1, 20, 20)
@@ -28,7 +29,8 @@ def test_two_views_grayscale(gray_image):
 def test_two_views_rgb(rgb_image):
     """channels=3 with an RGB image: two different float32 views (3, S, S)."""
     torch.manual_seed(0)
-    aug = TwoViews(SimCLRAugmentation(24, 3, [0.4, 0.5, 0.2], [0.3, 0.3, 0.2], blur=True))
+    aug = TwoViews(SimCLRAugmentation(AugmentationSettings(24, 3, [0.4, 0.5, 0.2],
+                                                           [0.3, 0.3, 0.2], blur=True)))
     v1, v2 = aug(rgb_image)
     for v in (v1, v2):
         assert v.dtype == torch.float32 and v.shape == (3, 24, 24)
@@ -40,9 +42,11 @@ def test_augmentation_non_square_image_gives_square_output():
     rng = np.random.default_rng(0)
     arr = rng.integers(0, 256, (25, 40, 3), dtype=np.uint8)
     torch.manual_seed(1)
-    v = SimCLRAugmentation(16, 3, [0.5] * 3, [0.25] * 3)(Image.fromarray(arr, "RGB"))
+    v = SimCLRAugmentation(AugmentationSettings(16, 3, [0.5] * 3, [0.25] * 3))(
+        Image.fromarray(arr, "RGB"))
     assert v.shape == (3, 16, 16)
-    v = SimCLRAugmentation(16, 1, [0.5], [0.25])(Image.fromarray(arr[..., 0], "L"))
+    v = SimCLRAugmentation(AugmentationSettings(16, 1, [0.5], [0.25]))(
+        Image.fromarray(arr[..., 0], "L"))
     assert v.shape == (1, 16, 16)
 
 
@@ -80,7 +84,7 @@ def test_eval_transform_constant_rgb_by_hand():
 def test_transforms_pickle_and_behave_the_same(gray_image):
     """SimCLRAugmentation, TwoViews and EvalTransform survive pickling and give the same
     output as the original under the same seed."""
-    aug = TwoViews(SimCLRAugmentation(16, 1, [0.3], [0.3], blur=True))
+    aug = TwoViews(SimCLRAugmentation(AugmentationSettings(16, 1, [0.3], [0.3], blur=True)))
     ev = EvalTransform(16, [0.3], [0.3])
     aug2, ev2 = pickle.loads(pickle.dumps(aug)), pickle.loads(pickle.dumps(ev))
     torch.manual_seed(5)
@@ -102,7 +106,7 @@ def few_images(real_images, tmp_path_factory):
 
 
 def _two_view_dataset(images, seed=7):
-    aug = TwoViews(SimCLRAugmentation(12, 1, [0.3], [0.3], blur=True))
+    aug = TwoViews(SimCLRAugmentation(AugmentationSettings(12, 1, [0.3], [0.3], blur=True)))
     return TwoViewDataset(images, 1, aug, seed=seed)
 
 

@@ -21,7 +21,7 @@ import torch
 from PIL import Image
 
 from utils.gpu_augment import BatchSimCLRAugmentation
-from utils.transforms import SimCLRAugmentation, blur_kernel_size
+from utils.transforms import AugmentationSettings, SimCLRAugmentation, blur_kernel_size
 
 CONFIGS = ((256, 32, False), (256, 32, True), (32, 224, True))
 QUICK_CONFIGS = ((16, 16, True),)
@@ -63,10 +63,11 @@ def view_makers(views, size, blur):
     pixels = rng.integers(0, 256, (views, size, size, 3), dtype=np.uint8)
     images = torch.from_numpy(pixels).permute(0, 3, 1, 2).contiguous()
     pil = [Image.fromarray(p) for p in pixels]
-    batched = BatchSimCLRAugmentation(size, 3, MEAN, STD, blur=blur)
+    settings = AugmentationSettings(image_size=size, channels=3, mean=MEAN, std=STD, blur=blur)
+    batched = BatchSimCLRAugmentation(settings)
     generator = torch.Generator().manual_seed(0)
     per_view = v2_pipeline(size, blur)
-    per_image = SimCLRAugmentation(size, 3, MEAN, STD, blur=blur)
+    per_image = SimCLRAugmentation(settings)
     makers = {"batched": lambda: batched(images, generator),
               "v2-per-view": lambda: torch.stack([per_view(x) for x in images]),
               "pil": lambda: torch.stack([per_image(p) for p in pil])}

@@ -75,9 +75,9 @@ from utils.optim import scaled_learning_rate  # noqa: E402
 from utils.precision import resolve_amp  # noqa: E402
 from utils.sources import select_subset  # noqa: E402
 from utils.speed import (LR_PER_256, MATMUL_DTYPES, TEMPERATURE, WEIGHT_DECAY,  # noqa: E402
-                         compute_row, device_input, end2end_row, endless_batches,
-                         images_per_s_at_matmul_rate, is_jpeg_data, loader_row,
-                         main_augmentation_args, matmul_row, release_memory, seconds_per_call,
+                         MeasuredImages, Timing, compute_row, device_input, end2end_row,
+                         endless_batches, images_per_s_at_matmul_rate, is_jpeg_data, loader_row,
+                         main_augmentation_settings, matmul_row, release_memory, seconds_per_call,
                          select_bench_device, write_synthetic_images)
 from utils.transforms import SimCLRAugmentation  # noqa: E402
 
@@ -464,7 +464,7 @@ def bench_matmul(args, device):
     uses for fp32 convolutions by default)."""
     dtypes = list(dict.fromkeys([MATMUL_DTYPES[a] for a in args.amp] + ["bfloat16"]))
     dtypes += ["tf32"] if device.type == "cuda" and "off" in args.amp else []
-    return [matmul_row(name, args.matmul_size, args.warmup, args.steps, device)
+    return [matmul_row(name, args.matmul_size, Timing(args.warmup, args.steps, device))
             for name in dtypes]
 
 
@@ -480,13 +480,13 @@ def bench_compute(args, device, channels, matmul_rows):
     """Rows of bench.compute_row, one per compute_configs entry, the step's FLOPs counted once
     per arch and size, with the peak memory; a configuration that fails to compile is a row
     with its error."""
-    rows, flops = [], {}
+    rows, flops, timing = [], {}, Timing(args.warmup, args.steps, device)
     for config in compute_configs(args):
         key = (config["arch"], config["image_size"])
         with PeakMemory(device) as memory:
             try:
-                row = compute_row(config, args.batch_size, channels, args.warmup, args.steps,
-                                  device, matmul_rows, flops.get(key))
+                row = compute_row(config, args.batch_size, channels, timing, matmul_rows,
+                                  flops.get(key))
             except Exception as err:  # a backend that cannot compile: report it and go on
                 if not config["compile"]:
                     raise
@@ -512,12 +512,12 @@ def bench_loader(args, device, images, stats, compute_rows):
     """Rows of bench.loader_row per input mode (input_modes): the DataLoader and --gpu-decode
     for each --workers count, --gpu-aug once; each with its ratio to the fastest compute-only
     img/s of every arch at that size (what the trainer consumes)."""
-    rows = []
+    rows, data = [], MeasuredImages(images, stats)
+    timing = Timing(args.warmup, args.steps, device)
     for size in args.sizes:
         for mode in input_modes(args, images):
             for workers in ([0] if mode == "gpu-aug" else args.workers):
-                rows.append(loader_row(mode, workers, images, stats, size, args.batch_size,
-                                       args.warmup, args.steps, device))
+                rows.append(loader_row(mode, workers, data, size, args.batch_size, timing))
     for row in rows:
         for arch in args.archs:
             consumer = fastest_compute(compute_rows, arch, row["image_size"])
@@ -577,7 +577,8 @@ def bench_end2end(args, device, images, stats, compute_rows, baseline_rows):
     (input_modes: DataLoader workers, --gpu-aug, --gpu-decode), with its fraction of the
     compute-only img/s of the same configuration and its ratio to the baseline loop of the
     same arch and size."""
-    rows = []
+    rows, data = [], MeasuredImages(images, stats)
+    timing = Timing(args.warmup, args.steps, device)
     for arch in args.archs:
         for size in args.sizes:
             config, compute = e2e_config(args, compute_rows, arch, size)
@@ -585,8 +586,7 @@ def bench_end2end(args, device, images, stats, compute_rows, baseline_rows):
                              if (r["arch"], r["image_size"]) == (arch, size)), None)
             for mode in input_modes(args, images):
                 row = end2end_row({"arch": arch, "image_size": size, **config}, mode,
-                                  args.e2e_workers, images, stats, args.batch_size,
-                                  args.warmup, args.steps, device)
+                                  args.e2e_workers, data, args.batch_size, timing)
                 default = device_input(len(images), stats["channels"], size)
                 row.update(main_default=mode == default, gpu_aug=mode == "gpu-aug")
                 if compute is not None:
@@ -627,7 +627,7 @@ def time_baseline_step(arch, size, args, device, images, stats):
     optimizer = torch.optim.SGD(model.parameters(), lr=lr, momentum=0.9,
                                 weight_decay=WEIGHT_DECAY)
     mode = "L" if stats["channels"] == 1 else "RGB"
-    augmentation = SimCLRAugmentation(**main_augmentation_args(size, stats))
+    augmentation = SimCLRAugmentation(main_augmentation_settings(size, stats))
     loader = torch.utils.data.DataLoader(
         PlainTwoViewDataset(images.paths, mode, augmentation),
         batch_size=args.batch_size, shuffle=True, drop_last=True,

@@ -1,7 +1,7 @@
 """The training engine: the one loop that main.py (SimCLR), finetune.py and segment.py run on.
 
-A script builds a `Run` (its task, plain model, optimizer, schedule, data, precision, settings,
-files) and calls `Trainer(run).fit()`. The task supplies what differs between scripts:
+A script builds a `RunSetup` (its task, plain model, optimizer, schedule, data, precision,
+settings, files) and calls `Trainer(run).fit()`. The task supplies what differs between scripts:
     step(trainer, batch, step) -> (loss, extras)   forward and backward of one batch
     evaluate(model, epoch) -> dict or None          on rank 0, every `eval_every` epochs
                                                     (and at epoch 0 with `eval_at_start`)
@@ -129,8 +129,9 @@ class Task:
 
 
 @dataclass
-class Run:
-    """Everything one training run needs, built once by the script and passed whole."""
+class RunSetup:
+    """Everything one training run needs: the inputs a script builds once and passes whole to
+    Trainer (the files under RESPATH that the run reads and writes are `paths`, a RunPaths)."""
     task: Task
     model: torch.nn.Module  # plain, on `device`
     optimizer: torch.optim.Optimizer
@@ -192,8 +193,9 @@ def epoch_means(values, steps_per_epoch):
 
 
 class Trainer:
-    """Runs a `Run` to its last epoch (see the module docstring). `model` is the wrapped model
-    the step uses (DDP, compiled), `plain` the module underneath that is saved and evaluated."""
+    """Runs a `RunSetup` to its last epoch (see the module docstring). `model` is the wrapped
+    model the step uses (DDP, compiled), `plain` the module underneath that is saved and
+    evaluated."""
 
     def __init__(self, run):
         self.run, self.task, self.settings = run, run.task, run.settings

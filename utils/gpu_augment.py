@@ -1,7 +1,7 @@
 """SimCLR augmentation of whole batches on the device (main.py --gpu-aug).
 
-`BatchSimCLRAugmentation` takes the arguments of utils.transforms.SimCLRAugmentation, builds
-that per-image pipeline and turns each of its steps into a batched step with per-view random
+`BatchSimCLRAugmentation` takes the AugmentationSettings of utils.transforms.SimCLRAugmentation,
+builds that per-image pipeline and turns each of its steps into a batched step with per-view random
 parameters, reading the ranges and probabilities from the torchvision objects themselves, so a
 preset is defined in one place only. Parameters are drawn as torchvision's `get_params` draws
 them (same distributions; tests/test_speed_path.py compares them with KS and binomial tests):
@@ -440,24 +440,23 @@ def batched_step(t):
 
 
 class BatchSimCLRAugmentation:
-    """SimCLRAugmentation (same arguments, same preset semantics) for whole uint8 batches on the
-    device, with independent random parameters for every image of the batch.
+    """SimCLRAugmentation (same AugmentationSettings, same preset semantics) for whole uint8
+    batches on the device, with independent random parameters for every image of the batch.
 
     aug(images uint8 (B, C, H, W), generator) -> (B, C, S, S) float32 normalised; all random
     numbers come from `generator` (a torch.Generator on the images' device), parameters first
     (`sample_parameters`), then the pixels' noise of --noise.
     """
 
-    def __init__(self, image_size, channels, mean, std, jitter_strength=1.0, blur=False,
-                 min_scale=0.08, preset="simclr", noise=0.0, rotate=0.0, cutout=0.0):
-        if preset != "simclr":
-            raise UserError(f"--gpu-aug has the steps of --aug simclr only, not {preset}; drop "
-                            f"--gpu-aug to augment in the CPU workers")
-        self.reference = SimCLRAugmentation(image_size, channels, mean, std, jitter_strength,
-                                            blur, min_scale, preset, noise, rotate, cutout)
+    def __init__(self, settings):
+        """settings: an AugmentationSettings of the simclr preset (UserError for another)."""
+        if settings.preset != "simclr":
+            raise UserError(f"--gpu-aug has the steps of --aug simclr only, not "
+                            f"{settings.preset}; drop --gpu-aug to augment in the CPU workers")
+        self.reference = SimCLRAugmentation(settings)
         steps = [batched_step(t) for t in self.reference.transform.transforms]
         self.steps = [s for s in steps if s is not None]
-        self.image_size = image_size
+        self.image_size = settings.image_size
 
     def sample_parameters(self, n, generator, hw):
         """{step name: {parameter: (n,) tensor}} for n views of images of size hw = (H, W),

@@ -8,6 +8,8 @@ import itertools
 import os
 import time
 import types
+from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import torch
@@ -18,7 +20,7 @@ from simclr import SimCLRTask, transfer_views
 from utils.data import (EpochBatchSampler, InMemoryBatches, TwoViewDataset, decode_images,
                         fits_in_memory, make_loader)
 from utils.checkpoint import RunPaths
-from utils.engine import LoopSettings, Run, Trainer
+from utils.engine import LoopSettings, RunSetup, Trainer
 from utils.errors import UserError
 from utils.gpu_augment import BatchSimCLRAugmentation, DeviceTwoViews
 from utils.gpu_decode import BatchDecoder, DecodedTwoViews, EncodedImageDataset, collate_encoded
@@ -26,12 +28,30 @@ from utils.model import build_model, default_proj_dims, resolve_stem
 from utils.ntxent import NTXentLoss
 from utils.optim import build_optimizer, scaled_learning_rate
 from utils.precision import MixedPrecision
-from utils.transforms import SimCLRAugmentation, TwoViews
+from utils.transforms import AugmentationSettings, SimCLRAugmentation, TwoViews
 
 MATMUL_DTYPES = {"off": "float32", "bf16": "bfloat16", "fp16": "float16"}  # per --amp
 # main.py's defaults: temperature, SGD learning rate per 256 images and weight decay, logging
 TEMPERATURE, LR_PER_256, WEIGHT_DECAY, LOG_EVERY = 0.2, 0.5, 5e-4, 10
 MAX_MEMORY_GB = 4.0  # main.py's --max-memory-gb default (its CUDA default takes --gpu-aug below)
+
+
+@dataclass(frozen=True)
+class Timing:
+    """How a figure is timed: `warmup` untimed calls (or steps), then the mean over `steps`
+    timed ones, on `device` (synchronised before each clock reading)."""
+    warmup: int
+    steps: int
+    device: torch.device
+
+
+@dataclass(frozen=True)
+class MeasuredImages:
+    """The training images an input or end-to-end figure is measured on: `images` (an
+    ImageList, as utils.sources.load_split gives it) and `stats`, their
+    utils.data.dataset_statistics (channels, mean, std: main.py's augmentation of them)."""
+    images: Any
+    stats: dict
 
 
 def select_bench_device(name):
@@ -89,7 +109,7 @@ def build_trainer(arch, channels, image_size, config, pipeline, device, steps=1)
     settings = LoopSettings(epochs=1, steps_per_epoch=steps, log_every=LOG_EVERY,
                             checkpoint_minutes=0, channels_last=config["channels_last"],
                             compile="inductor" if config["compile"] else None)
-    trainer = Trainer(Run(
+    trainer = Trainer(RunSetup(
         task=SimCLRTask(NTXentLoss(TEMPERATURE), make_views), model=model,
         optimizer=build_optimizer(model, "sgd", lr, WEIGHT_DECAY), schedule=lambda step: lr,
         sampler=sampler, loader=loader, precision=MixedPrecision(config["amp"], device),
@@ -109,26 +129,28 @@ def write_synthetic_images(folder, n, size, seed=0, rgb_jpeg=True):
     return folder
 
 
-def main_augmentation_args(image_size, stats):
+def main_augmentation_settings(image_size, stats):
     """main.py's default augmentation (simclr preset, jitter 0.5, blur above 32 px, crops down
-    to 8 %) at `image_size`: the keyword arguments of SimCLRAugmentation and
-    BatchSimCLRAugmentation."""
-    return dict(image_size=image_size, channels=stats["channels"], mean=stats["mean"],
-                std=stats["std"], jitter_strength=0.5, blur=image_size > 32, min_scale=0.08,
-                preset="simclr")
+    to 8 %) at `image_size`, for data of `stats` (channels, mean, std): the AugmentationSettings
+    of SimCLRAugmentation and BatchSimCLRAugmentation."""
+    return AugmentationSettings(image_size=image_size, channels=stats["channels"],
+                                mean=stats["mean"], std=stats["std"], jitter_strength=0.5,
+                                blur=image_size > 32, min_scale=0.08, preset="simclr")
 
 
-def pipeline_for(mode, images, stats, size, batch_size, workers, device):
-    """(loader, sampler, make_views) of main.py's input `mode`: 'workers' (views made per image
-    in workers), 'gpu-aug' or 'gpu-decode' (views made on the device; see main.py -h)."""
+def pipeline_for(mode, workers, data, size, batch_size, device):
+    """(loader, sampler, make_views) of main.py's input `mode` over `data` (MeasuredImages) at
+    `size` px: 'workers' (views made per image in `workers` workers), 'gpu-aug' or 'gpu-decode'
+    (views made on the device; see main.py -h)."""
+    images, stats = data.images, data.stats
     sampler = EpochBatchSampler(len(images), batch_size, seed=0)
     channels, pin = stats["channels"], device.type == "cuda"
     if mode == "workers":
         dataset = TwoViewDataset(images, channels, TwoViews(SimCLRAugmentation(
-            **main_augmentation_args(size, stats))), seed=0)
+            main_augmentation_settings(size, stats))), seed=0)
         loader = make_loader(dataset, batch_sampler=sampler, num_workers=workers, pin_memory=pin)
         return loader, sampler, functools.partial(transfer_views, device=device)
-    views = DeviceTwoViews(BatchSimCLRAugmentation(**main_augmentation_args(size, stats)), 0,
+    views = DeviceTwoViews(BatchSimCLRAugmentation(main_augmentation_settings(size, stats)), 0,
                            batch_size)
     if mode == "gpu-aug":
         pixels = decode_images(images, channels, size).to(device)
@@ -158,25 +180,27 @@ def endless_batches(loader, sampler=None):
         yield from loader
 
 
-def timed_batches(batches, warmup, steps, device, started):
-    """warmup + steps batches of `batches`; `started` gets the time of the first timed one."""
-    for k in range(warmup + steps):
-        if k == warmup:
-            synchronize(device)
+def timed_batches(batches, timing, started):
+    """timing.warmup + timing.steps batches of `batches`; `started` gets the time of the first
+    timed one."""
+    for k in range(timing.warmup + timing.steps):
+        if k == timing.warmup:
+            synchronize(timing.device)
             started.append(time.perf_counter())
         yield next(batches)
 
 
-def matmul_row(dtype_name, n, warmup, steps, device):
-    """{dtype, size, ms, tflops} of an (n x n) @ (n x n) matmul, 2 n^3 FLOPs; 'tf32' is float32
-    with TF32 allowed (what cuDNN uses for fp32 convolutions by default), 'float32' without."""
+def matmul_row(dtype_name, n, timing):
+    """{dtype, size, ms, tflops} of an (n x n) @ (n x n) matmul, 2 n^3 FLOPs, timed as `timing`
+    (Timing) says; 'tf32' is float32 with TF32 allowed (what cuDNN uses for fp32 convolutions
+    by default), 'float32' without."""
     dtype = torch.float32 if dtype_name == "tf32" else getattr(torch, dtype_name)
-    a, b = (torch.randn(n, n, device=device).to(dtype) for _ in range(2))
+    a, b = (torch.randn(n, n, device=timing.device).to(dtype) for _ in range(2))
     previous = torch.backends.cuda.matmul.allow_tf32
     if dtype_name in ("float32", "tf32"):
         torch.backends.cuda.matmul.allow_tf32 = dtype_name == "tf32"
     try:
-        seconds = seconds_per_call(lambda: a @ b, warmup, steps, device)
+        seconds = seconds_per_call(lambda: a @ b, timing.warmup, timing.steps, timing.device)
     finally:
         torch.backends.cuda.matmul.allow_tf32 = previous
     return {"dtype": dtype_name, "size": n, "ms": 1e3 * seconds,
@@ -199,11 +223,12 @@ def images_per_s_at_matmul_rate(compute):
     return compute["batch_size"] * compute["matmul_tflops"] * 1e3 / compute["gflop_per_step"]
 
 
-def compute_row(config, batch_size, channels, warmup, steps, device, matmul_rows, flops=None):
+def compute_row(config, batch_size, channels, timing, matmul_rows, flops=None):
     """Trainer.train_step on random 2B views on the device, `config` {arch, image_size, amp,
-    channels_last, compile}: ms/step, img/s, first step s, FLOP per step (counted unless given),
-    TFLOP/s, its fraction of the matmul rate of its precision, and MFU (of the bf16 rate)."""
-    size = config["image_size"]
+    channels_last, compile}, timed as `timing` (Timing) says: ms/step, img/s, first step s, FLOP
+    per step (counted unless given), TFLOP/s, its fraction of the matmul rate of its precision
+    (`matmul_rows`, matmul_row's) and MFU (of the bf16 rate)."""
+    size, warmup, steps, device = config["image_size"], timing.warmup, timing.steps, timing.device
     memory_format = torch.channels_last if config["channels_last"] else torch.contiguous_format
     x = torch.randn(2 * batch_size, channels, size, size, device=device).contiguous(
         memory_format=memory_format)
@@ -227,34 +252,39 @@ def compute_row(config, batch_size, channels, warmup, steps, device, matmul_rows
             "mfu": tflops / bf16 if bf16 else None}
 
 
-def loader_row(mode, workers, images, stats, size, batch_size, warmup, steps, device):
+def loader_row(mode, workers, data, size, batch_size, timing):
     """{image_size, pipeline, workers, batch_size, images_per_s} of main.py's input `mode`
-    alone, views made; for gpu-aug also decode_s, the seconds of its one-time decoding."""
+    (with `workers` DataLoader workers) alone, views of `data` (MeasuredImages) made at `size`
+    px in batches of `batch_size`, timed as `timing` (Timing) says; for gpu-aug also decode_s,
+    the seconds of its one-time decoding."""
     tic = time.perf_counter()
-    loader, sampler, make_views = pipeline_for(mode, images, stats, size, batch_size, workers,
-                                               device)
+    loader, sampler, make_views = pipeline_for(mode, workers, data, size, batch_size,
+                                               timing.device)
     setup_s = time.perf_counter() - tic
     batches, step = endless_batches(loader, sampler), itertools.count()
     fetch = ((lambda: next(batches)) if mode == "workers" else
              (lambda: make_views(next(batches), next(step))))
-    seconds = seconds_per_call(fetch, warmup, steps, device)
+    seconds = seconds_per_call(fetch, timing.warmup, timing.steps, timing.device)
     batches.close()
     del loader, make_views, batches  # decoded images, worker processes
-    release_memory(device)
+    release_memory(timing.device)
     row = {"image_size": size, "pipeline": mode, "workers": workers, "batch_size": batch_size,
            "images_per_s": batch_size / seconds}
     return {**row, "workers": 0, "decode_s": setup_s} if mode == "gpu-aug" else row
 
 
-def end2end_row(config, mode, workers, images, stats, batch_size, warmup, steps, device):
+def end2end_row(config, mode, workers, data, batch_size, timing):
     """{**config, pipeline, workers, batch_size, step_ms, images_per_s} of the engine's loop
-    (Trainer.train_one_epoch, main.py's settings) fed by input `mode`, loading included."""
-    size = config["image_size"]
-    loader, sampler, make_views = pipeline_for(mode, images, stats, size, batch_size, workers,
-                                               device)
+    (Trainer.train_one_epoch, main.py's settings; `config` {arch, image_size, amp, channels_last,
+    compile}) fed by input `mode` (with `workers` DataLoader workers) with batches of
+    `batch_size` images of `data` (MeasuredImages), loading included, timed as `timing`
+    (Timing) says."""
+    size, device = config["image_size"], timing.device
+    loader, sampler, make_views = pipeline_for(mode, workers, data, size, batch_size, device)
     batches, started = endless_batches(loader, sampler), []
-    trainer = build_trainer(config["arch"], stats["channels"], size, config, (timed_batches(
-        batches, warmup, steps, device, started), sampler, make_views), device, warmup + steps)
+    trainer = build_trainer(config["arch"], data.stats["channels"], size, config,
+                            (timed_batches(batches, timing, started), sampler, make_views), device,
+                            timing.warmup + timing.steps)
     try:
         trainer.train_one_epoch(0)
         synchronize(device)
@@ -264,5 +294,5 @@ def end2end_row(config, mode, workers, images, stats, batch_size, warmup, steps,
     del trainer, loader, make_views
     release_memory(device)
     return {**config, "pipeline": mode, "workers": 0 if mode == "gpu-aug" else workers,
-            "batch_size": batch_size, "step_ms": 1e3 * seconds / steps,
-            "images_per_s": steps * batch_size / seconds}
+            "batch_size": batch_size, "step_ms": 1e3 * seconds / timing.steps,
+            "images_per_s": timing.steps * batch_size / seconds}

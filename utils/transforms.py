@@ -2,6 +2,9 @@
 globals), so it pickles into DataLoader workers under both fork and spawn. Every random choice
 draws from torch's global RNG (never python's `random` or numpy), which the pretraining dataset
 seeds per image (utils/data.py)."""
+from dataclasses import dataclass
+from typing import Sequence
+
 import torch
 from PIL import Image, ImageOps
 from torchvision import transforms as T
@@ -98,8 +101,49 @@ class AddGaussianNoise:
         return f"{type(self).__name__}(sigma={self.sigma})"
 
 
+@dataclass(frozen=True)
+class AugmentationSettings:
+    """What SimCLRAugmentation and BatchSimCLRAugmentation build: the numbers of one
+    augmentation, checked when made (ValueError for an unknown preset or an extra out of range).
+
+    image_size: S, the side of the square views (C, S, S) in px.
+    channels: C, 1 (gray) or 3 (RGB).
+    mean, std: the C per-channel values of the final Normalize (the data set's statistics).
+    jitter_strength: s of the simclr preset's ColorJitter(0.8s, 0.8s, 0.8s, min(0.5, 0.2s))
+        (brightness and contrast only on 1 channel); 0 drops the jitter; other presets ignore it.
+    blur: whether the simclr preset ends with its random Gaussian blur (p = 0.5, kernel ~10 %
+        of S, sigma 0.1-2); other presets ignore it (they always blur).
+    min_scale: the smallest area fraction of RandomResizedCrop (crops of min_scale .. 1).
+    preset: one of AUGMENTATION_PRESETS: "simclr" (the SimCLR paper's sequence) or one of
+        j-freddy/simclr-medical-imaging's sequences (PUBLISHED_PRESETS).
+    noise: SIGMA >= 0 of the Gaussian pixel noise added to the [0, 1] tensor (0 = off).
+    rotate: DEG >= 0, rotations by an angle ~ U(-DEG, DEG) after the crop and flip (0 = off).
+    cutout: P in [0, 1], the probability of erasing one rectangle after Normalize (0 = off).
+    """
+    image_size: int
+    channels: int
+    mean: Sequence[float]
+    std: Sequence[float]
+    jitter_strength: float = 1.0
+    blur: bool = False
+    min_scale: float = 0.08
+    preset: str = "simclr"
+    noise: float = 0.0
+    rotate: float = 0.0
+    cutout: float = 0.0
+
+    def __post_init__(self):
+        if self.preset not in AUGMENTATION_PRESETS:
+            raise ValueError(f"unknown augmentation preset {self.preset!r}; choose one of "
+                             f"{', '.join(AUGMENTATION_PRESETS)}")
+        if self.noise < 0 or self.rotate < 0 or not 0 <= self.cutout <= 1:
+            raise ValueError(f"noise and rotate must be >= 0 and cutout in [0, 1], got "
+                             f"noise={self.noise}, rotate={self.rotate}, cutout={self.cutout}")
+
+
 class SimCLRAugmentation:
-    """Augmentation of one PIL image into a normalised tensor (C, S, S), by preset.
+    """Augmentation of one PIL image into a normalised tensor (C, S, S), by preset, built from
+    an AugmentationSettings (the names below are its fields).
 
     S = image_size, s = jitter_strength. Every preset ends with ToTensor -> Normalize(mean, std).
     A float image (PIL mode 'F', values in [0, 1]: a 16-bit or float file scaled by its data
@@ -140,26 +184,24 @@ class SimCLRAugmentation:
             Normalize: one rectangle of 2-33 % of the area set to 0, i.e. to the data set mean.
     """
 
-    def __init__(self, image_size, channels, mean, std, jitter_strength=1.0, blur=False,
-                 min_scale=0.08, preset="simclr", noise=0.0, rotate=0.0, cutout=0.0):
-        if preset not in AUGMENTATION_PRESETS:
-            raise ValueError(f"unknown augmentation preset {preset!r}; choose one of "
-                             f"{', '.join(AUGMENTATION_PRESETS)}")
-        if noise < 0 or rotate < 0 or not 0 <= cutout <= 1:
-            raise ValueError(f"noise and rotate must be >= 0 and cutout in [0, 1], got "
-                             f"noise={noise}, rotate={rotate}, cutout={cutout}")
+    def __init__(self, settings):
+        """settings: an AugmentationSettings (checked when it was made)."""
+        self.settings = settings
+        preset, noise, rotate, cutout = (settings.preset, settings.noise, settings.rotate,
+                                         settings.cutout)
         self.preset, self.noise, self.rotate, self.cutout = preset, noise, rotate, cutout
         if preset == "simclr":
-            steps = simclr_steps(image_size, channels, jitter_strength, blur, min_scale)
+            steps = simclr_steps(settings.image_size, settings.channels,
+                                 settings.jitter_strength, settings.blur, settings.min_scale)
         else:
-            steps = published_steps(preset, image_size, min_scale)
+            steps = published_steps(preset, settings.image_size, settings.min_scale)
         if rotate > 0:
             geometric_end = 1 + max(i for i, t in enumerate(steps) if isinstance(
                 t, (T.RandomResizedCrop, T.RandomHorizontalFlip)))
             steps.insert(geometric_end, T.RandomRotation(
                 rotate, interpolation=T.InterpolationMode.BILINEAR, fill=0))
         tensor_steps = [AddGaussianNoise(noise)] if noise > 0 else []
-        tensor_steps.append(T.Normalize(mean, std))
+        tensor_steps.append(T.Normalize(settings.mean, settings.std))
         if cutout > 0:
             tensor_steps.append(T.RandomErasing(p=cutout, scale=(0.02, 0.33), ratio=(0.3, 3.3),
                                                 value=0))
