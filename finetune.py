@@ -412,7 +412,7 @@ def report(args, trainer, meta, splits, test_loader):
                          os.path.join(args.respath, "training_curves.png"),
                          title=f"{run_kind(args)}, {len(train_images)} labelled images",
                          start_score=validated.get(0))
-    best = load_best(trainer.run.paths.best, "finetune")
+    best = load_best(trainer.setup.paths.best, "finetune")
     trainer.plain.load_state_dict(best["model"])
     probs, labels = predict(trainer.plain, test_loader, trainer.device)
     kept = best["best"]["epoch"]
@@ -424,7 +424,7 @@ def report(args, trainer, meta, splits, test_loader):
         {"method": "baseline" if args.baseline else "frozen" if args.freeze else "finetune",
          "modelpath": args.modelpath, "head": args.head, "head_init": args.head_init,
          "encoder_lr_ratio": args.encoder_lr_ratio,
-         "encoder_bn": "frozen" if trainer.run.task.frozen_statistics else "train",
+         "encoder_bn": "frozen" if trainer.setup.task.frozen_statistics else "train",
          "from_head_layer": args.from_head_layer, "best_epoch": best["best"]["epoch"],
          "start_val_accuracy": validated.get(0),
          "val_accuracy": best["best"]["val_accuracy"], "n_train": len(train_images),
@@ -437,8 +437,8 @@ def report(args, trainer, meta, splits, test_loader):
                "epoch_losses": epoch_losses.tolist(),
                "launcher": launcher_name(), "processes": get_world_size(),
                "images_per_s": trainer.images_per_second(),
-               "unreadable_images": trainer.run.unreadable.summary()},
-              trainer.run.paths.run_json)
+               "unreadable_images": trainer.setup.unreadable.summary()},
+              trainer.setup.paths.run_json)
     print(f"test accuracy {100 * metrics['accuracy']:.2f} %; report in {args.respath}")
 
 

@@ -459,7 +459,7 @@ def input_modes(args, images):
 
 
 def bench_matmul(args, device):
-    """Rows {dtype, size, ms, tflops} of bench.matmul_row in each --amp dtype, and always bf16
+    """Rows {dtype, size, ms, tflops} of utils.speed.matmul_row in each --amp dtype, and always bf16
     (the rate MFU is held against); on CUDA also fp32 with TF32 allowed ('tf32', what cuDNN
     uses for fp32 convolutions by default)."""
     dtypes = list(dict.fromkeys([MATMUL_DTYPES[a] for a in args.amp] + ["bfloat16"]))
@@ -477,7 +477,7 @@ def compute_configs(args):
 
 
 def bench_compute(args, device, channels, matmul_rows):
-    """Rows of bench.compute_row, one per compute_configs entry, the step's FLOPs counted once
+    """Rows of utils.speed.compute_row, one per compute_configs entry, the step's FLOPs counted once
     per arch and size, with the peak memory; a configuration that fails to compile is a row
     with its error."""
     rows, flops, timing = [], {}, Timing(args.warmup, args.steps, device)
@@ -509,7 +509,7 @@ def fastest_compute(compute_rows, arch, size):
 
 
 def bench_loader(args, device, images, stats, compute_rows):
-    """Rows of bench.loader_row per input mode (input_modes): the DataLoader and --gpu-decode
+    """Rows of utils.speed.loader_row per input mode (input_modes): the DataLoader and --gpu-decode
     for each --workers count, --gpu-aug once; each with its ratio to the fastest compute-only
     img/s of every arch at that size (what the trainer consumes)."""
     rows, data = [], MeasuredImages(images, stats)
@@ -573,7 +573,7 @@ def e2e_config(args, compute_rows, arch, size):
 
 
 def bench_end2end(args, device, images, stats, compute_rows, baseline_rows):
-    """Rows of bench.end2end_row, main.py's loop fed as main.py feeds it, per input mode
+    """Rows of utils.speed.end2end_row, main.py's loop fed as main.py feeds it, per input mode
     (input_modes: DataLoader workers, --gpu-aug, --gpu-decode), with its fraction of the
     compute-only img/s of the same configuration and its ratio to the baseline loop of the
     same arch and size."""

@@ -6,7 +6,7 @@ import subprocess
 import sys
 import platform
 
-from utils.errors import UserError, warn
+from utils.errors import UserError
 from utils.launch import launch_workers, wants_launch
 
 

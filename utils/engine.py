@@ -1,13 +1,13 @@
 """The training engine: the one loop that main.py (SimCLR), finetune.py and segment.py run on.
 
 A script builds a `RunSetup` (its task, plain model, optimizer, schedule, data, precision,
-settings, files) and calls `Trainer(run).fit()`. The task supplies what differs between scripts:
+settings, files) and calls `Trainer(setup).fit()`. The task supplies what differs between scripts:
     step(trainer, batch, step) -> (loss, extras)   forward and backward of one batch
     evaluate(model, epoch) -> dict or None          on rank 0, every `eval_every` epochs
                                                     (and at epoch 0 with `eval_at_start`)
 and the engine owns, once, what they share:
   - the epoch/step loop, starting mid-epoch (`EpochBatchSampler.set_epoch(epoch, batch)`);
-  - the learning rate as a pure function of the global step (`run.schedule(step)`);
+  - the learning rate as a pure function of the global step (`setup.schedule(step)`);
   - the sync-free logging window: per-step values stay on the device, and every `log_every`
     steps (and at an epoch's end) one all-reduce and one transfer bring the window to the host,
     giving every rank the same values and the same stop/save decisions;
@@ -20,7 +20,7 @@ and the engine owns, once, what they share:
     --multiple_gpus, which launches the same processes), torch.compile, cudnn.benchmark;
   - TensorBoard, the progress bar on a terminal and, without one (a log file), a progress
     line every `print_freq` steps;
-  - the count of unreadable training images (`run.unreadable`), summed over ranks at every
+  - the count of unreadable training images (`setup.unreadable`), summed over ranks at every
     logging point, which stops the run beyond its limit.
 One step: lr = schedule(step); zero_grad; task.step (autocast inside, backward of the loss,
 scaled under fp16); precision.step(optimizer).
@@ -197,15 +197,15 @@ class Trainer:
     model the step uses (DDP, compiled), `plain` the module underneath that is saved and
     evaluated."""
 
-    def __init__(self, run):
-        self.run, self.task, self.settings = run, run.task, run.settings
-        self.device, self.precision, self.optimizer = run.device, run.precision, run.optimizer
+    def __init__(self, setup):
+        self.setup, self.task, self.settings = setup, setup.task, setup.settings
+        self.device, self.precision, self.optimizer = setup.device, setup.precision, setup.optimizer
         self.history = History(self.settings.steps_per_epoch, tuple(self.task.series))
-        self.plain = run.model
+        self.plain = setup.model
         if self.settings.channels_last:
             self.plain.to(memory_format=torch.channels_last)  # the same Parameter objects
-        if run.resume is not None:
-            self.restore(run.resume)
+        if setup.resume is not None:
+            self.restore(setup.resume)
         if self.device.type == "cuda":
             torch.backends.cudnn.benchmark = True  # fixed shapes: pick the fastest kernels once
         self.model = wrap_model(self.plain, self.device, self.settings.sync_bn)
@@ -213,7 +213,7 @@ class Trainer:
             check_compile_backend(self.settings.compile, self.device)
             self.model = torch.compile(self.model, backend=self.settings.compile)
         self.sync_audit = SyncAudit(self.settings.sync_debug, self.device)
-        self.progress = ProgressLines(self.settings, run.sampler.global_batch_size,
+        self.progress = ProgressLines(self.settings, setup.sampler.global_batch_size,
                                       enabled=is_main_process() and not sys.stderr.isatty())
         self.logger = None
         self.started, self.first_step = time.perf_counter(), self.history.step
@@ -233,7 +233,7 @@ class Trainer:
                                                tuple(self.task.series))
         if ckpt["rng"] is not None:
             set_rng_state(ckpt["rng"], self.device)
-        print0(f"resuming {ckpt.get('resumed_from', self.run.paths.checkpoint)}: epoch "
+        print0(f"resuming {ckpt.get('resumed_from', self.setup.paths.checkpoint)}: epoch "
                f"{ckpt['epoch']}, step {ckpt['step']} of {self.settings.total_steps}", flush=True)
         self.task.load_extra_state(ckpt.get("extra") or {})
 
@@ -271,7 +271,7 @@ class Trainer:
             self.save(draw_plot=False, best=self.evaluate(0))
         while not self.finished:
             epoch, start_batch = divmod(self.history.step, s.steps_per_epoch)
-            self.run.sampler.set_epoch(epoch, start_batch)
+            self.setup.sampler.set_epoch(epoch, start_batch)
             tic = time.perf_counter()
             if not self.train_one_epoch(epoch):
                 return "stopped"
@@ -280,7 +280,7 @@ class Trainer:
             # a signal that arrived after the last all-reduce reached some ranks only
             flag = torch.tensor([float(stop.requested)], device=self.device)
             if all_reduce_mean(flag).item() > 0 and not self.finished:
-                if self.run.write_outputs is not None and is_main_process() \
+                if self.setup.write_outputs is not None and is_main_process() \
                         and self._plotted_step != self.history.step:
                     self.save(draw_plot=True)  # the plot a stop always draws
                 return "stopped"
@@ -298,7 +298,7 @@ class Trainer:
     def train_one_epoch(self, epoch):
         """Train over the loader (which may start mid-epoch); False if stopped by a signal."""
         self.task.train_mode(self.model)
-        bar = tqdm(self.run.loader, desc=f"epoch {epoch + 1}", leave=False, dynamic_ncols=True,
+        bar = tqdm(self.setup.loader, desc=f"epoch {epoch + 1}", leave=False, dynamic_ncols=True,
                    mininterval=1.0, disable=None if is_main_process() else True)
         window, tic = [], time.perf_counter()  # device values and lr of the steps since a log
         for batch in bar:
@@ -309,7 +309,7 @@ class Trainer:
                 continue
             stop_now, save_now = self.log_window(window)
             toc = time.perf_counter()
-            images = len(window) * self.run.sampler.global_batch_size
+            images = len(window) * self.setup.sampler.global_batch_size
             loss = finite_mean(self.history.series['loss'][-len(window):])
             bar.set_postfix(loss=f"{loss:.4f}", lr=f"{window[-1][-1]:.3g}",
                             img_s=f"{images / (toc - tic):.0f}")
@@ -327,7 +327,7 @@ class Trainer:
         e.g. a pretrained encoder's smaller rate in fine-tuning), zero_grad, the task's forward
         and backward, the optimizer (through the loss scaler). Returns (loss, *extras, lr), on
         the device."""
-        lr = self.run.schedule(step)
+        lr = self.setup.schedule(step)
         for group in self.optimizer.param_groups:
             group["lr"] = group_learning_rate(group, lr, step)
         self.optimizer.zero_grad(set_to_none=True)
@@ -371,14 +371,14 @@ class Trainer:
         first_step = self.history.step
         columns = [torch.stack([row[k] for row in window]).to(torch.float64).reshape(n)
                    for k in range(len(names))]
-        unreadable = self.run.unreadable.count() if self.run.unreadable is not None else 0
+        unreadable = self.setup.unreadable.count() if self.setup.unreadable is not None else 0
         flags = torch.tensor([self.stop.requested, self.checkpoint_due(), unreadable],
                              dtype=torch.float64, device=columns[0].device)
         values = all_reduce_mean(torch.cat([*columns, flags])).tolist()
         series = {name: values[k * n:(k + 1) * n] for k, name in enumerate(names)}
         stop_now, save_now = values[-3:-1]
-        if self.run.unreadable is not None:
-            self.run.unreadable.check(round(values[-1] * get_world_size()))
+        if self.setup.unreadable is not None:
+            self.setup.unreadable.check(round(values[-1] * get_world_size()))
         for k, value in enumerate(series["loss"]):
             if math.isfinite(value):
                 continue
@@ -405,8 +405,9 @@ class Trainer:
         s, done = self.settings, epoch + 1
         means = "  ".join(f"{label} {self.history.epoch_means(name)[-1]:.4f}"
                           for name, label in self.task.series.items())
-        print0(f"epoch {done}/{s.epochs}  {means}  lr {self.run.schedule(self.history.step - 1):.4g}"
-               f"  {steps * self.run.sampler.global_batch_size / seconds:.0f} img/s  "
+        lr = self.setup.schedule(self.history.step - 1)
+        print0(f"epoch {done}/{s.epochs}  {means}  lr {lr:.4g}"
+               f"  {steps * self.setup.sampler.global_batch_size / seconds:.0f} img/s  "
                f"{seconds:.0f} s", flush=True)
         improved = False
         if s.eval_every and (done % s.eval_every == 0 or done == s.epochs):
@@ -439,7 +440,7 @@ class Trainer:
         if best is None or metric not in best or entry[metric] > best[metric]:
             self.history.best = {"epoch": epoch, metric: entry[metric]}
             print0(f"epoch {epoch}: best {metric.replace('_', ' ')} so far "
-                   f"({entry[metric]:.4f}), kept in {self.run.paths.best}", flush=True)
+                   f"({entry[metric]:.4f}), kept in {self.setup.paths.best}", flush=True)
             return True
         return False
 
@@ -451,8 +452,8 @@ class Trainer:
                 "step": step, "epoch": step // self.settings.steps_per_epoch,
                 "steps_per_epoch": self.settings.steps_per_epoch,
                 "history": self.history.state(), "best": self.history.best,
-                **self.run.record,
-                "extra": {**self.run.record.get("extra", {}), **self.task.extra_state()},
+                **self.setup.record,
+                "extra": {**self.setup.record.get("extra", {}), **self.task.extra_state()},
                 "rng": rng_state(self.device)}
 
     def save(self, draw_plot, best=False):
@@ -466,11 +467,11 @@ class Trainer:
             state = host_copy(self.checkpoint_state(), self.device)
             self.record_save_wait(time.perf_counter() - tic)
             outputs = None
-            if self.run.write_outputs is not None:
-                outputs = self.run.write_outputs(self, state, draw_plot)
+            if self.setup.write_outputs is not None:
+                outputs = self.setup.write_outputs(self, state, draw_plot)
             self.writer.submit(functools.partial(write_checkpoint_files, state,
-                                                 self.run.paths.checkpoint,
-                                                 self.run.paths.best if best else None, outputs))
+                                                 self.setup.paths.checkpoint,
+                                                 self.setup.paths.best if best else None, outputs))
             if draw_plot:
                 self._last_plot, self._plotted_step = time.monotonic(), self.history.step
         self._last_save = time.monotonic()
@@ -497,7 +498,7 @@ class Trainer:
         """Training images per second of this process's run so far (None before a step)."""
         steps = self.history.step - self.first_step
         seconds = time.perf_counter() - self.started
-        return round(steps * self.run.sampler.global_batch_size / seconds, 1) if steps else None
+        return round(steps * self.setup.sampler.global_batch_size / seconds, 1) if steps else None
 
 
 def write_checkpoint_files(state, checkpoint, best, outputs):
@@ -612,7 +613,7 @@ def report_outcome(outcome, trainer):
     if outcome == "stopped":
         if is_main_process():
             print(f"interrupted at step {trainer.history.step}: checkpoint saved in "
-                  f"{trainer.run.paths.checkpoint}; run the same command to resume",
+                  f"{trainer.setup.paths.checkpoint}; run the same command to resume",
                   file=sys.stderr, flush=True)
         return 130
     return 0
