@@ -126,31 +126,37 @@ section_label_efficiency() {  # docs/evaluation.md: the label-efficiency table
     cp $WORK/label_efficiency/label_efficiency.png docs/label_efficiency_demo.png
 }
 
+wanted() {  # wanted NAME: NAME is in $ONLY, or $ONLY is empty
+    [ -z "${ONLY:-}" ] || [[ " $ONLY " == *" $1 "* ]]
+}
+
 recipe_run() {  # recipe_run NAME MAIN_FLAG ...: pretrain on the demo data, judge on validation
     local name=$1; shift
-    [ -z "${ONLY:-}" ] || [[ " $ONLY " == *" $name "* ]] || return 0
+    wanted $name || return 0
     local out=$WORK/recipes/$name
     record recipe_${name}_pretrain --collect $out/run.json -- \
         $PY main.py $DATA $out -nw 2 --fresh "$@"
-    recipe_val $name $out
+    recipe_val $name $out --references
 }
 
-recipe_val() {  # recipe_val NAME RUN: judge the model of RUN (a main.py RESPATH) on validation
-    local name=$1 run=$2 out=$WORK/recipes/$1
+recipe_val() {  # recipe_val NAME RUN [VAL_EVAL_FLAG ...]: judge RUN's model (a main.py RESPATH)
+    local name=$1 run=$2 out=$WORK/recipes/$1; shift 2
     mkdir -p $out
     record recipe_${name}_val --collect $run/run.json --collect $out/val_eval.json -- \
-        $PY tools/val_eval.py $DATA $run/model/model.pth $out/val_eval.json --references
+        $PY tools/val_eval.py $DATA $run/model/model.pth $out/val_eval.json "$@"
 }
 
-section_recipes_val() {  # the recipes' models kept in results/measure judged again (new probe)
+section_recipes_val() {  # the kept recipe models judged again (after a change of the probe)
     local run name
+    # the 14-epoch recipe's own model is gone; the demo's is the same command's. The references
+    # do not depend on the model: judged once, with it.
+    ! wanted half_bs250_e14 || [ -f $WORK/recipes/half_bs250_e14/model/model.pth ] || \
+        recipe_val half_bs250_e14 results/demo --references
     for run in $WORK/recipes/*/; do
         name=$(basename $run)
-        [ -z "${ONLY:-}" ] || [[ " $ONLY " == *" $name "* ]] || continue
-        [ -f $run/model/model.pth ] && recipe_val $name ${run%/}
+        wanted $name && [ -f $run/model/model.pth ] || continue
+        recipe_val $name ${run%/}
     done
-    # the 14-epoch recipe's own run is gone; the demo's model is the same command's
-    [ -f $WORK/recipes/half_bs250_e14/model/model.pth ] || recipe_val half_bs250_e14 results/demo
 }
 
 section_recipes() {  # docs/defaults.md: the demo recipe, chosen on validation images only
