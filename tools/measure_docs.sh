@@ -136,22 +136,21 @@ recipe_run() {  # recipe_run NAME MAIN_FLAG ...: pretrain on the demo data, judg
     local out=$WORK/recipes/$name
     record recipe_${name}_pretrain --collect $out/run.json -- \
         $PY main.py $DATA $out -nw 2 --fresh "$@"
-    recipe_val $name $out --references
+    recipe_val $name $out
 }
 
-recipe_val() {  # recipe_val NAME RUN [VAL_EVAL_FLAG ...]: judge RUN's model (a main.py RESPATH)
-    local name=$1 run=$2 out=$WORK/recipes/$1; shift 2
+recipe_val() {  # recipe_val NAME RUN: judge RUN's model (a main.py RESPATH) on validation
+    local name=$1 run=$2 out=$WORK/recipes/$1
     mkdir -p $out
     record recipe_${name}_val --collect $run/run.json --collect $out/val_eval.json -- \
-        $PY tools/val_eval.py $DATA $run/model/model.pth $out/val_eval.json "$@"
+        $PY tools/val_eval.py $DATA $run/model/model.pth $out/val_eval.json --references
 }
 
 section_recipes_val() {  # the kept recipe models judged again (after a change of the probe)
     local run name
-    # the 14-epoch recipe's own model is gone; the demo's is the same command's. The references
-    # do not depend on the model: judged once, with it.
+    # the 14-epoch recipe's own model is gone; the demo's is the same command's
     ! wanted half_bs250_e14 || [ -f $WORK/recipes/half_bs250_e14/model/model.pth ] || \
-        recipe_val half_bs250_e14 results/demo --references
+        recipe_val half_bs250_e14 results/demo
     for run in $WORK/recipes/*/; do
         name=$(basename $run)
         wanted $name && [ -f $run/model/model.pth ] || continue
