@@ -56,7 +56,8 @@ def summary(out, script_seconds=None):
             "recipe": {k: run["args"].get(k) for k in ("stem", "temperature", "lr", "min_scale")},
             "test_accuracy": {f: round(r["accuracy"], 4) for f, r in reports.items()},
             "test_knn_accuracy": {f: r.get("knn_accuracy") and round(r["knn_accuracy"], 4)
-                                  for f, r in reports.items()}}
+                                  for f, r in reports.items()},
+            "probe_weight_decay": {f: r.get("weight_decay") for f, r in reports.items()}}
 
 
 def add_run(runs, s):

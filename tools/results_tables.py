@@ -247,10 +247,12 @@ def demo_runs():
 
 
 def current_demo_runs():
-    """The recorded demo runs of the newest run's recipe (runs of an earlier demo recipe, which
-    did not record one, are kept for the measurements that used their model)."""
+    """The recorded demo runs of the newest run's recipe and probe (runs of an earlier demo
+    recipe, which did not record one, and runs whose probe had a fixed penalty, which did not
+    record it, are kept for the measurements that used their model)."""
     runs = demo_runs()
-    return [r for r in runs if r.get("recipe") == runs[-1].get("recipe")]
+    return [r for r in runs if r.get("recipe") == runs[-1].get("recipe")
+            and ("probe_weight_decay" in r) == ("probe_weight_decay" in runs[-1])]
 
 
 def demo_before(date):
@@ -304,6 +306,12 @@ def demo_table():
              f"{', '.join(f'{v:.3f}' for v in data['epoch_positive_pair_top1'])}; pretraining "
              f"{data['pretraining_s']:.0f} s at {data['images_per_s']:.1f} img/s, peak memory "
              f"{data['peak_memory_mb'] / 1024:.1f} GB."]
+    penalty = data.get("probe_weight_decay") or {}
+    if penalty.get("linear_eval") is not None:
+        lines.append(f"The probe's L2 penalty, chosen for each representation on held-out "
+                     f"training images: SimCLR {penalty['linear_eval']:g}, raw pixels "
+                     f"{penalty['reference_pixels']:g}, random encoder "
+                     f"{penalty['reference_random']:g}.")
     if len(runs) > 1:
         probe = [100 * r["test_accuracy"]["linear_eval"] for r in runs]
         lines.append(f"Over the {len(runs)} recorded runs (machines below): SimCLR probe "
