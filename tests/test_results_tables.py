@@ -60,7 +60,7 @@ def test_results_files_carry_their_provenance(path):
 
 def test_record_keeps_a_command_its_outputs_and_provenance(tmp_path):
     """tools/record.py runs the command, keeps the collected files and sizes with the
-    provenance, adds a run when the same command is recorded again, refuses another command
+    provenance (a repeated --collect adds files, as measure_docs.sh passes them), adds a run when the same command is recorded again, refuses another command
     in the same file, and records nothing when the command fails."""
     out, kept = tmp_path / "out", tmp_path / "kept.json"
     write = (f"import json, os; os.makedirs({str(out)!r}, exist_ok=True); "
@@ -68,7 +68,7 @@ def test_record_keeps_a_command_its_outputs_and_provenance(tmp_path):
              f"open({str(out / 't.csv')!r}, 'w').write('k,acc\\na,0.25\\nb,1\\n')")
     command = [sys.executable, "-c", write]
     record = [sys.executable, "tools/record.py", str(kept), "--collect", str(out / "r.json"),
-              str(out / "t.csv"), "--file-sizes", str(out / "t.csv"), "--"]
+              "--file-sizes", str(out / "t.csv"), "--collect", str(out / "t.csv"), "--"]
     for _ in range(2):
         result = subprocess.run(record + command, cwd=REPO, capture_output=True, text=True)
         assert result.returncode == 0, result.stderr

@@ -115,9 +115,9 @@ def main(argv=None):
     split = argv.index("--")
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("out", help="the results file (JSON) that receives the run")
-    parser.add_argument("--collect", nargs="+", default=[], metavar="FILE",
+    parser.add_argument("--collect", nargs="+", action="extend", default=[], metavar="FILE",
                         help="files the command writes whose contents are kept (.json, .csv)")
-    parser.add_argument("--file-sizes", nargs="+", default=[], metavar="FILE",
+    parser.add_argument("--file-sizes", nargs="+", action="extend", default=[], metavar="FILE",
                         help="files the command writes whose sizes in bytes are kept")
     parser.add_argument("--replace", action="store_true",
                         help="drop the runs of another command recorded in OUT")
