@@ -51,7 +51,7 @@ def get_args_parser():
                         default="auto",
                         help="L2 penalty of the probe on standardised features; auto = chosen "
                              "per feature set from 1e-5 to 1 on held-out training images (5 "
-                             "folds up to 2,000 images, else 20 %% of each class), never on "
+                             "folds up to 2,000 images, else a fifth of each class), never on "
                              "the test split")
     parser.add_argument("--knn-k", type=int, default=20,
                         help="also report the kNN accuracy (cosine similarity, majority vote of "
