@@ -25,8 +25,8 @@ ROWS = (("SimCLR (this run), linear probe on h", "linear_eval"),
 VARIES = ("Losses and accuracies vary by about a point between machines and runs: the data, its "
           "order and every augmentation are the same (all seeded), but the CPU's floating-point "
           "kernels (oneDNN picks them by instruction set and thread count) round differently, "
-          "and 60 SGD steps on 3 epochs amplify those differences; wall time and img/s depend "
-          "on the CPU and on what else runs.")
+          "and every SGD step amplifies those differences; wall time and img/s depend on the "
+          "CPU and on what else runs.")
 
 
 def read_json(path):
