@@ -934,7 +934,7 @@ def recipes_table():
                     f"work (so their times are not comparable), the `cifar` one had them to "
                     f"itself. The validation figures were recorded by "
                     f"`tools/val_eval.py` through `tools/record.py`.", ""] + \
-        [recorded_source([f"recipe_{n}_val" for n in names], "recipes")]
+        [recorded_source([f"recipe_{n}_val" for n in names], "recipes recipes-val")]
 
 
 TABLES = {"startup": startup_table, "startup-scan": startup_scan_table,
