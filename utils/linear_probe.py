@@ -122,7 +122,8 @@ def select_weight_decay(features, labels, n_classes, grid=WEIGHT_DECAY_GRID, see
     training features (N, F) and labels (N,): each value of `grid` is fitted on part of them
     and scored on the rest (5 stratified folds for N <= 2,000, else one 80/20 split per
     class), the largest of the best-scoring values wins. No data beyond the training features
-    are looked at. With no image to hold out (one per class), the grid's 1e-4 is returned."""
+    are looked at. With no image to hold out (one per class), the earlier default 1e-4 is
+    returned."""
     folds = held_out_folds(labels, seed, 5 if len(labels) <= 2000 else 1)
     if not folds:
         return 1e-4, {}
@@ -152,7 +153,8 @@ def fit_probe(features, labels, n_classes, weight_decay=None, max_iter=500, seed
 
 
 def describe_weight_decay(probe):
-    """'3e-04 (chosen: 82.0 % held out)' for a fit_probe probe that chose it, else '1e-04'."""
+    """'3e-04 (chosen: 82.0 % of held-out training images)' for a fit_probe probe that chose
+    it, else the given value ('1e-04')."""
     if not probe.selection:
         return f"{probe.weight_decay:.0e}"
     return (f"{probe.weight_decay:.0e} (chosen: {100 * probe.selection[probe.weight_decay]:.1f} % "
