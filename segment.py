@@ -46,7 +46,7 @@ from utils.engine import (LoopSettings, RunSetup, Task, Trainer, launcher_name,
 from utils.errors import UserError
 from utils.fileio import atomic_write_bytes, json_dump
 from utils.foreign_weights import WeightSettings
-from utils.model import (FEATURE_DIMS, STEM_CHOICES, STEM_HELP, encoder_state,
+from utils.model import (FEATURE_DIMS, SMALL_IMAGE_MAX, STEM_CHOICES, STEM_HELP, encoder_state,
                          load_state_strict, resolve_stem)
 from utils.optim import (PartRate, WarmupCosine, add_optimisation_args, build_optimizer,
                          fill_optimisation_defaults)
@@ -54,7 +54,7 @@ from utils.precision import MixedPrecision, resolve_amp
 from utils.segmentation import (DECODERS, IGNORE_INDEX, JointTransform, SegmentationDataset,
                                 build_segmentation_net, check_class_indices, confusion_matrix,
                                 plot_segmentation_grid, read_pair_list,
-                                scan_pairs, segmentation_scores)
+                                scan_pairs, segmentation_scores, stage_strides)
 from utils.sources import read_list_lines
 from utils.tensorboard import tensorboard_dir
 from utils.transfer import (add_transfer_args, batchnorm_mode, freeze_batchnorm_statistics,
@@ -66,14 +66,21 @@ from utils.transforms import denormalize
 RUN_DEFINING_ARGS = ("TRAIN_LIST", "MODELPATH", "baseline", "arch", "stem", "decoder", "freeze",
                      "num_classes", "classes", "ignore_index", "image_size", "min_scale",
                      "batch_size", "optimizer", "lr", "weight_decay", "warmup_epochs", "seed",
-                     "decoder_epochs", "encoder_lr_ratio", "encoder_bn", "intensity_range")
+                     "decoder_epochs", "encoder_lr_ratio", "encoder_bn", "intensity_range",
+                     "output_stride")
 # What a run written before a flag existed did (so it still resumes).
 LEGACY_VALUES = {"decoder_epochs": 0, "encoder_lr_ratio": 1.0, "encoder_bn": "train",
-                 "intensity_range": None}
+                 "intensity_range": None, "output_stride": "native"}
 # Measured on the demo data (docs/defaults.md): a decoder-first epoch, a 0.1 encoder rate and
 # the statistics of pretraining lost val mIoU with FCN and were level with U-Net, so by default
 # everything trains together; the flags keep the LP-FT schedule at hand.
 DEFAULT_DECODER_EPOCHS, DEFAULT_ENCODER_LR_RATIO, DEFAULT_ENCODER_BN = 0, 1.0, "train"
+# --output-stride auto (measured on the demo data, docs/evaluation.md): FCN's single map at
+# stride 4 for small images (7x7 at 28 px; 2x2 undilated with the half stem) beat stride 8 and
+# the native strides on val mIoU; above SMALL_IMAGE_MAX px stride 8, torchvision's FCN and
+# DeepLab's (stride 4 there would cost many times layer4's compute). U-Net reads every stage
+# anyway: its own strides (stride 4 lost val mIoU).
+OUTPUT_STRIDES = ("auto", "native", "2", "4", "8", "16", "32")
 OUTPUTS = ("metrics.json", "metrics.csv", "predictions.png")  # beside RunPaths' files
 
 
@@ -118,6 +125,12 @@ def get_args_parser():
     mod.add_argument("--decoder", choices=DECODERS, default="fcn",
                      help="fcn: 1x1 convolution on the last stage, upsampled bilinearly; unet: a "
                           "light decoder over all four stages")
+    mod.add_argument("--output-stride", choices=OUTPUT_STRIDES, default="auto",
+                     help="dilate the encoder's last stages instead of striding until layer4's "
+                          "stride is at most this (DeepLab's output stride; the weights are "
+                          "unchanged; a finer map for the decoder at more compute); native: "
+                          f"the encoder's own strides; auto: fcn 4 for images up to "
+                          f"{SMALL_IMAGE_MAX} px, else 8; unet native")
     mod.add_argument("--freeze", action="store_true",
                      help="train the decoder only: the encoder's weights and BatchNorm "
                           "statistics stay as pretrained")
@@ -188,6 +201,14 @@ def resolve_args(args):
     for ok, message in checks:
         if not ok:
             raise UserError(message)
+
+
+def output_stride(choice, decoder, image_size):
+    """--output-stride CHOICE as dilate_encoder's bound, or None (the encoder's own strides):
+    auto -> 4 for fcn on images up to SMALL_IMAGE_MAX px, 8 above, None for unet."""
+    if choice == "auto":
+        return None if decoder == "unet" else 4 if image_size <= SMALL_IMAGE_MAX else 8
+    return None if choice == "native" else int(choice)
 
 
 def read_splits(args):
@@ -368,7 +389,9 @@ def segment(args, device):
 
     torch.manual_seed(args.seed)
     net = build_segmentation_net(meta["arch"], meta["in_channels"], meta["stem"], k,
-                                 args.decoder, args.freeze)
+                                 args.decoder, args.freeze,
+                                 output_stride(args.output_stride, args.decoder,
+                                               meta["image_size"]))
     if weights is not None:
         load_state_strict(net.encoder, weights, args.modelpath)
     net = net.to(device)
@@ -424,8 +447,10 @@ def describe_run(args, splits, classes, counts, meta, weights):
           f"{len(classes)} classes, training pixels " +
           ", ".join(f"{n} {100 * f:.1f} %" for n, f in zip(classes, share)), flush=True)
     source = "random weights (--baseline)" if weights is None else f"encoder of {args.modelpath}"
-    print(f"model: {meta['arch']} ({meta['stem']} stem, {meta['in_channels']} channel(s)), "
-          f"{args.decoder} decoder, {source}{', encoder frozen' if args.freeze else ''}; "
+    stride = output_stride(args.output_stride, args.decoder, meta["image_size"])
+    strides = "" if stride is None else f", layer4 stride at most {stride}: dilated"
+    print(f"model: {meta['arch']} ({meta['stem']} stem{strides}, {meta['in_channels']} "
+          f"channel(s)), {args.decoder} decoder, {source}{', encoder frozen' if args.freeze else ''}; "
           f"{meta['image_size']} px", flush=True)
 
 
@@ -465,6 +490,7 @@ def evaluate_and_write(model, data, args, device, paths, history):
     return {"classes": data.classes, "num_classes": len(data.classes),
             "ignore_index": args.ignore_index, "resolution": data.meta["image_size"],
             "decoder": args.decoder, "freeze": args.freeze, "baseline": args.baseline,
+            "output_stride": args.output_stride, "stage_strides": stage_strides(model.encoder),
             "decoder_epochs": args.decoder_epochs, "encoder_lr_ratio": args.encoder_lr_ratio,
             "encoder_bn": args.encoder_bn,
             "modelpath": args.modelpath, "model_meta": data.meta,

@@ -92,11 +92,15 @@ section_segmentation() {  # docs/evaluation.md: the segmentation table
     segment_run fcn_e5_baseline --epochs 5 --baseline
     segment_run fcn_e5_freeze --epochs 5 --freeze
     segment_run fcn_e5_baseline_freeze --epochs 5 --baseline --freeze
+    segment_run fcn_e5_os8 --epochs 5 --output-stride 8
+    segment_run fcn_e5_native --epochs 5 --output-stride native
+    segment_run fcn_e5_native_baseline --epochs 5 --output-stride native --baseline
     segment_run unet_e5 --epochs 5 --decoder unet
     segment_run unet_e5_baseline --epochs 5 --decoder unet --baseline
     segment_run unet_e5_freeze --epochs 5 --decoder unet --freeze
     segment_run unet_e5_lpft --epochs 5 --decoder unet --decoder-epochs 1 --encoder-lr-ratio 0.1 \
         --encoder-bn frozen
+    segment_run unet_e5_os4 --epochs 5 --decoder unet --output-stride 4
     cp $WORK/segment/fcn_e10/predictions.png docs/segmentation_demo.png
 }
 

@@ -263,8 +263,9 @@ class SegmentationNet(nn.Module):
         return self
 
     def stages(self, x):
-        """The outputs [f1, f2, f3, f4] of layer1..layer4 (strides 1, 2, 4, 8 with the cifar
-        stem; 4, 8, 16, 32 with the imagenet stem)."""
+        """The outputs [f1, f2, f3, f4] of layer1..layer4 (strides: stage_strides(encoder), e.g.
+        1, 2, 4, 8 with the cifar stem, 4, 8, 16, 32 with the imagenet stem, less where
+        dilate_encoder traded them for dilation)."""
         e = self.encoder
         x = e.maxpool(e.relu(e.bn1(e.conv1(x))))
         features = []
@@ -278,10 +279,56 @@ class SegmentationNet(nn.Module):
         return F.interpolate(logits, size=x.shape[-2:], mode="bilinear", align_corners=False)
 
 
-def build_segmentation_net(arch, in_channels, stem, num_classes, decoder, frozen=False):
+def stage_strides(encoder):
+    """The strides of layer1..layer4's outputs with respect to the input, [s1, s2, s3, s4]
+    (1, 2, 4, 8 with the cifar stem; 2, 4, 8, 16 with half; 4, 8, 16, 32 with imagenet)."""
+    stride = encoder.conv1.stride[0] * (2 if isinstance(encoder.maxpool, nn.MaxPool2d) else 1)
+    strides = []
+    for layer in (encoder.layer1, encoder.layer2, encoder.layer3, encoder.layer4):
+        stride *= layer_stride(layer)
+        strides.append(stride)
+    return strides
+
+
+def layer_stride(layer):
+    """The stride of a ResNet stage: its first block's (the stride of its downsample)."""
+    downsample = layer[0].downsample
+    return downsample[0].stride[0] if downsample is not None else 1
+
+
+def dilate_encoder(encoder, output_stride):
+    """Trade the strides of the last stages of a torchvision ResNet for dilation, in place,
+    until layer4's output stride is at most `output_stride` (DeepLab's output stride; what
+    torchvision's replace_stride_with_dilation does): in a dilated stage every stride-2
+    convolution gets stride 1, the first block's 3x3 convolutions keep the dilation d of the
+    stage before and the later blocks' get d * 2 (padding = dilation). The weights keep their
+    shapes, so pretrained ones load unchanged. Returns the stages' strides after it."""
+    strides, dilation = stage_strides(encoder), 1
+    layers = (encoder.layer1, encoder.layer2, encoder.layer3, encoder.layer4)
+    for i, layer in enumerate(layers):
+        step = layer_stride(layer)
+        if step == 1 or strides[i] <= output_stride:
+            continue
+        for block_index, block in enumerate(layer):
+            for conv in block.modules():
+                if isinstance(conv, nn.Conv2d) and conv.stride[0] > 1:
+                    conv.stride = (1, 1)
+                if isinstance(conv, nn.Conv2d) and conv.kernel_size[0] == 3:
+                    d = dilation if block_index == 0 else dilation * step
+                    conv.dilation, conv.padding = (d, d), (d, d)
+        dilation *= step
+        strides[i:] = [s // step for s in strides[i:]]
+    return strides
+
+
+def build_segmentation_net(arch, in_channels, stem, num_classes, decoder, frozen=False,
+                           output_stride=None):
     """SegmentationNet with a fresh encoder of these settings and a `decoder` ('fcn' or 'unet')
-    head for `num_classes` classes."""
+    head for `num_classes` classes; with `output_stride` its last stages dilated
+    (dilate_encoder) so that layer4's stride is at most that."""
     encoder, _ = build_encoder(arch, in_channels, stem)
+    if output_stride is not None:
+        dilate_encoder(encoder, output_stride)
     heads = {"fcn": FCNDecoder, "unet": UNetDecoder}
     return SegmentationNet(encoder, heads[decoder](stage_channels(arch), num_classes), frozen)
 
