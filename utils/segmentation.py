@@ -299,23 +299,24 @@ def layer_stride(layer):
 def dilate_encoder(encoder, output_stride):
     """Trade the strides of the last stages of a torchvision ResNet for dilation, in place,
     until layer4's output stride is at most `output_stride` (DeepLab's output stride; what
-    torchvision's replace_stride_with_dilation does): in a dilated stage every stride-2
-    convolution gets stride 1, the first block's 3x3 convolutions keep the dilation d of the
-    stage before and the later blocks' get d * 2 (padding = dilation). The weights keep their
-    shapes, so pretrained ones load unchanged. Returns the stages' strides after it."""
+    torchvision's replace_stride_with_dilation does): in a dilated stage the stride-2
+    convolutions get stride 1, the 3x3 convolutions up to the stride keep the dilation d of the
+    stage before and those after it get d * 2 (padding = dilation): the "a trous" rule, so the
+    dilated stage's output sampled every 2 pixels is exactly the strided one's. The weights
+    keep their shapes, so pretrained ones load unchanged. Returns the stages' strides after."""
     strides, dilation = stage_strides(encoder), 1
     layers = (encoder.layer1, encoder.layer2, encoder.layer3, encoder.layer4)
     for i, layer in enumerate(layers):
         step = layer_stride(layer)
         if step == 1 or strides[i] <= output_stride:
             continue
-        for block_index, block in enumerate(layer):
-            for conv in block.modules():
-                if isinstance(conv, nn.Conv2d) and conv.stride[0] > 1:
-                    conv.stride = (1, 1)
-                if isinstance(conv, nn.Conv2d) and conv.kernel_size[0] == 3:
-                    d = dilation if block_index == 0 else dilation * step
-                    conv.dilation, conv.padding = (d, d), (d, d)
+        after_stride = False  # a 3x3 convolution after the stage's stride sees the finer grid
+        for conv in (m for m in layer.modules() if isinstance(m, nn.Conv2d)):
+            d = dilation * step if after_stride else dilation
+            if conv.stride[0] > 1:
+                conv.stride, after_stride = (1, 1), True
+            if conv.kernel_size[0] == 3:
+                conv.dilation, conv.padding = (d, d), (d, d)
         dilation *= step
         strides[i:] = [s // step for s in strides[i:]]
     return strides
