@@ -452,7 +452,7 @@ def build_online_probe(args, meta, images, sets, device):
         return None, None, None
     probe = OnlineProbe(FEATURE_DIMS[meta["arch"]], len(images.classes), device, args.seed)
     monitor = ProbeMonitor(args, meta, sets, device)
-    print0(f"online probe: linear on the detached h of view 1 (AdamW lr "
+    print0(f"online probe: linear on the detached, standardised h of view 1 (AdamW lr "
            f"{probe.optimizer.defaults['lr']:g}), evaluated after every epoch on "
            f"{len(monitor.loader.dataset)} image(s), the {split}", flush=True)
     return probe, monitor, probe_labels(images, held_out)

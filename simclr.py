@@ -155,10 +155,11 @@ class SimCLRTask(Task):
     def load_extra_state(self, extra):
         if self.probe is None:
             return
-        if "online_probe" in extra:
-            self.probe.load_state_dict(extra["online_probe"])
-        else:
+        if "online_probe" not in extra:
             print0("online probe: none in the run resumed, a fresh probe starts", flush=True)
+        elif not self.probe.load_state_dict(extra["online_probe"]):
+            print0("online probe: the run resumed has one fitted on raw h (before the "
+                   "standardisation), a fresh probe starts", flush=True)
 
     def start_tensorboard(self, logger, trainer):
         if self.tensorboard is not None:

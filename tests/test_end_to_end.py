@@ -32,11 +32,12 @@ def online_probe(respath):
 
 
 def assert_same_probe(respath, reference):
-    """The online probe of `respath` equals `reference` (online_probe()): weights, AdamW
-    moments and step count, and the accuracy rows."""
+    """The online probe of `respath` equals `reference` (online_probe()): weights,
+    standardisation statistics, AdamW moments and step count, and the accuracy rows."""
     (state, rows), (expected, expected_rows) = online_probe(respath), reference
-    for name, value in expected["linear"].items():
-        torch.testing.assert_close(state["linear"][name], value, rtol=0, atol=1e-6)
+    for part in ("linear", "norm"):
+        for name, value in expected[part].items():
+            torch.testing.assert_close(state[part][name], value, rtol=0, atol=1e-6)
     for key, moments in expected["optimizer"]["state"].items():
         for name, value in moments.items():
             torch.testing.assert_close(state["optimizer"]["state"][key][name], value, rtol=0,

@@ -53,20 +53,43 @@ def test_probe_leaves_the_simclr_gradients_unchanged(chunk_size):
 
 def test_probe_step_is_the_mean_over_labelled_rows_and_survives_an_empty_batch():
     """The gradient averaged by OnlineProbe.step equals that of the mean cross-entropy over
-    the labelled rows; a batch with no labelled row (or non-finite h) keeps the weights finite."""
-    h = torch.randn(8, 5, generator=torch.Generator().manual_seed(1))
+    the labelled rows of the batch standardised by BatchNorm1d without affine parameters; its
+    running statistics and its evaluation-mode output are BatchNorm1d's too. A batch with no
+    labelled row, or non-finite h, keeps the weights and the statistics finite."""
+    g = torch.Generator().manual_seed(1)
+    h = 3 + 2 * torch.randn(8, 5, generator=g)
     y = torch.tensor([0, 1, IGNORE_INDEX, 2, 2, IGNORE_INDEX, 0, 1])
     probe = OnlineProbe(5, 3, torch.device("cpu"), seed=3)
-    reference = copy.deepcopy(probe.linear)
-    torch.nn.functional.cross_entropy(reference(h), y, ignore_index=IGNORE_INDEX).backward()
+    reference, norm = copy.deepcopy(probe.linear), torch.nn.BatchNorm1d(5, affine=False)
+    torch.nn.functional.cross_entropy(reference(norm(h)), y,
+                                      ignore_index=IGNORE_INDEX).backward()
     probe.optimizer.step = lambda: None  # look at the gradient the step hands to AdamW
     probe.step(h, y)
-    torch.testing.assert_close(probe.linear.weight.grad, reference.weight.grad, rtol=1e-6,
-                               atol=1e-7)
+    torch.testing.assert_close(probe.linear.weight.grad, reference.weight.grad, rtol=1e-5,
+                               atol=1e-6)
+    torch.testing.assert_close(probe.norm.mean, norm.running_mean)
+    torch.testing.assert_close(probe.norm.var, norm.running_var)
+    torch.testing.assert_close(probe.norm(h), norm.eval()(h))
     probe = OnlineProbe(5, 3, torch.device("cpu"), seed=3)
     probe.step(h, torch.full((8,), IGNORE_INDEX))
     probe.step(torch.full((8, 5), float("inf")), y)
     assert torch.isfinite(probe.linear.weight).all() and torch.isfinite(probe.linear.bias).all()
+    assert torch.isfinite(probe.norm.mean).all() and torch.isfinite(probe.norm.var).all()
+
+
+def test_probe_saved_before_the_standardisation_is_not_loaded(capsys):
+    """A run resumed with a probe fitted on raw h (no "norm" in its state) starts a fresh
+    probe, said in one line, instead of reading raw-h weights as standardised-h ones."""
+    probe = OnlineProbe(5, 3, torch.device("cpu"), seed=3)
+    task = SimCLRTask(NTXentLoss(0.2), None, probe=probe)
+    old = probe.state_dict()
+    old["linear"] = {k: v + 1 for k, v in old["linear"].items()}
+    del old["norm"]
+    task.load_extra_state({"online_probe": old})
+    assert "fitted on raw h (before the standardisation), a fresh probe starts" in \
+        capsys.readouterr().out
+    fresh = OnlineProbe(5, 3, torch.device("cpu"), seed=3)
+    assert torch.equal(probe.linear.weight, fresh.linear.weight)
 
 
 def test_building_the_probe_leaves_the_global_random_state():
@@ -91,7 +114,8 @@ def test_probe_accuracy_printed_recorded_and_plotted_every_epoch(probe_run):
     for epoch in (1, 2):
         assert f"epoch {epoch}: online probe accuracy of h on {split}" in result.stdout
     assert "epoch 1: kNN" not in result.stdout and "epoch 2: kNN" in result.stdout
-    assert result.stdout.count("online probe: linear on the detached h of view 1") == 1
+    assert result.stdout.count("online probe: linear on the detached, standardised h of view 1") \
+        == 1
     with np.load(respath / "model" / "lossesfile.npz") as f:
         rows, knn = f["online_probe"], f["knn"]
     assert rows.shape == (2, 2) and rows[:, 0].tolist() == [1, 2] and knn[:, 0].tolist() == [2]
@@ -193,14 +217,16 @@ def probe_steps_on_rank(rank, world_size, port, h, y, folder):
         b = h.shape[1] // world_size
         for hs, ys in zip(h, y):
             probe.step(hs[rank * b:(rank + 1) * b], ys[rank * b:(rank + 1) * b])
-        torch.save(probe.linear.state_dict(), os.path.join(folder, f"rank{rank}.pt"))
+        torch.save({**probe.linear.state_dict(), **probe.norm.state_dict()},
+                   os.path.join(folder, f"rank{rank}.pt"))
     finally:
         dist.destroy_process_group()
 
 
 def test_two_processes_hold_the_same_probe_as_one(tmp_path):
     """2 gloo processes, each stepping on its half of every global batch (one half without a
-    labelled row), end with bitwise the same probe, equal to one process on the whole batch."""
+    labelled row), end with bitwise the same probe (weights and standardisation statistics),
+    equal to one process on the whole batch."""
     from test_distributed import free_port
     g = torch.Generator().manual_seed(0)
     h = torch.randn(3, 8, 5, generator=g)
@@ -212,6 +238,6 @@ def test_two_processes_hold_the_same_probe_as_one(tmp_path):
     single = OnlineProbe(5, 3, torch.device("cpu"), seed=3)
     for hs, ys in zip(h, y):
         single.step(hs, ys)
-    for name, value in single.linear.state_dict().items():
+    for name, value in {**single.linear.state_dict(), **single.norm.state_dict()}.items():
         assert torch.equal(rank0[name], rank1[name]), name
         torch.testing.assert_close(rank0[name], value, rtol=0, atol=1e-6)

@@ -1,8 +1,10 @@
 """Segmentation (segment.py, utils/segmentation.py): metrics against scikit-learn, image and
 mask kept aligned by the joint augmentation (a hand-made pattern), the decoders' output shapes
-and the pretrained encoder's keys, an end-to-end run on Fashion-MNIST labelmaps (better than
+and the pretrained encoder's keys, the dilated encoder (--output-stride) against the strided one
+and torchvision's, an end-to-end run on Fashion-MNIST labelmaps (better than
 predicting the majority class, frozen encoder bit-identical, resumed exactly) and one-line
 errors for bad labelmaps, all through the real command line where users go."""
+import copy
 import json
 import os
 import signal
@@ -11,6 +13,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+import torchvision
 from PIL import Image
 from sklearn.metrics import accuracy_score, jaccard_score
 from sklearn.metrics import confusion_matrix as sk_confusion_matrix
@@ -18,9 +21,10 @@ from sklearn.metrics import confusion_matrix as sk_confusion_matrix
 from conftest import (assert_one_line_error, copy_of_killed_run, run_in_process, run_script,
                       start_script, step_losses, wait_for_step)
 from make_demo_data import build_segmentation_data
-from utils.model import build_model, encoder_state
-from utils.segmentation import (JointTransform, build_segmentation_net, confusion_matrix,
-                                segmentation_scores)
+from utils.model import build_encoder, build_model, encoder_state
+from utils.segmentation import (JointTransform, SegmentationNet, build_segmentation_net,
+                                confusion_matrix, dilate_encoder, segmentation_scores,
+                                stage_strides)
 from utils.transforms import denormalize
 
 FAST_SEGMENT = ["-bs", "8", "-nw", "0", "--warmup-epochs", "0"]
@@ -127,6 +131,63 @@ def test_network_logits_at_input_size_from_simclr_encoder(arch, stem, decoder):
         torch.testing.assert_close(net.stages(x)[-1].mean((2, 3)), simclr.eval()(x)[0])
 
 
+def with_random_statistics(encoder):
+    """The encoder in eval mode with random BatchNorm running statistics (not the identity)."""
+    for m in encoder.modules():
+        if isinstance(m, torch.nn.BatchNorm2d):
+            m.running_mean.normal_()
+            m.running_var.uniform_(0.5, 2.0)
+    return encoder.eval()
+
+
+@pytest.mark.parametrize("arch,stem,output_stride", [("resnet18", "half", 4),
+                                                     ("resnet18", "cifar", 2),
+                                                     ("resnet50", "cifar", 4)])
+def test_dilated_stages_sampled_every_stride_equal_the_strided_stages(arch, stem,
+                                                                      output_stride):
+    """The a trous identity: each stage of the dilated encoder, sampled every s_native / s
+    pixels, equals the stage of the same weights with their strides (an independent reference:
+    the undilated network), and layer4's stride is then output_stride."""
+    torch.manual_seed(0)
+    strided = with_random_statistics(build_encoder(arch, 1, stem)[0])
+    dilated = copy.deepcopy(strided)
+    native = stage_strides(strided)
+    assert dilate_encoder(dilated, output_stride) == stage_strides(dilated)
+    assert stage_strides(dilated)[-1] == output_stride < native[-1]
+    x = torch.randn(2, 1, 30, 30)
+    decoder = torch.nn.Identity()
+    with torch.no_grad():
+        pairs = zip(SegmentationNet(strided, decoder).stages(x),
+                    SegmentationNet(dilated, decoder).stages(x), native, stage_strides(dilated))
+        for a, b, s_native, s in pairs:
+            k = s_native // s
+            # the same sums in another order: float32 rounding, relative to the stage's scale
+            torch.testing.assert_close(b[..., ::k, ::k], a, rtol=1e-4,
+                                       atol=1e-5 * a.abs().max().item())
+
+
+def test_dilated_resnet50_is_torchvisions_replace_stride_with_dilation():
+    """ResNet-50 (imagenet stem) dilated to output stride 8 has the convolutions (stride,
+    dilation, padding) of torchvision's resnet50(replace_stride_with_dilation=[False, True,
+    True]) and, with the same weights, its outputs; the state-dict keys are unchanged."""
+    torch.manual_seed(0)
+    ours = with_random_statistics(build_encoder("resnet50", 3, "imagenet")[0])
+    keys = list(ours.state_dict())
+    dilate_encoder(ours, 8)
+    assert list(ours.state_dict()) == keys
+    reference = torchvision.models.resnet50(replace_stride_with_dilation=[False, True, True])
+    reference.fc = torch.nn.Identity()
+    reference.load_state_dict(ours.state_dict())
+    theirs = dict(reference.named_modules())
+    for name, conv in ours.named_modules():
+        if isinstance(conv, torch.nn.Conv2d):
+            assert (conv.stride, conv.dilation, conv.padding) == (
+                theirs[name].stride, theirs[name].dilation, theirs[name].padding), name
+    x = torch.randn(2, 3, 40, 40)
+    with torch.no_grad():
+        torch.testing.assert_close(ours(x), reference.eval()(x))
+
+
 @pytest.fixture(scope="session")
 def seg_data(tmp_path_factory):
     """Fashion-MNIST (else digits) object/background labelmaps made by make_demo_data: 4
@@ -193,6 +254,8 @@ def test_segment_end_to_end_frozen_resumed(pretrained, seg_data, tmp_path):
                                                                                 abs=0.01)
     assert metrics["resolution"] == 16 and metrics["n_pairs"] == {"train": 40, "val": 20,
                                                                   "test": 30}
+    native = stage_strides(build_encoder("resnet18", 1, metrics["model_meta"]["stem"])[0])
+    assert metrics["stage_strides"] == native  # --output-stride auto: U-Net's own strides
     rows = (out / "metrics.csv").read_text().splitlines()
     assert rows[0] == "metric,val,test" and rows[1].startswith("IoU background,")
     assert rows[1:3] == [f"IoU {name}," + ",".join(f"{v:.4f}" for v in (
@@ -242,7 +305,9 @@ def test_segment_baseline_without_modelpath(seg_data, tmp_path):
                         env=ONE_THREAD)
     assert result.returncode == 0, result.stderr
     assert "random weights (--baseline)" in result.stdout
+    assert "layer4 stride at most 4: dilated" in result.stdout  # --output-stride auto, fcn
     metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["output_stride"] == "auto" and metrics["stage_strides"] == [4, 4, 4, 4]
     assert metrics["baseline"] and metrics["modelpath"] is None and "val" not in metrics
     assert metrics["num_classes"] == 2 and metrics["best_epoch"] == 1
     assert 0 <= metrics["test"]["pixel_accuracy"] <= 1
