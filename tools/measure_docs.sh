@@ -6,7 +6,8 @@
 #   bash tools/measure_docs.sh SECTION ...   # sections: recipes demo data features chunk
 #                                            #  segmentation segmentation-seeds label-efficiency
 #                                            #  recipes-val (the kept recipe models judged again)
-#                                            #  finetune-defaults defaults (or all)
+#                                            #  finetune-defaults defaults online-probe
+#                                            #  (or all)
 #   ONLY="half_e16 ..." bash tools/measure_docs.sh recipes   # only these recipes
 #
 # A section's commands re-run from scratch (--fresh where a script resumes) and add one run
@@ -130,6 +131,13 @@ section_label_efficiency() {  # docs/evaluation.md: the label-efficiency table
     cp $WORK/label_efficiency/label_efficiency.png docs/label_efficiency_demo.png
 }
 
+section_online_probe() {  # docs/evaluation.md: the online probe against what it could reach
+    need_model
+    mkdir -p $WORK/online_probe
+    record online_probe --collect $WORK/online_probe/probe_ceiling.json -- \
+        $PY tools/probe_ceiling.py $DATA $MODEL $WORK/online_probe/probe_ceiling.json
+}
+
 wanted() {  # wanted NAME: NAME is in $ONLY, or $ONLY is empty
     [ -z "${ONLY:-}" ] || [[ " $ONLY " == *" $1 "* ]]
 }
@@ -217,7 +225,7 @@ section_defaults() {  # docs/defaults.md: one flag changed from the demo's recip
 
 sections=("$@")
 [ ${#sections[@]} -gt 0 ] || { sed -n 2,11p "$0"; exit 2; }
-[ "${sections[0]}" != all ] || sections=(recipes demo data features chunk segmentation label-efficiency finetune-defaults defaults)
+[ "${sections[0]}" != all ] || sections=(recipes demo data features chunk segmentation label-efficiency finetune-defaults defaults online-probe)
 for s in "${sections[@]}"; do
     declare -F "section_${s//-/_}" > /dev/null || { echo "measure_docs: unknown section $s" >&2; exit 2; }
 done

@@ -19,6 +19,7 @@ import glob
 import json
 import os
 import re
+import statistics
 import subprocess
 import sys
 
@@ -639,8 +640,9 @@ def data_sources_table():
               f"the probe's L-BFGS path: their accuracies differ by {spread} of the {n_test:,} "
               f"test images. With 10 labels per class, SimCLR against the random encoder: "
               f"{compare(k10, k10_random)}" +
-              (": three CPU epochs learn features that a probe with thousands of labels can "
-               "use, not yet ones that 10 labels suffice for." if k10 < k10_random else ".")]
+              (": the demo's short CPU pretraining learns features that a probe with "
+               "thousands of labels can use, not yet ones that 10 labels suffice for."
+               if k10 < k10_random else ".")]
     return lines + ["", recorded_source(DATA_SOURCES, "data")]
 
 
@@ -706,10 +708,14 @@ SEGMENT_RUNS = (
     ("fcn_e5_baseline", "same network from random weights (`--baseline`)"),
     ("fcn_e5_freeze", "SimCLR encoder frozen (`--freeze`)"),
     ("fcn_e5_baseline_freeze", "random encoder frozen (`--baseline --freeze`)"),
+    ("fcn_e5_os8", "SimCLR encoder fine-tuned, `--output-stride 8`"),
+    ("fcn_e5_native", "SimCLR encoder fine-tuned, `--output-stride native` (undilated)"),
+    ("fcn_e5_native_baseline", "from random weights, `--output-stride native`"),
     ("unet_e5", "`--decoder unet`, SimCLR encoder fine-tuned"),
     ("unet_e5_baseline", "`--decoder unet`, from random weights"),
     ("unet_e5_freeze", "`--decoder unet`, SimCLR encoder frozen"),
-    ("unet_e5_lpft", "`--decoder unet`, SimCLR encoder, decoder first (as above)"))
+    ("unet_e5_lpft", "`--decoder unet`, SimCLR encoder, decoder first (as above)"),
+    ("unet_e5_os4", "`--decoder unet`, SimCLR encoder fine-tuned, `--output-stride 4`"))
 
 
 def segment_metrics(name):
@@ -733,8 +739,13 @@ def segmentation_reading():
         f"{compare(miou['fcn_e5'], miou['fcn_e5_baseline'])}; after 10 "
         f"{compare(miou['fcn_e10'], miou['fcn_e10_baseline'])}. One seed and 200 test "
         f"images: differences of a few points are within noise (val and test differ too).",
+        f"- **Output stride (FCN, 5 epochs, fine-tuned).** Stride 4 (the default here) "
+        f"against 8: {compare(miou['fcn_e5'], miou['fcn_e5_os8'])}; against the undilated "
+        f"encoder: {compare(miou['fcn_e5'], miou['fcn_e5_native'])}. Undilated, fine-tuned "
+        f"against random weights: {compare(miou['fcn_e5_native'], miou['fcn_e5_native_baseline'])}.",
         f"- **Decoder.** FCN against U-Net, fine-tuned for 5 epochs: "
-        f"{compare(miou['fcn_e5'], miou['unet_e5'])}.",
+        f"{compare(miou['fcn_e5'], miou['unet_e5'])}; U-Net at output stride 4 against its "
+        f"own strides: {compare(miou['unet_e5_os4'], miou['unet_e5'])}.",
         f"- **Epochs and learning rate.** 10 epochs against 5: "
         f"{compare(miou['fcn_e10'], miou['fcn_e5'])}; lr 1e-3 against 3e-4 (10 epochs): "
         f"{compare(miou['fcn_e10'], miou['fcn_e10_lr3e-4'])}."]
@@ -766,6 +777,63 @@ def segmentation_table():
                     f"time is the whole command's (data check, training, validation after "
                     f"every epoch, final evaluation).", ""] + \
         [recorded_source([f"segment_{n}" for n, _ in SEGMENT_RUNS], "segmentation")]
+
+
+def online_probe_table():
+    """docs/evaluation.md: the demo run's online probe beside what a probe on the same encoder
+    reaches (tools/probe_ceiling.py)."""
+    data, run = recorded("online_probe")
+    c = output(run, "probe_ceiling.json")
+    split, last = c["split"], c["split"]["epochs"]
+    rows = [("online probe of the demo run (the encoder moving under it)", c["run"][-1][1]),
+            ("online probe replayed on the final encoder, h standardised (main.py's)",
+             c["replay"]["standardised"][-1]),
+            ("the same on raw h (the probe before the standardisation)", c["replay"]["raw"][-1]),
+            ("offline probe (linear_evaluation.py's) fitted on augmented h, one epoch of views",
+             c["offline"]["augmented"]),
+            ("offline probe fitted on clean h (no augmentation)", c["offline"]["clean"])]
+    lines = [f"| probe of h, demo model | validation accuracy after {last} epochs |",
+             "|---|---|"] + [f"| {label} | {value:.1f} % |" for label, value in rows]
+    augmentation = c["offline"]["clean"] - c["offline"]["augmented"]
+    gain = c["replay"]["standardised"][-1] - c["replay"]["raw"][-1]
+    moving = c["replay"]["standardised"][-1] - c["run"][-1][1]
+    lines += ["", f"Validation: {split['val']:,} training images ({split['val_fraction']:g} of "
+              f"each class, seed {split['seed']}, main.py's); batches of {split['batch_size']}. "
+              f"Fitted on augmented views, as the online probe is, the offline probe loses "
+              f"{augmentation:.1f} points against clean h: most of the online probe's gap. The "
+              f"standardisation changes the replay by {gain:+.1f} points, and the encoder "
+              f"moving under the probe during the run costs {moving:.1f} more.", ""]
+    return lines + [recorded_source(["online_probe"], "online-probe")]
+
+
+SEED_RUNS = ((10, ""), (10, "_baseline"), (5, ""), (5, "_baseline"))
+SEEDS = (0, 1, 2)
+
+
+def seeds_names():
+    return [f"seeds_segment_fcn_e{e}{b}_seed{s}" for e, b in SEED_RUNS for s in SEEDS]
+
+
+def segmentation_seeds_table():
+    """docs/evaluation.md: the FCN defaults fine-tuned against the same network from random
+    weights, mean ± sample std over seeds."""
+    lines = [f"| FCN (defaults), mean ± std over {len(SEEDS)} seeds | epochs | test mIoU | "
+             f"val mIoU (best epoch) |", "|---|---|---|---|"]
+    means = {}
+    for epochs, baseline in SEED_RUNS:
+        metrics = [output(recorded(f"seeds_segment_fcn_e{epochs}{baseline}_seed{s}")[1],
+                          "metrics.json") for s in SEEDS]
+        test = [100 * m["test"]["miou"] for m in metrics]
+        val = [100 * max(e["miou"] for e in m["val_per_epoch"]) for m in metrics]
+        means[epochs, baseline] = statistics.mean(test) / 100
+        label = "same network from random weights" if baseline else "SimCLR encoder fine-tuned"
+        lines.append(f"| {label} | {epochs} | {statistics.mean(test):.1f} ± "
+                     f"{statistics.stdev(test):.1f} % | {statistics.mean(val):.1f} ± "
+                     f"{statistics.stdev(val):.1f} % |")
+    lines += ["", "Fine-tuned against random weights (means): after 5 epochs "
+              f"{compare(means[5, ''], means[5, '_baseline'])}; after 10 "
+              f"{compare(means[10, ''], means[10, '_baseline'])}.", ""]
+    return lines + [recorded_source(seeds_names(), "segmentation-seeds", newest_only=False)]
 
 
 METHOD_NAMES = {"linear": "SimCLR, linear probe on h", "finetune": "SimCLR, fine-tuned",
@@ -945,6 +1013,7 @@ TABLES = {"startup": startup_table, "startup-scan": startup_scan_table,
           "targets": target_settings_table, "data-sources": data_sources_table,
           "feature-analysis": feature_analysis_table, "embed-export": embed_export_table,
           "chunk": chunk_table, "segmentation": segmentation_table,
+          "segmentation-seeds": segmentation_seeds_table, "online-probe": online_probe_table,
           "label-efficiency": label_efficiency_table, "defaults": defaults_table,
           "recipes": recipes_table}
 
