@@ -450,7 +450,8 @@ def describe_run(args, splits, classes, counts, meta, weights):
     stride = output_stride(args.output_stride, args.decoder, meta["image_size"])
     strides = "" if stride is None else f", layer4 stride at most {stride}: dilated"
     print(f"model: {meta['arch']} ({meta['stem']} stem{strides}, {meta['in_channels']} "
-          f"channel(s)), {args.decoder} decoder, {source}{', encoder frozen' if args.freeze else ''}; "
+          f"channel(s)), {args.decoder} decoder, {source}"
+          f"{', encoder frozen' if args.freeze else ''}; "
           f"{meta['image_size']} px", flush=True)
 
 

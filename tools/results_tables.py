@@ -742,7 +742,8 @@ def segmentation_reading():
         f"- **Output stride (FCN, 5 epochs, fine-tuned).** Stride 4 (the default here) "
         f"against 8: {compare(miou['fcn_e5'], miou['fcn_e5_os8'])}; against the undilated "
         f"encoder: {compare(miou['fcn_e5'], miou['fcn_e5_native'])}. Undilated, fine-tuned "
-        f"against random weights: {compare(miou['fcn_e5_native'], miou['fcn_e5_native_baseline'])}.",
+        f"against random weights: "
+        f"{compare(miou['fcn_e5_native'], miou['fcn_e5_native_baseline'])}.",
         f"- **Decoder.** FCN against U-Net, fine-tuned for 5 epochs: "
         f"{compare(miou['fcn_e5'], miou['unet_e5'])}; U-Net at output stride 4 against its "
         f"own strides: {compare(miou['unet_e5_os4'], miou['unet_e5'])}.",
@@ -806,6 +807,36 @@ def online_probe_table():
     return lines + [recorded_source(["online_probe"], "online-probe")]
 
 
+FINETUNE_RUNS = (("defaults", "**the defaults: LP-FT, encoder lr × 0.1, statistics of "
+                               "pretraining kept**"),
+                  ("ratio_1", "`--encoder-lr-ratio 1` (the encoder at the head's rate)"),
+                  ("lr_0.01", "`--lr 0.01` (the head's rate per 256 images)"),
+                  ("bn_train", "`--encoder-bn train` (statistics trained)"),
+                  ("head_random", "`--head-init random` (a fresh head, no probe first)"))
+
+
+def finetune_defaults_table():
+    """docs/defaults.md: finetune.py's defaults against one change each, through
+    label_efficiency.py at 20 labels per class (validation accuracy of the kept epoch)."""
+    lines = ["| finetune.py, demo model, 20 labels per class | val accuracy of the kept epoch | "
+             "test accuracy | whole sweep |", "|---|---|---|---|"]
+    seeds = None
+    for name, label in FINETUNE_RUNS:
+        data, run = recorded(f"finetune_{name}")
+        row = next(r for r in output(run, "label_efficiency.csv") if r["method"] == "finetune")
+        seeds = row["seeds"]
+        lines.append(f"| {label} | {100 * row['val_accuracy_mean']:.1f} ± "
+                     f"{100 * row['val_accuracy_std']:.1f} % | {100 * row['accuracy_mean']:.1f} ± "
+                     f"{100 * row['accuracy_std']:.1f} % | {wall_range(data)} |")
+    return lines + ["", f"Mean ± std over {seeds} seeds. Validation: the val split of "
+                    f"`demo_data/fashion_mnist.npz` (further Fashion-MNIST training images), "
+                    f"where finetune.py keeps its best epoch (epoch 0: the probe itself); the "
+                    f"defaults are chosen on that column, the test column is for reading "
+                    f"only.", "",
+                    recorded_source([f"finetune_{n}" for n, _ in FINETUNE_RUNS],
+                                    "finetune-defaults")]
+
+
 SEED_RUNS = ((10, ""), (10, "_baseline"), (5, ""), (5, "_baseline"))
 SEEDS = (0, 1, 2)
 
@@ -818,7 +849,7 @@ def segmentation_seeds_table():
     """docs/evaluation.md: the FCN defaults fine-tuned against the same network from random
     weights, mean ± sample std over seeds."""
     lines = [f"| FCN (defaults), mean ± std over {len(SEEDS)} seeds | epochs | test mIoU | "
-             f"val mIoU (best epoch) |", "|---|---|---|---|"]
+             f"best val mIoU |", "|---|---|---|---|"]
     means = {}
     for epochs, baseline in SEED_RUNS:
         metrics = [output(recorded(f"seeds_segment_fcn_e{epochs}{baseline}_seed{s}")[1],
@@ -995,8 +1026,8 @@ def recipes_table():
                     f"from 1e-5 to 1 on held-out images of those {split.get('train', '?')} (its "
                     f"default now; the value in brackets); '—': judged before the choice "
                     f"existed, the model no longer kept. Pretraining: `main.py demo_data OUT "
-                    f"-nw 2` with the row's flags (`measure_docs.sh recipes` lists them; `--knn-every 2` on the "
-                    f"first 14-epoch runs; \"batched views\": `--gpu-aug -nw 0`, the same "
+                    f"-nw 2` with the row's flags (`measure_docs.sh recipes` lists them; "
+                    f"`--knn-every 2` on the first 14-epoch runs; \"batched views\": `--gpu-aug -nw 0`, the same "
                     f"augmentation distributions made on the CPU a batch at a time); its time is "
                     f"its own run.json's; the `half`-stem runs shared the 2 cores with other "
                     f"work (so their times are not comparable), the `cifar` one had them to "
@@ -1014,6 +1045,7 @@ TABLES = {"startup": startup_table, "startup-scan": startup_scan_table,
           "feature-analysis": feature_analysis_table, "embed-export": embed_export_table,
           "chunk": chunk_table, "segmentation": segmentation_table,
           "segmentation-seeds": segmentation_seeds_table, "online-probe": online_probe_table,
+          "finetune-defaults": finetune_defaults_table,
           "label-efficiency": label_efficiency_table, "defaults": defaults_table,
           "recipes": recipes_table}
 
