@@ -6,8 +6,8 @@ is its own.
 
 h is standardised per feature before the linear layer (as MAE's linear probe: a BatchNorm
 without affine parameters), with the global batch's mean and variance while training and their
-running averages for the accuracy: SGD on raw h, whose features differ in scale and drift as
-the encoder learns, trails the standardised probe (docs/evaluation.md).
+running averages for the accuracy: on raw h, whose features differ in scale and drift as the
+encoder learns, the same AdamW trailed it (docs/evaluation.md, tools/probe_ceiling.py).
 
 Images whose label is IGNORE_INDEX (unlabelled, or held out as validation queries) do not
 train it. Under torchrun every rank computes the summed loss of its own rows; one all-reduce of
