@@ -9,6 +9,8 @@
 #                                            #  finetune-defaults defaults online-probe
 #                                            #  (or all)
 #   ONLY="half_e16 ..." bash tools/measure_docs.sh recipes   # only these recipes
+#   REPLACE=1 bash tools/measure_docs.sh ...   # a results file's earlier runs dropped (its
+#                                              # command changed)
 #
 # A section's commands re-run from scratch (--fresh where a script resumes) and add one run
 # to their results file, so repeated measurements give the ranges the docs quote. The demo
@@ -22,9 +24,9 @@ MODEL=results/demo/model/model.pth
 WORK=results/measure
 KEEP=results/docs
 
-record() {  # record NAME [--collect FILE ...] -- COMMAND ...
+record() {  # record NAME [--collect FILE ...] -- COMMAND ...  (REPLACE=1: drop its earlier runs)
     local name=$1; shift
-    $PY tools/record.py "$KEEP/$name.json" "$@"
+    $PY tools/record.py "$KEEP/$name.json" ${REPLACE:+--replace} "$@"
 }
 
 need_model() {
