@@ -1024,20 +1024,22 @@ def recipes_table():
         pixels = next(iter(references.values()))["pixels"]
         lines.append(f"| raw pixels | | {probe_cells(pixels)} | {pixels['knn']:.1f} % |")
     split = next(iter(references.values()))["split"] if references else {}
+    missing = ("; '—': judged before the choice existed, the model no longer kept"
+               if any("—" in line for line in lines) else "")
     return lines + ["", f"Validation: {split.get('val', '?')} training images "
                     f"({split.get('val_fraction', '?')} of each class, seed "
                     f"{split.get('seed', '?')}); the probe and the kNN memory use the other "
                     f"{split.get('train', '?')}. The probe's L2 penalty: 1e-4 for every feature "
                     f"set (linear_evaluation.py's earlier default), or chosen per feature set "
                     f"from 1e-5 to 1 on held-out images of those {split.get('train', '?')} (its "
-                    f"default now; the value in brackets); '—': judged before the choice "
-                    f"existed, the model no longer kept. Pretraining: `main.py demo_data OUT "
-                    f"-nw 2` with the row's flags (`measure_docs.sh recipes` lists them; "
-                    f"`--knn-every 2` on the first 14-epoch runs; \"batched views\": `--gpu-aug -nw 0`, the same "
-                    f"augmentation distributions made on the CPU a batch at a time); its time is "
-                    f"its own run.json's; the `half`-stem runs shared the 2 cores with other "
-                    f"work (so their times are not comparable), the `cifar` one had them to "
-                    f"itself. The validation figures were recorded by "
+                    f"default now; the value in brackets)" + missing + ". Pretraining: "
+                    f"`main.py demo_data OUT -nw 2` with the row's flags (`measure_docs.sh "
+                    f"recipes` lists them; `--knn-every 2` on the first 14-epoch runs; \"batched "
+                    f"views\": `--gpu-aug -nw 0`, the same augmentation distributions made on the "
+                    f"CPU a batch at a time); its time is its own run.json's; some `half`-stem "
+                    f"runs shared the 2 cores with other work (so their times are not "
+                    f"comparable: the records keep their load averages), the `cifar` one had "
+                    f"them to itself. The validation figures were recorded by "
                     f"`tools/val_eval.py` through `tools/record.py`.", ""] + \
         [recorded_source([f"recipe_{n}_val" for n in names], "recipes recipes-val")]
 
