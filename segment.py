@@ -384,14 +384,13 @@ def segment(args, device):
         raise UserError(f"{run_paths.checkpoint} was started with {ckpt['extra']['n_train']} "
                         f"training pairs and {ckpt['extra']['num_classes']} classes, the lists "
                         f"now give {n_train} and {k}; use --fresh or another RESPATH")
+    stride = output_stride(args.output_stride, args.decoder, meta["image_size"])
     if is_main_process():
-        describe_run(args, splits, classes, counts, meta, weights)
+        describe_run(args, splits, classes, counts, meta, weights, stride)
 
     torch.manual_seed(args.seed)
     net = build_segmentation_net(meta["arch"], meta["in_channels"], meta["stem"], k,
-                                 args.decoder, args.freeze,
-                                 output_stride(args.output_stride, args.decoder,
-                                               meta["image_size"]))
+                                 args.decoder, args.freeze, stride)
     if weights is not None:
         load_state_strict(net.encoder, weights, args.modelpath)
     net = net.to(device)
@@ -440,14 +439,14 @@ def segment(args, device):
     return status
 
 
-def describe_run(args, splits, classes, counts, meta, weights):
-    """Print the data (pairs per split, class shares of the training pixels) and the model."""
+def describe_run(args, splits, classes, counts, meta, weights, stride):
+    """Print the data (pairs per split, class shares of the training pixels) and the model
+    (`stride`: layer4's bound of --output-stride, None when undilated)."""
     share = counts["train"] / max(1, counts["train"].sum())
     print(f"data: {', '.join(f'{len(p)} {s}' for s, p in splits.items() if p)} pairs; "
           f"{len(classes)} classes, training pixels " +
           ", ".join(f"{n} {100 * f:.1f} %" for n, f in zip(classes, share)), flush=True)
     source = "random weights (--baseline)" if weights is None else f"encoder of {args.modelpath}"
-    stride = output_stride(args.output_stride, args.decoder, meta["image_size"])
     strides = "" if stride is None else f", layer4 stride at most {stride}: dilated"
     print(f"model: {meta['arch']} ({meta['stem']} stem{strides}, {meta['in_channels']} "
           f"channel(s)), {args.decoder} decoder, {source}"

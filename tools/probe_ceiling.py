@@ -39,6 +39,19 @@ def run_settings(modelpath):
     return run, run.get("args", {})
 
 
+def view_settings(meta, run_args):
+    """The AugmentationSettings of the run's training views, resolved as main.py resolves its
+    flags (--blur unset: blur above 32 px); main.py's defaults where run.json is missing."""
+    blur = run_args.get("blur")
+    return AugmentationSettings(
+        image_size=meta["image_size"], channels=meta["in_channels"], mean=meta["mean"],
+        std=meta["std"], jitter_strength=run_args.get("jitter_strength", 0.5),
+        blur=meta["image_size"] > 32 if blur is None else blur,
+        min_scale=run_args.get("min_scale", 0.08), preset=run_args.get("aug", "simclr"),
+        noise=run_args.get("noise", 0.0), rotate=run_args.get("rotate", 0.0),
+        cutout=run_args.get("cutout", 0.0))
+
+
 def augmented_epochs(encoder, images, settings, epochs, batch_size, channels):
     """[(h (N, F), labels (N,))] of `images` under one fresh draw of the training views per
     epoch (seeded by the epoch), in a shuffled order per epoch."""
@@ -55,6 +68,12 @@ def augmented_epochs(encoder, images, settings, epochs, batch_size, channels):
 
 def accuracy(logits, y):
     return round(100 * (logits.argmax(1) == y).double().mean().item(), 2)
+
+
+def offline_accuracy(train, val, n_classes):
+    """The offline probe (penalty chosen on held-out train) fitted on `train`, on `val` (%)."""
+    probe = fit_probe(*train, n_classes)
+    return round(100 * (probe.predict(val[0]) == val[1]).double().mean().item(), 2)
 
 
 def replay_standardised(epochs, val, n_classes, batch_size):
@@ -108,11 +127,7 @@ def main(argv=None):
         meta.get("intensity_range"))
     train, val = split_off_validation(images, args.val_fraction, args.seed)
     channels, n = meta["in_channels"], len(images.classes)
-    settings = AugmentationSettings(
-        image_size=meta["image_size"], channels=channels, mean=meta["mean"], std=meta["std"],
-        jitter_strength=run_args.get("jitter_strength", 0.5),
-        blur=meta["image_size"] > 32, min_scale=run_args.get("min_scale", 0.08),
-        preset=run_args.get("aug", "simclr"))
+    settings = view_settings(meta, run_args)
     clean = EvalTransform(meta["image_size"], meta["mean"], meta["std"])
     train_h, val_h = [extract_features(model.encoder, make_loader(
         ImageDataset(split, channels, clean), batch_size=250), "cpu") for split in (train, val)]
@@ -130,12 +145,6 @@ def main(argv=None):
     print(json.dumps(result))
     json_dump(result, args.out)
     return 0
-
-
-def offline_accuracy(train, val, n_classes):
-    """The offline probe (penalty chosen on held-out train) fitted on `train`, on `val` (%)."""
-    probe = fit_probe(*train, n_classes)
-    return round(100 * (probe.predict(val[0]) == val[1]).double().mean().item(), 2)
 
 
 if __name__ == "__main__":
